@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Stop all local services (registry, Kafka, every PostgreSQL node under $PGFERRY_LOCAL/pg).
+# Data is kept; remove $PGFERRY_LOCAL to start from scratch. Idempotent.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+PGFERRY_LOG_TAG=down
+
+rc=0
+"$PGFERRY_DEPLOY/registry.sh" stop || rc=1
+"$PGFERRY_DEPLOY/kafka.sh" stop || rc=1
+"$PGFERRY_DEPLOY/pg.sh" stop || rc=1
+((rc == 0)) || die "some service did not stop cleanly (see above; logs in $PGFERRY_LOGS)"
+log "all services stopped"

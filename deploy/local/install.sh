@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Install everything the local services need on a fresh Debian 12 machine:
+#   - apt packages (PostgreSQL 15 server/client, build deps for rdkafka/libpq, tools, Java, Maven)
+#   - Apache Kafka broker + tools jars from Maven Central   -> $PGFERRY_CACHE/kafka-<ver>/libs
+#   - Apicurio Registry runnable app zip from Maven Central -> $PGFERRY_CACHE/apicurio-registry-<ver>
+# Idempotent: installed packages and cached downloads are skipped.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+PGFERRY_LOG_TAG=install
+
+APT_PACKAGES=(
+    "postgresql-$PGFERRY_PG_VERSION" "postgresql-client-$PGFERRY_PG_VERSION"
+    libpq-dev libsasl2-dev libssl-dev libzstd-dev cmake pkg-config curl unzip python3
+)
+# JDK (not only a JRE): smoke.sh runs a Java source file, which needs the compiler module.
+command -v javac >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null 2>&1 || APT_PACKAGES+=(maven)
+
+install_apt() {
+    local missing=() p
+    for p in "${APT_PACKAGES[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$p")
+        fi
+    done
+    if ((${#missing[@]} == 0)); then
+        log "apt packages: all present"
+        return
+    fi
+    log "apt packages missing: ${missing[*]}"
+    local sudo=()
+    ((EUID == 0)) || sudo=(sudo)
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get update -q || die "apt-get update failed"
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" \
+        || die "apt-get install failed for: ${missing[*]}"
+}
+
+# Kafka: copy kafka_2.13 + kafka-tools + kafka-storage + log4j2 binding with all runtime deps.
+install_kafka() {
+    local home="$PGFERRY_KAFKA_HOME"
+    if [[ -f "$home/.complete" ]]; then
+        log "kafka $PGFERRY_KAFKA_VERSION: cached in $home"
+        return
+    fi
+    log "kafka $PGFERRY_KAFKA_VERSION: fetching jars from Maven Central into $home/libs"
+    local tmp="$home.tmp.$$"
+    rm -rf "$tmp"
+    mkdir -p "$tmp/libs"
+    if ! (cd "$PGFERRY_DEPLOY/maven/kafka" &&
+        mvn -B -q dependency:copy-dependencies -DincludeScope=runtime \
+            -Dkafka.version="$PGFERRY_KAFKA_VERSION" -DoutputDirectory="$tmp/libs") >"$PGFERRY_LOGS/install-kafka.log" 2>&1; then
+        show_log_tail "$PGFERRY_LOGS/install-kafka.log" 30
+        rm -rf "$tmp"
+        die "fetching Kafka $PGFERRY_KAFKA_VERSION failed (log: $PGFERRY_LOGS/install-kafka.log)"
+    fi
+    [[ -f "$tmp/libs/kafka_2.13-$PGFERRY_KAFKA_VERSION.jar" ]] || die "kafka_2.13-$PGFERRY_KAFKA_VERSION.jar missing after download"
+    echo "$PGFERRY_KAFKA_VERSION" >"$tmp/.complete"
+    rm -rf "$home"
+    mv "$tmp" "$home"
+    log "kafka $PGFERRY_KAFKA_VERSION: $(find "$home/libs" -name "*.jar" | wc -l) jars"
+}
+
+# Apicurio Registry: io.apicurio:apicurio-registry-app:<ver>:zip:all is the runnable Quarkus app.
+install_apicurio() {
+    local home="$PGFERRY_APICURIO_HOME" v="$PGFERRY_APICURIO_VERSION"
+    if [[ -f "$home/.complete" ]]; then
+        log "apicurio registry $v: cached in $home"
+        return
+    fi
+    local dl="$PGFERRY_CACHE/downloads" zip
+    zip="$dl/apicurio-registry-app-$v-all.zip"
+    mkdir -p "$dl"
+    if [[ ! -s "$zip" ]]; then
+        log "apicurio registry $v: fetching io.apicurio:apicurio-registry-app:$v:zip:all from Maven Central"
+        if ! (cd "$dl" && mvn -B -q dependency:copy \
+            -Dartifact="io.apicurio:apicurio-registry-app:$v:zip:all" \
+            -DoutputDirectory="$dl") >"$PGFERRY_LOGS/install-apicurio.log" 2>&1; then
+            show_log_tail "$PGFERRY_LOGS/install-apicurio.log" 30
+            die "fetching Apicurio Registry $v failed (log: $PGFERRY_LOGS/install-apicurio.log)." \
+                "Note: Maven Central has the zip:all for 3.0.9 but not for 3.3.2/3.3.3."
+        fi
+    fi
+    local tmp="$home.tmp.$$"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    unzip -q "$zip" -d "$tmp" || { rm -rf "$tmp"; die "unzip of $zip failed"; }
+    if ! ls "$tmp"/*-runner.jar >/dev/null 2>&1 && [[ ! -f "$tmp/quarkus-app/quarkus-run.jar" ]]; then
+        rm -rf "$tmp"
+        die "no *-runner.jar or quarkus-app/quarkus-run.jar in $zip"
+    fi
+    echo "$v" >"$tmp/.complete"
+    rm -rf "$home"
+    mv "$tmp" "$home"
+    rm -f "$zip" # Maven's local repository keeps a copy
+    log "apicurio registry $v: unpacked into $home"
+}
+
+install_apt
+mkdir -p "$PGFERRY_CACHE"
+install_kafka
+install_apicurio
+[[ -x "$PGFERRY_PG_BIN/initdb" ]] || die "PostgreSQL binaries not found in $PGFERRY_PG_BIN"
+log "done"

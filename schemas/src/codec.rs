@@ -1,0 +1,365 @@
+//! Confluent wire format and the Avro encoding/decoding of change events.
+
+use apache_avro::types::Value;
+use apache_avro::Schema;
+use thiserror::Error;
+
+use crate::envelope_schema::{TableSchemas, VERSION};
+use crate::event::{ChangeEvent, Op, Row};
+use crate::pg_types::{Kind, TypeError};
+
+/// Why an event could not be encoded or decoded.
+#[derive(Debug, Error)]
+pub enum CodecError {
+    /// Not Confluent wire format (too short or wrong magic byte).
+    #[error("not a Confluent-framed message: {0}")]
+    Frame(String),
+    /// A schema that cannot be built or is not a pgferry envelope.
+    #[error("schema: {0}")]
+    Schema(String),
+    /// The Avro datum did not encode or decode.
+    #[error("avro: {0}")]
+    Avro(String),
+    /// A column value does not fit its mapping.
+    #[error(transparent)]
+    Type(#[from] TypeError),
+}
+
+/// Prefixes an Avro datum with the magic byte 0 and the big-endian schema id.
+pub fn encode_frame(schema_id: u32, datum: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + datum.len());
+    out.push(0);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    out.extend_from_slice(datum);
+    out
+}
+
+/// Splits a Confluent-framed message into schema id and Avro datum.
+pub fn decode_frame(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
+    match bytes {
+        [0, a, b, c, d, rest @ ..] => Ok((u32::from_be_bytes([*a, *b, *c, *d]), rest)),
+        [] => Err(CodecError::Frame("empty message".into())),
+        [m, ..] if *m != 0 => Err(CodecError::Frame(format!("magic byte is {m}, expected 0"))),
+        _ => Err(CodecError::Frame(format!("{} bytes, shorter than the 5-byte header", bytes.len()))),
+    }
+}
+
+fn nullable(v: Option<Value>) -> Value {
+    match v {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(v) => Value::Union(1, Box::new(v)),
+    }
+}
+
+fn avro_err(e: apache_avro::Error) -> CodecError {
+    CodecError::Avro(e.to_string())
+}
+
+fn write_datum(schema: &Schema, value: Value) -> Result<Vec<u8>, CodecError> {
+    apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+        .build()
+        .and_then(|w| w.write_value_to_vec(value))
+        .map_err(avro_err)
+}
+
+fn row_value(schemas: &TableSchemas, row: &Row) -> Result<Value, CodecError> {
+    let mut fields = Vec::with_capacity(row.len());
+    for (i, cell) in row.iter().enumerate() {
+        let name = &schemas.field_names[i];
+        let col = &schemas.table.columns[i].name;
+        let v = match cell {
+            None => None,
+            Some(text) => Some(schemas.kinds[i].to_avro(col, text)?),
+        };
+        fields.push((name.clone(), nullable(v)));
+    }
+    Ok(Value::Record(fields))
+}
+
+/// Encodes an event's key and value as Avro datums (without framing).
+pub fn encode_event(schemas: &TableSchemas, ev: &ChangeEvent) -> Result<(Vec<u8>, Vec<u8>), CodecError> {
+    if ev.before.as_ref().or(ev.after.as_ref()).is_some_and(|r| r.len() != schemas.table.columns.len()) {
+        return Err(CodecError::Schema(format!(
+            "{}: row has a different column count than the schema",
+            schemas.namespace
+        )));
+    }
+    let key_row = ev.after.as_ref().or(ev.before.as_ref());
+    let mut key_fields = Vec::new();
+    for (i, col) in schemas.table.key_columns() {
+        let text = key_row.and_then(|r| r[i].as_deref()).ok_or_else(|| {
+            CodecError::Schema(format!("{}: key column {} is NULL or missing", schemas.namespace, col.name))
+        })?;
+        key_fields.push((schemas.field_names[i].clone(), schemas.kinds[i].to_avro(&col.name, text)?));
+    }
+    let key = write_datum(&schemas.key, Value::Record(key_fields))?;
+
+    let s = &ev.source;
+    let source = Value::Record(vec![
+        ("version".into(), Value::String(VERSION.into())),
+        ("connector".into(), Value::String("pgferry".into())),
+        ("name".into(), Value::String(s.cluster.clone())),
+        ("ts_ms".into(), Value::Long(s.commit_ts_us.div_euclid(1000))),
+        ("ts_us".into(), Value::Long(s.commit_ts_us)),
+        ("snapshot".into(), Value::String(if ev.op == Op::Read { "true" } else { "false" }.into())),
+        ("db".into(), Value::String(s.db.clone())),
+        ("schema".into(), Value::String(schemas.table.schema.clone())),
+        ("table".into(), Value::String(schemas.table.name.clone())),
+        ("txId".into(), Value::Long(s.tx_id as i64)),
+        ("lsn".into(), Value::Long(s.lsn as i64)),
+        ("origin".into(), Value::String(s.origin.clone())),
+        ("origin_lsn".into(), nullable(s.origin_lsn.map(|l| Value::Long(l as i64)))),
+        ("node_id".into(), Value::Int(s.node_id as i32)),
+        ("region".into(), Value::String(s.region.clone())),
+        ("commit_lsn".into(), Value::Long(s.commit_lsn as i64)),
+        ("txn_seq".into(), Value::Long(s.txn_seq as i64)),
+        ("txn_last".into(), Value::Boolean(s.txn_last)),
+        (
+            "unchanged_toast".into(),
+            Value::Array(s.unchanged_toast.iter().map(|c| Value::String(c.clone())).collect()),
+        ),
+    ]);
+    let row = |r: &Option<Row>| -> Result<Value, CodecError> {
+        Ok(nullable(match r {
+            None => None,
+            Some(r) => Some(row_value(schemas, r)?),
+        }))
+    };
+    let transaction = Value::Record(vec![
+        ("id".into(), Value::String(ev.transaction_id())),
+        ("total_order".into(), Value::Long(s.txn_seq as i64 + 1)),
+        ("data_collection_order".into(), Value::Long(s.data_collection_order as i64)),
+    ]);
+    let envelope = Value::Record(vec![
+        ("before".into(), row(&ev.before)?),
+        ("after".into(), row(&ev.after)?),
+        ("source".into(), source),
+        ("op".into(), Value::String(ev.op.code().into())),
+        ("ts_ms".into(), nullable(Some(Value::Long(ev.ts_ms)))),
+        ("transaction".into(), nullable(Some(transaction))),
+    ]);
+    let value = write_datum(&schemas.envelope, envelope)?;
+    Ok((key, value))
+}
+
+/// A decoded change event, with column values back in PostgreSQL text form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedEvent {
+    /// What happened.
+    pub op: Op,
+    /// Schema of the table on the origin.
+    pub schema: String,
+    /// Table name on the origin.
+    pub table: String,
+    /// Column name → text value (None = NULL), for update and delete.
+    pub before: Option<Vec<(String, Option<String>)>>,
+    /// Column name → text value (None = NULL), for insert and update.
+    pub after: Option<Vec<(String, Option<String>)>>,
+    /// Origin node name.
+    pub origin: String,
+    /// Origin commit LSN.
+    pub commit_lsn: u64,
+    /// Origin commit time, µs since the Unix epoch.
+    pub commit_ts_us: i64,
+    /// 0-based position in the transaction.
+    pub txn_seq: u64,
+    /// Last event of its transaction.
+    pub txn_last: bool,
+    /// Columns not sent (unchanged TOAST).
+    pub unchanged_toast: Vec<String>,
+}
+
+/// Decodes envelopes written with one writer schema (cache one per schema id).
+#[derive(Debug)]
+pub struct EnvelopeReader {
+    schema: Schema,
+    /// (column name, kind) of each field of the Value record, in field order.
+    columns: Vec<(String, Kind)>,
+}
+
+impl EnvelopeReader {
+    /// Parses a writer schema; fails unless it is a pgferry change envelope.
+    pub fn new(schema_json: &str) -> Result<EnvelopeReader, CodecError> {
+        let schema = Schema::parse_str(schema_json).map_err(|e| CodecError::Schema(e.to_string()))?;
+        let not_ours = |why: &str| CodecError::Schema(format!("not a pgferry change envelope: {why}"));
+        let Schema::Record(env) = &schema else { return Err(not_ours("not a record")) };
+        let before = env.fields.iter().find(|f| f.name == "before").ok_or_else(|| not_ours("no before field"))?;
+        let Schema::Union(u) = &before.schema else { return Err(not_ours("before is not a union")) };
+        let Some(Schema::Record(value)) = u.variants().get(1) else { return Err(not_ours("before has no Value record")) };
+        let mut columns = Vec::with_capacity(value.fields.len());
+        for f in &value.fields {
+            let kind = f
+                .custom_attributes
+                .get("pgferry.kind")
+                .and_then(|k| k.as_str())
+                .and_then(Kind::from_name)
+                .ok_or_else(|| not_ours(&format!("field {} has no pgferry.kind", f.name)))?;
+            let name = f
+                .custom_attributes
+                .get("pgferry.column")
+                .and_then(|c| c.as_str())
+                .unwrap_or(&f.name)
+                .to_string();
+            columns.push((name, kind));
+        }
+        Ok(EnvelopeReader { schema, columns })
+    }
+
+    /// Decodes one Avro datum (without the Confluent header).
+    pub fn decode(&self, mut datum: &[u8]) -> Result<DecodedEvent, CodecError> {
+        let value = apache_avro::reader::datum::GenericDatumReader::builder(&self.schema)
+            .build()
+            .and_then(|r| r.read_value(&mut datum))
+            .map_err(avro_err)?;
+        let Value::Record(fields) = value else { return Err(CodecError::Avro("envelope is not a record".into())) };
+        let mut before = None;
+        let mut after = None;
+        let mut op = None;
+        let mut source = None;
+        for (name, v) in fields {
+            match name.as_str() {
+                "before" => before = self.row(v)?,
+                "after" => after = self.row(v)?,
+                "op" => op = Some(v),
+                "source" => source = Some(v),
+                _ => {}
+            }
+        }
+        let op = match op {
+            Some(Value::String(s)) => Op::from_code(&s).ok_or_else(|| CodecError::Avro(format!("unknown op {s:?}")))?,
+            _ => return Err(CodecError::Avro("missing op".into())),
+        };
+        let Some(Value::Record(source)) = source else { return Err(CodecError::Avro("missing source".into())) };
+        let get = |n: &str| source.iter().find(|(k, _)| k == n).map(|(_, v)| v);
+        let string = |n: &str| match get(n) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            _ => Err(CodecError::Avro(format!("source.{n} missing or not a string"))),
+        };
+        let long = |n: &str| match get(n) {
+            Some(Value::Long(l)) => Ok(*l),
+            _ => Err(CodecError::Avro(format!("source.{n} missing or not a long"))),
+        };
+        Ok(DecodedEvent {
+            op,
+            schema: string("schema")?,
+            table: string("table")?,
+            before,
+            after,
+            origin: string("origin")?,
+            commit_lsn: long("commit_lsn")? as u64,
+            commit_ts_us: long("ts_us")?,
+            txn_seq: long("txn_seq")? as u64,
+            txn_last: matches!(get("txn_last"), Some(Value::Boolean(true))),
+            unchanged_toast: match get("unchanged_toast") {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| if let Value::String(s) = v { Some(s.clone()) } else { None })
+                    .collect(),
+                _ => Vec::new(),
+            },
+        })
+    }
+
+    fn row(&self, v: Value) -> Result<Option<Vec<(String, Option<String>)>>, CodecError> {
+        let v = match v {
+            Value::Union(_, inner) => *inner,
+            other => other,
+        };
+        let Value::Record(fields) = v else { return Ok(None) };
+        if fields.len() != self.columns.len() {
+            return Err(CodecError::Avro("row has a different field count than its schema".into()));
+        }
+        let mut row = Vec::with_capacity(fields.len());
+        for ((_, v), (col, kind)) in fields.into_iter().zip(&self.columns) {
+            let v = match v {
+                Value::Union(_, inner) => *inner,
+                other => other,
+            };
+            let text = match v {
+                Value::Null => None,
+                v => Some(kind.to_text(col, &v)?),
+            };
+            row.push((col.clone(), text));
+        }
+        Ok(Some(row))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ColumnDef, SourceInfo, TableDef};
+
+    fn table() -> TableDef {
+        let col = |name: &str, ty: &str, key| ColumnDef {
+            name: name.into(),
+            type_name: ty.into(),
+            sql_type: ty.into(),
+            key,
+        };
+        TableDef {
+            schema: "public".into(),
+            name: "t-1".into(),
+            columns: vec![col("id", "int8", true), col("note", "text", false), col("at", "timestamptz", false)],
+        }
+    }
+
+    fn event() -> ChangeEvent {
+        ChangeEvent {
+            op: Op::Update,
+            before: Some(vec![Some("7".into()), None, None]),
+            after: Some(vec![Some("7".into()), Some("hi".into()), Some("2024-01-01 00:00:00.5+00".into())]),
+            source: SourceInfo {
+                cluster: "c".into(),
+                db: "db".into(),
+                origin: "n1".into(),
+                node_id: 1,
+                region: "eu".into(),
+                commit_ts_us: 1_700_000_000_123_456,
+                tx_id: 42,
+                lsn: 100,
+                commit_lsn: 200,
+                origin_lsn: None,
+                txn_seq: 0,
+                data_collection_order: 1,
+                txn_last: true,
+                unchanged_toast: vec![],
+            },
+            ts_ms: 1,
+        }
+    }
+
+    #[test]
+    fn event_round_trips_through_avro_and_framing() {
+        let schemas = TableSchemas::new("c", table()).unwrap();
+        assert_eq!(schemas.envelope_name(), "c.public.t_1.Envelope");
+        let (_key, value) = encode_event(&schemas, &event()).unwrap();
+        let framed = encode_frame(9, &value);
+        let (id, datum) = decode_frame(&framed).unwrap();
+        assert_eq!(id, 9);
+        let decoded = EnvelopeReader::new(&schemas.envelope_json).unwrap().decode(datum).unwrap();
+        assert_eq!(decoded.op, Op::Update);
+        assert_eq!(decoded.table, "t-1");
+        assert_eq!(decoded.commit_lsn, 200);
+        assert!(decoded.txn_last);
+        let after = decoded.after.unwrap();
+        assert_eq!(after[1], ("note".to_string(), Some("hi".to_string())));
+        assert_eq!(after[2].1.as_deref(), Some("2024-01-01 00:00:00.5+00"));
+        assert_eq!(decoded.before.unwrap()[1], ("note".to_string(), None));
+    }
+
+    #[test]
+    fn malformed_input_is_an_error() {
+        assert!(decode_frame(&[]).is_err());
+        assert!(decode_frame(&[1, 0, 0, 0, 1, 2]).is_err());
+        assert!(decode_frame(&[0, 0, 0]).is_err());
+        let schemas = TableSchemas::new("c", table()).unwrap();
+        let reader = EnvelopeReader::new(&schemas.envelope_json).unwrap();
+        assert!(reader.decode(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(reader.decode(&[]).is_err());
+        assert!(EnvelopeReader::new("\"string\"").is_err());
+        let mut no_key = table();
+        no_key.columns[0].key = false;
+        assert!(TableSchemas::new("c", no_key).is_err());
+    }
+}
