@@ -1,1 +1,15 @@
-//! stub
+//! The capture service of one node.
+//!
+//! Contract (DESIGN.md, "Capture"): stream the node's slot (pgoutput), skip transactions that
+//! carry a replication origin (pgferry applied them), turn each row change into an Avro
+//! envelope and produce it, inside a Kafka transaction, to the node's own partition of its
+//! region topic. The slot position is confirmed only after the Kafka transaction holding that
+//! commit is committed; after a restart, transactions at or below the last commit LSN found in
+//! the partition are skipped, so each source transaction is in Kafka exactly once.
+
+mod error;
+mod relations;
+mod service;
+
+pub use error::CaptureError;
+pub use service::{publication_name, run, slot_name, CaptureOptions};

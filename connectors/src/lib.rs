@@ -1,1 +1,16 @@
-//! stub
+//! Everything in pgferry that talks to an outside system.
+//!
+//! Contract: each module wraps one system behind a small typed API and returns errors that say
+//! what failed and where (endpoint, key, table) without ever including a secret:
+//! [`config`] reads and validates `pgferry.toml`; [`postgres`] opens SQL sessions;
+//! [`replication`] streams pgoutput from a logical slot; [`kafka`] builds producers, consumers and
+//! topics; [`registry`] registers and fetches Avro schemas through the Confluent REST API.
+
+pub mod config;
+pub mod kafka;
+pub mod postgres;
+pub mod redact;
+pub mod registry;
+pub mod replication;
+
+pub use config::{Config, ConfigError, NodeConfig};

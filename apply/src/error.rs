@@ -1,0 +1,33 @@
+//! Apply's error type.
+
+use pgferry_connectors::kafka::KafkaError;
+use pgferry_connectors::postgres::PgError;
+use pgferry_connectors::registry::RegistryError;
+use pgferry_schemas::CodecError;
+use thiserror::Error;
+
+/// Why apply stopped. Every variant names the system, endpoint, origin or table involved.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// The node is not in the configuration or not initialized.
+    #[error("node {node}: {message}")]
+    Setup { node: String, message: String },
+    /// PostgreSQL.
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    /// Kafka.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// The schema registry.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// An event that does not decode.
+    #[error("origin {origin}, {topic}/{partition} offset {offset}: undecodable event: {source}")]
+    Decode { origin: String, topic: String, partition: i32, offset: i64, source: CodecError },
+    /// A change that cannot be written.
+    #[error("origin {origin}: table {table}: {message}")]
+    Write { origin: String, table: String, message: String },
+    /// The stream broke the transaction framing (e.g. a new transaction before the last ended).
+    #[error("origin {origin}, {topic}/{partition} offset {offset}: {message}")]
+    Stream { origin: String, topic: String, partition: i32, offset: i64, message: String },
+}

@@ -1,0 +1,171 @@
+//! Applying one origin's partition: Kafka messages in, one local transaction per source
+//! transaction out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use pgferry_connectors::kafka::{header, HEADER_COMMIT_LSN, HEADER_ORIGIN};
+use pgferry_connectors::postgres::PgSession;
+use pgferry_connectors::registry::Registry;
+use pgferry_schemas::codec::{decode_frame, EnvelopeReader};
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::DefaultConsumerContext;
+use rdkafka::message::{BorrowedMessage, Message};
+
+use crate::error::ApplyError;
+use crate::progress::{self, format_lsn, Progress};
+use crate::writer::{Outcome, Writer};
+
+/// The partition of one origin and everything needed to apply it.
+pub struct OriginStream {
+    /// Remote node name.
+    pub origin: String,
+    /// Region topic.
+    pub topic: String,
+    /// The origin's partition.
+    pub partition: i32,
+    /// Where this origin stands locally.
+    pub progress: Progress,
+    /// Session dedicated to this origin (replication origin set up on it).
+    pub sql: PgSession,
+    /// Writes changes.
+    pub writer: Writer,
+    /// Registry client.
+    pub registry: Registry,
+    /// Writer schema id → decoder.
+    pub readers: HashMap<u32, Arc<EnvelopeReader>>,
+    /// Local node name (for logs).
+    pub node: String,
+}
+
+/// The source transaction being applied.
+struct OpenTxn {
+    commit_lsn: u64,
+}
+
+impl OriginStream {
+    /// Sets up the replication origin on this session.
+    pub async fn prepare(&self) -> Result<(), ApplyError> {
+        let name = progress::origin_name(&self.origin);
+        self.sql
+            .client
+            .execute(
+                "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS
+                   (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+                &[&name],
+            )
+            .await
+            .map_err(self.sql.err(format!("creating replication origin {name}")))?;
+        self.sql
+            .client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&name])
+            .await
+            .map_err(self.sql.err(format!("setting up replication origin {name}")))?;
+        Ok(())
+    }
+
+    /// Applies messages until the stream or a write fails.
+    pub async fn run(mut self, queue: StreamPartitionQueue<DefaultConsumerContext>) -> Result<(), ApplyError> {
+        self.prepare().await?;
+        tracing::info!(node = %self.node, origin = %self.origin, topic = %self.topic, partition = self.partition,
+            commit_lsn = %format_lsn(self.progress.commit_lsn), "applying origin");
+        let mut stream = queue.stream();
+        let mut open: Option<OpenTxn> = None;
+        while let Some(msg) = stream.next().await {
+            let msg = msg.map_err(|e| ApplyError::Kafka(pgferry_connectors::kafka::KafkaError::Topic {
+                topic: self.topic.clone(),
+                message: format!("partition {}: {e}", self.partition),
+            }))?;
+            if let Err(e) = self.handle(&msg, &mut open).await {
+                if open.take().is_some() {
+                    let _ = self.sql.client.batch_execute("ROLLBACK").await;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn stream_err(&self, offset: i64, message: String) -> ApplyError {
+        ApplyError::Stream { origin: self.origin.clone(), topic: self.topic.clone(), partition: self.partition, offset, message }
+    }
+
+    async fn handle(&mut self, msg: &BorrowedMessage<'_>, open: &mut Option<OpenTxn>) -> Result<(), ApplyError> {
+        let offset = msg.offset();
+        match header(msg, HEADER_ORIGIN) {
+            Some(o) if o == self.origin => {}
+            other => {
+                return Err(self.stream_err(offset, format!("message from origin {other:?} in {}'s partition", self.origin)));
+            }
+        }
+        let commit_lsn: u64 = header(msg, HEADER_COMMIT_LSN)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| self.stream_err(offset, "missing or bad pgferry-commit-lsn header".into()))?;
+        if open.is_none() && commit_lsn <= self.progress.commit_lsn {
+            // Already applied (a replay or a re-read after restart): dedup by origin progress.
+            return Ok(());
+        }
+        if let Some(t) = open.as_ref() {
+            if t.commit_lsn != commit_lsn {
+                return Err(self.stream_err(
+                    offset,
+                    format!("transaction {} ended without its last event; next is {}", format_lsn(t.commit_lsn), format_lsn(commit_lsn)),
+                ));
+            }
+        }
+        let payload = msg.payload().unwrap_or_default();
+        let decode_err = |source| ApplyError::Decode {
+            origin: self.origin.clone(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset,
+            source,
+        };
+        let (schema_id, datum) = decode_frame(payload).map_err(decode_err)?;
+        let reader = match self.readers.get(&schema_id) {
+            Some(r) => r.clone(),
+            None => {
+                let text = self.registry.schema(schema_id).await?;
+                let r = Arc::new(EnvelopeReader::new(&text).map_err(decode_err)?);
+                self.readers.insert(schema_id, r.clone());
+                r
+            }
+        };
+        let ev = reader.decode(datum).map_err(decode_err)?;
+        if open.is_none() {
+            self.sql
+                .client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(self.sql.err("beginning a transaction"))?;
+            *open = Some(OpenTxn { commit_lsn });
+            self.sql
+                .client
+                .execute(
+                    "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, 'epoch'::timestamptz + $2 * interval '1 microsecond')",
+                    &[&format_lsn(commit_lsn), &ev.commit_ts_us],
+                )
+                .await
+                .map_err(self.sql.err("pg_replication_origin_xact_setup"))?;
+        }
+        if self.writer.apply(&self.sql, &ev).await? == Outcome::Missing {
+            tracing::warn!(node = %self.node, origin = %self.origin, table = %format!("{}.{}", ev.schema, ev.table),
+                op = ev.op.code(), lsn = %format_lsn(commit_lsn), "row to change is missing locally; change skipped");
+        }
+        if ev.txn_last {
+            self.sql
+                .client
+                .execute(
+                    progress::UPSERT,
+                    &[&self.origin, &self.topic, &self.partition, &offset, &format_lsn(commit_lsn), &ev.commit_ts_us],
+                )
+                .await
+                .map_err(self.sql.err("recording pgferry.apply_progress"))?;
+            self.sql.client.batch_execute("COMMIT").await.map_err(self.sql.err("committing"))?;
+            *open = None;
+            self.progress = Progress { kafka_offset: Some(offset), commit_lsn };
+        }
+        Ok(())
+    }
+}

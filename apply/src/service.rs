@@ -1,0 +1,104 @@
+//! Start-up of apply: find the origin partitions, resume each from its recorded progress, and
+//! run one task per origin.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgferry_connectors::config::Config;
+use pgferry_connectors::kafka::{self, KafkaError};
+use pgferry_connectors::postgres;
+use pgferry_connectors::registry::Registry;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::error::ApplyError;
+use crate::origin_stream::OriginStream;
+use crate::progress;
+use crate::writer::Writer;
+
+/// Tuning of apply (none yet; here so the CLI and later issues have one place).
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {}
+
+/// Runs apply for `node_name` until an error (the caller restarts it with backoff).
+pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -> Result<(), ApplyError> {
+    let node = config
+        .node(node_name)
+        .cloned()
+        .ok_or_else(|| ApplyError::Setup { node: node_name.into(), message: "not in the config's [[nodes]]".into() })?;
+    let registry = Registry::new(&config.registry.url);
+    let group = format!("pgferry-{}-{}-apply", config.cluster.name, node.name);
+    let consumer: StreamConsumer = kafka::read_committed_config(&config.kafka, &group)
+        .create()
+        .map_err(|source| KafkaError::Client {
+            bootstrap: config.kafka.bootstrap_servers.clone(),
+            what: "creating consumer".into(),
+            source,
+        })?;
+    let consumer = Arc::new(consumer);
+
+    // Every other node's partition, resumed after its last applied message.
+    let mut origins = Vec::new();
+    let mut tpl = TopicPartitionList::new();
+    for remote in config.nodes.iter().filter(|n| n.name != node.name) {
+        let topic = config.region_topic(&remote.region);
+        let partition = config.node_partition(remote);
+        let sql = postgres::connect(&node.dsn, &format!("pgferry-apply-{}-from-{}", node.name, remote.name)).await?;
+        let progress = progress::read(&sql, &remote.name, &topic, partition).await?;
+        let offset = match progress.kafka_offset {
+            Some(o) => Offset::Offset(o + 1),
+            None => Offset::Beginning,
+        };
+        tpl.add_partition_offset(&topic, partition, offset).map_err(|source| KafkaError::Client {
+            bootstrap: config.kafka.bootstrap_servers.clone(),
+            what: format!("assigning {topic}/{partition}"),
+            source,
+        })?;
+        origins.push(OriginStream {
+            origin: remote.name.clone(),
+            topic,
+            partition,
+            progress,
+            sql,
+            writer: Writer::new(&remote.name, config.tables()),
+            registry: registry.clone(),
+            readers: Default::default(),
+            node: node.name.clone(),
+        });
+    }
+    consumer.assign(&tpl).map_err(|source| KafkaError::Client {
+        bootstrap: config.kafka.bootstrap_servers.clone(),
+        what: "assigning partitions".into(),
+        source,
+    })?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for o in origins {
+        let queue = consumer.split_partition_queue(&o.topic, o.partition).ok_or_else(|| ApplyError::Setup {
+            node: node.name.clone(),
+            message: format!("cannot read {}/{} separately", o.topic, o.partition),
+        })?;
+        tasks.spawn(o.run(queue));
+    }
+    // The main queue must be polled for the client to make progress; it carries no messages
+    // since every assigned partition has its own queue.
+    let main = consumer.clone();
+    tasks.spawn(async move {
+        loop {
+            match main.recv().await {
+                Ok(m) => tracing::warn!(topic = m.topic(), "unexpected message on the main queue"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka consumer");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    });
+    match tasks.join_next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(ApplyError::Setup { node: node.name.clone(), message: format!("apply task failed: {e}") }),
+        None => Ok(()),
+    }
+}
+
+use rdkafka::message::Message;

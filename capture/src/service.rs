@@ -1,0 +1,381 @@
+//! The capture loop: pgoutput messages in, Kafka transactions out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgferry_connectors::config::{Config, NodeConfig};
+use pgferry_connectors::kafka::{self, TxProducer, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN, HEADER_TXN_LAST};
+use pgferry_connectors::postgres::{self, PgSession};
+use pgferry_connectors::registry::Registry;
+use pgferry_connectors::replication::{Confirmer, LogicalReplicationMessage, TupleData, WalMessage, WalStream};
+use pgferry_schemas::codec::{encode_event, encode_frame};
+use pgferry_schemas::event::Row;
+use pgferry_schemas::{ChangeEvent, Op, SourceInfo};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::mpsc;
+
+use crate::error::CaptureError;
+use crate::relations::Relations;
+
+/// Tuning of the capture loop.
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    /// Most source transactions per Kafka transaction.
+    pub max_batch_txns: usize,
+    /// Longest a Kafka transaction stays open while more data keeps arriving.
+    pub max_batch_age: Duration,
+    /// Messages read ahead from PostgreSQL.
+    pub read_ahead: usize,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        CaptureOptions { max_batch_txns: 2000, max_batch_age: Duration::from_millis(50), read_ahead: 4096 }
+    }
+}
+
+/// The slot name of a node.
+pub fn slot_name(node: &str) -> String {
+    format!("pgferry_{node}")
+}
+
+/// The publication a node's capture reads.
+pub fn publication_name() -> &'static str {
+    "pgferry_default"
+}
+
+/// The source transaction being read.
+struct SourceTxn {
+    xid: u32,
+    commit_lsn: u64,
+    commit_ts_us: i64,
+    /// Applied by pgferry (carries an origin) or already in Kafka: read but not produced.
+    skip: bool,
+    /// Events produced so far.
+    produced: u64,
+    /// Per-table event counters (data_collection_order).
+    per_table: std::collections::HashMap<u32, u64>,
+    /// The last event, held back until we know whether it ends the transaction.
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    relation_id: u32,
+    event: ChangeEvent,
+}
+
+/// Runs capture for `node_name` until an error (the caller restarts it with backoff).
+pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) -> Result<(), CaptureError> {
+    let node = config
+        .node(node_name)
+        .cloned()
+        .ok_or_else(|| CaptureError::Setup { node: node_name.into(), message: "not in the config's [[nodes]]".into() })?;
+    let sql = postgres::connect(&node.dsn, &format!("pgferry-capture-{}", node.name)).await?;
+    let slot = slot_name(&node.name);
+    let exists = sql
+        .client
+        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(sql.err("looking up the replication slot"))?;
+    if exists.is_none() {
+        return Err(CaptureError::Setup {
+            node: node.name.clone(),
+            message: format!("replication slot {slot} does not exist at {}; run `pgferry init` first", sql.endpoint),
+        });
+    }
+    let db: String = sql
+        .client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(sql.err("reading the database name"))?
+        .get(0);
+
+    let topic = config.region_topic(&node.region);
+    let partition = config.node_partition(&node);
+    let kcfg = config.kafka.clone();
+    let txn_id = format!("pgferry-{}-{}", config.cluster.name, node.name);
+    let (producer, last_lsn) = {
+        let (kcfg, txn_id, topic) = (kcfg.clone(), txn_id.clone(), topic.clone());
+        let group = format!("pgferry-{}-{}-capture", config.cluster.name, node.name);
+        tokio::task::spawn_blocking(move || -> Result<(TxProducer, Option<u64>), CaptureError> {
+            let producer = kafka::transactional_producer(&kcfg, &txn_id)?;
+            let last = kafka::last_committed_commit_lsn(&kcfg, &group, &topic, partition)?;
+            Ok((producer, last))
+        })
+        .await
+        .map_err(|e| CaptureError::Protocol(format!("capture start-up task failed: {e}")))??
+    };
+    tracing::info!(node = %node.name, %topic, partition, last_produced_commit_lsn = ?last_lsn, "capture starting");
+
+    let stream = WalStream::start(&node.dsn, &slot, publication_name()).await?;
+    let (rx, confirmer) = stream.into_channel(options.read_ahead);
+    let mut capture = Capture {
+        relations: Relations::new(&config.cluster.name, &topic, Registry::new(&config.registry.url)),
+        config,
+        node,
+        db,
+        sql,
+        topic,
+        partition,
+        producer,
+        confirmer,
+        last_lsn: last_lsn.unwrap_or(0),
+        options,
+        txn: None,
+        kafka_txn_open: false,
+        batch_txns: 0,
+        batch_started: Instant::now(),
+        batch_end_lsn: 0,
+    };
+    let result = capture.run(rx).await;
+    if capture.kafka_txn_open {
+        let p = &capture.producer;
+        let _ = tokio::task::block_in_place(|| p.abort_transaction(Duration::from_secs(10)));
+    }
+    result
+}
+
+struct Capture {
+    config: Arc<Config>,
+    node: NodeConfig,
+    db: String,
+    sql: PgSession,
+    topic: String,
+    partition: i32,
+    producer: TxProducer,
+    confirmer: Confirmer,
+    relations: Relations,
+    /// Highest commit LSN known to be in Kafka.
+    last_lsn: u64,
+    options: CaptureOptions,
+    txn: Option<SourceTxn>,
+    kafka_txn_open: bool,
+    batch_txns: usize,
+    batch_started: Instant,
+    /// End LSN of the last source transaction in the open Kafka transaction.
+    batch_end_lsn: u64,
+}
+
+impl Capture {
+    async fn run(&mut self, mut rx: mpsc::Receiver<Result<WalMessage, pgferry_connectors::replication::ReplicationError>>) -> Result<(), CaptureError> {
+        loop {
+            let next = if self.kafka_txn_open && self.txn.is_none() {
+                let wait = self.options.max_batch_age.saturating_sub(self.batch_started.elapsed());
+                match tokio::time::timeout(wait, rx.recv()).await {
+                    Ok(m) => m,
+                    Err(_) => {
+                        self.commit_batch()?;
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv().await
+            };
+            let Some(msg) = next else {
+                return Err(CaptureError::Protocol("replication stream ended".into()));
+            };
+            let msg = msg?;
+            self.handle(msg).await?;
+            // Commit at a transaction boundary when nothing more is waiting, or the batch is big or old.
+            if self.kafka_txn_open
+                && self.txn.is_none()
+                && (rx.is_empty()
+                    || self.batch_txns >= self.options.max_batch_txns
+                    || self.batch_started.elapsed() >= self.options.max_batch_age)
+            {
+                self.commit_batch()?;
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: WalMessage) -> Result<(), CaptureError> {
+        match msg.message {
+            LogicalReplicationMessage::Begin { final_lsn, timestamp, xid } => {
+                self.txn = Some(SourceTxn {
+                    xid,
+                    commit_lsn: final_lsn,
+                    commit_ts_us: timestamp + PG_EPOCH_OFFSET_US,
+                    skip: final_lsn <= self.last_lsn,
+                    produced: 0,
+                    per_table: Default::default(),
+                    pending: None,
+                });
+            }
+            LogicalReplicationMessage::Origin { ref origin_name, .. } => {
+                if let Some(t) = self.txn.as_mut() {
+                    tracing::trace!(origin = %origin_name, xid = t.xid, "skipping applied transaction");
+                    t.skip = true;
+                }
+            }
+            LogicalReplicationMessage::Relation { .. } => {
+                self.relations.update(&self.sql, &msg.message).await?;
+            }
+            LogicalReplicationMessage::Insert { relation_id, tuple } => {
+                self.change(relation_id, Op::Create, None, Some(tuple), msg.wal_start)?;
+            }
+            LogicalReplicationMessage::Update { relation_id, old_tuple, new_tuple, .. } => {
+                self.change(relation_id, Op::Update, old_tuple, Some(new_tuple), msg.wal_start)?;
+            }
+            LogicalReplicationMessage::Delete { relation_id, old_tuple, .. } => {
+                self.change(relation_id, Op::Delete, Some(old_tuple), None, msg.wal_start)?;
+            }
+            LogicalReplicationMessage::Commit { commit_lsn, end_lsn, .. } => {
+                let Some(mut txn) = self.txn.take() else {
+                    return Err(CaptureError::Protocol(format!("Commit at {commit_lsn} without Begin")));
+                };
+                if let Some(p) = txn.pending.take() {
+                    self.produce(p, true)?;
+                }
+                if txn.produced > 0 {
+                    self.batch_txns += 1;
+                    self.last_lsn = self.last_lsn.max(commit_lsn);
+                }
+                if self.kafka_txn_open {
+                    self.batch_end_lsn = end_lsn;
+                } else {
+                    // Nothing of ours is in flight: this position is safe to confirm now.
+                    self.confirmer.confirm(end_lsn);
+                }
+            }
+            LogicalReplicationMessage::Truncate { .. } => {
+                tracing::warn!(node = %self.node.name, "TRUNCATE is not replicated yet; skipped");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn change(&mut self, relation_id: u32, op: Op, old: Option<TupleData>, new: Option<TupleData>, lsn: u64) -> Result<(), CaptureError> {
+        let Some(txn) = self.txn.as_mut() else {
+            return Err(CaptureError::Protocol(format!("row change at {lsn} outside a transaction")));
+        };
+        if txn.skip {
+            return Ok(());
+        }
+        let rel = self.relations.get(relation_id)?;
+        let width = rel.schemas.table.columns.len();
+        let before = old.as_ref().map(|t| tuple_row(t, width));
+        let mut unchanged_toast = Vec::new();
+        let after = new.as_ref().map(|t| {
+            let mut row = tuple_row(t, width);
+            for (i, c) in t.columns.iter().enumerate().take(width) {
+                if c.data_type == b'u' {
+                    // REPLICA IDENTITY FULL sends the old value: use it; otherwise list the column.
+                    match before.as_ref().and_then(|b| b[i].clone()) {
+                        Some(v) => row[i] = Some(v),
+                        None => unchanged_toast.push(rel.schemas.table.columns[i].name.clone()),
+                    }
+                }
+            }
+            row
+        });
+        let order = txn.per_table.entry(relation_id).or_insert(0);
+        *order += 1;
+        let event = ChangeEvent {
+            op,
+            before,
+            after,
+            source: SourceInfo {
+                cluster: self.config.cluster.name.clone(),
+                db: self.db.clone(),
+                origin: self.node.name.clone(),
+                node_id: self.node.id,
+                region: self.node.region.clone(),
+                commit_ts_us: txn.commit_ts_us,
+                tx_id: txn.xid,
+                lsn,
+                commit_lsn: txn.commit_lsn,
+                origin_lsn: None,
+                txn_seq: txn.produced,
+                data_collection_order: *order,
+                txn_last: false,
+                unchanged_toast,
+            },
+            ts_ms: now_ms(),
+        };
+        txn.produced += 1;
+        if let Some(prev) = txn.pending.replace(Pending { relation_id, event }) {
+            self.produce(prev, false)?;
+        }
+        Ok(())
+    }
+
+    fn produce(&mut self, mut p: Pending, last: bool) -> Result<(), CaptureError> {
+        p.event.source.txn_last = last;
+        let rel = self.relations.get(p.relation_id)?;
+        let (key, value) = encode_event(&rel.schemas, &p.event)
+            .map_err(|source| CaptureError::Encode { table: rel.display.clone(), source })?;
+        let key = encode_frame(rel.key_id, &key);
+        let value = encode_frame(rel.value_id, &value);
+        if !self.kafka_txn_open {
+            let producer = &self.producer;
+            tokio::task::block_in_place(|| producer.begin_transaction()).map_err(|e| kafka_err(&self.config, "beginning a transaction", e))?;
+            self.kafka_txn_open = true;
+            self.batch_txns = 0;
+            self.batch_started = Instant::now();
+        }
+        let lsn_text = p.event.source.commit_lsn.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(4)
+            .insert(Header { key: HEADER_ORIGIN, value: Some(self.node.name.as_str()) })
+            .insert(Header { key: HEADER_COMMIT_LSN, value: Some(lsn_text.as_str()) })
+            .insert(Header { key: HEADER_KIND, value: Some("change") });
+        if last {
+            headers = headers.insert(Header { key: HEADER_TXN_LAST, value: Some("1") });
+        }
+        let mut record = BaseRecord::to(&self.topic).partition(self.partition).key(&key).payload(&value).headers(headers);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((e, r)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    // The local queue is full: wait for deliveries (this bounds memory).
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, _)) => return Err(kafka_err(&self.config, "producing", e)),
+            }
+        }
+    }
+
+    fn commit_batch(&mut self) -> Result<(), CaptureError> {
+        let producer = &self.producer;
+        tokio::task::block_in_place(|| producer.commit_transaction(Duration::from_secs(60)))
+            .map_err(|e| kafka_err(&self.config, "committing a transaction", e))?;
+        self.kafka_txn_open = false;
+        if self.batch_end_lsn > 0 {
+            self.confirmer.confirm(self.batch_end_lsn);
+        }
+        tracing::debug!(node = %self.node.name, txns = self.batch_txns, lsn = self.batch_end_lsn, "kafka transaction committed");
+        Ok(())
+    }
+}
+
+fn kafka_err(config: &Config, what: &str, source: rdkafka::error::KafkaError) -> CaptureError {
+    CaptureError::Kafka(kafka::KafkaError::Client {
+        bootstrap: config.kafka.bootstrap_servers.clone(),
+        what: what.to_string(),
+        source,
+    })
+}
+
+/// Microseconds between the Unix and PostgreSQL (2000-01-01) epochs.
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A pgoutput tuple as a text-form row of `width` columns (NULL and unchanged TOAST → None).
+fn tuple_row(t: &TupleData, width: usize) -> Row {
+    let mut row: Row = vec![None; width];
+    for (i, c) in t.columns.iter().enumerate().take(width) {
+        if c.data_type == b't' {
+            row[i] = c.as_str().map(|s| s.into_owned());
+        }
+    }
+    row
+}

@@ -1,0 +1,317 @@
+//! `pgferry.toml`: the cluster, its nodes, Kafka, the registry and the replicated tables.
+//! Read once at start-up; `${VAR}` is replaced by the environment variable `VAR` (for secrets);
+//! unknown keys and bad values are errors that name the key.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// What is wrong with a configuration file.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    /// `${VAR}` names a variable that is not set.
+    #[error("config {path}: environment variable {var} (used as ${{{var}}}) is not set")]
+    MissingEnv { path: String, var: String },
+    /// TOML syntax, an unknown key, a missing key or a wrong type.
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value that parses but cannot work.
+    #[error("config {path}: {key}: {message}")]
+    Invalid { path: String, key: String, message: String },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The cluster.
+    pub cluster: ClusterConfig,
+    /// The Kafka cluster.
+    pub kafka: KafkaConfig,
+    /// The schema registry.
+    pub registry: RegistryConfig,
+    /// Every node of the cluster.
+    pub nodes: Vec<NodeConfig>,
+    /// What replicates.
+    pub replication: ReplicationConfig,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Cluster name: prefix of topics, Avro namespaces and Kafka transactional ids.
+    pub name: String,
+}
+
+/// `[kafka]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    pub bootstrap_servers: String,
+    /// Partitions of each region topic (at least the number of nodes in the region).
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor of created topics.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// Extra librdkafka properties (e.g. `security.protocol`), applied to every client.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+fn default_partitions() -> i32 {
+    8
+}
+fn default_replication_factor() -> i32 {
+    1
+}
+
+/// `[registry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Base URL of the Confluent-compatible API (Apicurio: `…/apis/ccompat/v7`).
+    pub url: String,
+}
+
+/// `[[nodes]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name (unique; used in slot, origin and transactional-id names).
+    pub name: String,
+    /// Numeric id 1–1023 (unique; used by snowflake ids and conflict tie-breaks).
+    pub id: u16,
+    /// Region: selects the data topic `<cluster>.<region>.changes`.
+    pub region: String,
+    /// PostgreSQL connection string of the node's database.
+    pub dsn: String,
+}
+
+/// `[replication]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Replicated tables as `schema.table` (or `table`, meaning `public.table`).
+    pub tables: Vec<String>,
+}
+
+impl Config {
+    /// Reads, interpolates, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        Config::parse(&text, &p)
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let text = interpolate(text, origin)?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().replace('\n', " ").trim().to_string(),
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid { path: origin.to_string(), key, message };
+        let ident_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !ident_ok(&self.cluster.name) {
+            return Err(invalid("cluster.name".into(), "must be non-empty letters, digits, '_' or '-'".into()));
+        }
+        if self.nodes.is_empty() {
+            return Err(invalid("nodes".into(), "at least one [[nodes]] entry is needed".into()));
+        }
+        let mut names = HashSet::new();
+        let mut ids = HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let key = |f: &str| format!("nodes[{i}].{f}");
+            if !n.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') || n.name.is_empty() {
+                return Err(invalid(key("name"), format!("{:?}: use lowercase letters, digits and '_' (it names slots and origins)", n.name)));
+            }
+            if !names.insert(&n.name) {
+                return Err(invalid(key("name"), format!("{:?} is used by another node", n.name)));
+            }
+            if !(1..=1023).contains(&n.id) {
+                return Err(invalid(key("id"), format!("{} is outside 1–1023", n.id)));
+            }
+            if !ids.insert(n.id) {
+                return Err(invalid(key("id"), format!("{} is used by another node", n.id)));
+            }
+            if !ident_ok(&n.region) {
+                return Err(invalid(key("region"), "must be non-empty letters, digits, '_' or '-'".into()));
+            }
+            if n.dsn.trim().is_empty() {
+                return Err(invalid(key("dsn"), "is empty".into()));
+            }
+        }
+        for region in self.regions() {
+            let count = self.nodes.iter().filter(|n| n.region == region).count() as i32;
+            if self.kafka.partitions < count {
+                return Err(invalid(
+                    "kafka.partitions".into(),
+                    format!("{} is fewer than the {count} nodes of region {region:?}", self.kafka.partitions),
+                ));
+            }
+        }
+        if self.replication.tables.is_empty() {
+            return Err(invalid("replication.tables".into(), "lists no table".into()));
+        }
+        for (i, t) in self.replication.tables.iter().enumerate() {
+            if t.is_empty() || t.split('.').count() > 2 || t.split('.').any(str::is_empty) {
+                return Err(invalid(format!("replication.tables[{i}]"), format!("{t:?} is not schema.table")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The node with id `id`.
+    pub fn node_by_id(&self, id: u16) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// Distinct regions in order of first appearance.
+    pub fn regions(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for n in &self.nodes {
+            if !out.contains(&n.region) {
+                out.push(n.region.clone());
+            }
+        }
+        out
+    }
+
+    /// The data topic of a region.
+    pub fn region_topic(&self, region: &str) -> String {
+        pgferry_schemas::naming::region_topic(&self.cluster.name, region)
+    }
+
+    /// The partition a node writes: its index among its region's nodes.
+    pub fn node_partition(&self, node: &NodeConfig) -> i32 {
+        self.nodes.iter().filter(|n| n.region == node.region).position(|n| n.name == node.name).unwrap_or(0) as i32
+    }
+
+    /// The node that writes `partition` of `region`'s topic.
+    pub fn partition_node(&self, region: &str, partition: i32) -> Option<&NodeConfig> {
+        self.nodes.iter().filter(|n| n.region == region).nth(usize::try_from(partition).ok()?)
+    }
+
+    /// Replicated tables as `(schema, table)`.
+    pub fn tables(&self) -> Vec<(String, String)> {
+        self.replication
+            .tables
+            .iter()
+            .map(|t| match t.split_once('.') {
+                Some((s, n)) => (s.to_string(), n.to_string()),
+                None => ("public".to_string(), t.clone()),
+            })
+            .collect()
+    }
+
+    /// Every secret in the configuration (DSN passwords), for scrubbing output.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            if let Some(rest) = n.dsn.split("://").nth(1) {
+                if let Some((userinfo, _)) = rest.rsplit_once('@') {
+                    if let Some((_, pw)) = userinfo.split_once(':') {
+                        out.push(pw.to_string());
+                    }
+                }
+            }
+            for kv in n.dsn.split_whitespace() {
+                if let Some(pw) = kv.strip_prefix("password=") {
+                    out.push(pw.to_string());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Replaces `${VAR}` with the value of environment variable `VAR`.
+fn interpolate(text: &str, origin: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let var = &after[..end];
+        let value = std::env::var(var).map_err(|_| ConfigError::MissingEnv { path: origin.to_string(), var: var.to_string() })?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[cluster]
+name = "demo"
+[kafka]
+bootstrap_servers = "127.0.0.1:19092"
+[registry]
+url = "http://127.0.0.1:18081/apis/ccompat/v7"
+[[nodes]]
+name = "n1"
+id = 1
+region = "eu"
+dsn = "postgres://postgres:${PGFERRY_TEST_PW}@127.0.0.1:55431/demo"
+[[nodes]]
+name = "n2"
+id = 2
+region = "eu"
+dsn = "postgres://postgres:x@127.0.0.1:55432/demo"
+[replication]
+tables = ["public.accounts", "items"]
+"#;
+
+    #[test]
+    fn parses_and_interpolates() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.nodes[0].dsn, "postgres://postgres:pw1@127.0.0.1:55431/demo");
+        assert_eq!(c.tables()[1], ("public".to_string(), "items".to_string()));
+        assert_eq!(c.node_partition(&c.nodes[1]), 1);
+        assert_eq!(c.region_topic("eu"), "demo.eu.changes");
+        assert!(c.secrets().contains(&"pw1".to_string()));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        let unknown = GOOD.replace("[cluster]\n", "[cluster]\ncolour = \"red\"\n");
+        let e = Config::parse(&unknown, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("colour") && e.contains("t.toml"), "{e}");
+        let missing = GOOD.replacen("region = \"eu\"\n", "", 1);
+        let e = Config::parse(&missing, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("region"), "{e}");
+        let dup = GOOD.replace("id = 2", "id = 1");
+        let e = Config::parse(&dup, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("nodes[1].id"), "{e}");
+        let e = Config::parse(&GOOD.replace("PGFERRY_TEST_PW", "PGFERRY_NOPE_X"), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("PGFERRY_NOPE_X"), "{e}");
+    }
+}

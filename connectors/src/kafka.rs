@@ -1,0 +1,208 @@
+//! Kafka clients (rdkafka): the transactional producer capture uses, the `read_committed`
+//! consumer apply uses, topic creation, and reading a partition's last committed message.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use thiserror::Error;
+
+use crate::config::KafkaConfig;
+
+/// Header with the origin node name of every message.
+pub const HEADER_ORIGIN: &str = "pgferry-origin";
+/// Header with the origin commit LSN (decimal) of every message.
+pub const HEADER_COMMIT_LSN: &str = "pgferry-commit-lsn";
+/// Header with the kind of message: `change` (later also `heartbeat`, `ddl`, `truncate`).
+pub const HEADER_KIND: &str = "pgferry-kind";
+/// Header present (`1`) on the last message of a source transaction.
+pub const HEADER_TXN_LAST: &str = "pgferry-txn-last";
+
+/// A Kafka failure, naming the bootstrap servers or the topic.
+#[derive(Debug, Error)]
+pub enum KafkaError {
+    /// A client could not be created or used.
+    #[error("Kafka at {bootstrap}: {what}: {source}")]
+    Client { bootstrap: String, what: String, source: RdError },
+    /// The broker did not answer.
+    #[error("Kafka at {bootstrap} is unreachable: {message}")]
+    Unreachable { bootstrap: String, message: String },
+    /// A topic could not be created or has the wrong shape.
+    #[error("Kafka topic {topic}: {message}")]
+    Topic { topic: String, message: String },
+}
+
+/// Base client configuration: bootstrap servers plus the configured extra properties.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers);
+    c.set("socket.connection.setup.timeout.ms", "10000");
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+fn client_err(cfg: &KafkaConfig, what: &str) -> impl FnOnce(RdError) -> KafkaError {
+    let bootstrap = cfg.bootstrap_servers.clone();
+    let what = what.to_string();
+    move |source| KafkaError::Client { bootstrap, what, source }
+}
+
+/// The producer type capture uses.
+pub type TxProducer = ThreadedProducer<DefaultProducerContext>;
+
+/// Creates an idempotent transactional producer with `transactional.id` = `txn_id` and runs
+/// `init_transactions`, which fences any older instance and aborts its open transaction.
+/// Blocking: call from a blocking context.
+pub fn transactional_producer(cfg: &KafkaConfig, txn_id: &str) -> Result<TxProducer, KafkaError> {
+    let producer: TxProducer = client_config(cfg)
+        .set("transactional.id", txn_id)
+        .set("enable.idempotence", "true")
+        .set("transaction.timeout.ms", "600000")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.max.bytes", "16777216")
+        .create()
+        .map_err(client_err(cfg, "creating producer"))?;
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .map_err(|e| unreachable_or(cfg, "initializing transactions", e))?;
+    Ok(producer)
+}
+
+fn unreachable_or(cfg: &KafkaConfig, what: &str, e: RdError) -> KafkaError {
+    let timed_out = matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::AllBrokersDown)
+    );
+    if timed_out {
+        KafkaError::Unreachable { bootstrap: cfg.bootstrap_servers.clone(), message: format!("{what}: {e}") }
+    } else {
+        client_err(cfg, what)(e)
+    }
+}
+
+/// A consumer that reads only committed transactions and never commits offsets to Kafka
+/// (positions live in PostgreSQL, in `pgferry.apply_progress`).
+pub fn read_committed_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
+    let mut c = client_config(cfg);
+    c.set("group.id", group_id)
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.max.bytes", "16777216")
+        .set("max.partition.fetch.bytes", "4194304");
+    c
+}
+
+/// Fails with [`KafkaError::Unreachable`] unless the cluster answers a metadata request in
+/// `timeout`. Blocking.
+pub fn check_reachable(cfg: &KafkaConfig, timeout: Duration) -> Result<(), KafkaError> {
+    let consumer: BaseConsumer = client_config(cfg).create().map_err(client_err(cfg, "creating client"))?;
+    consumer
+        .fetch_metadata(None, timeout)
+        .map(|_| ())
+        .map_err(|e| KafkaError::Unreachable { bootstrap: cfg.bootstrap_servers.clone(), message: e.to_string() })
+}
+
+/// Creates `topic` with `partitions` partitions unless it exists; an existing topic with
+/// fewer partitions is an error.
+pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg).create().map_err(client_err(cfg, "creating admin client"))?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(cfg.replication_factor))
+        .set("cleanup.policy", "delete");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))).request_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .map_err(|e| unreachable_or(cfg, &format!("creating topic {topic}"), e))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(KafkaError::Topic { topic: t, message: format!("cannot create: {code}") }),
+        }
+    }
+    let cfg2 = cfg.clone();
+    let topic2 = topic.to_string();
+    let have = tokio::task::spawn_blocking(move || -> Result<usize, KafkaError> {
+        let consumer: BaseConsumer = client_config(&cfg2).create().map_err(client_err(&cfg2, "creating client"))?;
+        let md = consumer
+            .fetch_metadata(Some(&topic2), Duration::from_secs(10))
+            .map_err(|e| KafkaError::Unreachable { bootstrap: cfg2.bootstrap_servers.clone(), message: e.to_string() })?;
+        Ok(md.topics().first().map(|t| t.partitions().len()).unwrap_or(0))
+    })
+    .await
+    .map_err(|e| KafkaError::Topic { topic: topic.to_string(), message: e.to_string() })??;
+    if (have as i32) < partitions {
+        return Err(KafkaError::Topic {
+            topic: topic.to_string(),
+            message: format!("has {have} partitions, pgferry needs at least {partitions}"),
+        });
+    }
+    Ok(())
+}
+
+/// The value of header `name` as UTF-8.
+pub fn header<'a>(msg: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
+    msg.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// The commit LSN header of the last committed message in `topic`/`partition`, if any.
+/// Used by capture after a restart to learn what it already produced. Blocking.
+pub fn last_committed_commit_lsn(cfg: &KafkaConfig, group_id: &str, topic: &str, partition: i32) -> Result<Option<u64>, KafkaError> {
+    let consumer: BaseConsumer = read_committed_config(cfg, group_id)
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(client_err(cfg, "creating consumer"))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(15))
+        .map_err(|e| unreachable_or(cfg, &format!("reading watermarks of {topic}/{partition}"), e))?;
+    let mut window: i64 = 256;
+    loop {
+        let start = (high - window).max(low);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(start))
+            .map_err(client_err(cfg, "assigning partition"))?;
+        consumer.assign(&tpl).map_err(client_err(cfg, "assigning partition"))?;
+        let mut last = None;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if std::time::Instant::now() > deadline {
+                return Err(KafkaError::Unreachable {
+                    bootstrap: cfg.bootstrap_servers.clone(),
+                    message: format!("timed out reading the tail of {topic}/{partition}"),
+                });
+            }
+            match consumer.poll(Duration::from_millis(500)) {
+                None => {
+                    // Nothing within the poll interval: an empty range reports EOF, so this
+                    // only happens while the broker is slow; keep polling until the deadline.
+                }
+                Some(Err(RdError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(unreachable_or(cfg, &format!("reading {topic}/{partition}"), e)),
+                Some(Ok(m)) => {
+                    if let Some(lsn) = header(&m, HEADER_COMMIT_LSN).and_then(|v| v.parse::<u64>().ok()) {
+                        last = Some(lsn);
+                    }
+                }
+            }
+        }
+        if last.is_some() || start == low {
+            return Ok(last);
+        }
+        window *= 4;
+    }
+}

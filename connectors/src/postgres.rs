@@ -1,0 +1,83 @@
+//! SQL sessions to PostgreSQL nodes (tokio-postgres), with errors that name the endpoint.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio_postgres::{Client, NoTls};
+
+use crate::redact::dsn_endpoint;
+
+/// A PostgreSQL failure, naming the node's endpoint (never its password).
+#[derive(Debug, Error)]
+pub enum PgError {
+    /// The DSN is not a valid connection string.
+    #[error("invalid PostgreSQL DSN for {endpoint}: {message}")]
+    Dsn { endpoint: String, message: String },
+    /// The server did not answer or refused the session.
+    #[error("cannot connect to PostgreSQL at {endpoint}: {source}")]
+    Connect { endpoint: String, source: tokio_postgres::Error },
+    /// A statement failed.
+    #[error("PostgreSQL at {endpoint}: {what}: {source}")]
+    Query { endpoint: String, what: String, source: tokio_postgres::Error },
+}
+
+impl PgError {
+    /// The SQLSTATE of the server error, if the failure came from the server.
+    pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
+        match self {
+            PgError::Connect { source, .. } | PgError::Query { source, .. } => source.code(),
+            PgError::Dsn { .. } => None,
+        }
+    }
+}
+
+/// An open session plus the endpoint used in error messages.
+pub struct PgSession {
+    /// The tokio-postgres client.
+    pub client: Client,
+    /// `host:port/db`.
+    pub endpoint: String,
+}
+
+impl PgSession {
+    /// Wraps a failed statement with the endpoint and what was being done.
+    pub fn err(&self, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError + '_ {
+        let what = what.into();
+        move |source| PgError::Query { endpoint: self.endpoint.clone(), what, source }
+    }
+}
+
+/// Opens a session (10 s connect timeout unless the DSN sets one) with `application_name`.
+/// The session runs with `TimeZone=UTC` and ISO `DateStyle`, the forms pgferry reads and writes.
+pub async fn connect(dsn: &str, application_name: &str) -> Result<PgSession, PgError> {
+    let endpoint = dsn_endpoint(dsn);
+    let mut config = tokio_postgres::Config::from_str(dsn)
+        .map_err(|e| PgError::Dsn { endpoint: endpoint.clone(), message: e.to_string() })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    config.application_name(application_name);
+    config.options("-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=1");
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|source| PgError::Connect { endpoint: endpoint.clone(), source })?;
+    let ep = endpoint.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(endpoint = %ep, error = %e, "PostgreSQL session ended");
+        }
+    });
+    Ok(PgSession { client, endpoint })
+}
+
+/// Quotes an identifier for SQL (`"a""b"`).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for SQL (`'it''s'`), for utility statements that take no parameters.
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}

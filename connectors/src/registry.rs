@@ -1,0 +1,81 @@
+//! Schema registry client (Confluent REST API, e.g. Apicurio's `/apis/ccompat/v7`), with caches
+//! so each schema is registered or fetched once per process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use schema_registry_converter::async_impl::schema_registry::{get_schema_by_id, post_schema, SrSettings};
+use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
+use thiserror::Error;
+
+/// A registry failure, naming the registry URL and the subject or id.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    /// Registering a schema failed.
+    #[error("schema registry {url}: registering subject {subject}: {message}")]
+    Register { url: String, subject: String, message: String },
+    /// Fetching a schema by id failed.
+    #[error("schema registry {url}: fetching schema id {id}: {message}")]
+    Fetch { url: String, id: u32, message: String },
+}
+
+/// A cached registry client; cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    url: String,
+    settings: SrSettings,
+    registered: Arc<Mutex<HashMap<(String, String), u32>>>,
+    by_id: Arc<Mutex<HashMap<u32, Arc<String>>>>,
+}
+
+impl Registry {
+    /// A client for the registry at `url`.
+    pub fn new(url: &str) -> Registry {
+        let url = url.trim_end_matches('/').to_string();
+        Registry {
+            settings: SrSettings::new(url.clone()),
+            url,
+            registered: Arc::default(),
+            by_id: Arc::default(),
+        }
+    }
+
+    /// The registry's base URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Registers an Avro schema under `subject` (or finds it there) and returns its id.
+    pub async fn register(&self, subject: &str, record_name: &str, schema_json: &str) -> Result<u32, RegistryError> {
+        let key = (subject.to_string(), schema_json.to_string());
+        if let Some(id) = self.registered.lock().ok().and_then(|m| m.get(&key).copied()) {
+            return Ok(id);
+        }
+        let supplied = SuppliedSchema::new(Some(record_name.to_string()), SchemaType::Avro, schema_json.to_string());
+        let registered = post_schema(&self.settings, subject.to_string(), supplied).await.map_err(|e| {
+            RegistryError::Register { url: self.url.clone(), subject: subject.to_string(), message: e.to_string() }
+        })?;
+        if let Ok(mut m) = self.registered.lock() {
+            m.insert(key, registered.id);
+        }
+        if let Ok(mut m) = self.by_id.lock() {
+            m.insert(registered.id, Arc::new(schema_json.to_string()));
+        }
+        Ok(registered.id)
+    }
+
+    /// The schema text with id `id`.
+    pub async fn schema(&self, id: u32) -> Result<Arc<String>, RegistryError> {
+        if let Some(s) = self.by_id.lock().ok().and_then(|m| m.get(&id).cloned()) {
+            return Ok(s);
+        }
+        let fetched = get_schema_by_id(id, &self.settings)
+            .await
+            .map_err(|e| RegistryError::Fetch { url: self.url.clone(), id, message: e.to_string() })?;
+        let s = Arc::new(fetched.schema);
+        if let Ok(mut m) = self.by_id.lock() {
+            m.insert(id, s.clone());
+        }
+        Ok(s)
+    }
+}

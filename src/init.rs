@@ -1,0 +1,126 @@
+//! `pgferry init`: topics in Kafka; on every node the `pgferry` schema, the publication of the
+//! replicated tables, the node's slot and one replication origin per other node. Idempotent.
+//! Refuses tables without a primary key, naming them.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use pgferry_connectors::config::{Config, NodeConfig};
+use pgferry_connectors::kafka;
+use pgferry_connectors::postgres::{self, quote_ident, PgSession};
+
+/// The `pgferry` schema's tables.
+const SCHEMA_SQL: &str = "
+CREATE SCHEMA IF NOT EXISTS pgferry;
+CREATE TABLE IF NOT EXISTS pgferry.apply_progress (
+    origin       text        NOT NULL,
+    topic        text        NOT NULL,
+    partition    int         NOT NULL,
+    kafka_offset bigint      NOT NULL,
+    commit_lsn   pg_lsn      NOT NULL,
+    commit_ts    timestamptz NOT NULL,
+    applied_at   timestamptz NOT NULL,
+    PRIMARY KEY (origin, topic, partition)
+);";
+
+pub async fn run(config: &Config) -> Result<()> {
+    // Kafka first: a wrong bootstrap address should fail before any node is touched.
+    let kcfg = config.kafka.clone();
+    tokio::task::spawn_blocking(move || kafka::check_reachable(&kcfg, Duration::from_secs(10))).await??;
+    let mut sessions = Vec::new();
+    for node in &config.nodes {
+        let sql = postgres::connect(&node.dsn, "pgferry-init").await?;
+        check_node(config, node, &sql).await?;
+        sessions.push(sql);
+    }
+    for region in config.regions() {
+        let topic = config.region_topic(&region);
+        kafka::ensure_topic(&config.kafka, &topic, config.kafka.partitions).await?;
+        println!("topic {topic}: ready ({} partitions)", config.kafka.partitions);
+    }
+    for topic in [format!("{}.conflicts", config.cluster.name), format!("{}.dlq", config.cluster.name)] {
+        kafka::ensure_topic(&config.kafka, &topic, 1).await?;
+        println!("topic {topic}: ready");
+    }
+    for (node, sql) in config.nodes.iter().zip(&sessions) {
+        install(config, node, sql).await.with_context(|| format!("node {}", node.name))?;
+        println!("node {} ({}): ready", node.name, sql.endpoint);
+    }
+    Ok(())
+}
+
+/// Settings and tables that must be right before anything is installed.
+async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<()> {
+    for (setting, want) in [("wal_level", "logical"), ("track_commit_timestamp", "on")] {
+        let have: String = sql
+            .client
+            .query_one("SELECT current_setting($1)", &[&setting])
+            .await
+            .map_err(sql.err(format!("reading {setting}")))?
+            .get(0);
+        if have != want {
+            bail!("node {} ({}): {setting} is {have:?}; pgferry needs {want:?} (set it in postgresql.conf and restart)", node.name, sql.endpoint);
+        }
+    }
+    for (schema, table) in config.tables() {
+        let row = sql
+            .client
+            .query_opt(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(sql.err(format!("looking up table {schema}.{table}")))?;
+        match row {
+            None => bail!("node {} ({}): replicated table {schema}.{table} does not exist", node.name, sql.endpoint),
+            Some(r) if !r.get::<_, bool>(0) => bail!(
+                "node {} ({}): table {schema}.{table} has no primary key; pgferry needs one to find rows on the other nodes (add a primary key or remove it from replication.tables)",
+                node.name,
+                sql.endpoint
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<()> {
+    sql.client.batch_execute(SCHEMA_SQL).await.map_err(sql.err("installing the pgferry schema"))?;
+    let tables: Vec<String> = config.tables().iter().map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t))).collect();
+    let publication = pgferry_capture::publication_name();
+    let exists = sql
+        .client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await
+        .map_err(sql.err("looking up the publication"))?
+        .is_some();
+    let stmt = if exists {
+        format!("ALTER PUBLICATION {} SET TABLE {}", quote_ident(publication), tables.join(", "))
+    } else {
+        format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(publication), tables.join(", "))
+    };
+    sql.client.batch_execute(&stmt).await.map_err(sql.err("creating the publication"))?;
+    let slot = pgferry_capture::slot_name(&node.name);
+    sql.client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await
+        .map_err(sql.err(format!("creating replication slot {slot}")))?;
+    for other in config.nodes.iter().filter(|n| n.name != node.name) {
+        let origin = pgferry_apply::origin_name(&other.name);
+        sql.client
+            .execute(
+                "SELECT pg_replication_origin_create($1)
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+                &[&origin],
+            )
+            .await
+            .map_err(sql.err(format!("creating replication origin {origin}")))?;
+    }
+    Ok(())
+}
