@@ -143,7 +143,7 @@ impl OriginStream {
             self.sql
                 .client
                 .execute(
-                    "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, 'epoch'::timestamptz + $2 * interval '1 microsecond')",
+                    "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, 'epoch'::timestamptz + $2::bigint * interval '1 microsecond')",
                     &[&format_lsn(commit_lsn), &ev.commit_ts_us],
                 )
                 .await

@@ -42,7 +42,7 @@ pub async fn read(sql: &PgSession, origin: &str, topic: &str, partition: i32) ->
 /// Parameters: origin, topic, partition, kafka_offset, commit_lsn (text `X/Y`), commit_ts_us.
 pub const UPSERT: &str = "INSERT INTO pgferry.apply_progress AS p
       (origin, topic, partition, kafka_offset, commit_lsn, commit_ts, applied_at)
-    VALUES ($1, $2, $3, $4, $5::text::pg_lsn, 'epoch'::timestamptz + $6 * interval '1 microsecond', clock_timestamp())
+    VALUES ($1, $2, $3, $4, $5::text::pg_lsn, 'epoch'::timestamptz + $6::bigint * interval '1 microsecond', clock_timestamp())
     ON CONFLICT (origin, topic, partition) DO UPDATE
       SET kafka_offset = EXCLUDED.kafka_offset, commit_lsn = EXCLUDED.commit_lsn,
           commit_ts = EXCLUDED.commit_ts, applied_at = EXCLUDED.applied_at";

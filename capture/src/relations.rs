@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use pgferry_connectors::postgres::PgSession;
 use pgferry_connectors::registry::Registry;
+use pgferry_connectors::replication::LogicalReplicationMessage;
 use pgferry_schemas::naming::subject;
 use pgferry_schemas::{ColumnDef, TableDef, TableSchemas};
-use pgferry_connectors::replication::LogicalReplicationMessage;
 
 use crate::error::CaptureError;
 
@@ -50,25 +50,50 @@ impl Relations {
 
     /// The relation with pgoutput id `id`.
     pub fn get(&self, id: u32) -> Result<&Relation, CaptureError> {
-        self.by_id
-            .get(&id)
-            .ok_or_else(|| CaptureError::Protocol(format!("change for relation {id} before its Relation message")))
+        self.by_id.get(&id).ok_or_else(|| {
+            CaptureError::Protocol(format!(
+                "change for relation {id} before its Relation message"
+            ))
+        })
     }
 
     /// Records a Relation message: resolves column types, builds and registers the schemas.
-    pub async fn update(&mut self, sql: &PgSession, msg: &LogicalReplicationMessage) -> Result<(), CaptureError> {
-        let LogicalReplicationMessage::Relation { relation_id, namespace, relation_name, columns, .. } = msg else {
+    pub async fn update(
+        &mut self,
+        sql: &PgSession,
+        msg: &LogicalReplicationMessage,
+    ) -> Result<(), CaptureError> {
+        let LogicalReplicationMessage::Relation {
+            relation_id,
+            namespace,
+            relation_name,
+            columns,
+            ..
+        } = msg
+        else {
             return Ok(());
         };
         let mut defs = Vec::with_capacity(columns.len());
         for c in columns {
             let (type_name, sql_type) = self.type_names(sql, c.type_id, c.type_modifier).await?;
-            defs.push(ColumnDef { name: c.name.to_string(), type_name, sql_type, key: c.flags & 1 == 1 });
+            defs.push(ColumnDef {
+                name: c.name.to_string(),
+                type_name,
+                sql_type,
+                key: c.flags & 1 == 1,
+            });
         }
         let display = format!("{namespace}.{relation_name}");
-        let table = TableDef { schema: namespace.to_string(), name: relation_name.to_string(), columns: defs };
-        let schemas = TableSchemas::new(&self.cluster, table)
-            .map_err(|source| CaptureError::Encode { table: display.clone(), source })?;
+        let table = TableDef {
+            schema: namespace.to_string(),
+            name: relation_name.to_string(),
+            columns: defs,
+        };
+        let schemas =
+            TableSchemas::new(&self.cluster, table).map_err(|source| CaptureError::Encode {
+                table: display.clone(),
+                source,
+            })?;
         match self.namespaces.get(&schemas.namespace) {
             Some(other) if *other != display => {
                 return Err(CaptureError::Setup {
@@ -80,25 +105,56 @@ impl Relations {
                 })
             }
             _ => {
-                self.namespaces.insert(schemas.namespace.clone(), display.clone());
+                self.namespaces
+                    .insert(schemas.namespace.clone(), display.clone());
             }
         }
         let key_name = schemas.key_name();
         let env_name = schemas.envelope_name();
-        let key_id = self.registry.register(&subject(&self.topic, &key_name), &key_name, &schemas.key_json).await?;
-        let value_id = self.registry.register(&subject(&self.topic, &env_name), &env_name, &schemas.envelope_json).await?;
+        let key_id = self
+            .registry
+            .register(
+                &subject(&self.topic, &key_name),
+                &key_name,
+                &schemas.key_json,
+            )
+            .await?;
+        let value_id = self
+            .registry
+            .register(
+                &subject(&self.topic, &env_name),
+                &env_name,
+                &schemas.envelope_json,
+            )
+            .await?;
         tracing::debug!(table = %format!("{namespace}.{relation_name}"), key_id, value_id, "relation registered");
-        self.by_id.insert(*relation_id, Relation { schemas: Arc::new(schemas), key_id, value_id, display });
+        self.by_id.insert(
+            *relation_id,
+            Relation {
+                schemas: Arc::new(schemas),
+                key_id,
+                value_id,
+                display,
+            },
+        );
         Ok(())
     }
 
-    async fn type_names(&mut self, sql: &PgSession, oid: u32, typmod: i32) -> Result<(String, String), CaptureError> {
+    async fn type_names(
+        &mut self,
+        sql: &PgSession,
+        oid: u32,
+        typmod: i32,
+    ) -> Result<(String, String), CaptureError> {
         if let Some(t) = self.types.get(&(oid, typmod)) {
             return Ok(t.clone());
         }
         let row = sql
             .client
-            .query_one("SELECT typname::text, format_type(oid, $2) FROM pg_type WHERE oid = $1", &[&oid, &typmod])
+            .query_one(
+                "SELECT typname::text, format_type(oid, $2) FROM pg_type WHERE oid = $1",
+                &[&oid, &typmod],
+            )
             .await
             .map_err(sql.err(format!("looking up type oid {oid}")))?;
         let t: (String, String) = (row.get(0), row.get(1));

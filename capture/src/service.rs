@@ -4,10 +4,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgferry_connectors::config::{Config, NodeConfig};
-use pgferry_connectors::kafka::{self, TxProducer, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN, HEADER_TXN_LAST};
+use pgferry_connectors::kafka::{
+    self, TxProducer, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN, HEADER_TXN_LAST,
+};
 use pgferry_connectors::postgres::{self, PgSession};
 use pgferry_connectors::registry::Registry;
-use pgferry_connectors::replication::{Confirmer, LogicalReplicationMessage, TupleData, WalMessage, WalStream};
+use pgferry_connectors::replication::{
+    Confirmer, LogicalReplicationMessage, TupleData, WalMessage, WalStream,
+};
 use pgferry_schemas::codec::{encode_event, encode_frame};
 use pgferry_schemas::event::Row;
 use pgferry_schemas::{ChangeEvent, Op, SourceInfo};
@@ -32,7 +36,11 @@ pub struct CaptureOptions {
 
 impl Default for CaptureOptions {
     fn default() -> Self {
-        CaptureOptions { max_batch_txns: 2000, max_batch_age: Duration::from_millis(50), read_ahead: 4096 }
+        CaptureOptions {
+            max_batch_txns: 2000,
+            max_batch_age: Duration::from_millis(50),
+            read_ahead: 4096,
+        }
     }
 }
 
@@ -67,22 +75,35 @@ struct Pending {
 }
 
 /// Runs capture for `node_name` until an error (the caller restarts it with backoff).
-pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) -> Result<(), CaptureError> {
+pub async fn run(
+    config: Arc<Config>,
+    node_name: &str,
+    options: CaptureOptions,
+) -> Result<(), CaptureError> {
     let node = config
         .node(node_name)
         .cloned()
-        .ok_or_else(|| CaptureError::Setup { node: node_name.into(), message: "not in the config's [[nodes]]".into() })?;
+        .ok_or_else(|| CaptureError::Setup {
+            node: node_name.into(),
+            message: "not in the config's [[nodes]]".into(),
+        })?;
     let sql = postgres::connect(&node.dsn, &format!("pgferry-capture-{}", node.name)).await?;
     let slot = slot_name(&node.name);
     let exists = sql
         .client
-        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .map_err(sql.err("looking up the replication slot"))?;
     if exists.is_none() {
         return Err(CaptureError::Setup {
             node: node.name.clone(),
-            message: format!("replication slot {slot} does not exist at {}; run `pgferry init` first", sql.endpoint),
+            message: format!(
+                "replication slot {slot} does not exist at {}; run `pgferry init` first",
+                sql.endpoint
+            ),
         });
     }
     let db: String = sql
@@ -112,7 +133,11 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     let stream = WalStream::start(&node.dsn, &slot, publication_name()).await?;
     let (rx, confirmer) = stream.into_channel(options.read_ahead);
     let mut capture = Capture {
-        relations: Relations::new(&config.cluster.name, &topic, Registry::new(&config.registry.url)),
+        relations: Relations::new(
+            &config.cluster.name,
+            &topic,
+            Registry::new(&config.registry.url),
+        ),
         config,
         node,
         db,
@@ -159,10 +184,18 @@ struct Capture {
 }
 
 impl Capture {
-    async fn run(&mut self, mut rx: mpsc::Receiver<Result<WalMessage, pgferry_connectors::replication::ReplicationError>>) -> Result<(), CaptureError> {
+    async fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<
+            Result<WalMessage, pgferry_connectors::replication::ReplicationError>,
+        >,
+    ) -> Result<(), CaptureError> {
         loop {
             let next = if self.kafka_txn_open && self.txn.is_none() {
-                let wait = self.options.max_batch_age.saturating_sub(self.batch_started.elapsed());
+                let wait = self
+                    .options
+                    .max_batch_age
+                    .saturating_sub(self.batch_started.elapsed());
                 match tokio::time::timeout(wait, rx.recv()).await {
                     Ok(m) => m,
                     Err(_) => {
@@ -192,7 +225,11 @@ impl Capture {
 
     async fn handle(&mut self, msg: WalMessage) -> Result<(), CaptureError> {
         match msg.message {
-            LogicalReplicationMessage::Begin { final_lsn, timestamp, xid } => {
+            LogicalReplicationMessage::Begin {
+                final_lsn,
+                timestamp,
+                xid,
+            } => {
                 self.txn = Some(SourceTxn {
                     xid,
                     commit_lsn: final_lsn,
@@ -203,7 +240,9 @@ impl Capture {
                     pending: None,
                 });
             }
-            LogicalReplicationMessage::Origin { ref origin_name, .. } => {
+            LogicalReplicationMessage::Origin {
+                ref origin_name, ..
+            } => {
                 if let Some(t) = self.txn.as_mut() {
                     tracing::trace!(origin = %origin_name, xid = t.xid, "skipping applied transaction");
                     t.skip = true;
@@ -215,15 +254,42 @@ impl Capture {
             LogicalReplicationMessage::Insert { relation_id, tuple } => {
                 self.change(relation_id, Op::Create, None, Some(tuple), msg.wal_start)?;
             }
-            LogicalReplicationMessage::Update { relation_id, old_tuple, new_tuple, .. } => {
-                self.change(relation_id, Op::Update, old_tuple, Some(new_tuple), msg.wal_start)?;
+            LogicalReplicationMessage::Update {
+                relation_id,
+                old_tuple,
+                new_tuple,
+                ..
+            } => {
+                self.change(
+                    relation_id,
+                    Op::Update,
+                    old_tuple,
+                    Some(new_tuple),
+                    msg.wal_start,
+                )?;
             }
-            LogicalReplicationMessage::Delete { relation_id, old_tuple, .. } => {
-                self.change(relation_id, Op::Delete, Some(old_tuple), None, msg.wal_start)?;
+            LogicalReplicationMessage::Delete {
+                relation_id,
+                old_tuple,
+                ..
+            } => {
+                self.change(
+                    relation_id,
+                    Op::Delete,
+                    Some(old_tuple),
+                    None,
+                    msg.wal_start,
+                )?;
             }
-            LogicalReplicationMessage::Commit { commit_lsn, end_lsn, .. } => {
+            LogicalReplicationMessage::Commit {
+                commit_lsn,
+                end_lsn,
+                ..
+            } => {
                 let Some(mut txn) = self.txn.take() else {
-                    return Err(CaptureError::Protocol(format!("Commit at {commit_lsn} without Begin")));
+                    return Err(CaptureError::Protocol(format!(
+                        "Commit at {commit_lsn} without Begin"
+                    )));
                 };
                 if let Some(p) = txn.pending.take() {
                     self.produce(p, true)?;
@@ -247,30 +313,42 @@ impl Capture {
         Ok(())
     }
 
-    fn change(&mut self, relation_id: u32, op: Op, old: Option<TupleData>, new: Option<TupleData>, lsn: u64) -> Result<(), CaptureError> {
+    fn change(
+        &mut self,
+        relation_id: u32,
+        op: Op,
+        old: Option<TupleData>,
+        new: Option<TupleData>,
+        lsn: u64,
+    ) -> Result<(), CaptureError> {
         let Some(txn) = self.txn.as_mut() else {
-            return Err(CaptureError::Protocol(format!("row change at {lsn} outside a transaction")));
+            return Err(CaptureError::Protocol(format!(
+                "row change at {lsn} outside a transaction"
+            )));
         };
         if txn.skip {
             return Ok(());
         }
         let rel = self.relations.get(relation_id)?;
         let width = rel.schemas.table.columns.len();
-        let before = old.as_ref().map(|t| tuple_row(t, width));
+        let before = old.as_ref().map(|t| tuple_row(t, width)).transpose()?;
         let mut unchanged_toast = Vec::new();
-        let after = new.as_ref().map(|t| {
-            let mut row = tuple_row(t, width);
-            for (i, c) in t.columns.iter().enumerate().take(width) {
-                if c.data_type == b'u' {
-                    // REPLICA IDENTITY FULL sends the old value: use it; otherwise list the column.
-                    match before.as_ref().and_then(|b| b[i].clone()) {
-                        Some(v) => row[i] = Some(v),
-                        None => unchanged_toast.push(rel.schemas.table.columns[i].name.clone()),
+        let after = match new.as_ref() {
+            None => None,
+            Some(t) => {
+                let mut row = tuple_row(t, width)?;
+                for (i, c) in t.columns.iter().enumerate().take(width) {
+                    if c.data_type == b'u' {
+                        // REPLICA IDENTITY FULL sends the old value: use it; otherwise list the column.
+                        match before.as_ref().and_then(|b| b[i].clone()) {
+                            Some(v) => row[i] = Some(v),
+                            None => unchanged_toast.push(rel.schemas.table.columns[i].name.clone()),
+                        }
                     }
                 }
+                Some(row)
             }
-            row
-        });
+        };
         let order = txn.per_table.entry(relation_id).or_insert(0);
         *order += 1;
         let event = ChangeEvent {
@@ -305,26 +383,46 @@ impl Capture {
     fn produce(&mut self, mut p: Pending, last: bool) -> Result<(), CaptureError> {
         p.event.source.txn_last = last;
         let rel = self.relations.get(p.relation_id)?;
-        let (key, value) = encode_event(&rel.schemas, &p.event)
-            .map_err(|source| CaptureError::Encode { table: rel.display.clone(), source })?;
+        let (key, value) =
+            encode_event(&rel.schemas, &p.event).map_err(|source| CaptureError::Encode {
+                table: rel.display.clone(),
+                source,
+            })?;
         let key = encode_frame(rel.key_id, &key);
         let value = encode_frame(rel.value_id, &value);
         if !self.kafka_txn_open {
             let producer = &self.producer;
-            tokio::task::block_in_place(|| producer.begin_transaction()).map_err(|e| kafka_err(&self.config, "beginning a transaction", e))?;
+            tokio::task::block_in_place(|| producer.begin_transaction())
+                .map_err(|e| kafka_err(&self.config, "beginning a transaction", e))?;
             self.kafka_txn_open = true;
             self.batch_txns = 0;
             self.batch_started = Instant::now();
         }
         let lsn_text = p.event.source.commit_lsn.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(4)
-            .insert(Header { key: HEADER_ORIGIN, value: Some(self.node.name.as_str()) })
-            .insert(Header { key: HEADER_COMMIT_LSN, value: Some(lsn_text.as_str()) })
-            .insert(Header { key: HEADER_KIND, value: Some("change") });
+            .insert(Header {
+                key: HEADER_ORIGIN,
+                value: Some(self.node.name.as_str()),
+            })
+            .insert(Header {
+                key: HEADER_COMMIT_LSN,
+                value: Some(lsn_text.as_str()),
+            })
+            .insert(Header {
+                key: HEADER_KIND,
+                value: Some("change"),
+            });
         if last {
-            headers = headers.insert(Header { key: HEADER_TXN_LAST, value: Some("1") });
+            headers = headers.insert(Header {
+                key: HEADER_TXN_LAST,
+                value: Some("1"),
+            });
         }
-        let mut record = BaseRecord::to(&self.topic).partition(self.partition).key(&key).payload(&value).headers(headers);
+        let mut record = BaseRecord::to(&self.topic)
+            .partition(self.partition)
+            .key(&key)
+            .payload(&value)
+            .headers(headers);
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -370,12 +468,18 @@ fn now_ms() -> i64 {
 }
 
 /// A pgoutput tuple as a text-form row of `width` columns (NULL and unchanged TOAST → None).
-fn tuple_row(t: &TupleData, width: usize) -> Row {
+/// Reads the bytes directly: `ColumnData::as_str` turns an empty string into `None` (NULL).
+fn tuple_row(t: &TupleData, width: usize) -> Result<Row, CaptureError> {
     let mut row: Row = vec![None; width];
     for (i, c) in t.columns.iter().enumerate().take(width) {
         if c.data_type == b't' {
-            row[i] = c.as_str().map(|s| s.into_owned());
+            let text = std::str::from_utf8(c.as_bytes()).map_err(|_| {
+                CaptureError::Protocol(format!(
+                    "column {i} is not UTF-8; pgferry needs UTF8 databases"
+                ))
+            })?;
+            row[i] = Some(text.to_string());
         }
     }
-    row
+    Ok(row)
 }

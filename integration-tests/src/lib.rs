@@ -1,1 +1,374 @@
-//! stub
+//! End-to-end test harness: real PostgreSQL nodes, Kafka and the schema registry, started by
+//! `deploy/local/up.sh`, and the real `pgferry` binary.
+//!
+//! Contract: every [`Cluster`] gets its own databases (one per PostgreSQL server), its own
+//! cluster name (so its own topics and registry subjects) and its own node names (so its own
+//! slots and origins); tests never share state. Waiting is always [`wait_until`] with a
+//! deadline. Endpoints come from the variables `deploy/local/env.sh` prints.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio_postgres::{Client, NoTls};
+
+/// Password of the local test servers (deploy/local/common.sh).
+pub const PG_PASSWORD: &str = "pgferry";
+
+/// Where the services are.
+pub struct Endpoints {
+    /// DSN of each PostgreSQL server's `postgres` database.
+    pub pg: Vec<String>,
+    /// Kafka bootstrap servers.
+    pub kafka: String,
+    /// Registry base URL (Confluent API).
+    pub registry: String,
+}
+
+impl Endpoints {
+    /// From the environment, defaulting to deploy/local's ports.
+    pub fn from_env() -> Endpoints {
+        let pg = (1..=3)
+            .map(|i| {
+                std::env::var(format!("PGFERRY_PG_DSN_{i}"))
+                    .unwrap_or_else(|_| format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/postgres", 55430 + i))
+            })
+            .collect();
+        Endpoints {
+            pg,
+            kafka: std::env::var("PGFERRY_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into()),
+            registry: std::env::var("PGFERRY_REGISTRY").unwrap_or_else(|_| "http://127.0.0.1:18081/apis/ccompat/v7".into()),
+        }
+    }
+}
+
+/// The `pgferry` binary (`PGFERRY_BIN`, else the workspace's debug build).
+pub fn pgferry_bin() -> PathBuf {
+    std::env::var_os("PGFERRY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/pgferry"))
+}
+
+/// Polls `check` every 100 ms until it returns true; fails with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Connects to a DSN.
+pub async fn connect(dsn: &str) -> Result<Client> {
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls).await.with_context(|| format!("connecting to {dsn}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+fn with_db(dsn: &str, db: &str) -> String {
+    match dsn.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => dsn.to_string(),
+    }
+}
+
+/// A test node: a database on one PostgreSQL server.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Node name (unique per test).
+    pub name: String,
+    /// Node id.
+    pub id: u16,
+    /// Region.
+    pub region: String,
+    /// DSN of the node's database.
+    pub dsn: String,
+    admin_dsn: String,
+    db: String,
+}
+
+/// A running `pgferry` process, SIGKILLed when dropped.
+pub struct Service {
+    child: Child,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Service {
+    /// SIGKILL, the way a crash ends a process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An isolated pgferry cluster for one test.
+pub struct Cluster {
+    /// Cluster name (also the prefix of its topics).
+    pub name: String,
+    /// Its nodes.
+    pub nodes: Vec<Node>,
+    /// Its config file.
+    pub config_path: PathBuf,
+    /// Directory for config and logs.
+    pub dir: PathBuf,
+    /// Endpoints.
+    pub endpoints: Endpoints,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Cluster {
+    /// Creates databases for `regions.len()` nodes (node i on server i, at most 3), runs
+    /// `setup_sql` in each, writes the config replicating `tables`, but does not run init.
+    pub async fn create(test: &str, regions: &[&str], setup_sql: &str, tables: &[&str]) -> Result<Cluster> {
+        let endpoints = Endpoints::from_env();
+        if regions.len() > endpoints.pg.len() {
+            bail!("at most {} nodes", endpoints.pg.len());
+        }
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() % 100_000_000;
+        let unique = format!("{test}_{}_{stamp}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let dir = std::env::temp_dir().join(format!("pgferry-it-{unique}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut nodes = Vec::new();
+        for (i, region) in regions.iter().enumerate() {
+            let db = format!("pf_{unique}");
+            let admin = connect(&endpoints.pg[i]).await?;
+            admin.batch_execute(&format!("CREATE DATABASE \"{db}\"")).await.with_context(|| format!("creating {db}"))?;
+            let dsn = with_db(&endpoints.pg[i], &db);
+            let c = connect(&dsn).await?;
+            c.batch_execute(setup_sql).await.context("running the test's setup SQL")?;
+            nodes.push(Node {
+                name: format!("{test}_{stamp}_{}_n{}", COUNTER.load(Ordering::SeqCst), i + 1).to_lowercase(),
+                id: (i + 1) as u16,
+                region: region.to_string(),
+                dsn,
+                admin_dsn: endpoints.pg[i].clone(),
+                db,
+            });
+        }
+        let name = format!("t_{unique}");
+        let mut toml = format!(
+            "[cluster]\nname = \"{name}\"\n[kafka]\nbootstrap_servers = \"{}\"\npartitions = 3\n[registry]\nurl = \"{}\"\n",
+            endpoints.kafka, endpoints.registry
+        );
+        for n in &nodes {
+            toml += &format!("[[nodes]]\nname = \"{}\"\nid = {}\nregion = \"{}\"\ndsn = \"{}\"\n", n.name, n.id, n.region, n.dsn);
+        }
+        let list: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
+        toml += &format!("[replication]\ntables = [{}]\n", list.join(", "));
+        let config_path = dir.join("pgferry.toml");
+        std::fs::write(&config_path, toml)?;
+        Ok(Cluster { name, nodes, config_path, dir, endpoints })
+    }
+
+    /// [`Cluster::create`] then `pgferry init`.
+    pub async fn start(test: &str, regions: &[&str], setup_sql: &str, tables: &[&str]) -> Result<Cluster> {
+        let c = Cluster::create(test, regions, setup_sql, tables).await?;
+        let out = c.pgferry(&["init"])?;
+        if !out.status.success() {
+            bail!("pgferry init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(c)
+    }
+
+    /// Runs `pgferry --config <cfg> ARGS` to completion.
+    pub fn pgferry(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(pgferry_bin())
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {} (build it with `cargo build --bin pgferry`)", pgferry_bin().display()))
+    }
+
+    /// Starts `pgferry <service> --node <node i>` in the background (`service`: run, capture, apply).
+    pub fn spawn(&self, service: &str, node: usize) -> Result<Service> {
+        let n = &self.nodes[node];
+        let log = self.dir.join(format!("{}-{service}-{}.log", n.name, COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(pgferry_bin())
+            .arg("--config")
+            .arg(&self.config_path)
+            .args([service, "--node", &n.name])
+            .env("PGFERRY_LOG", "info,pg_walstream=error,rdkafka=error")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {}", pgferry_bin().display()))?;
+        Ok(Service { child, log })
+    }
+
+    /// A SQL session to node `i`.
+    pub async fn sql(&self, i: usize) -> Result<Client> {
+        connect(&self.nodes[i].dsn).await
+    }
+
+    /// A digest of a whole table (every column's text form, ordered by the first column) and its row count.
+    pub async fn fingerprint(&self, i: usize, table: &str) -> Result<(String, i64)> {
+        let c = self.sql(i).await?;
+        let row = c
+            .query_one(
+                &format!("SELECT coalesce(md5(string_agg(t::text, E'\\n' ORDER BY 1)), ''), count(*) FROM {table} t"),
+                &[],
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Waits until `table` is identical on every node; returns its digest and row count.
+    pub async fn wait_converged(&self, table: &str, timeout: Duration) -> Result<(String, i64)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut prints = Vec::new();
+            for i in 0..self.nodes.len() {
+                prints.push(self.fingerprint(i, table).await?);
+            }
+            if prints.windows(2).all(|w| w[0] == w[1]) {
+                return Ok(prints.swap_remove(0));
+            }
+            if Instant::now() > deadline {
+                bail!("{table} not identical on all nodes after {timeout:?}: {prints:?}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The data topic of node `i`'s region.
+    pub fn topic_of(&self, i: usize) -> String {
+        format!("{}.{}.changes", self.name, self.nodes[i].region)
+    }
+
+    /// The text of every log file of this cluster's services (for failure messages).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                    out += &format!("--- {}\n{}\n", e.path().display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                }
+            }
+        }
+        out
+    }
+
+    /// Drops the databases and slots (call at the end of a passing test; services must be stopped).
+    pub async fn cleanup(self) -> Result<()> {
+        for n in &self.nodes {
+            let admin = connect(&n.admin_dsn).await?;
+            admin
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active",
+                    &[&n.db],
+                )
+                .await?;
+            admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", n.db)).await?;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+/// One message read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct TopicMessage {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Headers as strings.
+    pub headers: Vec<(String, String)>,
+    /// Key bytes.
+    pub key: Vec<u8>,
+    /// Value bytes.
+    pub value: Vec<u8>,
+}
+
+impl TopicMessage {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads every committed message of every partition of `topic` (read_committed).
+pub fn read_topic(bootstrap: &str, topic: &str) -> Result<Vec<TopicMessage>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("it-reader-{}", std::process::id()))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0) as i32;
+    if partitions == 0 {
+        bail!("topic {topic} has no partitions");
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut eof = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (eof.len() as i32) < partitions {
+        if Instant::now() > deadline {
+            bail!("timed out reading {topic}");
+        }
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {}
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                eof.insert(p);
+            }
+            Some(Err(e)) => return Err(anyhow!("reading {topic}: {e}")),
+            Some(Ok(m)) => {
+                eof.remove(&m.partition());
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(TopicMessage {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    headers,
+                    key: m.key().unwrap_or_default().to_vec(),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
