@@ -229,12 +229,12 @@ impl Cluster {
         connect(&self.nodes[i].dsn).await
     }
 
-    /// A digest of a whole table (every column's text form, ordered by the first column) and its row count.
+    /// A digest of a whole table (every column's text form, ordered by the row text) and its row count.
     pub async fn fingerprint(&self, i: usize, table: &str) -> Result<(String, i64)> {
         let c = self.sql(i).await?;
         let row = c
             .query_one(
-                &format!("SELECT coalesce(md5(string_agg(t::text, E'\\n' ORDER BY 1)), ''), count(*) FROM {table} t"),
+                &format!("SELECT coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text)), ''), count(*) FROM {table} t"),
                 &[],
             )
             .await?;
