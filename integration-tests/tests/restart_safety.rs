@@ -1,0 +1,101 @@
+//! SIGKILL in the middle of a 20k-transaction stream, of apply and of capture: the target ends
+//! equal to the source, every source transaction is applied exactly once (one local
+//! transaction each) and is in the topic exactly once, in commit order.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use pgferry_integration_tests::{read_topic, wait_until, Cluster};
+
+const SETUP: &str = "
+CREATE TABLE log (id bigint PRIMARY KEY, payload text);
+CREATE TABLE counter (id int PRIMARY KEY, n bigint NOT NULL);
+INSERT INTO counter VALUES (1, 0);
+CREATE PROCEDURE gen(count int) LANGUAGE plpgsql AS $$
+BEGIN
+  FOR i IN 1..count LOOP
+    INSERT INTO log VALUES (i, md5(i::text));
+    UPDATE counter SET n = n + 1 WHERE id = 1;
+    COMMIT;
+  END LOOP;
+END $$;";
+
+const TXNS: i64 = 20_000;
+
+/// Starts the 20k-transaction load on n1 in the background.
+async fn start_load(cluster: &Cluster) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let n1 = cluster.sql(0).await?;
+    Ok(tokio::spawn(async move {
+        // Separate statements: a multi-statement query is one transaction, where COMMIT is not allowed.
+        n1.batch_execute("SET synchronous_commit = off").await?;
+        n1.batch_execute(&format!("CALL gen({TXNS})")).await?;
+        Ok(())
+    }))
+}
+
+async fn count_log(cluster: &Cluster, node: usize) -> anyhow::Result<i64> {
+    Ok(cluster.sql(node).await?.query_one("SELECT count(*) FROM log", &[]).await?.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_killed_mid_stream_resumes_exactly() -> anyhow::Result<()> {
+    let cluster = Cluster::start("killapply", &["r1", "r1"], SETUP, &["public.log", "public.counter"]).await?;
+    let _capture = cluster.spawn("capture", 0)?;
+    let mut apply = cluster.spawn("apply", 1)?;
+    let load = start_load(&cluster).await?;
+    for threshold in [2_000, 8_000] {
+        wait_until("n2 to be part-way", Duration::from_secs(120), || async { Ok(count_log(&cluster, 1).await? >= threshold) }).await?;
+        apply.kill();
+        apply = cluster.spawn("apply", 1)?;
+    }
+    load.await??;
+    cluster.wait_converged("log", Duration::from_secs(180)).await?;
+    let (_, rows) = cluster.wait_converged("counter", Duration::from_secs(60)).await?;
+    assert_eq!(rows, 1);
+    let n2 = cluster.sql(1).await?;
+    let n: i64 = n2.query_one("SELECT n FROM counter", &[]).await?.get(0);
+    assert_eq!(n, TXNS);
+    // One local transaction per source transaction: never merged, never repeated.
+    let txns: i64 = n2.query_one("SELECT count(DISTINCT xmin::text) FROM log", &[]).await?.get(0);
+    assert_eq!(txns, TXNS);
+    assert!(std::fs::read_dir(&cluster.dir)?.count() >= 3, "apply was restarted");
+    drop((apply, _capture));
+    cluster.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_killed_mid_stream_produces_each_transaction_once() -> anyhow::Result<()> {
+    let cluster = Cluster::start("killcapture", &["r1", "r1"], SETUP, &["public.log", "public.counter"]).await?;
+    let mut capture = cluster.spawn("capture", 0)?;
+    let _apply = cluster.spawn("apply", 1)?;
+    let load = start_load(&cluster).await?;
+    for threshold in [3_000, 9_000] {
+        wait_until("n2 to be part-way", Duration::from_secs(120), || async { Ok(count_log(&cluster, 1).await? >= threshold) }).await?;
+        capture.kill();
+        capture = cluster.spawn("capture", 0)?;
+    }
+    load.await??;
+    cluster.wait_converged("log", Duration::from_secs(180)).await?;
+    cluster.wait_converged("counter", Duration::from_secs(60)).await?;
+    drop(capture);
+
+    // Exactly once in Kafka: 20k transactions of 2 events each, in commit-LSN order.
+    let messages = read_topic(&cluster.endpoints.kafka, &cluster.topic_of(0))?;
+    let mut txns: BTreeMap<u64, (u32, u32)> = BTreeMap::new();
+    let mut previous = 0u64;
+    for m in messages.iter().filter(|m| m.partition == 0) {
+        let lsn: u64 = m.header("pgferry-commit-lsn").expect("commit lsn").parse()?;
+        assert!(lsn >= previous, "commit LSNs out of order at offset {}", m.offset);
+        previous = lsn;
+        let t = txns.entry(lsn).or_default();
+        t.0 += 1;
+        if m.header("pgferry-txn-last") == Some("1") {
+            t.1 += 1;
+        }
+    }
+    assert_eq!(txns.len() as i64, TXNS, "source transactions in the topic");
+    for (lsn, (events, lasts)) in &txns {
+        assert_eq!((*events, *lasts), (2, 1), "transaction {lsn}");
+    }
+    cluster.cleanup().await
+}
