@@ -160,12 +160,26 @@ pub fn header<'a>(msg: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
+/// A client context that does not report reaching the end of a partition as an error
+/// (we ask for that signal; librdkafka also passes it to the global error callback).
+pub struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: RdError, reason: &str) {
+        if !matches!(error, RdError::PartitionEOF(_)) {
+            tracing::error!(error = %error, reason, "librdkafka");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
 /// The commit LSN header of the last committed message in `topic`/`partition`, if any.
 /// Used by capture after a restart to learn what it already produced. Blocking.
 pub fn last_committed_commit_lsn(cfg: &KafkaConfig, group_id: &str, topic: &str, partition: i32) -> Result<Option<u64>, KafkaError> {
-    let consumer: BaseConsumer = read_committed_config(cfg, group_id)
+    let consumer: BaseConsumer<QuietEof> = read_committed_config(cfg, group_id)
         .set("enable.partition.eof", "true")
-        .create()
+        .create_with_context(QuietEof)
         .map_err(client_err(cfg, "creating consumer"))?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(15))
