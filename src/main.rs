@@ -63,7 +63,7 @@ fn main() {
     };
     if let Err(e) = runtime.block_on(run(cli)) {
         // One line: what failed and where (every error names its key, endpoint or table).
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
 }
@@ -92,4 +92,18 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The error and its causes on one line, leaving out causes whose text is already included
+/// (our error types often quote their source in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out.replace('\n', " ")
 }
