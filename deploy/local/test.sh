@@ -17,4 +17,13 @@ log "building pgferry"
 cargo build --locked --bin pgferry
 log "running tests"
 # Test binaries run one after another; tests inside one binary share the machine's 2 cores.
-cargo test --locked --workspace -- --test-threads=2 "$@"
+out="$PGFERRY_LOGS/cargo-test.out"
+set +e
+cargo test --locked --no-fail-fast --workspace --lib --bins --tests -- --test-threads=2 "$@" 2>&1 | tee "$out"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line for all test binaries together.
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$out" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$out" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+echo "tests: $passed passed, $failed failed" | tee "$PGFERRY_LOGS/test-summary.txt"
+exit "$rc"
