@@ -70,6 +70,15 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     let config = Arc::new(Config::load(&cli.config)?);
+    let secrets = config.secrets();
+    run_command(cli, config).await.map_err(|e| {
+        // Errors name endpoints, never passwords; scrub anyway in case a library quotes a DSN.
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        anyhow::anyhow!(pgferry_connectors::redact::scrub(&one_line(&e), &secrets))
+    })
+}
+
+async fn run_command(cli: Cli, config: Arc<Config>) -> Result<()> {
     let node_of = |name: &str| -> Result<String> {
         config
             .node(name)

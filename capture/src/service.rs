@@ -429,7 +429,7 @@ impl Capture {
                 Err((e, r)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
                     // The local queue is full: wait for deliveries (this bounds memory).
                     record = r;
-                    std::thread::sleep(Duration::from_millis(2));
+                    tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(2)));
                 }
                 Err((e, _)) => return Err(kafka_err(&self.config, "producing", e)),
             }

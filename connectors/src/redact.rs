@@ -22,11 +22,13 @@ pub fn dsn_endpoint(dsn: &str) -> String {
     format!("{host}:{port}/{db}")
 }
 
-/// Replaces every occurrence of each secret in `text` with `***`.
+/// Replaces each password where a connection string would carry it (`:<pw>@` in a URL,
+/// `password=<pw>` in key=value form) with `***`. Only those forms: a short password such as
+/// `pgferry` must not blank out ordinary words of a message.
 pub fn scrub(text: &str, secrets: &[&str]) -> String {
     let mut out = text.to_string();
     for s in secrets.iter().filter(|s| !s.is_empty()) {
-        out = out.replace(s, "***");
+        out = out.replace(&format!(":{s}@"), ":***@").replace(&format!("password={s}"), "password=***");
     }
     out
 }
@@ -40,6 +42,10 @@ mod tests {
         assert_eq!(dsn_endpoint("postgres://u:s3cret@db1:5433/app?sslmode=require"), "db1:5433/app");
         assert_eq!(dsn_endpoint("host=db2 port=6000 dbname=x password=s3cret"), "db2:6000/x");
         assert!(!dsn_endpoint("postgresql://u:s3cret@h/d").contains("s3cret"));
-        assert_eq!(scrub("password s3cret here", &["s3cret"]), "password *** here");
+        assert_eq!(
+            scrub("at postgres://u:s3cret@h/d, password=s3cret", &["s3cret"]),
+            "at postgres://u:***@h/d, password=***"
+        );
+        assert_eq!(scrub("pgferry needs a key", &["pgferry"]), "pgferry needs a key");
     }
 }
