@@ -37,6 +37,14 @@ pub struct OriginStream {
     pub readers: HashMap<u32, Arc<EnvelopeReader>>,
     /// Local node name (for logs).
     pub node: String,
+    /// Statements prepared by [`OriginStream::prepare`].
+    pub statements: Option<SessionStatements>,
+}
+
+/// Statements every transaction runs, prepared once per session.
+pub struct SessionStatements {
+    xact_setup: tokio_postgres::Statement,
+    progress: tokio_postgres::Statement,
 }
 
 /// The source transaction being applied.
@@ -46,7 +54,7 @@ struct OpenTxn {
 
 impl OriginStream {
     /// Sets up the replication origin on this session.
-    pub async fn prepare(&self) -> Result<(), ApplyError> {
+    pub async fn prepare(&mut self) -> Result<(), ApplyError> {
         let name = progress::origin_name(&self.origin);
         self.sql
             .client
@@ -62,6 +70,17 @@ impl OriginStream {
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&name])
             .await
             .map_err(self.sql.err(format!("setting up replication origin {name}")))?;
+        let xact_setup = self
+            .sql
+            .client
+            .prepare(
+                "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn,
+                        'epoch'::timestamptz + $2::bigint * interval '1 microsecond')",
+            )
+            .await
+            .map_err(self.sql.err("preparing pg_replication_origin_xact_setup"))?;
+        let progress = self.sql.client.prepare(progress::UPSERT).await.map_err(self.sql.err("preparing the progress update"))?;
+        self.statements = Some(SessionStatements { xact_setup, progress });
         Ok(())
     }
 
@@ -134,35 +153,32 @@ impl OriginStream {
         };
         let ev = reader.decode(datum).map_err(decode_err)?;
         if open.is_none() {
-            self.sql
-                .client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(self.sql.err("beginning a transaction"))?;
+            // BEGIN and the origin set-up go out together (tokio-postgres pipelines futures
+            // polled together); one round trip instead of two.
+            // Prepared statements only: an unprepared one would send its Parse, wait, and let
+            // the next request overtake it.
+            let lsn = format_lsn(commit_lsn);
+            let stmts = self.statements.as_ref().ok_or_else(|| self.stream_err(offset, "session not prepared".into()))?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&lsn, &ev.commit_ts_us];
+            let setup = self.sql.client.execute(&stmts.xact_setup, &params);
+            futures::try_join!(self.sql.client.batch_execute("BEGIN"), setup)
+                .map_err(self.sql.err("beginning a transaction under the replication origin"))?;
             *open = Some(OpenTxn { commit_lsn });
-            self.sql
-                .client
-                .execute(
-                    "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, 'epoch'::timestamptz + $2::bigint * interval '1 microsecond')",
-                    &[&format_lsn(commit_lsn), &ev.commit_ts_us],
-                )
-                .await
-                .map_err(self.sql.err("pg_replication_origin_xact_setup"))?;
         }
         if self.writer.apply(&self.sql, &ev).await? == Outcome::Missing {
             tracing::warn!(node = %self.node, origin = %self.origin, table = %format!("{}.{}", ev.schema, ev.table),
                 op = ev.op.code(), lsn = %format_lsn(commit_lsn), "row to change is missing locally; change skipped");
         }
         if ev.txn_last {
-            self.sql
-                .client
-                .execute(
-                    progress::UPSERT,
-                    &[&self.origin, &self.topic, &self.partition, &offset, &format_lsn(commit_lsn), &ev.commit_ts_us],
-                )
-                .await
-                .map_err(self.sql.err("recording pgferry.apply_progress"))?;
-            self.sql.client.batch_execute("COMMIT").await.map_err(self.sql.err("committing"))?;
+            // Progress and COMMIT pipelined: if the progress write fails, the transaction is
+            // aborted, COMMIT rolls it back, and the write's error is what try_join returns.
+            let lsn = format_lsn(commit_lsn);
+            let stmts = self.statements.as_ref().ok_or_else(|| self.stream_err(offset, "session not prepared".into()))?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                [&self.origin, &self.topic, &self.partition, &offset, &lsn, &ev.commit_ts_us];
+            let record = self.sql.client.execute(&stmts.progress, &params);
+            futures::try_join!(record, self.sql.client.batch_execute("COMMIT"))
+                .map_err(self.sql.err("recording pgferry.apply_progress and committing"))?;
             *open = None;
             self.progress = Progress { kafka_offset: Some(offset), commit_lsn };
         }

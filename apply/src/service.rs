@@ -64,6 +64,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -
             registry: registry.clone(),
             readers: Default::default(),
             node: node.name.clone(),
+            statements: None,
         });
     }
     consumer.assign(&tpl).map_err(|source| KafkaError::Client {
