@@ -38,12 +38,17 @@ pub async fn run(config: &Config) -> Result<()> {
         kafka::ensure_topic(&config.kafka, &topic, config.kafka.partitions).await?;
         println!("topic {topic}: ready ({} partitions)", config.kafka.partitions);
     }
-    for topic in [format!("{}.conflicts", config.cluster.name), format!("{}.dlq", config.cluster.name)] {
+    for topic in [
+        format!("{}.conflicts", config.cluster.name),
+        format!("{}.dlq", config.cluster.name),
+    ] {
         kafka::ensure_topic(&config.kafka, &topic, 1).await?;
         println!("topic {topic}: ready");
     }
     for (node, sql) in config.nodes.iter().zip(&sessions) {
-        install(config, node, sql).await.with_context(|| format!("node {}", node.name))?;
+        install(config, node, sql)
+            .await
+            .with_context(|| format!("node {}", node.name))?;
         println!("node {} ({}): ready", node.name, sql.endpoint);
     }
     Ok(())
@@ -59,7 +64,11 @@ async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Resu
             .map_err(sql.err(format!("reading {setting}")))?
             .get(0);
         if have != want {
-            bail!("node {} ({}): {setting} is {have:?}; pgferry needs {want:?} (set it in postgresql.conf and restart)", node.name, sql.endpoint);
+            bail!(
+                "node {} ({}): {setting} is {have:?}; pgferry needs {want:?} (set it in postgresql.conf and restart)",
+                node.name,
+                sql.endpoint
+            );
         }
     }
     for (schema, table) in config.tables() {
@@ -87,8 +96,15 @@ async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Resu
 }
 
 async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<()> {
-    sql.client.batch_execute(SCHEMA_SQL).await.map_err(sql.err("installing the pgferry schema"))?;
-    let tables: Vec<String> = config.tables().iter().map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t))).collect();
+    sql.client
+        .batch_execute(SCHEMA_SQL)
+        .await
+        .map_err(sql.err("installing the pgferry schema"))?;
+    let tables: Vec<String> = config
+        .tables()
+        .iter()
+        .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+        .collect();
     let publication = pgferry_capture::publication_name();
     let exists = sql
         .client
@@ -97,11 +113,22 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         .map_err(sql.err("looking up the publication"))?
         .is_some();
     let stmt = if exists {
-        format!("ALTER PUBLICATION {} SET TABLE {}", quote_ident(publication), tables.join(", "))
+        format!(
+            "ALTER PUBLICATION {} SET TABLE {}",
+            quote_ident(publication),
+            tables.join(", ")
+        )
     } else {
-        format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(publication), tables.join(", "))
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(publication),
+            tables.join(", ")
+        )
     };
-    sql.client.batch_execute(&stmt).await.map_err(sql.err("creating the publication"))?;
+    sql.client
+        .batch_execute(&stmt)
+        .await
+        .map_err(sql.err("creating the publication"))?;
     let slot = pgferry_capture::slot_name(&node.name);
     sql.client
         .execute(

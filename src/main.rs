@@ -97,7 +97,10 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<()> {
         }
         Command::Run { node } => {
             let node = node_of(&node)?;
-            tokio::join!(supervise::capture(config.clone(), node.clone()), supervise::apply(config.clone(), node));
+            tokio::join!(
+                supervise::capture(config.clone(), node.clone()),
+                supervise::apply(config.clone(), node)
+            );
             Ok(())
         }
     }

@@ -23,11 +23,27 @@ pub enum ApplyError {
     Registry(#[from] RegistryError),
     /// An event that does not decode.
     #[error("origin {origin}, {topic}/{partition} offset {offset}: undecodable event: {source}")]
-    Decode { origin: String, topic: String, partition: i32, offset: i64, source: CodecError },
+    Decode {
+        origin: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        source: CodecError,
+    },
     /// A change that cannot be written.
     #[error("origin {origin}: table {table}: {message}")]
-    Write { origin: String, table: String, message: String },
+    Write {
+        origin: String,
+        table: String,
+        message: String,
+    },
     /// The stream broke the transaction framing (e.g. a new transaction before the last ended).
     #[error("origin {origin}, {topic}/{partition} offset {offset}: {message}")]
-    Stream { origin: String, topic: String, partition: i32, offset: i64, message: String },
+    Stream {
+        origin: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        message: String,
+    },
 }

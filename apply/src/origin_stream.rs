@@ -79,7 +79,12 @@ impl OriginStream {
             )
             .await
             .map_err(self.sql.err("preparing pg_replication_origin_xact_setup"))?;
-        let progress = self.sql.client.prepare(progress::UPSERT).await.map_err(self.sql.err("preparing the progress update"))?;
+        let progress = self
+            .sql
+            .client
+            .prepare(progress::UPSERT)
+            .await
+            .map_err(self.sql.err("preparing the progress update"))?;
         self.statements = Some(SessionStatements { xact_setup, progress });
         Ok(())
     }
@@ -92,10 +97,12 @@ impl OriginStream {
         let mut stream = queue.stream();
         let mut open: Option<OpenTxn> = None;
         while let Some(msg) = stream.next().await {
-            let msg = msg.map_err(|e| ApplyError::Kafka(pgferry_connectors::kafka::KafkaError::Topic {
-                topic: self.topic.clone(),
-                message: format!("partition {}: {e}", self.partition),
-            }))?;
+            let msg = msg.map_err(|e| {
+                ApplyError::Kafka(pgferry_connectors::kafka::KafkaError::Topic {
+                    topic: self.topic.clone(),
+                    message: format!("partition {}: {e}", self.partition),
+                })
+            })?;
             if let Err(e) = self.handle(&msg, &mut open).await {
                 if open.take().is_some() {
                     let _ = self.sql.client.batch_execute("ROLLBACK").await;
@@ -107,7 +114,13 @@ impl OriginStream {
     }
 
     fn stream_err(&self, offset: i64, message: String) -> ApplyError {
-        ApplyError::Stream { origin: self.origin.clone(), topic: self.topic.clone(), partition: self.partition, offset, message }
+        ApplyError::Stream {
+            origin: self.origin.clone(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset,
+            message,
+        }
     }
 
     async fn handle(&mut self, msg: &BorrowedMessage<'_>, open: &mut Option<OpenTxn>) -> Result<(), ApplyError> {
@@ -115,7 +128,10 @@ impl OriginStream {
         match header(msg, HEADER_ORIGIN) {
             Some(o) if o == self.origin => {}
             other => {
-                return Err(self.stream_err(offset, format!("message from origin {other:?} in {}'s partition", self.origin)));
+                return Err(self.stream_err(
+                    offset,
+                    format!("message from origin {other:?} in {}'s partition", self.origin),
+                ));
             }
         }
         let commit_lsn: u64 = header(msg, HEADER_COMMIT_LSN)
@@ -129,7 +145,11 @@ impl OriginStream {
             if t.commit_lsn != commit_lsn {
                 return Err(self.stream_err(
                     offset,
-                    format!("transaction {} ended without its last event; next is {}", format_lsn(t.commit_lsn), format_lsn(commit_lsn)),
+                    format!(
+                        "transaction {} ended without its last event; next is {}",
+                        format_lsn(t.commit_lsn),
+                        format_lsn(commit_lsn)
+                    ),
                 ));
             }
         }
@@ -158,7 +178,10 @@ impl OriginStream {
             // Prepared statements only: an unprepared one would send its Parse, wait, and let
             // the next request overtake it.
             let lsn = format_lsn(commit_lsn);
-            let stmts = self.statements.as_ref().ok_or_else(|| self.stream_err(offset, "session not prepared".into()))?;
+            let stmts = self
+                .statements
+                .as_ref()
+                .ok_or_else(|| self.stream_err(offset, "session not prepared".into()))?;
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&lsn, &ev.commit_ts_us];
             let setup = self.sql.client.execute(&stmts.xact_setup, &params);
             futures::try_join!(self.sql.client.batch_execute("BEGIN"), setup)
@@ -173,14 +196,26 @@ impl OriginStream {
             // Progress and COMMIT pipelined: if the progress write fails, the transaction is
             // aborted, COMMIT rolls it back, and the write's error is what try_join returns.
             let lsn = format_lsn(commit_lsn);
-            let stmts = self.statements.as_ref().ok_or_else(|| self.stream_err(offset, "session not prepared".into()))?;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-                [&self.origin, &self.topic, &self.partition, &offset, &lsn, &ev.commit_ts_us];
+            let stmts = self
+                .statements
+                .as_ref()
+                .ok_or_else(|| self.stream_err(offset, "session not prepared".into()))?;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+                &self.origin,
+                &self.topic,
+                &self.partition,
+                &offset,
+                &lsn,
+                &ev.commit_ts_us,
+            ];
             let record = self.sql.client.execute(&stmts.progress, &params);
             futures::try_join!(record, self.sql.client.batch_execute("COMMIT"))
                 .map_err(self.sql.err("recording pgferry.apply_progress and committing"))?;
             *open = None;
-            self.progress = Progress { kafka_offset: Some(offset), commit_lsn };
+            self.progress = Progress {
+                kafka_offset: Some(offset),
+                commit_lsn,
+            };
         }
         Ok(())
     }

@@ -22,10 +22,10 @@ pub struct ApplyOptions {}
 
 /// Runs apply for `node_name` until an error (the caller restarts it with backoff).
 pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -> Result<(), ApplyError> {
-    let node = config
-        .node(node_name)
-        .cloned()
-        .ok_or_else(|| ApplyError::Setup { node: node_name.into(), message: "not in the config's [[nodes]]".into() })?;
+    let node = config.node(node_name).cloned().ok_or_else(|| ApplyError::Setup {
+        node: node_name.into(),
+        message: "not in the config's [[nodes]]".into(),
+    })?;
     let registry = Registry::new(&config.registry.url);
     let group = format!("pgferry-{}-{}-apply", config.cluster.name, node.name);
     let consumer: StreamConsumer = kafka::read_committed_config(&config.kafka, &group)
@@ -49,11 +49,12 @@ pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -
             Some(o) => Offset::Offset(o + 1),
             None => Offset::Beginning,
         };
-        tpl.add_partition_offset(&topic, partition, offset).map_err(|source| KafkaError::Client {
-            bootstrap: config.kafka.bootstrap_servers.clone(),
-            what: format!("assigning {topic}/{partition}"),
-            source,
-        })?;
+        tpl.add_partition_offset(&topic, partition, offset)
+            .map_err(|source| KafkaError::Client {
+                bootstrap: config.kafka.bootstrap_servers.clone(),
+                what: format!("assigning {topic}/{partition}"),
+                source,
+            })?;
         origins.push(OriginStream {
             origin: remote.name.clone(),
             topic,
@@ -75,10 +76,12 @@ pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -
 
     let mut tasks = tokio::task::JoinSet::new();
     for o in origins {
-        let queue = consumer.split_partition_queue(&o.topic, o.partition).ok_or_else(|| ApplyError::Setup {
-            node: node.name.clone(),
-            message: format!("cannot read {}/{} separately", o.topic, o.partition),
-        })?;
+        let queue = consumer
+            .split_partition_queue(&o.topic, o.partition)
+            .ok_or_else(|| ApplyError::Setup {
+                node: node.name.clone(),
+                message: format!("cannot read {}/{} separately", o.topic, o.partition),
+            })?;
         tasks.spawn(o.run(queue));
     }
     // The main queue must be polled for the client to make progress; it carries no messages
@@ -97,7 +100,10 @@ pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -
     });
     match tasks.join_next().await {
         Some(Ok(r)) => r,
-        Some(Err(e)) => Err(ApplyError::Setup { node: node.name.clone(), message: format!("apply task failed: {e}") }),
+        Some(Err(e)) => Err(ApplyError::Setup {
+            node: node.name.clone(),
+            message: format!("apply task failed: {e}"),
+        }),
         None => Ok(()),
     }
 }

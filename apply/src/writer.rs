@@ -90,7 +90,14 @@ impl Writer {
             }
             key.sort();
             let qualified = format!("{}.{}", quote_ident(&ev.schema), quote_ident(&ev.table));
-            self.tables.insert(id.clone(), LocalTable { qualified, types, key: key.into_iter().map(|(_, n)| n).collect() });
+            self.tables.insert(
+                id.clone(),
+                LocalTable {
+                    qualified,
+                    types,
+                    key: key.into_iter().map(|(_, n)| n).collect(),
+                },
+            );
         }
         Ok(&self.tables[&id])
     }
@@ -98,8 +105,7 @@ impl Writer {
     /// Writes one change inside the caller's open transaction.
     pub async fn apply(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Outcome, ApplyError> {
         let table = self.table(sql, ev).await?;
-        let (text, params) =
-            build_statement(table, ev).map_err(|message| write_err(&self.origin, ev, message))?;
+        let (text, params) = build_statement(table, ev).map_err(|message| write_err(&self.origin, ev, message))?;
         if text.is_empty() {
             return Ok(Outcome::Applied);
         }
@@ -117,23 +123,32 @@ impl Writer {
             }
         };
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let n = sql
-            .client
-            .execute(&stmt, &refs)
-            .await
-            .map_err(sql.err(format!("{} on {}.{}", ev.op.code(), ev.schema, ev.table)))?;
+        let n = sql.client.execute(&stmt, &refs).await.map_err(sql.err(format!(
+            "{} on {}.{}",
+            ev.op.code(),
+            ev.schema,
+            ev.table
+        )))?;
         Ok(if n == 0 { Outcome::Missing } else { Outcome::Applied })
     }
 }
 
 fn write_err(origin: &str, ev: &DecodedEvent, message: String) -> ApplyError {
-    ApplyError::Write { origin: origin.to_string(), table: format!("{}.{}", ev.schema, ev.table), message }
+    ApplyError::Write {
+        origin: origin.to_string(),
+        table: format!("{}.{}", ev.schema, ev.table),
+        message,
+    }
 }
 
 /// The statement text and its text parameters for one change (empty text: nothing to do).
 fn build_statement<'e>(table: &LocalTable, ev: &'e DecodedEvent) -> Result<(String, Vec<Option<&'e str>>), String> {
     let cast = |col: &str| -> Result<&str, String> {
-        table.types.get(col).map(String::as_str).ok_or_else(|| format!("column {col:?} does not exist locally"))
+        table
+            .types
+            .get(col)
+            .map(String::as_str)
+            .ok_or_else(|| format!("column {col:?} does not exist locally"))
     };
     let unchanged: HashSet<&str> = ev.unchanged_toast.iter().map(String::as_str).collect();
     let mut params: Vec<Option<&str>> = Vec::new();
@@ -155,7 +170,10 @@ fn build_statement<'e>(table: &LocalTable, ev: &'e DecodedEvent) -> Result<(Stri
     }
     // (quoted column, placeholder) of every column the after image carries.
     let assigned = |params: &mut Vec<Option<&'e str>>| -> Result<Vec<(String, String)>, String> {
-        let row = ev.after.as_ref().ok_or_else(|| format!("{} without an after image", ev.op.code()))?;
+        let row = ev
+            .after
+            .as_ref()
+            .ok_or_else(|| format!("{} without an after image", ev.op.code()))?;
         let mut out = Vec::new();
         for (c, v) in row.iter().filter(|(c, _)| !unchanged.contains(c.as_str())) {
             params.push(v.as_deref());
@@ -168,11 +186,23 @@ fn build_statement<'e>(table: &LocalTable, ev: &'e DecodedEvent) -> Result<(Stri
             let cols = assigned(&mut params)?;
             let names: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
             let vals: Vec<&str> = cols.iter().map(|(_, v)| v.as_str()).collect();
-            format!("INSERT INTO {} ({}) VALUES ({})", table.qualified, names.join(", "), vals.join(", "))
+            format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                table.qualified,
+                names.join(", "),
+                vals.join(", ")
+            )
         }
         Op::Update => {
-            let sets: Vec<String> = assigned(&mut params)?.into_iter().map(|(c, v)| format!("{c} = {v}")).collect();
-            format!("UPDATE {} SET {} WHERE {where_clause}", table.qualified, sets.join(", "))
+            let sets: Vec<String> = assigned(&mut params)?
+                .into_iter()
+                .map(|(c, v)| format!("{c} = {v}"))
+                .collect();
+            format!(
+                "UPDATE {} SET {} WHERE {where_clause}",
+                table.qualified,
+                sets.join(", ")
+            )
         }
         Op::Delete => format!("DELETE FROM {} WHERE {where_clause}", table.qualified),
         Op::Truncate => String::new(),

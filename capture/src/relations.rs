@@ -50,19 +50,13 @@ impl Relations {
 
     /// The relation with pgoutput id `id`.
     pub fn get(&self, id: u32) -> Result<&Relation, CaptureError> {
-        self.by_id.get(&id).ok_or_else(|| {
-            CaptureError::Protocol(format!(
-                "change for relation {id} before its Relation message"
-            ))
-        })
+        self.by_id
+            .get(&id)
+            .ok_or_else(|| CaptureError::Protocol(format!("change for relation {id} before its Relation message")))
     }
 
     /// Records a Relation message: resolves column types, builds and registers the schemas.
-    pub async fn update(
-        &mut self,
-        sql: &PgSession,
-        msg: &LogicalReplicationMessage,
-    ) -> Result<(), CaptureError> {
+    pub async fn update(&mut self, sql: &PgSession, msg: &LogicalReplicationMessage) -> Result<(), CaptureError> {
         let LogicalReplicationMessage::Relation {
             relation_id,
             namespace,
@@ -89,11 +83,10 @@ impl Relations {
             name: relation_name.to_string(),
             columns: defs,
         };
-        let schemas =
-            TableSchemas::new(&self.cluster, table).map_err(|source| CaptureError::Encode {
-                table: display.clone(),
-                source,
-            })?;
+        let schemas = TableSchemas::new(&self.cluster, table).map_err(|source| CaptureError::Encode {
+            table: display.clone(),
+            source,
+        })?;
         match self.namespaces.get(&schemas.namespace) {
             Some(other) if *other != display => {
                 return Err(CaptureError::Setup {
@@ -105,27 +98,18 @@ impl Relations {
                 })
             }
             _ => {
-                self.namespaces
-                    .insert(schemas.namespace.clone(), display.clone());
+                self.namespaces.insert(schemas.namespace.clone(), display.clone());
             }
         }
         let key_name = schemas.key_name();
         let env_name = schemas.envelope_name();
         let key_id = self
             .registry
-            .register(
-                &subject(&self.topic, &key_name),
-                &key_name,
-                &schemas.key_json,
-            )
+            .register(&subject(&self.topic, &key_name), &key_name, &schemas.key_json)
             .await?;
         let value_id = self
             .registry
-            .register(
-                &subject(&self.topic, &env_name),
-                &env_name,
-                &schemas.envelope_json,
-            )
+            .register(&subject(&self.topic, &env_name), &env_name, &schemas.envelope_json)
             .await?;
         tracing::debug!(table = %format!("{namespace}.{relation_name}"), key_id, value_id, "relation registered");
         self.by_id.insert(
@@ -140,12 +124,7 @@ impl Relations {
         Ok(())
     }
 
-    async fn type_names(
-        &mut self,
-        sql: &PgSession,
-        oid: u32,
-        typmod: i32,
-    ) -> Result<(String, String), CaptureError> {
+    async fn type_names(&mut self, sql: &PgSession, oid: u32, typmod: i32) -> Result<(String, String), CaptureError> {
         if let Some(t) = self.types.get(&(oid, typmod)) {
             return Ok(t.clone());
         }

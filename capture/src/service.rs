@@ -4,14 +4,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgferry_connectors::config::{Config, NodeConfig};
-use pgferry_connectors::kafka::{
-    self, TxProducer, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN, HEADER_TXN_LAST,
-};
+use pgferry_connectors::kafka::{self, TxProducer, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN, HEADER_TXN_LAST};
 use pgferry_connectors::postgres::{self, PgSession};
 use pgferry_connectors::registry::Registry;
-use pgferry_connectors::replication::{
-    Confirmer, LogicalReplicationMessage, TupleData, WalMessage, WalStream,
-};
+use pgferry_connectors::replication::{Confirmer, LogicalReplicationMessage, TupleData, WalMessage, WalStream};
 use pgferry_schemas::codec::{encode_event, encode_frame};
 use pgferry_schemas::event::Row;
 use pgferry_schemas::{ChangeEvent, Op, SourceInfo};
@@ -75,26 +71,16 @@ struct Pending {
 }
 
 /// Runs capture for `node_name` until an error (the caller restarts it with backoff).
-pub async fn run(
-    config: Arc<Config>,
-    node_name: &str,
-    options: CaptureOptions,
-) -> Result<(), CaptureError> {
-    let node = config
-        .node(node_name)
-        .cloned()
-        .ok_or_else(|| CaptureError::Setup {
-            node: node_name.into(),
-            message: "not in the config's [[nodes]]".into(),
-        })?;
+pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) -> Result<(), CaptureError> {
+    let node = config.node(node_name).cloned().ok_or_else(|| CaptureError::Setup {
+        node: node_name.into(),
+        message: "not in the config's [[nodes]]".into(),
+    })?;
     let sql = postgres::connect(&node.dsn, &format!("pgferry-capture-{}", node.name)).await?;
     let slot = slot_name(&node.name);
     let exists = sql
         .client
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
+        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
         .await
         .map_err(sql.err("looking up the replication slot"))?;
     if exists.is_none() {
@@ -133,11 +119,7 @@ pub async fn run(
     let stream = WalStream::start(&node.dsn, &slot, publication_name()).await?;
     let (rx, confirmer) = stream.into_channel(options.read_ahead);
     let mut capture = Capture {
-        relations: Relations::new(
-            &config.cluster.name,
-            &topic,
-            Registry::new(&config.registry.url),
-        ),
+        relations: Relations::new(&config.cluster.name, &topic, Registry::new(&config.registry.url)),
         config,
         node,
         db,
@@ -186,16 +168,11 @@ struct Capture {
 impl Capture {
     async fn run(
         &mut self,
-        mut rx: mpsc::Receiver<
-            Result<WalMessage, pgferry_connectors::replication::ReplicationError>,
-        >,
+        mut rx: mpsc::Receiver<Result<WalMessage, pgferry_connectors::replication::ReplicationError>>,
     ) -> Result<(), CaptureError> {
         loop {
             let next = if self.kafka_txn_open && self.txn.is_none() {
-                let wait = self
-                    .options
-                    .max_batch_age
-                    .saturating_sub(self.batch_started.elapsed());
+                let wait = self.options.max_batch_age.saturating_sub(self.batch_started.elapsed());
                 match tokio::time::timeout(wait, rx.recv()).await {
                     Ok(m) => m,
                     Err(_) => {
@@ -240,9 +217,7 @@ impl Capture {
                     pending: None,
                 });
             }
-            LogicalReplicationMessage::Origin {
-                ref origin_name, ..
-            } => {
+            LogicalReplicationMessage::Origin { ref origin_name, .. } => {
                 if let Some(t) = self.txn.as_mut() {
                     tracing::trace!(origin = %origin_name, xid = t.xid, "skipping applied transaction");
                     t.skip = true;
@@ -260,36 +235,18 @@ impl Capture {
                 new_tuple,
                 ..
             } => {
-                self.change(
-                    relation_id,
-                    Op::Update,
-                    old_tuple,
-                    Some(new_tuple),
-                    msg.wal_start,
-                )?;
+                self.change(relation_id, Op::Update, old_tuple, Some(new_tuple), msg.wal_start)?;
             }
             LogicalReplicationMessage::Delete {
-                relation_id,
-                old_tuple,
-                ..
+                relation_id, old_tuple, ..
             } => {
-                self.change(
-                    relation_id,
-                    Op::Delete,
-                    Some(old_tuple),
-                    None,
-                    msg.wal_start,
-                )?;
+                self.change(relation_id, Op::Delete, Some(old_tuple), None, msg.wal_start)?;
             }
             LogicalReplicationMessage::Commit {
-                commit_lsn,
-                end_lsn,
-                ..
+                commit_lsn, end_lsn, ..
             } => {
                 let Some(mut txn) = self.txn.take() else {
-                    return Err(CaptureError::Protocol(format!(
-                        "Commit at {commit_lsn} without Begin"
-                    )));
+                    return Err(CaptureError::Protocol(format!("Commit at {commit_lsn} without Begin")));
                 };
                 if let Some(p) = txn.pending.take() {
                     self.produce(p, true)?;
@@ -383,11 +340,10 @@ impl Capture {
     fn produce(&mut self, mut p: Pending, last: bool) -> Result<(), CaptureError> {
         p.event.source.txn_last = last;
         let rel = self.relations.get(p.relation_id)?;
-        let (key, value) =
-            encode_event(&rel.schemas, &p.event).map_err(|source| CaptureError::Encode {
-                table: rel.display.clone(),
-                source,
-            })?;
+        let (key, value) = encode_event(&rel.schemas, &p.event).map_err(|source| CaptureError::Encode {
+            table: rel.display.clone(),
+            source,
+        })?;
         let key = encode_frame(rel.key_id, &key);
         let value = encode_frame(rel.value_id, &value);
         if !self.kafka_txn_open {
@@ -474,9 +430,7 @@ fn tuple_row(t: &TupleData, width: usize) -> Result<Row, CaptureError> {
     for (i, c) in t.columns.iter().enumerate().take(width) {
         if c.data_type == b't' {
             let text = std::str::from_utf8(c.as_bytes()).map_err(|_| {
-                CaptureError::Protocol(format!(
-                    "column {i} is not UTF-8; pgferry needs UTF8 databases"
-                ))
+                CaptureError::Protocol(format!("column {i} is not UTF-8; pgferry needs UTF8 databases"))
             })?;
             row[i] = Some(text.to_string());
         }

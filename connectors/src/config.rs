@@ -107,7 +107,10 @@ impl Config {
     /// Reads, interpolates, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
         Config::parse(&text, &p)
     }
 
@@ -123,10 +126,17 @@ impl Config {
     }
 
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |key: String, message: String| ConfigError::Invalid { path: origin.to_string(), key, message };
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            key,
+            message,
+        };
         let ident_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !ident_ok(&self.cluster.name) {
-            return Err(invalid("cluster.name".into(), "must be non-empty letters, digits, '_' or '-'".into()));
+            return Err(invalid(
+                "cluster.name".into(),
+                "must be non-empty letters, digits, '_' or '-'".into(),
+            ));
         }
         if self.nodes.is_empty() {
             return Err(invalid("nodes".into(), "at least one [[nodes]] entry is needed".into()));
@@ -135,8 +145,19 @@ impl Config {
         let mut ids = HashSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
             let key = |f: &str| format!("nodes[{i}].{f}");
-            if !n.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') || n.name.is_empty() {
-                return Err(invalid(key("name"), format!("{:?}: use lowercase letters, digits and '_' (it names slots and origins)", n.name)));
+            if !n
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                || n.name.is_empty()
+            {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "{:?}: use lowercase letters, digits and '_' (it names slots and origins)",
+                        n.name
+                    ),
+                ));
             }
             if !names.insert(&n.name) {
                 return Err(invalid(key("name"), format!("{:?} is used by another node", n.name)));
@@ -148,7 +169,10 @@ impl Config {
                 return Err(invalid(key("id"), format!("{} is used by another node", n.id)));
             }
             if !ident_ok(&n.region) {
-                return Err(invalid(key("region"), "must be non-empty letters, digits, '_' or '-'".into()));
+                return Err(invalid(
+                    key("region"),
+                    "must be non-empty letters, digits, '_' or '-'".into(),
+                ));
             }
             if n.dsn.trim().is_empty() {
                 return Err(invalid(key("dsn"), "is empty".into()));
@@ -159,7 +183,10 @@ impl Config {
             if self.kafka.partitions < count {
                 return Err(invalid(
                     "kafka.partitions".into(),
-                    format!("{} is fewer than the {count} nodes of region {region:?}", self.kafka.partitions),
+                    format!(
+                        "{} is fewer than the {count} nodes of region {region:?}",
+                        self.kafka.partitions
+                    ),
                 ));
             }
         }
@@ -168,7 +195,10 @@ impl Config {
         }
         for (i, t) in self.replication.tables.iter().enumerate() {
             if t.is_empty() || t.split('.').count() > 2 || t.split('.').any(str::is_empty) {
-                return Err(invalid(format!("replication.tables[{i}]"), format!("{t:?} is not schema.table")));
+                return Err(invalid(
+                    format!("replication.tables[{i}]"),
+                    format!("{t:?} is not schema.table"),
+                ));
             }
         }
         Ok(())
@@ -202,12 +232,19 @@ impl Config {
 
     /// The partition a node writes: its index among its region's nodes.
     pub fn node_partition(&self, node: &NodeConfig) -> i32 {
-        self.nodes.iter().filter(|n| n.region == node.region).position(|n| n.name == node.name).unwrap_or(0) as i32
+        self.nodes
+            .iter()
+            .filter(|n| n.region == node.region)
+            .position(|n| n.name == node.name)
+            .unwrap_or(0) as i32
     }
 
     /// The node that writes `partition` of `region`'s topic.
     pub fn partition_node(&self, region: &str, partition: i32) -> Option<&NodeConfig> {
-        self.nodes.iter().filter(|n| n.region == region).nth(usize::try_from(partition).ok()?)
+        self.nodes
+            .iter()
+            .filter(|n| n.region == region)
+            .nth(usize::try_from(partition).ok()?)
     }
 
     /// Replicated tables as `(schema, table)`.
@@ -255,7 +292,10 @@ fn interpolate(text: &str, origin: &str) -> Result<String, ConfigError> {
             return Ok(out);
         };
         let var = &after[..end];
-        let value = std::env::var(var).map_err(|_| ConfigError::MissingEnv { path: origin.to_string(), var: var.to_string() })?;
+        let value = std::env::var(var).map_err(|_| ConfigError::MissingEnv {
+            path: origin.to_string(),
+            var: var.to_string(),
+        })?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -311,7 +351,9 @@ tables = ["public.accounts", "items"]
         let dup = GOOD.replace("id = 2", "id = 1");
         let e = Config::parse(&dup, "t.toml").unwrap_err().to_string();
         assert!(e.contains("nodes[1].id"), "{e}");
-        let e = Config::parse(&GOOD.replace("PGFERRY_TEST_PW", "PGFERRY_NOPE_X"), "t.toml").unwrap_err().to_string();
+        let e = Config::parse(&GOOD.replace("PGFERRY_TEST_PW", "PGFERRY_NOPE_X"), "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("PGFERRY_NOPE_X"), "{e}");
     }
 }

@@ -29,7 +29,11 @@ pub const HEADER_TXN_LAST: &str = "pgferry-txn-last";
 pub enum KafkaError {
     /// A client could not be created or used.
     #[error("Kafka at {bootstrap}: {what}: {source}")]
-    Client { bootstrap: String, what: String, source: RdError },
+    Client {
+        bootstrap: String,
+        what: String,
+        source: RdError,
+    },
     /// The broker did not answer.
     #[error("Kafka at {bootstrap} is unreachable: {message}")]
     Unreachable { bootstrap: String, message: String },
@@ -52,7 +56,11 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
 fn client_err(cfg: &KafkaConfig, what: &str) -> impl FnOnce(RdError) -> KafkaError {
     let bootstrap = cfg.bootstrap_servers.clone();
     let what = what.to_string();
-    move |source| KafkaError::Client { bootstrap, what, source }
+    move |source| KafkaError::Client {
+        bootstrap,
+        what,
+        source,
+    }
 }
 
 /// The producer type capture uses.
@@ -80,10 +88,15 @@ pub fn transactional_producer(cfg: &KafkaConfig, txn_id: &str) -> Result<TxProdu
 fn unreachable_or(cfg: &KafkaConfig, what: &str, e: RdError) -> KafkaError {
     let timed_out = matches!(
         e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::AllBrokersDown)
+        Some(
+            RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::AllBrokersDown
+        )
     );
     if timed_out {
-        KafkaError::Unreachable { bootstrap: cfg.bootstrap_servers.clone(), message: format!("{what}: {e}") }
+        KafkaError::Unreachable {
+            bootstrap: cfg.bootstrap_servers.clone(),
+            message: format!("{what}: {e}"),
+        }
     } else {
         client_err(cfg, what)(e)
     }
@@ -107,20 +120,29 @@ pub fn read_committed_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig 
 /// Fails with [`KafkaError::Unreachable`] unless the cluster answers a metadata request in
 /// `timeout`. Blocking.
 pub fn check_reachable(cfg: &KafkaConfig, timeout: Duration) -> Result<(), KafkaError> {
-    let consumer: BaseConsumer = client_config(cfg).create().map_err(client_err(cfg, "creating client"))?;
+    let consumer: BaseConsumer = client_config(cfg)
+        .create()
+        .map_err(client_err(cfg, "creating client"))?;
     consumer
         .fetch_metadata(None, timeout)
         .map(|_| ())
-        .map_err(|e| KafkaError::Unreachable { bootstrap: cfg.bootstrap_servers.clone(), message: e.to_string() })
+        .map_err(|e| KafkaError::Unreachable {
+            bootstrap: cfg.bootstrap_servers.clone(),
+            message: e.to_string(),
+        })
 }
 
 /// Creates `topic` with `partitions` partitions unless it exists; an existing topic with
 /// fewer partitions is an error.
 pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str, partitions: i32) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(cfg).create().map_err(client_err(cfg, "creating admin client"))?;
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg)
+        .create()
+        .map_err(client_err(cfg, "creating admin client"))?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(cfg.replication_factor))
         .set("cleanup.policy", "delete");
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))).request_timeout(Some(Duration::from_secs(30)));
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(30)))
+        .request_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics([&new], &opts)
         .await
@@ -128,20 +150,42 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str, partitions: i32) -> Re
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => return Err(KafkaError::Topic { topic: t, message: format!("cannot create: {code}") }),
+            Err((t, code)) => {
+                return Err(KafkaError::Topic {
+                    topic: t,
+                    message: format!("cannot create: {code}"),
+                })
+            }
         }
     }
+    // A new topic's partitions appear in metadata a moment after creation: poll until they
+    // do. An existing topic that stays short of `partitions` is an error.
     let cfg2 = cfg.clone();
     let topic2 = topic.to_string();
     let have = tokio::task::spawn_blocking(move || -> Result<usize, KafkaError> {
-        let consumer: BaseConsumer = client_config(&cfg2).create().map_err(client_err(&cfg2, "creating client"))?;
-        let md = consumer
-            .fetch_metadata(Some(&topic2), Duration::from_secs(10))
-            .map_err(|e| KafkaError::Unreachable { bootstrap: cfg2.bootstrap_servers.clone(), message: e.to_string() })?;
-        Ok(md.topics().first().map(|t| t.partitions().len()).unwrap_or(0))
+        let consumer: BaseConsumer = client_config(&cfg2)
+            .create()
+            .map_err(client_err(&cfg2, "creating client"))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let md = consumer
+                .fetch_metadata(Some(&topic2), Duration::from_secs(10))
+                .map_err(|e| KafkaError::Unreachable {
+                    bootstrap: cfg2.bootstrap_servers.clone(),
+                    message: e.to_string(),
+                })?;
+            let have = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+            if have as i32 >= partitions || std::time::Instant::now() > deadline {
+                return Ok(have);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     })
     .await
-    .map_err(|e| KafkaError::Topic { topic: topic.to_string(), message: e.to_string() })??;
+    .map_err(|e| KafkaError::Topic {
+        topic: topic.to_string(),
+        message: e.to_string(),
+    })??;
     if (have as i32) < partitions {
         return Err(KafkaError::Topic {
             topic: topic.to_string(),
@@ -176,7 +220,12 @@ impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
 /// The commit LSN header of the last committed message in `topic`/`partition`, if any.
 /// Used by capture after a restart to learn what it already produced. Blocking.
-pub fn last_committed_commit_lsn(cfg: &KafkaConfig, group_id: &str, topic: &str, partition: i32) -> Result<Option<u64>, KafkaError> {
+pub fn last_committed_commit_lsn(
+    cfg: &KafkaConfig,
+    group_id: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<u64>, KafkaError> {
     let consumer: BaseConsumer<QuietEof> = read_committed_config(cfg, group_id)
         .set("enable.partition.eof", "true")
         .create_with_context(QuietEof)

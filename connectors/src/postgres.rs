@@ -16,10 +16,17 @@ pub enum PgError {
     Dsn { endpoint: String, message: String },
     /// The server did not answer or refused the session.
     #[error("cannot connect to PostgreSQL at {endpoint}: {source}")]
-    Connect { endpoint: String, source: tokio_postgres::Error },
+    Connect {
+        endpoint: String,
+        source: tokio_postgres::Error,
+    },
     /// A statement failed.
     #[error("PostgreSQL at {endpoint}: {what}: {source}")]
-    Query { endpoint: String, what: String, source: tokio_postgres::Error },
+    Query {
+        endpoint: String,
+        what: String,
+        source: tokio_postgres::Error,
+    },
 }
 
 impl PgError {
@@ -44,7 +51,11 @@ impl PgSession {
     /// Wraps a failed statement with the endpoint and what was being done.
     pub fn err(&self, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError + '_ {
         let what = what.into();
-        move |source| PgError::Query { endpoint: self.endpoint.clone(), what, source }
+        move |source| PgError::Query {
+            endpoint: self.endpoint.clone(),
+            what,
+            source,
+        }
     }
 }
 
@@ -52,17 +63,19 @@ impl PgSession {
 /// The session runs with `TimeZone=UTC` and ISO `DateStyle`, the forms pgferry reads and writes.
 pub async fn connect(dsn: &str, application_name: &str) -> Result<PgSession, PgError> {
     let endpoint = dsn_endpoint(dsn);
-    let mut config = tokio_postgres::Config::from_str(dsn)
-        .map_err(|e| PgError::Dsn { endpoint: endpoint.clone(), message: e.to_string() })?;
+    let mut config = tokio_postgres::Config::from_str(dsn).map_err(|e| PgError::Dsn {
+        endpoint: endpoint.clone(),
+        message: e.to_string(),
+    })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
     config.application_name(application_name);
     config.options("-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=1");
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|source| PgError::Connect { endpoint: endpoint.clone(), source })?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|source| PgError::Connect {
+        endpoint: endpoint.clone(),
+        source,
+    })?;
     let ep = endpoint.clone();
     tokio::spawn(async move {
         if let Err(e) = connection.await {

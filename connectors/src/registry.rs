@@ -13,7 +13,11 @@ use thiserror::Error;
 pub enum RegistryError {
     /// Registering a schema failed.
     #[error("schema registry {url}: registering subject {subject}: {message}")]
-    Register { url: String, subject: String, message: String },
+    Register {
+        url: String,
+        subject: String,
+        message: String,
+    },
     /// Fetching a schema by id failed.
     #[error("schema registry {url}: fetching schema id {id}: {message}")]
     Fetch { url: String, id: u32, message: String },
@@ -52,9 +56,13 @@ impl Registry {
             return Ok(id);
         }
         let supplied = SuppliedSchema::new(Some(record_name.to_string()), SchemaType::Avro, schema_json.to_string());
-        let registered = post_schema(&self.settings, subject.to_string(), supplied).await.map_err(|e| {
-            RegistryError::Register { url: self.url.clone(), subject: subject.to_string(), message: e.to_string() }
-        })?;
+        let registered = post_schema(&self.settings, subject.to_string(), supplied)
+            .await
+            .map_err(|e| RegistryError::Register {
+                url: self.url.clone(),
+                subject: subject.to_string(),
+                message: e.to_string(),
+            })?;
         if let Ok(mut m) = self.registered.lock() {
             m.insert(key, registered.id);
         }
@@ -71,7 +79,11 @@ impl Registry {
         }
         let fetched = get_schema_by_id(id, &self.settings)
             .await
-            .map_err(|e| RegistryError::Fetch { url: self.url.clone(), id, message: e.to_string() })?;
+            .map_err(|e| RegistryError::Fetch {
+                url: self.url.clone(),
+                id,
+                message: e.to_string(),
+            })?;
         let s = Arc::new(fetched.schema);
         if let Ok(mut m) = self.by_id.lock() {
             m.insert(id, s.clone());

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use pg_walstream::{
-    CancellationToken, LogicalReplicationParser, SharedLsnFeedback, LogicalReplicationStream, ReplicationStreamConfig, RetryConfig,
-    StreamingMode,
+    CancellationToken, LogicalReplicationParser, LogicalReplicationStream, ReplicationStreamConfig, RetryConfig,
+    SharedLsnFeedback, StreamingMode,
 };
 pub use pg_walstream::{ColumnData, LogicalReplicationMessage, TupleData};
 use thiserror::Error;
@@ -77,8 +77,14 @@ impl WalStream {
             .with_messages(true)
             .with_feedback_interval(Duration::from_secs(1))
             .with_connection_timeout(Duration::from_secs(10))
-            .with_retry_config(RetryConfig { max_attempts: 1, max_duration: Duration::from_secs(10), ..RetryConfig::default() });
-        let mut stream = LogicalReplicationStream::new(&replication_dsn(dsn), config).await.map_err(err)?;
+            .with_retry_config(RetryConfig {
+                max_attempts: 1,
+                max_duration: Duration::from_secs(10),
+                ..RetryConfig::default()
+            });
+        let mut stream = LogicalReplicationStream::new(&replication_dsn(dsn), config)
+            .await
+            .map_err(err)?;
         stream.start(None).await.map_err(err)?;
         Ok(WalStream {
             stream,
@@ -90,18 +96,33 @@ impl WalStream {
     }
 
     fn err(&self, message: String) -> ReplicationError {
-        ReplicationError { endpoint: self.endpoint.clone(), slot: self.slot.clone(), message }
+        ReplicationError {
+            endpoint: self.endpoint.clone(),
+            slot: self.slot.clone(),
+            message,
+        }
     }
 
     /// The next pgoutput message (keepalives are answered inside).
     pub async fn next(&mut self) -> Result<WalMessage, ReplicationError> {
         loop {
-            let raw = self.stream.next_raw_event(&self.cancel).await.map_err(|e| self.err(e.to_string()))?;
+            let raw = self
+                .stream
+                .next_raw_event(&self.cancel)
+                .await
+                .map_err(|e| self.err(e.to_string()))?;
             if raw.data.is_empty() {
                 continue;
             }
-            let parsed = self.parser.parse_wal_message_bytes(raw.data).map_err(|e| self.err(format!("undecodable pgoutput message: {e}")))?;
-            return Ok(WalMessage { wal_start: raw.wal_start.value(), wal_end: raw.wal_end.value(), message: parsed.message });
+            let parsed = self
+                .parser
+                .parse_wal_message_bytes(raw.data)
+                .map_err(|e| self.err(format!("undecodable pgoutput message: {e}")))?;
+            return Ok(WalMessage {
+                wal_start: raw.wal_start.value(),
+                wal_end: raw.wal_end.value(),
+                message: parsed.message,
+            });
         }
     }
 
@@ -109,7 +130,10 @@ impl WalStream {
     /// channel (whose receive is cancel-safe, unlike a socket read), and returns the receiving
     /// end plus the handle that confirms positions. The task ends after the first error, which
     /// it passes on, or when the receiver is dropped.
-    pub fn into_channel(mut self, capacity: usize) -> (mpsc::Receiver<Result<WalMessage, ReplicationError>>, Confirmer) {
+    pub fn into_channel(
+        mut self,
+        capacity: usize,
+    ) -> (mpsc::Receiver<Result<WalMessage, ReplicationError>>, Confirmer) {
         let (tx, rx) = mpsc::channel(capacity);
         let confirmer = Confirmer(self.stream.shared_lsn_feedback.clone());
         tokio::spawn(async move {

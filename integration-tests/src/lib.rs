@@ -42,7 +42,8 @@ impl Endpoints {
         Endpoints {
             pg,
             kafka: std::env::var("PGFERRY_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into()),
-            registry: std::env::var("PGFERRY_REGISTRY").unwrap_or_else(|_| "http://127.0.0.1:18081/apis/ccompat/v7".into()),
+            registry: std::env::var("PGFERRY_REGISTRY")
+                .unwrap_or_else(|_| "http://127.0.0.1:18081/apis/ccompat/v7".into()),
         }
     }
 }
@@ -77,7 +78,9 @@ where
 
 /// Connects to a DSN.
 pub async fn connect(dsn: &str) -> Result<Client> {
-    let (client, conn) = tokio_postgres::connect(dsn, NoTls).await.with_context(|| format!("connecting to {dsn}"))?;
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls)
+        .await
+        .with_context(|| format!("connecting to {dsn}"))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -151,18 +154,30 @@ impl Cluster {
         if regions.len() > endpoints.pg.len() {
             bail!("at most {} nodes", endpoints.pg.len());
         }
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() % 100_000_000;
-        let unique = format!("{test}_{}_{stamp}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+            % 100_000_000;
+        let unique = format!(
+            "{test}_{}_{stamp}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
         let dir = std::env::temp_dir().join(format!("pgferry-it-{unique}"));
         std::fs::create_dir_all(&dir)?;
         let mut nodes = Vec::new();
         for (i, region) in regions.iter().enumerate() {
             let db = format!("pf_{unique}");
             let admin = connect(&endpoints.pg[i]).await?;
-            admin.batch_execute(&format!("CREATE DATABASE \"{db}\"")).await.with_context(|| format!("creating {db}"))?;
+            admin
+                .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+                .await
+                .with_context(|| format!("creating {db}"))?;
             let dsn = with_db(&endpoints.pg[i], &db);
             let c = connect(&dsn).await?;
-            c.batch_execute(setup_sql).await.context("running the test's setup SQL")?;
+            c.batch_execute(setup_sql)
+                .await
+                .context("running the test's setup SQL")?;
             nodes.push(Node {
                 name: format!("{test}_{stamp}_{}_n{}", COUNTER.load(Ordering::SeqCst), i + 1).to_lowercase(),
                 id: (i + 1) as u16,
@@ -178,13 +193,22 @@ impl Cluster {
             endpoints.kafka, endpoints.registry
         );
         for n in &nodes {
-            toml += &format!("[[nodes]]\nname = \"{}\"\nid = {}\nregion = \"{}\"\ndsn = \"{}\"\n", n.name, n.id, n.region, n.dsn);
+            toml += &format!(
+                "[[nodes]]\nname = \"{}\"\nid = {}\nregion = \"{}\"\ndsn = \"{}\"\n",
+                n.name, n.id, n.region, n.dsn
+            );
         }
         let list: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
         toml += &format!("[replication]\ntables = [{}]\n", list.join(", "));
         let config_path = dir.join("pgferry.toml");
         std::fs::write(&config_path, toml)?;
-        Ok(Cluster { name, nodes, config_path, dir, endpoints })
+        Ok(Cluster {
+            name,
+            nodes,
+            config_path,
+            dir,
+            endpoints,
+        })
     }
 
     /// [`Cluster::create`] then `pgferry init`.
@@ -204,13 +228,22 @@ impl Cluster {
             .arg(&self.config_path)
             .args(args)
             .output()
-            .with_context(|| format!("running {} (build it with `cargo build --bin pgferry`)", pgferry_bin().display()))
+            .with_context(|| {
+                format!(
+                    "running {} (build it with `cargo build --bin pgferry`)",
+                    pgferry_bin().display()
+                )
+            })
     }
 
     /// Starts `pgferry <service> --node <node i>` in the background (`service`: run, capture, apply).
     pub fn spawn(&self, service: &str, node: usize) -> Result<Service> {
         let n = &self.nodes[node];
-        let log = self.dir.join(format!("{}-{service}-{}.log", n.name, COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let log = self.dir.join(format!(
+            "{}-{service}-{}.log",
+            n.name,
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
         let file = std::fs::File::create(&log)?;
         let child = Command::new(pgferry_bin())
             .arg("--config")
@@ -234,7 +267,9 @@ impl Cluster {
         let c = self.sql(i).await?;
         let row = c
             .query_one(
-                &format!("SELECT coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text)), ''), count(*) FROM {table} t"),
+                &format!(
+                    "SELECT coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text)), ''), count(*) FROM {table} t"
+                ),
                 &[],
             )
             .await?;
@@ -253,7 +288,10 @@ impl Cluster {
                 return Ok(prints.swap_remove(0));
             }
             if Instant::now() > deadline {
-                bail!("{table} not identical on all nodes after {timeout:?}: {prints:?}\n{}", self.logs());
+                bail!(
+                    "{table} not identical on all nodes after {timeout:?}: {prints:?}\n{}",
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -272,7 +310,11 @@ impl Cluster {
                 if e.path().extension().is_some_and(|x| x == "log") {
                     let text = std::fs::read_to_string(e.path()).unwrap_or_default();
                     let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                    out += &format!("--- {}\n{}\n", e.path().display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                    out += &format!(
+                        "--- {}\n{}\n",
+                        e.path().display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
                 }
             }
         }
@@ -289,7 +331,9 @@ impl Cluster {
                     &[&n.db],
                 )
                 .await?;
-            admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", n.db)).await?;
+            admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", n.db))
+                .await?;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
@@ -356,7 +400,12 @@ pub fn read_topic(bootstrap: &str, topic: &str) -> Result<Vec<TopicMessage>> {
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default();

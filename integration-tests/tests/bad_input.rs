@@ -11,10 +11,19 @@ const TABLE: &str = "CREATE TABLE items (id bigint PRIMARY KEY, name text)";
 /// Asserts a failure with a single non-empty stderr line; returns that line.
 fn single_error_line(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected failure, got {:?}; stderr:\n{stderr}", out.status);
+    assert!(
+        !out.status.success(),
+        "expected failure, got {:?}; stderr:\n{stderr}",
+        out.status
+    );
     eprintln!("stderr: {stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected exactly one stderr line, got {}:\n{stderr}", lines.len());
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected exactly one stderr line, got {}:\n{stderr}",
+        lines.len()
+    );
     assert!(!lines[0].trim().is_empty(), "the stderr line is empty");
     lines[0].to_string()
 }
@@ -31,7 +40,9 @@ fn edit_config(cluster: &Cluster, edit: impl FnOnce(String) -> String) -> Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_config_key_is_named() -> Result<()> {
     let cluster = Cluster::create("badkey", &["r1"], TABLE, &["public.items"]).await?;
-    edit_config(&cluster, |t| t.replacen("[cluster]\n", "[cluster]\ncolour = \"red\"\n", 1))?;
+    edit_config(&cluster, |t| {
+        t.replacen("[cluster]\n", "[cluster]\ncolour = \"red\"\n", 1)
+    })?;
     let line = single_error_line(&cluster.pgferry(&["init"])?);
     assert!(line.contains("colour"), "does not name `colour`: {line}");
     cluster.cleanup().await
@@ -71,7 +82,10 @@ async fn unreachable_postgres_is_named_without_password() -> Result<()> {
     edit_config(&cluster, |t| t.replacen(&dsn, &bad, 1))?;
     let out = cluster.pgferry(&["init"])?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains(&format!(":{PG_PASSWORD}@")), "the password leaks into stderr:\n{stderr}");
+    assert!(
+        !stderr.contains(&format!(":{PG_PASSWORD}@")),
+        "the password leaks into stderr:\n{stderr}"
+    );
     let line = single_error_line(&out);
     assert!(line.contains("127.0.0.1:1"), "does not name 127.0.0.1:1: {line}");
     cluster.cleanup().await
@@ -82,7 +96,11 @@ async fn unreachable_kafka_is_named() -> Result<()> {
     let cluster = Cluster::create("badkafka", &["r1"], TABLE, &["public.items"]).await?;
     let kafka = cluster.endpoints.kafka.clone();
     edit_config(&cluster, |t| {
-        t.replacen(&format!("bootstrap_servers = \"{kafka}\""), "bootstrap_servers = \"127.0.0.1:1\"", 1)
+        t.replacen(
+            &format!("bootstrap_servers = \"{kafka}\""),
+            "bootstrap_servers = \"127.0.0.1:1\"",
+            1,
+        )
     })?;
     let started = std::time::Instant::now();
     let line = single_error_line(&cluster.pgferry(&["init"])?);

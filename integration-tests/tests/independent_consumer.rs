@@ -20,7 +20,11 @@ struct Registry {
 
 impl Registry {
     fn new(url: &str) -> Registry {
-        Registry { url: url.trim_end_matches('/').to_string(), http: reqwest::Client::new(), cache: HashMap::new() }
+        Registry {
+            url: url.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+            cache: HashMap::new(),
+        }
     }
 
     async fn schema(&mut self, id: u32) -> Result<&Schema> {
@@ -32,7 +36,9 @@ impl Registry {
             if !status.is_success() {
                 bail!("GET {url}: {status}: {body}");
             }
-            let text = body["schema"].as_str().ok_or_else(|| anyhow!("GET {url}: no `schema` string in {body}"))?;
+            let text = body["schema"]
+                .as_str()
+                .ok_or_else(|| anyhow!("GET {url}: no `schema` string in {body}"))?;
             let schema = Schema::parse_str(text).with_context(|| format!("parsing schema {id}: {text}"))?;
             self.cache.insert(id, schema);
         }
@@ -91,8 +97,10 @@ fn string(v: &Value) -> &str {
 }
 
 async fn changes(kafka: &str, topic: &str) -> Result<Vec<TopicMessage>> {
-    let mut msgs: Vec<TopicMessage> =
-        read_topic(kafka, topic)?.into_iter().filter(|m| m.header("pgferry-kind") == Some("change")).collect();
+    let mut msgs: Vec<TopicMessage> = read_topic(kafka, topic)?
+        .into_iter()
+        .filter(|m| m.header("pgferry-kind") == Some("change"))
+        .collect();
     msgs.sort_by_key(|m| (m.partition, m.offset));
     Ok(msgs)
 }
@@ -108,8 +116,10 @@ async fn independent_consumer_reads_before_after_op() -> Result<()> {
     .await?;
     let mut service = cluster.spawn("run", 0)?;
     let n1 = cluster.sql(0).await?;
-    n1.batch_execute("INSERT INTO items VALUES (1, 'apple', 12.50, true)").await?;
-    n1.batch_execute("UPDATE items SET name = 'pear', price = 7.125 WHERE id = 1").await?;
+    n1.batch_execute("INSERT INTO items VALUES (1, 'apple', 12.50, true)")
+        .await?;
+    n1.batch_execute("UPDATE items SET name = 'pear', price = 7.125 WHERE id = 1")
+        .await?;
     n1.batch_execute("DELETE FROM items WHERE id = 1").await?;
 
     let topic = cluster.topic_of(0);
@@ -127,7 +137,10 @@ async fn independent_consumer_reads_before_after_op() -> Result<()> {
     let origin = cluster.nodes[0].name.as_str();
     for m in &msgs {
         assert_eq!(m.header("pgferry-origin"), Some(origin), "origin header of {m:?}");
-        assert!(m.header("pgferry-commit-lsn").is_some_and(|l| !l.is_empty()), "commit-lsn header of {m:?}");
+        assert!(
+            m.header("pgferry-commit-lsn").is_some_and(|l| !l.is_empty()),
+            "commit-lsn header of {m:?}"
+        );
     }
 
     let mut reg = Registry::new(&cluster.endpoints.registry);
@@ -174,7 +187,10 @@ async fn independent_consumer_reads_before_after_op() -> Result<()> {
     let subjects = reg.subjects().await?;
     for record in ["Envelope", "Key"] {
         let subject = format!("{topic}-{}.public.items.{record}", cluster.name);
-        assert!(subjects.contains(&subject), "subject {subject} missing from {subjects:?}");
+        assert!(
+            subjects.contains(&subject),
+            "subject {subject} missing from {subjects:?}"
+        );
     }
 
     service.kill();

@@ -34,7 +34,12 @@ async fn start_load(cluster: &Cluster) -> anyhow::Result<tokio::task::JoinHandle
 }
 
 async fn count_log(cluster: &Cluster, node: usize) -> anyhow::Result<i64> {
-    Ok(cluster.sql(node).await?.query_one("SELECT count(*) FROM log", &[]).await?.get(0))
+    Ok(cluster
+        .sql(node)
+        .await?
+        .query_one("SELECT count(*) FROM log", &[])
+        .await?
+        .get(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,7 +49,10 @@ async fn apply_killed_mid_stream_resumes_exactly() -> anyhow::Result<()> {
     let mut apply = cluster.spawn("apply", 1)?;
     let load = start_load(&cluster).await?;
     for threshold in [2_000, 8_000] {
-        wait_until("n2 to be part-way", Duration::from_secs(120), || async { Ok(count_log(&cluster, 1).await? >= threshold) }).await?;
+        wait_until("n2 to be part-way", Duration::from_secs(120), || async {
+            Ok(count_log(&cluster, 1).await? >= threshold)
+        })
+        .await?;
         apply.kill();
         apply = cluster.spawn("apply", 1)?;
     }
@@ -56,7 +64,10 @@ async fn apply_killed_mid_stream_resumes_exactly() -> anyhow::Result<()> {
     let n: i64 = n2.query_one("SELECT n FROM counter", &[]).await?.get(0);
     assert_eq!(n, TXNS);
     // One local transaction per source transaction: never merged, never repeated.
-    let txns: i64 = n2.query_one("SELECT count(DISTINCT xmin::text) FROM log", &[]).await?.get(0);
+    let txns: i64 = n2
+        .query_one("SELECT count(DISTINCT xmin::text) FROM log", &[])
+        .await?
+        .get(0);
     assert_eq!(txns, TXNS);
     assert!(std::fs::read_dir(&cluster.dir)?.count() >= 3, "apply was restarted");
     drop((apply, _capture));
@@ -70,7 +81,10 @@ async fn capture_killed_mid_stream_produces_each_transaction_once() -> anyhow::R
     let _apply = cluster.spawn("apply", 1)?;
     let load = start_load(&cluster).await?;
     for threshold in [3_000, 9_000] {
-        wait_until("n2 to be part-way", Duration::from_secs(120), || async { Ok(count_log(&cluster, 1).await? >= threshold) }).await?;
+        wait_until("n2 to be part-way", Duration::from_secs(120), || async {
+            Ok(count_log(&cluster, 1).await? >= threshold)
+        })
+        .await?;
         capture.kill();
         capture = cluster.spawn("capture", 0)?;
     }

@@ -80,7 +80,11 @@ async fn three_nodes_all_ways_converge_exactly_once() -> anyhow::Result<()> {
         for m in read_topic(&cluster.endpoints.kafka, &topic)? {
             let origin = m.header("pgferry-origin").expect("origin header").to_string();
             let lsn: u64 = m.header("pgferry-commit-lsn").expect("lsn header").parse()?;
-            let e = per_origin.entry(origin).or_default().entry(lsn).or_insert((0, 0, i64::MAX, -1));
+            let e = per_origin
+                .entry(origin)
+                .or_default()
+                .entry(lsn)
+                .or_insert((0, 0, i64::MAX, -1));
             e.0 += 1;
             if m.header("pgferry-txn-last") == Some("1") {
                 e.1 += 1;
@@ -93,10 +97,17 @@ async fn three_nodes_all_ways_converge_exactly_once() -> anyhow::Result<()> {
         let name = &cluster.nodes[i].name;
         let txns = per_origin.get(name).cloned().unwrap_or_default();
         assert_eq!(txns.len() as u64, w.txns, "{name}: transactions in Kafka vs committed");
-        assert_eq!(txns.values().map(|t| t.0).sum::<u64>(), w.row_changes, "{name}: row changes in Kafka");
+        assert_eq!(
+            txns.values().map(|t| t.0).sum::<u64>(),
+            w.row_changes,
+            "{name}: row changes in Kafka"
+        );
         for (lsn, (_events, lasts, first, last_offset)) in &txns {
             assert_eq!(*lasts, 1, "{name} txn {lsn}: one last-event marker");
-            assert!(*last_offset >= *first, "{name} txn {lsn}: last marker on its final event");
+            assert!(
+                *last_offset >= *first,
+                "{name} txn {lsn}: last marker on its final event"
+            );
         }
     }
     assert_eq!(per_origin.len(), 3, "only the three origins produce (no loop)");

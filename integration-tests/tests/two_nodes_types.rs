@@ -69,8 +69,10 @@ async fn two_nodes_one_way_all_common_types() -> anyhow::Result<()> {
     for id in [1i64, 2, 3, 40] {
         for col in &cols {
             let (name, ty): (String, String) = (col.get(0), col.get(1));
-            let on_n1: Option<String> =
-                n1.query_one(&format!("SELECT {name}::text FROM typed WHERE id = $1"), &[&id]).await?.get(0);
+            let on_n1: Option<String> = n1
+                .query_one(&format!("SELECT {name}::text FROM typed WHERE id = $1"), &[&id])
+                .await?
+                .get(0);
             let check = if ty == "json" {
                 format!("SELECT {name}::text IS NOT DISTINCT FROM $1 FROM typed WHERE id = $2")
             } else {

@@ -40,7 +40,10 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
         [0, a, b, c, d, rest @ ..] => Ok((u32::from_be_bytes([*a, *b, *c, *d]), rest)),
         [] => Err(CodecError::Frame("empty message".into())),
         [m, ..] if *m != 0 => Err(CodecError::Frame(format!("magic byte is {m}, expected 0"))),
-        _ => Err(CodecError::Frame(format!("{} bytes, shorter than the 5-byte header", bytes.len()))),
+        _ => Err(CodecError::Frame(format!(
+            "{} bytes, shorter than the 5-byte header",
+            bytes.len()
+        ))),
     }
 }
 
@@ -78,7 +81,12 @@ fn row_value(schemas: &TableSchemas, row: &Row) -> Result<Value, CodecError> {
 
 /// Encodes an event's key and value as Avro datums (without framing).
 pub fn encode_event(schemas: &TableSchemas, ev: &ChangeEvent) -> Result<(Vec<u8>, Vec<u8>), CodecError> {
-    if ev.before.as_ref().or(ev.after.as_ref()).is_some_and(|r| r.len() != schemas.table.columns.len()) {
+    if ev
+        .before
+        .as_ref()
+        .or(ev.after.as_ref())
+        .is_some_and(|r| r.len() != schemas.table.columns.len())
+    {
         return Err(CodecError::Schema(format!(
             "{}: row has a different column count than the schema",
             schemas.namespace
@@ -88,9 +96,15 @@ pub fn encode_event(schemas: &TableSchemas, ev: &ChangeEvent) -> Result<(Vec<u8>
     let mut key_fields = Vec::new();
     for (i, col) in schemas.table.key_columns() {
         let text = key_row.and_then(|r| r[i].as_deref()).ok_or_else(|| {
-            CodecError::Schema(format!("{}: key column {} is NULL or missing", schemas.namespace, col.name))
+            CodecError::Schema(format!(
+                "{}: key column {} is NULL or missing",
+                schemas.namespace, col.name
+            ))
         })?;
-        key_fields.push((schemas.field_names[i].clone(), schemas.kinds[i].to_avro(&col.name, text)?));
+        key_fields.push((
+            schemas.field_names[i].clone(),
+            schemas.kinds[i].to_avro(&col.name, text)?,
+        ));
     }
     let key = write_datum(&schemas.key, Value::Record(key_fields))?;
 
@@ -101,14 +115,20 @@ pub fn encode_event(schemas: &TableSchemas, ev: &ChangeEvent) -> Result<(Vec<u8>
         ("name".into(), Value::String(s.cluster.clone())),
         ("ts_ms".into(), Value::Long(s.commit_ts_us.div_euclid(1000))),
         ("ts_us".into(), Value::Long(s.commit_ts_us)),
-        ("snapshot".into(), Value::String(if ev.op == Op::Read { "true" } else { "false" }.into())),
+        (
+            "snapshot".into(),
+            Value::String(if ev.op == Op::Read { "true" } else { "false" }.into()),
+        ),
         ("db".into(), Value::String(s.db.clone())),
         ("schema".into(), Value::String(schemas.table.schema.clone())),
         ("table".into(), Value::String(schemas.table.name.clone())),
         ("txId".into(), Value::Long(s.tx_id as i64)),
         ("lsn".into(), Value::Long(s.lsn as i64)),
         ("origin".into(), Value::String(s.origin.clone())),
-        ("origin_lsn".into(), nullable(s.origin_lsn.map(|l| Value::Long(l as i64)))),
+        (
+            "origin_lsn".into(),
+            nullable(s.origin_lsn.map(|l| Value::Long(l as i64))),
+        ),
         ("node_id".into(), Value::Int(s.node_id as i32)),
         ("region".into(), Value::String(s.region.clone())),
         ("commit_lsn".into(), Value::Long(s.commit_lsn as i64)),
@@ -128,7 +148,10 @@ pub fn encode_event(schemas: &TableSchemas, ev: &ChangeEvent) -> Result<(Vec<u8>
     let transaction = Value::Record(vec![
         ("id".into(), Value::String(ev.transaction_id())),
         ("total_order".into(), Value::Long(s.txn_seq as i64 + 1)),
-        ("data_collection_order".into(), Value::Long(s.data_collection_order as i64)),
+        (
+            "data_collection_order".into(),
+            Value::Long(s.data_collection_order as i64),
+        ),
     ]);
     let envelope = Value::Record(vec![
         ("before".into(), row(&ev.before)?),
@@ -182,10 +205,20 @@ impl EnvelopeReader {
     pub fn new(schema_json: &str) -> Result<EnvelopeReader, CodecError> {
         let schema = Schema::parse_str(schema_json).map_err(|e| CodecError::Schema(e.to_string()))?;
         let not_ours = |why: &str| CodecError::Schema(format!("not a pgferry change envelope: {why}"));
-        let Schema::Record(env) = &schema else { return Err(not_ours("not a record")) };
-        let before = env.fields.iter().find(|f| f.name == "before").ok_or_else(|| not_ours("no before field"))?;
-        let Schema::Union(u) = &before.schema else { return Err(not_ours("before is not a union")) };
-        let Some(Schema::Record(value)) = u.variants().get(1) else { return Err(not_ours("before has no Value record")) };
+        let Schema::Record(env) = &schema else {
+            return Err(not_ours("not a record"));
+        };
+        let before = env
+            .fields
+            .iter()
+            .find(|f| f.name == "before")
+            .ok_or_else(|| not_ours("no before field"))?;
+        let Schema::Union(u) = &before.schema else {
+            return Err(not_ours("before is not a union"));
+        };
+        let Some(Schema::Record(value)) = u.variants().get(1) else {
+            return Err(not_ours("before has no Value record"));
+        };
         let mut columns = Vec::with_capacity(value.fields.len());
         for f in &value.fields {
             let kind = f
@@ -211,7 +244,9 @@ impl EnvelopeReader {
             .build()
             .and_then(|r| r.read_value(&mut datum))
             .map_err(avro_err)?;
-        let Value::Record(fields) = value else { return Err(CodecError::Avro("envelope is not a record".into())) };
+        let Value::Record(fields) = value else {
+            return Err(CodecError::Avro("envelope is not a record".into()));
+        };
         let mut before = None;
         let mut after = None;
         let mut op = None;
@@ -229,7 +264,9 @@ impl EnvelopeReader {
             Some(Value::String(s)) => Op::from_code(&s).ok_or_else(|| CodecError::Avro(format!("unknown op {s:?}")))?,
             _ => return Err(CodecError::Avro("missing op".into())),
         };
-        let Some(Value::Record(source)) = source else { return Err(CodecError::Avro("missing source".into())) };
+        let Some(Value::Record(source)) = source else {
+            return Err(CodecError::Avro("missing source".into()));
+        };
         let get = |n: &str| source.iter().find(|(k, _)| k == n).map(|(_, v)| v);
         let string = |n: &str| match get(n) {
             Some(Value::String(s)) => Ok(s.clone()),
@@ -253,7 +290,13 @@ impl EnvelopeReader {
             unchanged_toast: match get("unchanged_toast") {
                 Some(Value::Array(a)) => a
                     .iter()
-                    .filter_map(|v| if let Value::String(s) = v { Some(s.clone()) } else { None })
+                    .filter_map(|v| {
+                        if let Value::String(s) = v {
+                            Some(s.clone())
+                        } else {
+                            None
+                        }
+                    })
                     .collect(),
                 _ => Vec::new(),
             },
@@ -267,7 +310,9 @@ impl EnvelopeReader {
         };
         let Value::Record(fields) = v else { return Ok(None) };
         if fields.len() != self.columns.len() {
-            return Err(CodecError::Avro("row has a different field count than its schema".into()));
+            return Err(CodecError::Avro(
+                "row has a different field count than its schema".into(),
+            ));
         }
         let mut row = Vec::with_capacity(fields.len());
         for ((_, v), (col, kind)) in fields.into_iter().zip(&self.columns) {
@@ -300,7 +345,11 @@ mod tests {
         TableDef {
             schema: "public".into(),
             name: "t-1".into(),
-            columns: vec![col("id", "int8", true), col("note", "text", false), col("at", "timestamptz", false)],
+            columns: vec![
+                col("id", "int8", true),
+                col("note", "text", false),
+                col("at", "timestamptz", false),
+            ],
         }
     }
 
@@ -308,7 +357,11 @@ mod tests {
         ChangeEvent {
             op: Op::Update,
             before: Some(vec![Some("7".into()), None, None]),
-            after: Some(vec![Some("7".into()), Some("hi".into()), Some("2024-01-01 00:00:00.5+00".into())]),
+            after: Some(vec![
+                Some("7".into()),
+                Some("hi".into()),
+                Some("2024-01-01 00:00:00.5+00".into()),
+            ]),
             source: SourceInfo {
                 cluster: "c".into(),
                 db: "db".into(),
@@ -337,7 +390,10 @@ mod tests {
         let framed = encode_frame(9, &value);
         let (id, datum) = decode_frame(&framed).unwrap();
         assert_eq!(id, 9);
-        let decoded = EnvelopeReader::new(&schemas.envelope_json).unwrap().decode(datum).unwrap();
+        let decoded = EnvelopeReader::new(&schemas.envelope_json)
+            .unwrap()
+            .decode(datum)
+            .unwrap();
         assert_eq!(decoded.op, Op::Update);
         assert_eq!(decoded.table, "t-1");
         assert_eq!(decoded.commit_lsn, 200);

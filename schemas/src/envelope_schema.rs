@@ -66,8 +66,16 @@ impl TableSchemas {
     /// Avro field name or the table has no key column.
     pub fn new(cluster: &str, table: TableDef) -> Result<TableSchemas, CodecError> {
         let namespace = table_namespace(cluster, &table.schema, &table.name);
-        let kinds: Vec<Kind> = table.columns.iter().map(|c| Kind::for_type_name(&c.type_name)).collect();
-        let field_names: Vec<String> = table.columns.iter().map(|c| crate::naming::avro_safe(&c.name)).collect();
+        let kinds: Vec<Kind> = table
+            .columns
+            .iter()
+            .map(|c| Kind::for_type_name(&c.type_name))
+            .collect();
+        let field_names: Vec<String> = table
+            .columns
+            .iter()
+            .map(|c| crate::naming::avro_safe(&c.name))
+            .collect();
         let mut seen = std::collections::HashSet::new();
         for (name, col) in field_names.iter().zip(&table.columns) {
             if !seen.insert(name) {

@@ -48,6 +48,9 @@ mod tests {
         assert_eq!(avro_safe("Ünï"), "_n_");
         assert_eq!(avro_safe(""), "_");
         assert_eq!(table_namespace("prod", "public", "t x"), "prod.public.t_x");
-        assert_eq!(subject("c.eu.changes", "c.public.t.Envelope"), "c.eu.changes-c.public.t.Envelope");
+        assert_eq!(
+            subject("c.eu.changes", "c.public.t.Envelope"),
+            "c.eu.changes-c.public.t.Envelope"
+        );
     }
 }

@@ -14,7 +14,10 @@ pub struct TimeError {
 }
 
 fn err(what: &'static str, text: &str) -> TimeError {
-    TimeError { what, text: text.chars().take(64).collect() }
+    TimeError {
+        what,
+        text: text.chars().take(64).collect(),
+    }
 }
 
 /// Days of `date` sent as `i32::MAX` for `infinity` and `i32::MIN` for `-infinity`.
@@ -150,15 +153,17 @@ pub fn parse_timestamp(text: &str) -> Result<i64, TimeError> {
         (Some(h), Some(m), Some(s), None) => (h, m, s),
         _ => return Err(err(WHAT, text)),
     };
-    let (h, mi, se) = (parse_num(h, WHAT, text)?, parse_num(mi, WHAT, text)?, parse_num(se, WHAT, text)?);
+    let (h, mi, se) = (
+        parse_num(h, WHAT, text)?,
+        parse_num(mi, WHAT, text)?,
+        parse_num(se, WHAT, text)?,
+    );
     if h > 24 || mi > 59 || se > 60 {
         return Err(err(WHAT, text));
     }
     let micros_frac = match frac {
         None => 0,
-        Some(f) if !f.is_empty() && f.len() <= 6 => {
-            parse_num(f, WHAT, text)? * 10_i64.pow(6 - f.len() as u32)
-        }
+        Some(f) if !f.is_empty() && f.len() <= 6 => parse_num(f, WHAT, text)? * 10_i64.pow(6 - f.len() as u32),
         Some(_) => return Err(err(WHAT, text)),
     };
     let secs = h * 3600 + mi * 60 + se - offset_secs;
@@ -230,7 +235,11 @@ pub fn format_iso_utc(micros: i64) -> String {
     }
     let (days, h, m, s, us) = split_micros(micros);
     let (y, mo, d) = civil_from_days(days);
-    let year = if y < 0 { format!("-{:04}", -y) } else { format!("{y:04}") };
+    let year = if y < 0 {
+        format!("-{:04}", -y)
+    } else {
+        format!("{y:04}")
+    };
     format!("{year}-{mo:02}-{d:02}T{}Z", format_clock(h, m, s, us))
 }
 
@@ -291,10 +300,14 @@ mod tests {
             assert_eq!(format_timestamp(us, false), text);
             assert_eq!(parse_iso_utc(&format_iso_utc(us)).unwrap(), us, "{text}");
         }
-        assert_eq!(parse_timestamp("2024-01-02 03:04:05.123456+00").unwrap(),
-                   parse_timestamp("2024-01-02 03:04:05.123456").unwrap());
-        assert_eq!(parse_timestamp("2024-01-02 05:34:05+02:30").unwrap(),
-                   parse_timestamp("2024-01-02 03:04:05").unwrap());
+        assert_eq!(
+            parse_timestamp("2024-01-02 03:04:05.123456+00").unwrap(),
+            parse_timestamp("2024-01-02 03:04:05.123456").unwrap()
+        );
+        assert_eq!(
+            parse_timestamp("2024-01-02 05:34:05+02:30").unwrap(),
+            parse_timestamp("2024-01-02 03:04:05").unwrap()
+        );
         assert_eq!(format_timestamp(0, true), "1970-01-01 00:00:00+00");
         assert_eq!(format_iso_utc(1_500), "1970-01-01T00:00:00.0015Z");
         assert_eq!(parse_timestamp("infinity").unwrap(), TS_POS_INFINITY);

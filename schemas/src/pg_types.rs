@@ -60,10 +60,20 @@ pub enum Kind {
 pub enum TypeError {
     /// The text form could not be read as the column's type.
     #[error("column {column}: {kind:?} value {text:?} cannot be represented: {reason}")]
-    BadText { column: String, kind: Kind, text: String, reason: String },
+    BadText {
+        column: String,
+        kind: Kind,
+        text: String,
+        reason: String,
+    },
     /// The Avro value has a different type than the column's mapping.
     #[error("column {column}: expected Avro {expected} for {kind:?}, found {found}")]
-    BadAvro { column: String, kind: Kind, expected: &'static str, found: String },
+    BadAvro {
+        column: String,
+        kind: Kind,
+        expected: &'static str,
+        found: String,
+    },
 }
 
 impl Kind {
@@ -108,8 +118,18 @@ impl Kind {
     /// Inverse of [`Kind::name`].
     pub fn from_name(name: &str) -> Option<Kind> {
         [
-            Kind::Boolean, Kind::Int16, Kind::Int32, Kind::Int64, Kind::Float32, Kind::Float64,
-            Kind::Date, Kind::Timestamp, Kind::TimestampTz, Kind::Bytes, Kind::Uuid, Kind::Json,
+            Kind::Boolean,
+            Kind::Int16,
+            Kind::Int32,
+            Kind::Int64,
+            Kind::Float32,
+            Kind::Float64,
+            Kind::Date,
+            Kind::Timestamp,
+            Kind::TimestampTz,
+            Kind::Bytes,
+            Kind::Uuid,
+            Kind::Json,
             Kind::Text,
         ]
         .into_iter()
@@ -126,8 +146,12 @@ impl Kind {
             Kind::Float32 => json!("float"),
             Kind::Float64 => json!("double"),
             Kind::Date => json!({"type": "int", "connect.version": 1, "connect.name": "io.debezium.time.Date"}),
-            Kind::Timestamp => json!({"type": "long", "connect.version": 1, "connect.name": "io.debezium.time.MicroTimestamp"}),
-            Kind::TimestampTz => json!({"type": "string", "connect.version": 1, "connect.name": "io.debezium.time.ZonedTimestamp"}),
+            Kind::Timestamp => {
+                json!({"type": "long", "connect.version": 1, "connect.name": "io.debezium.time.MicroTimestamp"})
+            }
+            Kind::TimestampTz => {
+                json!({"type": "string", "connect.version": 1, "connect.name": "io.debezium.time.ZonedTimestamp"})
+            }
             Kind::Bytes => json!("bytes"),
             Kind::Uuid => json!({"type": "string", "connect.version": 1, "connect.name": "io.debezium.data.Uuid"}),
             Kind::Json => json!({"type": "string", "connect.version": 1, "connect.name": "io.debezium.data.Json"}),
@@ -159,7 +183,9 @@ impl Kind {
                 pg_time::parse_timestamp(text).map_err(|e| bad(e.to_string()))?,
             )),
             Kind::Bytes => {
-                let hex_digits = text.strip_prefix("\\x").ok_or_else(|| bad("expected \\x hex form".into()))?;
+                let hex_digits = text
+                    .strip_prefix("\\x")
+                    .ok_or_else(|| bad("expected \\x hex form".into()))?;
                 Value::Bytes(hex::decode(hex_digits).map_err(|e| bad(e.to_string()))?)
             }
             Kind::Uuid | Kind::Json | Kind::Text => Value::String(text.to_string()),
@@ -182,10 +208,9 @@ impl Kind {
             (Kind::Float64, Value::Double(f)) => format_float(*f, f.to_string()),
             (Kind::Date, Value::Int(d)) => pg_time::format_date(*d),
             (Kind::Timestamp, Value::Long(us)) => pg_time::format_timestamp(*us, false),
-            (Kind::TimestampTz, Value::String(s)) => pg_time::format_timestamp(
-                pg_time::parse_iso_utc(s).map_err(|_| bad("ISO-8601 UTC string"))?,
-                true,
-            ),
+            (Kind::TimestampTz, Value::String(s)) => {
+                pg_time::format_timestamp(pg_time::parse_iso_utc(s).map_err(|_| bad("ISO-8601 UTC string"))?, true)
+            }
             (Kind::Bytes, Value::Bytes(b)) => format!("\\x{}", hex::encode(b)),
             (Kind::Uuid | Kind::Json | Kind::Text, Value::String(s)) => s.clone(),
             (Kind::Boolean, _) => return Err(bad("boolean")),
