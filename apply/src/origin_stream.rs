@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use pgferry_connectors::kafka::{header, HEADER_COMMIT_LSN, HEADER_ORIGIN};
+use pgferry_connectors::kafka::{header, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN};
 use pgferry_connectors::postgres::PgSession;
 use pgferry_connectors::registry::Registry;
 use pgferry_schemas::codec::{decode_frame, EnvelopeReader};
@@ -132,6 +132,13 @@ impl OriginStream {
                     offset,
                     format!("message from origin {other:?} in {}'s partition", self.origin),
                 ));
+            }
+        }
+        match header(msg, HEADER_KIND) {
+            Some("change") => {}
+            Some("heartbeat") if open.is_none() => return Ok(()),
+            other => {
+                return Err(self.stream_err(offset, format!("unexpected message kind {other:?}")));
             }
         }
         let commit_lsn: u64 = header(msg, HEADER_COMMIT_LSN)

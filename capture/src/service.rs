@@ -10,6 +10,8 @@ use pgferry_connectors::registry::Registry;
 use pgferry_connectors::replication::{Confirmer, LogicalReplicationMessage, TupleData, WalMessage, WalStream};
 use pgferry_schemas::codec::{encode_event, encode_frame};
 use pgferry_schemas::event::Row;
+use pgferry_schemas::heartbeat::{Heartbeat, HEARTBEAT_NAME, HEARTBEAT_SCHEMA};
+use pgferry_schemas::naming::subject;
 use pgferry_schemas::{ChangeEvent, Op, SourceInfo};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
@@ -28,6 +30,8 @@ pub struct CaptureOptions {
     pub max_batch_age: Duration,
     /// Messages read ahead from PostgreSQL.
     pub read_ahead: usize,
+    /// How often capture writes a heartbeat into the WAL (and so into its partition).
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for CaptureOptions {
@@ -36,6 +40,7 @@ impl Default for CaptureOptions {
             max_batch_txns: 2000,
             max_batch_age: Duration::from_millis(50),
             read_ahead: 4096,
+            heartbeat_interval: Duration::from_secs(5),
         }
     }
 }
@@ -116,10 +121,21 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     };
     tracing::info!(node = %node.name, %topic, partition, last_produced_commit_lsn = ?last_lsn, "capture starting");
 
+    let registry = Registry::new(&config.registry.url);
+    let heartbeat_id = registry
+        .register(&subject(&topic, HEARTBEAT_NAME), HEARTBEAT_NAME, HEARTBEAT_SCHEMA)
+        .await?;
+    let heartbeat_schema = Heartbeat::schema().map_err(|source| CaptureError::Encode {
+        table: HEARTBEAT_NAME.into(),
+        source,
+    })?;
     let stream = WalStream::start(&node.dsn, &slot, publication_name()).await?;
     let (rx, confirmer) = stream.into_channel(options.read_ahead);
+    let _heartbeats = AbortOnDrop(tokio::spawn(emit_heartbeats(node.clone(), options.heartbeat_interval)));
     let mut capture = Capture {
-        relations: Relations::new(&config.cluster.name, &topic, Registry::new(&config.registry.url)),
+        relations: Relations::new(&config.cluster.name, &topic, registry),
+        heartbeat_id,
+        heartbeat_schema,
         config,
         node,
         db,
@@ -144,7 +160,49 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     result
 }
 
+/// Prefix of the logical messages capture writes as heartbeats.
+const HEARTBEAT_PREFIX: &str = "pgferry.heartbeat";
+
+/// Writes a non-transactional logical message every `interval`, so the slot has something to
+/// confirm on an idle database. Failures are logged; the next tick tries again.
+async fn emit_heartbeats(node: NodeConfig, interval: Duration) {
+    let mut session = None;
+    loop {
+        tokio::time::sleep(interval).await;
+        if session.is_none() {
+            match postgres::connect(&node.dsn, &format!("pgferry-heartbeat-{}", node.name)).await {
+                Ok(s) => session = Some(s),
+                Err(e) => {
+                    tracing::warn!(node = %node.name, error = %e, "heartbeat: cannot connect");
+                    continue;
+                }
+            }
+        }
+        if let Some(s) = &session {
+            if let Err(e) = s
+                .client
+                .execute("SELECT pg_logical_emit_message(false, $1, '')", &[&HEARTBEAT_PREFIX])
+                .await
+            {
+                tracing::warn!(node = %node.name, error = %e, "heartbeat failed");
+                session = None;
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Capture {
+    heartbeat_id: u32,
+    heartbeat_schema: apache_avro::Schema,
     config: Arc<Config>,
     node: NodeConfig,
     db: String,
@@ -262,6 +320,11 @@ impl Capture {
                     self.confirmer.confirm(end_lsn);
                 }
             }
+            LogicalReplicationMessage::Message { ref prefix, lsn, .. }
+                if prefix == HEARTBEAT_PREFIX && self.txn.is_none() =>
+            {
+                self.heartbeat(lsn, msg.wal_end)?;
+            }
             LogicalReplicationMessage::Truncate { .. } => {
                 tracing::warn!(node = %self.node.name, "TRUNCATE is not replicated yet; skipped");
             }
@@ -346,6 +409,36 @@ impl Capture {
         })?;
         let key = encode_frame(rel.key_id, &key);
         let value = encode_frame(rel.value_id, &value);
+        let commit_lsn = p.event.source.commit_lsn;
+        self.send(Some(&key), &value, "change", commit_lsn, last)
+    }
+
+    /// Produces a heartbeat for the non-transactional message at `lsn` (ending at `end_lsn`).
+    /// Every transaction committed before it has been read, so `lsn` counts as produced.
+    fn heartbeat(&mut self, lsn: u64, end_lsn: u64) -> Result<(), CaptureError> {
+        let hb = Heartbeat {
+            origin: self.node.name.clone(),
+            node_id: self.node.id,
+            region: self.node.region.clone(),
+            ts_us: now_ms() * 1000,
+            lsn,
+        };
+        let value = hb
+            .encode(&self.heartbeat_schema)
+            .map_err(|source| CaptureError::Encode {
+                table: HEARTBEAT_NAME.into(),
+                source,
+            })?;
+        let value = encode_frame(self.heartbeat_id, &value);
+        self.send(None, &value, "heartbeat", lsn, false)?;
+        self.last_lsn = self.last_lsn.max(lsn);
+        self.batch_end_lsn = end_lsn;
+        Ok(())
+    }
+
+    /// Produces one message to the node's partition inside the open Kafka transaction
+    /// (beginning one if needed).
+    fn send(&mut self, key: Option<&[u8]>, value: &[u8], kind: &str, lsn: u64, last: bool) -> Result<(), CaptureError> {
         if !self.kafka_txn_open {
             let producer = &self.producer;
             tokio::task::block_in_place(|| producer.begin_transaction())
@@ -354,7 +447,7 @@ impl Capture {
             self.batch_txns = 0;
             self.batch_started = Instant::now();
         }
-        let lsn_text = p.event.source.commit_lsn.to_string();
+        let lsn_text = lsn.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header {
                 key: HEADER_ORIGIN,
@@ -366,7 +459,7 @@ impl Capture {
             })
             .insert(Header {
                 key: HEADER_KIND,
-                value: Some("change"),
+                value: Some(kind),
             });
         if last {
             headers = headers.insert(Header {
@@ -374,11 +467,13 @@ impl Capture {
                 value: Some("1"),
             });
         }
-        let mut record = BaseRecord::to(&self.topic)
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic)
             .partition(self.partition)
-            .key(&key)
-            .payload(&value)
+            .payload(value)
             .headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),

@@ -139,6 +139,9 @@ impl WalStream {
         tokio::spawn(async move {
             loop {
                 let item = self.next().await;
+                // pg_walstream checks for due feedback only every 128 frames; on a quiet stream
+                // (heartbeats only) that would hold confirmed positions back for minutes.
+                self.stream.maybe_send_feedback().await;
                 let failed = item.is_err();
                 if tx.send(item).await.is_err() || failed {
                     break;

@@ -97,7 +97,10 @@ async fn capture_killed_mid_stream_produces_each_transaction_once() -> anyhow::R
     let messages = read_topic(&cluster.endpoints.kafka, &cluster.topic_of(0))?;
     let mut txns: BTreeMap<u64, (u32, u32)> = BTreeMap::new();
     let mut previous = 0u64;
-    for m in messages.iter().filter(|m| m.partition == 0) {
+    for m in messages
+        .iter()
+        .filter(|m| m.partition == 0 && m.header("pgferry-kind") == Some("change"))
+    {
         let lsn: u64 = m.header("pgferry-commit-lsn").expect("commit lsn").parse()?;
         assert!(lsn >= previous, "commit LSNs out of order at offset {}", m.offset);
         previous = lsn;

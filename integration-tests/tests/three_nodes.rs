@@ -77,7 +77,10 @@ async fn three_nodes_all_ways_converge_exactly_once() -> anyhow::Result<()> {
     // Every source transaction exactly once in the topics, whole, from its own origin only.
     let mut per_origin: HashMap<String, BTreeMap<u64, (u64, u64, i64, i64)>> = HashMap::new();
     for topic in [cluster.topic_of(0), cluster.topic_of(2)] {
-        for m in read_topic(&cluster.endpoints.kafka, &topic)? {
+        for m in read_topic(&cluster.endpoints.kafka, &topic)?
+            .into_iter()
+            .filter(|m| m.header("pgferry-kind") == Some("change"))
+        {
             let origin = m.header("pgferry-origin").expect("origin header").to_string();
             let lsn: u64 = m.header("pgferry-commit-lsn").expect("lsn header").parse()?;
             let e = per_origin

@@ -58,7 +58,8 @@ fn avro_err(e: apache_avro::Error) -> CodecError {
     CodecError::Avro(e.to_string())
 }
 
-fn write_datum(schema: &Schema, value: Value) -> Result<Vec<u8>, CodecError> {
+/// Encodes `value` as an Avro datum of `schema` (validated).
+pub fn avro_datum(schema: &Schema, value: Value) -> Result<Vec<u8>, CodecError> {
     apache_avro::writer::datum::GenericDatumWriter::builder(schema)
         .build()
         .and_then(|w| w.write_value_to_vec(value))
@@ -106,7 +107,7 @@ pub fn encode_event(schemas: &TableSchemas, ev: &ChangeEvent) -> Result<(Vec<u8>
             schemas.kinds[i].to_avro(&col.name, text)?,
         ));
     }
-    let key = write_datum(&schemas.key, Value::Record(key_fields))?;
+    let key = avro_datum(&schemas.key, Value::Record(key_fields))?;
 
     let s = &ev.source;
     let source = Value::Record(vec![
@@ -161,7 +162,7 @@ pub fn encode_event(schemas: &TableSchemas, ev: &ChangeEvent) -> Result<(Vec<u8>
         ("ts_ms".into(), nullable(Some(Value::Long(ev.ts_ms)))),
         ("transaction".into(), nullable(Some(transaction))),
     ]);
-    let value = write_datum(&schemas.envelope, envelope)?;
+    let value = avro_datum(&schemas.envelope, envelope)?;
     Ok((key, value))
 }
 

@@ -12,6 +12,7 @@
 pub mod codec;
 pub mod envelope_schema;
 pub mod event;
+pub mod heartbeat;
 pub mod naming;
 pub mod pg_time;
 pub mod pg_types;

@@ -1,0 +1,69 @@
+//! An idle database: with no writes for 60 s, capture's heartbeats keep the slot's
+//! confirmed_flush_lsn advancing and the WAL the slot retains stays small.
+
+use std::time::{Duration, Instant};
+
+use pgferry_integration_tests::{read_topic, wait_until, Cluster};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slot_keeps_advancing() -> anyhow::Result<()> {
+    let cluster = Cluster::start(
+        "idle",
+        &["r1", "r1"],
+        "CREATE TABLE t (id int PRIMARY KEY)",
+        &["public.t"],
+    )
+    .await?;
+    let _capture = cluster.spawn("capture", 0)?;
+    let n1 = cluster.sql(0).await?;
+    let slot = format!("pgferry_{}", cluster.nodes[0].name);
+    let position = || async {
+        let row = n1
+            .query_one(
+                "SELECT (confirmed_flush_lsn - '0/0')::text, (pg_current_wal_lsn() - restart_lsn)::bigint
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?;
+        anyhow::Ok((row.get::<_, String>(0).parse::<u64>()?, row.get::<_, i64>(1)))
+    };
+    let (start, _) = position().await?;
+    wait_until("a first confirmed heartbeat", Duration::from_secs(30), || async {
+        Ok(position().await?.0 > start)
+    })
+    .await?;
+
+    let began = Instant::now();
+    let (mut last, _) = position().await?;
+    let mut advances = 0;
+    let mut max_retained = 0;
+    while began.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (confirmed, retained) = position().await?;
+        assert!(confirmed >= last, "confirmed_flush_lsn went backwards");
+        if confirmed > last {
+            advances += 1;
+        }
+        last = confirmed;
+        max_retained = max_retained.max(retained);
+    }
+    assert!(
+        advances >= 5,
+        "confirmed_flush_lsn advanced only {advances} times in 60 s of idleness"
+    );
+    assert!(
+        max_retained < 16 * 1024 * 1024,
+        "slot retained {max_retained} bytes of WAL while idle"
+    );
+
+    // The heartbeats are in the node's partition, and no change event was produced.
+    let messages = read_topic(&cluster.endpoints.kafka, &cluster.topic_of(0))?;
+    let heartbeats = messages
+        .iter()
+        .filter(|m| m.header("pgferry-kind") == Some("heartbeat"))
+        .count();
+    assert!(heartbeats >= 10, "only {heartbeats} heartbeats in 60+ s");
+    assert!(messages.iter().all(|m| m.header("pgferry-kind") == Some("heartbeat")));
+    drop(_capture);
+    cluster.cleanup().await
+}
