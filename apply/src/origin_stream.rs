@@ -9,6 +9,8 @@ use pgferry_connectors::kafka::{header, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_O
 use pgferry_connectors::postgres::PgSession;
 use pgferry_connectors::registry::Registry;
 use pgferry_schemas::codec::{decode_frame, EnvelopeReader};
+use pgferry_schemas::truncate::Truncate;
+use pgferry_schemas::CodecError;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::DefaultConsumerContext;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -35,6 +37,8 @@ pub struct OriginStream {
     pub registry: Registry,
     /// Writer schema id → decoder.
     pub readers: HashMap<u32, Arc<EnvelopeReader>>,
+    /// Writer schema id → parsed truncate schema.
+    pub truncate_schemas: HashMap<u32, Arc<apache_avro::Schema>>,
     /// Local node name (for logs).
     pub node: String,
     /// Statements prepared by [`OriginStream::prepare`].
@@ -45,6 +49,12 @@ pub struct OriginStream {
 pub struct SessionStatements {
     xact_setup: tokio_postgres::Statement,
     progress: tokio_postgres::Statement,
+}
+
+/// One decoded message of a source transaction.
+enum Item {
+    Change(pgferry_schemas::DecodedEvent),
+    Truncate(Truncate),
 }
 
 /// The source transaction being applied.
@@ -134,8 +144,9 @@ impl OriginStream {
                 ));
             }
         }
-        match header(msg, HEADER_KIND) {
-            Some("change") => {}
+        let kind = header(msg, HEADER_KIND);
+        match kind {
+            Some("change" | "truncate") => {}
             Some("heartbeat") if open.is_none() => return Ok(()),
             other => {
                 return Err(self.stream_err(offset, format!("unexpected message kind {other:?}")));
@@ -169,16 +180,34 @@ impl OriginStream {
             source,
         };
         let (schema_id, datum) = decode_frame(payload).map_err(decode_err)?;
-        let reader = match self.readers.get(&schema_id) {
-            Some(r) => r.clone(),
-            None => {
-                let text = self.registry.schema(schema_id).await?;
-                let r = Arc::new(EnvelopeReader::new(&text).map_err(decode_err)?);
-                self.readers.insert(schema_id, r.clone());
-                r
-            }
+        let writer_schema = self.registry.schema(schema_id).await?;
+        let item = if kind == Some("truncate") {
+            let schema = match self.truncate_schemas.get(&schema_id) {
+                Some(s) => s.clone(),
+                None => {
+                    let parsed = apache_avro::Schema::parse_str(&writer_schema)
+                        .map_err(|e| decode_err(CodecError::Schema(e.to_string())))?;
+                    let parsed = Arc::new(parsed);
+                    self.truncate_schemas.insert(schema_id, parsed.clone());
+                    parsed
+                }
+            };
+            Item::Truncate(Truncate::decode(&schema, datum).map_err(decode_err)?)
+        } else {
+            let reader = match self.readers.get(&schema_id) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = Arc::new(EnvelopeReader::new(&writer_schema).map_err(decode_err)?);
+                    self.readers.insert(schema_id, r.clone());
+                    r
+                }
+            };
+            Item::Change(reader.decode(datum).map_err(decode_err)?)
         };
-        let ev = reader.decode(datum).map_err(decode_err)?;
+        let (commit_ts_us, txn_last) = match &item {
+            Item::Change(ev) => (ev.commit_ts_us, ev.txn_last),
+            Item::Truncate(t) => (t.ts_us, t.txn_last),
+        };
         if open.is_none() {
             // BEGIN and the origin set-up go out together (tokio-postgres pipelines futures
             // polled together); one round trip instead of two.
@@ -189,17 +218,22 @@ impl OriginStream {
                 .statements
                 .as_ref()
                 .ok_or_else(|| self.stream_err(offset, "session not prepared".into()))?;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&lsn, &ev.commit_ts_us];
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&lsn, &commit_ts_us];
             let setup = self.sql.client.execute(&stmts.xact_setup, &params);
             futures::try_join!(self.sql.client.batch_execute("BEGIN"), setup)
                 .map_err(self.sql.err("beginning a transaction under the replication origin"))?;
             *open = Some(OpenTxn { commit_lsn });
         }
-        if self.writer.apply(&self.sql, &ev).await? == Outcome::Missing {
-            tracing::warn!(node = %self.node, origin = %self.origin, table = %format!("{}.{}", ev.schema, ev.table),
-                op = ev.op.code(), lsn = %format_lsn(commit_lsn), "row to change is missing locally; change skipped");
+        match &item {
+            Item::Change(ev) => {
+                if self.writer.apply(&self.sql, ev).await? == Outcome::Missing {
+                    tracing::warn!(node = %self.node, origin = %self.origin, table = %format!("{}.{}", ev.schema, ev.table),
+                        op = ev.op.code(), lsn = %format_lsn(commit_lsn), "row to change is missing locally; change skipped");
+                }
+            }
+            Item::Truncate(t) => self.writer.truncate(&self.sql, t).await?,
         }
-        if ev.txn_last {
+        if txn_last {
             // Progress and COMMIT pipelined: if the progress write fails, the transaction is
             // aborted, COMMIT rolls it back, and the write's error is what try_join returns.
             let lsn = format_lsn(commit_lsn);
@@ -207,14 +241,8 @@ impl OriginStream {
                 .statements
                 .as_ref()
                 .ok_or_else(|| self.stream_err(offset, "session not prepared".into()))?;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
-                &self.origin,
-                &self.topic,
-                &self.partition,
-                &offset,
-                &lsn,
-                &ev.commit_ts_us,
-            ];
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                [&self.origin, &self.topic, &self.partition, &offset, &lsn, &commit_ts_us];
             let record = self.sql.client.execute(&stmts.progress, &params);
             futures::try_join!(record, self.sql.client.batch_execute("COMMIT"))
                 .map_err(self.sql.err("recording pgferry.apply_progress and committing"))?;

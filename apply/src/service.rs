@@ -64,6 +64,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -
             writer: Writer::new(&remote.name, config.tables()),
             registry: registry.clone(),
             readers: Default::default(),
+            truncate_schemas: Default::default(),
             node: node.name.clone(),
             statements: None,
         });

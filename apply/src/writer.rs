@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use pgferry_connectors::postgres::{quote_ident, PgSession};
+use pgferry_schemas::truncate::Truncate;
 use pgferry_schemas::{DecodedEvent, Op};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
@@ -100,6 +101,31 @@ impl Writer {
             );
         }
         Ok(&self.tables[&id])
+    }
+
+    /// Truncates a table inside the caller's open transaction. Tables the origin truncated by
+    /// CASCADE arrive as their own events, so the local statement never cascades: it cannot
+    /// reach tables outside the replication set.
+    pub async fn truncate(&mut self, sql: &PgSession, t: &Truncate) -> Result<(), ApplyError> {
+        let id = (t.schema.clone(), t.table.clone());
+        if !self.allowed.contains(&id) {
+            return Err(ApplyError::Write {
+                origin: self.origin.clone(),
+                table: format!("{}.{}", t.schema, t.table),
+                message: "not in this node's replication set".into(),
+            });
+        }
+        let restart = if t.restart_identity { " RESTART IDENTITY" } else { "" };
+        let stmt = format!(
+            "TRUNCATE TABLE {}.{}{restart}",
+            quote_ident(&t.schema),
+            quote_ident(&t.table)
+        );
+        sql.client
+            .batch_execute(&stmt)
+            .await
+            .map_err(sql.err(format!("truncating {}.{}", t.schema, t.table)))?;
+        Ok(())
     }
 
     /// Writes one change inside the caller's open transaction.

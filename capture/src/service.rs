@@ -12,6 +12,7 @@ use pgferry_schemas::codec::{encode_event, encode_frame};
 use pgferry_schemas::event::Row;
 use pgferry_schemas::heartbeat::{Heartbeat, HEARTBEAT_NAME, HEARTBEAT_SCHEMA};
 use pgferry_schemas::naming::subject;
+use pgferry_schemas::truncate::{Truncate, TRUNCATE_NAME, TRUNCATE_SCHEMA};
 use pgferry_schemas::{ChangeEvent, Op, SourceInfo};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer};
@@ -70,9 +71,9 @@ struct SourceTxn {
     pending: Option<Pending>,
 }
 
-struct Pending {
-    relation_id: u32,
-    event: ChangeEvent,
+enum Pending {
+    Change { relation_id: u32, event: ChangeEvent },
+    Truncate(Truncate),
 }
 
 /// Runs capture for `node_name` until an error (the caller restarts it with backoff).
@@ -129,6 +130,13 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         table: HEARTBEAT_NAME.into(),
         source,
     })?;
+    let truncate_id = registry
+        .register(&subject(&topic, TRUNCATE_NAME), TRUNCATE_NAME, TRUNCATE_SCHEMA)
+        .await?;
+    let truncate_schema = Truncate::schema().map_err(|source| CaptureError::Encode {
+        table: TRUNCATE_NAME.into(),
+        source,
+    })?;
     let stream = WalStream::start(&node.dsn, &slot, publication_name()).await?;
     let (rx, confirmer) = stream.into_channel(options.read_ahead);
     let _heartbeats = AbortOnDrop(tokio::spawn(emit_heartbeats(node.clone(), options.heartbeat_interval)));
@@ -136,6 +144,8 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         relations: Relations::new(&config.cluster.name, &topic, registry),
         heartbeat_id,
         heartbeat_schema,
+        truncate_id,
+        truncate_schema,
         config,
         node,
         db,
@@ -203,6 +213,8 @@ impl Drop for AbortOnDrop {
 struct Capture {
     heartbeat_id: u32,
     heartbeat_schema: apache_avro::Schema,
+    truncate_id: u32,
+    truncate_schema: apache_avro::Schema,
     config: Arc<Config>,
     node: NodeConfig,
     db: String,
@@ -325,8 +337,11 @@ impl Capture {
             {
                 self.heartbeat(lsn, msg.wal_end)?;
             }
-            LogicalReplicationMessage::Truncate { .. } => {
-                tracing::warn!(node = %self.node.name, "TRUNCATE is not replicated yet; skipped");
+            LogicalReplicationMessage::Truncate {
+                ref relation_ids,
+                flags,
+            } => {
+                self.truncate(relation_ids, flags)?;
             }
             _ => {}
         }
@@ -394,23 +409,65 @@ impl Capture {
             ts_ms: now_ms(),
         };
         txn.produced += 1;
-        if let Some(prev) = txn.pending.replace(Pending { relation_id, event }) {
+        if let Some(prev) = txn.pending.replace(Pending::Change { relation_id, event }) {
             self.produce(prev, false)?;
         }
         Ok(())
     }
 
-    fn produce(&mut self, mut p: Pending, last: bool) -> Result<(), CaptureError> {
-        p.event.source.txn_last = last;
-        let rel = self.relations.get(p.relation_id)?;
-        let (key, value) = encode_event(&rel.schemas, &p.event).map_err(|source| CaptureError::Encode {
-            table: rel.display.clone(),
-            source,
-        })?;
-        let key = encode_frame(rel.key_id, &key);
-        let value = encode_frame(rel.value_id, &value);
-        let commit_lsn = p.event.source.commit_lsn;
-        self.send(Some(&key), &value, "change", commit_lsn, last)
+    fn produce(&mut self, p: Pending, last: bool) -> Result<(), CaptureError> {
+        match p {
+            Pending::Change { relation_id, mut event } => {
+                event.source.txn_last = last;
+                let rel = self.relations.get(relation_id)?;
+                let (key, value) = encode_event(&rel.schemas, &event).map_err(|source| CaptureError::Encode {
+                    table: rel.display.clone(),
+                    source,
+                })?;
+                let key = encode_frame(rel.key_id, &key);
+                let value = encode_frame(rel.value_id, &value);
+                self.send(Some(&key), &value, "change", event.source.commit_lsn, last)
+            }
+            Pending::Truncate(mut t) => {
+                t.txn_last = last;
+                let value = t.encode(&self.truncate_schema).map_err(|source| CaptureError::Encode {
+                    table: format!("{}.{}", t.schema, t.table),
+                    source,
+                })?;
+                let value = encode_frame(self.truncate_id, &value);
+                self.send(None, &value, "truncate", t.commit_lsn, last)
+            }
+        }
+    }
+
+    /// Queues one truncate event per truncated table (pgoutput lists them in one message).
+    fn truncate(&mut self, relation_ids: &[u32], flags: u8) -> Result<(), CaptureError> {
+        for &relation_id in relation_ids {
+            let Some(txn) = self.txn.as_mut() else {
+                return Err(CaptureError::Protocol("TRUNCATE outside a transaction".into()));
+            };
+            if txn.skip {
+                return Ok(());
+            }
+            let table = &self.relations.get(relation_id)?.schemas.table;
+            let t = Truncate {
+                origin: self.node.name.clone(),
+                node_id: self.node.id,
+                schema: table.schema.clone(),
+                table: table.name.clone(),
+                cascade: flags & 1 != 0,
+                restart_identity: flags & 2 != 0,
+                commit_lsn: txn.commit_lsn,
+                ts_us: txn.commit_ts_us,
+                txn_seq: txn.produced,
+                txn_last: false,
+            };
+            txn.produced += 1;
+            if let Some(prev) = txn.pending.replace(Pending::Truncate(t)) {
+                self.produce(prev, false)?;
+            }
+        }
+        Ok(())
     }
 
     /// Produces a heartbeat for the non-transactional message at `lsn` (ending at `end_lsn`).

@@ -16,6 +16,7 @@ pub mod heartbeat;
 pub mod naming;
 pub mod pg_time;
 pub mod pg_types;
+pub mod truncate;
 
 pub use codec::{decode_frame, encode_event, encode_frame, CodecError, DecodedEvent, EnvelopeReader};
 pub use envelope_schema::TableSchemas;
