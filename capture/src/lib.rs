@@ -6,6 +6,8 @@
 //! region topic. The slot position is confirmed only after the Kafka transaction holding that
 //! commit is committed; after a restart, transactions at or below the last commit LSN found in
 //! the partition are skipped, so each source transaction is in Kafka exactly once.
+//! TRUNCATE travels as a fixed `pgferry.Truncate` record in transaction order; a heartbeat
+//! record every few seconds keeps an idle slot advancing.
 
 mod error;
 mod relations;

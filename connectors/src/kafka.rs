@@ -19,7 +19,7 @@ use crate::config::KafkaConfig;
 pub const HEADER_ORIGIN: &str = "pgferry-origin";
 /// Header with the origin commit LSN (decimal) of every message.
 pub const HEADER_COMMIT_LSN: &str = "pgferry-commit-lsn";
-/// Header with the kind of message: `change` (later also `heartbeat`, `ddl`, `truncate`).
+/// Header with the kind of message: `change`, `truncate` or `heartbeat` (later `ddl`).
 pub const HEADER_KIND: &str = "pgferry-kind";
 /// Header present (`1`) on the last message of a source transaction.
 pub const HEADER_TXN_LAST: &str = "pgferry-txn-last";
