@@ -210,7 +210,9 @@ pub struct QuietEof;
 
 impl rdkafka::ClientContext for QuietEof {
     fn error(&self, error: RdError, reason: &str) {
-        if !matches!(error, RdError::PartitionEOF(_)) {
+        let eof = matches!(error, RdError::PartitionEOF(_))
+            || matches!(error, RdError::Global(RDKafkaErrorCode::PartitionEOF));
+        if !eof {
             tracing::error!(error = %error, reason, "librdkafka");
         }
     }

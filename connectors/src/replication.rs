@@ -51,7 +51,7 @@ pub struct WalStream {
 
 /// Adds `replication=database` and pgferry's session settings (UTC, ISO dates) to a DSN.
 fn replication_dsn(dsn: &str) -> String {
-    const OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=1";
+    const OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=iso_8601 -c extra_float_digits=1";
     if dsn.starts_with("postgres://") || dsn.starts_with("postgresql://") {
         let sep = if dsn.contains('?') { '&' } else { '?' };
         let enc = OPTIONS.replace(' ', "%20").replace('=', "%3D").replace(',', "%2C");

@@ -420,3 +420,48 @@ mod tests {
         assert!(TableSchemas::new("c", no_key).is_err());
     }
 }
+
+#[cfg(test)]
+mod kind_attribute_tests {
+    use super::*;
+    use crate::event::{ColumnDef, TableDef};
+
+    #[test]
+    fn every_mapped_type_is_readable_back() {
+        let col = |name: &str, ty: &str, key| ColumnDef {
+            name: name.into(),
+            type_name: ty.into(),
+            sql_type: ty.into(),
+            key,
+        };
+        let table = TableDef {
+            schema: "public".into(),
+            name: "w".into(),
+            columns: [
+                "int4",
+                "bool",
+                "int2",
+                "int8",
+                "float4",
+                "float8",
+                "date",
+                "timestamp",
+                "timestamptz",
+                "time",
+                "interval",
+                "bytea",
+                "uuid",
+                "json",
+                "jsonb",
+                "numeric",
+                "point",
+            ]
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| col(&format!("c{i}"), ty, i == 0))
+            .collect(),
+        };
+        let schemas = TableSchemas::new("c", table).unwrap();
+        EnvelopeReader::new(&schemas.envelope_json).unwrap();
+    }
+}

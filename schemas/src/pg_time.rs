@@ -211,6 +211,40 @@ fn format_clock(h: i64, m: i64, s: i64, us: i64) -> String {
     }
 }
 
+/// `time` text (`HH:MM:SS[.ffffff]`, up to `24:00:00`) → microseconds since midnight.
+pub fn parse_time(text: &str) -> Result<i64, TimeError> {
+    const WHAT: &str = "time";
+    let (hms, frac) = match text.split_once('.') {
+        Some((hms, frac)) => (hms, Some(frac)),
+        None => (text, None),
+    };
+    let mut parts = hms.split(':');
+    let (h, m, s) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(h), Some(m), Some(s), None) => (
+            parse_num(h, WHAT, text)?,
+            parse_num(m, WHAT, text)?,
+            parse_num(s, WHAT, text)?,
+        ),
+        _ => return Err(err(WHAT, text)),
+    };
+    let us = match frac {
+        None => 0,
+        Some(f) if !f.is_empty() && f.len() <= 6 => parse_num(f, WHAT, text)? * 10_i64.pow(6 - f.len() as u32),
+        Some(_) => return Err(err(WHAT, text)),
+    };
+    let total = ((h * 60 + m) * 60 + s) * 1_000_000 + us;
+    if m > 59 || s > 60 || total > MICROS_PER_DAY {
+        return Err(err(WHAT, text));
+    }
+    Ok(total)
+}
+
+/// Microseconds since midnight → `time` text.
+pub fn format_time(us: i64) -> String {
+    let secs = us / 1_000_000;
+    format_clock(secs / 3600, secs / 60 % 60, secs % 60, us % 1_000_000)
+}
+
 /// Microseconds since the epoch → PostgreSQL text (`YYYY-MM-DD HH:MM:SS[.ffffff][+00][ BC]`).
 pub fn format_timestamp(micros: i64, with_zone: bool) -> String {
     match micros {

@@ -10,6 +10,8 @@
 //! | `date` | int, days since 1970-01-01; ±infinity = `i32::MAX`/`MIN` | `io.debezium.time.Date` |
 //! | `timestamp` | long, µs since 1970-01-01; ±infinity = `i64::MAX`/`MIN` | `io.debezium.time.MicroTimestamp` |
 //! | `timestamptz` | string, ISO-8601 UTC with µs (`infinity`, `-infinity`) | `io.debezium.time.ZonedTimestamp` |
+//! | `time` | long, µs since midnight (`24:00:00` = 86 400 000 000) | `io.debezium.time.MicroTime` |
+//! | `interval` | string, ISO-8601 duration (PostgreSQL's `iso_8601` style, e.g. `P1Y2M3DT4H5M6.78S`) | `io.debezium.time.Interval` |
 //! | `bytea` | bytes | |
 //! | `uuid` | string | `io.debezium.data.Uuid` |
 //! | `json`, `jsonb` | string | `io.debezium.data.Json` |
@@ -45,6 +47,10 @@ pub enum Kind {
     Timestamp,
     /// `timestamptz` → ISO string.
     TimestampTz,
+    /// `time` → long µs since midnight.
+    Time,
+    /// `interval` → ISO-8601 duration string.
+    Interval,
     /// `bytea` → bytes.
     Bytes,
     /// `uuid` → string.
@@ -89,6 +95,8 @@ impl Kind {
             "date" => Kind::Date,
             "timestamp" => Kind::Timestamp,
             "timestamptz" => Kind::TimestampTz,
+            "time" => Kind::Time,
+            "interval" => Kind::Interval,
             "bytea" => Kind::Bytes,
             "uuid" => Kind::Uuid,
             "json" | "jsonb" => Kind::Json,
@@ -108,6 +116,8 @@ impl Kind {
             Kind::Date => "date",
             Kind::Timestamp => "timestamp",
             Kind::TimestampTz => "timestamptz",
+            Kind::Time => "time",
+            Kind::Interval => "interval",
             Kind::Bytes => "bytes",
             Kind::Uuid => "uuid",
             Kind::Json => "json",
@@ -127,6 +137,8 @@ impl Kind {
             Kind::Date,
             Kind::Timestamp,
             Kind::TimestampTz,
+            Kind::Time,
+            Kind::Interval,
             Kind::Bytes,
             Kind::Uuid,
             Kind::Json,
@@ -151,6 +163,10 @@ impl Kind {
             }
             Kind::TimestampTz => {
                 json!({"type": "string", "connect.version": 1, "connect.name": "io.debezium.time.ZonedTimestamp"})
+            }
+            Kind::Time => json!({"type": "long", "connect.version": 1, "connect.name": "io.debezium.time.MicroTime"}),
+            Kind::Interval => {
+                json!({"type": "string", "connect.version": 1, "connect.name": "io.debezium.time.Interval"})
             }
             Kind::Bytes => json!("bytes"),
             Kind::Uuid => json!({"type": "string", "connect.version": 1, "connect.name": "io.debezium.data.Uuid"}),
@@ -188,7 +204,8 @@ impl Kind {
                     .ok_or_else(|| bad("expected \\x hex form".into()))?;
                 Value::Bytes(hex::decode(hex_digits).map_err(|e| bad(e.to_string()))?)
             }
-            Kind::Uuid | Kind::Json | Kind::Text => Value::String(text.to_string()),
+            Kind::Time => Value::Long(pg_time::parse_time(text).map_err(|e| bad(e.to_string()))?),
+            Kind::Uuid | Kind::Json | Kind::Interval | Kind::Text => Value::String(text.to_string()),
         })
     }
 
@@ -212,14 +229,17 @@ impl Kind {
                 pg_time::format_timestamp(pg_time::parse_iso_utc(s).map_err(|_| bad("ISO-8601 UTC string"))?, true)
             }
             (Kind::Bytes, Value::Bytes(b)) => format!("\\x{}", hex::encode(b)),
-            (Kind::Uuid | Kind::Json | Kind::Text, Value::String(s)) => s.clone(),
+            (Kind::Time, Value::Long(us)) => pg_time::format_time(*us),
+            (Kind::Uuid | Kind::Json | Kind::Interval | Kind::Text, Value::String(s)) => s.clone(),
             (Kind::Boolean, _) => return Err(bad("boolean")),
             (Kind::Int16 | Kind::Int32 | Kind::Date, _) => return Err(bad("int")),
-            (Kind::Int64 | Kind::Timestamp, _) => return Err(bad("long")),
+            (Kind::Int64 | Kind::Timestamp | Kind::Time, _) => return Err(bad("long")),
             (Kind::Float32, _) => return Err(bad("float")),
             (Kind::Float64, _) => return Err(bad("double")),
             (Kind::Bytes, _) => return Err(bad("bytes")),
-            (Kind::TimestampTz | Kind::Uuid | Kind::Json | Kind::Text, _) => return Err(bad("string")),
+            (Kind::TimestampTz | Kind::Uuid | Kind::Json | Kind::Interval | Kind::Text, _) => {
+                return Err(bad("string"))
+            }
         })
     }
 }
@@ -271,6 +291,10 @@ mod tests {
             (Kind::Timestamp, "2024-02-29 01:02:03.000004"),
             (Kind::TimestampTz, "2024-02-29 01:02:03.4+00"),
             (Kind::Bytes, "\\x00ff10"),
+            (Kind::Time, "23:59:59.999999"),
+            (Kind::Time, "24:00:00"),
+            (Kind::Time, "00:00:00"),
+            (Kind::Interval, "P1Y2M3DT4H5M6.78S"),
             (Kind::Json, "{\"a\": [1, 2]}"),
             (Kind::Text, "12345678901234567890.000000000000000001"),
         ] {
