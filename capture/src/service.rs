@@ -123,20 +123,8 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     tracing::info!(node = %node.name, %topic, partition, last_produced_commit_lsn = ?last_lsn, "capture starting");
 
     let registry = Registry::new(&config.registry.url);
-    let heartbeat_id = registry
-        .register(&subject(&topic, HEARTBEAT_NAME), HEARTBEAT_NAME, HEARTBEAT_SCHEMA)
-        .await?;
-    let heartbeat_schema = Heartbeat::schema().map_err(|source| CaptureError::Encode {
-        table: HEARTBEAT_NAME.into(),
-        source,
-    })?;
-    let truncate_id = registry
-        .register(&subject(&topic, TRUNCATE_NAME), TRUNCATE_NAME, TRUNCATE_SCHEMA)
-        .await?;
-    let truncate_schema = Truncate::schema().map_err(|source| CaptureError::Encode {
-        table: TRUNCATE_NAME.into(),
-        source,
-    })?;
+    let (heartbeat_id, heartbeat_schema) = fixed_record(&registry, &topic, HEARTBEAT_NAME, HEARTBEAT_SCHEMA).await?;
+    let (truncate_id, truncate_schema) = fixed_record(&registry, &topic, TRUNCATE_NAME, TRUNCATE_SCHEMA).await?;
     let stream = WalStream::start(&node.dsn, &slot, publication_name()).await?;
     let (rx, confirmer) = stream.into_channel(options.read_ahead);
     let _heartbeats = AbortOnDrop(tokio::spawn(emit_heartbeats(node.clone(), options.heartbeat_interval)));
@@ -168,6 +156,21 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         let _ = tokio::task::block_in_place(|| p.abort_transaction(Duration::from_secs(10)));
     }
     result
+}
+
+/// Registers one of the fixed records (heartbeat, truncate) under `topic` and parses it.
+async fn fixed_record(
+    registry: &Registry,
+    topic: &str,
+    name: &str,
+    schema_json: &str,
+) -> Result<(u32, apache_avro::Schema), CaptureError> {
+    let id = registry.register(&subject(topic, name), name, schema_json).await?;
+    let schema = apache_avro::Schema::parse_str(schema_json).map_err(|e| CaptureError::Encode {
+        table: name.into(),
+        source: pgferry_schemas::CodecError::Schema(e.to_string()),
+    })?;
+    Ok((id, schema))
 }
 
 /// Prefix of the logical messages capture writes as heartbeats.
