@@ -38,9 +38,9 @@ pub enum ApplyError {
         message: String,
     },
     /// The stream broke the transaction framing (e.g. a new transaction before the last ended).
-    #[error("origin {origin}, {topic}/{partition} offset {offset}: {message}")]
+    #[error("{topic}/{partition} (partition of {source_node}) offset {offset}: {message}")]
     Stream {
-        origin: String,
+        source_node: String,
         topic: String,
         partition: i32,
         offset: i64,

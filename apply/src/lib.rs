@@ -1,14 +1,16 @@
 //! The apply service of one node.
 //!
-//! Contract (DESIGN.md, "Apply"): read every other node's partition of every region topic with
-//! `read_committed`, one task and one PostgreSQL session per origin (origins apply in parallel).
+//! Contract (DESIGN.md, "Apply"): read every other node's partition of every region topic the
+//! node reads (`read_regions`) with `read_committed`, one task and one PostgreSQL session per
+//! partition (partitions apply in parallel). A partition carries its node's transactions and
+//! those it forwards; events of this node's own origin are ignored.
 //! Each source transaction becomes exactly one local transaction run under the replication
 //! origin `pgferry_<origin>` with `pg_replication_origin_xact_setup(commit_lsn, commit_ts)`, and
 //! writes `pgferry.apply_progress` in the same transaction, so a restart resumes exactly where
 //! the last commit left off and anything at or below the recorded commit LSN is a duplicate.
 
 mod error;
-mod origin_stream;
+mod partition_stream;
 mod progress;
 mod service;
 mod writer;

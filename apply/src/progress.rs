@@ -6,35 +6,47 @@ use crate::error::ApplyError;
 
 /// The replication origin that marks rows written from node `origin`.
 pub fn origin_name(origin: &str) -> String {
-    format!("pgferry_{origin}")
+    pgferry_schemas::naming::replication_origin(origin)
 }
 
-/// What has been applied from one origin partition.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Progress {
-    /// Kafka offset of the last message of the last applied transaction.
+/// Where a partition's stream resumes: the Kafka offset after the last message applied from
+/// it (whatever the origin), and each origin's commit LSN (the highest recorded for that
+/// origin on any partition: the dedup key).
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    /// Kafka offset of the last message of the last transaction applied from this partition.
     pub kafka_offset: Option<i64>,
-    /// Commit LSN (on the origin) of the last applied transaction.
-    pub commit_lsn: u64,
+    /// Origin → commit LSN of its last applied transaction.
+    pub origins: std::collections::HashMap<String, u64>,
 }
 
-/// Reads the progress of `origin` on `topic`/`partition`.
-pub async fn read(sql: &PgSession, origin: &str, topic: &str, partition: i32) -> Result<Progress, ApplyError> {
-    let row = sql
+/// Reads where `topic`/`partition` resumes.
+pub async fn read(sql: &PgSession, topic: &str, partition: i32) -> Result<Resume, ApplyError> {
+    let offset: Option<i64> = sql
         .client
-        .query_opt(
-            "SELECT kafka_offset, (commit_lsn - '0/0'::pg_lsn)::text FROM pgferry.apply_progress
-             WHERE origin = $1 AND topic = $2 AND partition = $3",
-            &[&origin, &topic, &partition],
+        .query_one(
+            "SELECT max(kafka_offset) FROM pgferry.apply_progress WHERE topic = $1 AND partition = $2",
+            &[&topic, &partition],
         )
         .await
-        .map_err(sql.err("reading pgferry.apply_progress (was `pgferry init` run?)"))?;
-    Ok(match row {
-        None => Progress::default(),
-        Some(r) => Progress {
-            kafka_offset: Some(r.get(0)),
-            commit_lsn: r.get::<_, String>(1).parse().unwrap_or(0),
-        },
+        .map_err(sql.err("reading pgferry.apply_progress (was `pgferry init` run?)"))?
+        .get(0);
+    let rows = sql
+        .client
+        .query(
+            "SELECT origin, max(commit_lsn - '0/0'::pg_lsn)::text FROM pgferry.apply_progress GROUP BY origin",
+            &[],
+        )
+        .await
+        .map_err(sql.err("reading pgferry.apply_progress"))?;
+    let mut origins = std::collections::HashMap::new();
+    for r in rows {
+        let lsn: String = r.get(1);
+        origins.insert(r.get::<_, String>(0), lsn.parse().unwrap_or(0));
+    }
+    Ok(Resume {
+        kafka_offset: offset,
+        origins,
     })
 }
 

@@ -1,5 +1,5 @@
-//! Start-up of apply: find the origin partitions, resume each from its recorded progress, and
-//! run one task per origin.
+//! Start-up of apply: find the partitions this node reads, resume each from its recorded
+//! progress, and run one task per partition.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::ApplyError;
-use crate::origin_stream::OriginStream;
+use crate::partition_stream::PartitionStream;
 use crate::progress;
 use crate::writer::Writer;
 
@@ -37,15 +37,16 @@ pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -
         })?;
     let consumer = Arc::new(consumer);
 
-    // Every other node's partition, resumed after its last applied message.
-    let mut origins = Vec::new();
+    // The partition of every node this node reads (DESIGN.md; `read_regions`), resumed after
+    // its last applied message.
+    let mut streams = Vec::new();
     let mut tpl = TopicPartitionList::new();
-    for remote in config.nodes.iter().filter(|n| n.name != node.name) {
+    for remote in config.sources(&node) {
         let topic = config.region_topic(&remote.region);
         let partition = config.node_partition(remote);
         let sql = postgres::connect(&node.dsn, &format!("pgferry-apply-{}-from-{}", node.name, remote.name)).await?;
-        let progress = progress::read(&sql, &remote.name, &topic, partition).await?;
-        let offset = match progress.kafka_offset {
+        let resume = progress::read(&sql, &topic, partition).await?;
+        let offset = match resume.kafka_offset {
             Some(o) => Offset::Offset(o + 1),
             None => Offset::Beginning,
         };
@@ -55,16 +56,18 @@ pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -
                 what: format!("assigning {topic}/{partition}"),
                 source,
             })?;
-        origins.push(OriginStream {
-            origin: remote.name.clone(),
+        streams.push(PartitionStream {
+            source: remote.name.clone(),
             topic,
             partition,
-            progress,
+            config: config.clone(),
+            applied: resume.origins,
             sql,
-            writer: Writer::new(&remote.name, config.tables()),
+            session_origin: None,
+            writer: Writer::new(config.tables()),
             registry: registry.clone(),
             readers: Default::default(),
-            truncate_schemas: Default::default(),
+            fixed_schemas: Default::default(),
             node: node.name.clone(),
             statements: None,
         });
@@ -76,7 +79,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -
     })?;
 
     let mut tasks = tokio::task::JoinSet::new();
-    for o in origins {
+    for o in streams {
         let queue = consumer
             .split_partition_queue(&o.topic, o.partition)
             .ok_or_else(|| ApplyError::Setup {

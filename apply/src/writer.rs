@@ -23,7 +23,6 @@ struct LocalTable {
 
 /// Table metadata and prepared statements of one session.
 pub struct Writer {
-    origin: String,
     allowed: HashSet<(String, String)>,
     tables: HashMap<(String, String), LocalTable>,
     statements: HashMap<String, Statement>,
@@ -39,10 +38,9 @@ pub enum Outcome {
 }
 
 impl Writer {
-    /// A writer for changes from `origin`, allowed to touch only `tables` (schema, name).
-    pub fn new(origin: &str, tables: Vec<(String, String)>) -> Writer {
+    /// A writer allowed to touch only `tables` (schema, name).
+    pub fn new(tables: Vec<(String, String)>) -> Writer {
         Writer {
-            origin: origin.to_string(),
             allowed: tables.into_iter().collect(),
             tables: HashMap::new(),
             statements: HashMap::new(),
@@ -50,7 +48,7 @@ impl Writer {
     }
 
     fn write_err(&self, ev: &DecodedEvent, message: String) -> ApplyError {
-        write_err(&self.origin, ev, message)
+        write_err(ev, message)
     }
 
     async fn table(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<&LocalTable, ApplyError> {
@@ -110,7 +108,7 @@ impl Writer {
         let id = (t.schema.clone(), t.table.clone());
         if !self.allowed.contains(&id) {
             return Err(ApplyError::Write {
-                origin: self.origin.clone(),
+                origin: t.origin.clone(),
                 table: format!("{}.{}", t.schema, t.table),
                 message: "not in this node's replication set".into(),
             });
@@ -131,7 +129,7 @@ impl Writer {
     /// Writes one change inside the caller's open transaction.
     pub async fn apply(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Outcome, ApplyError> {
         let table = self.table(sql, ev).await?;
-        let (text, params) = build_statement(table, ev).map_err(|message| write_err(&self.origin, ev, message))?;
+        let (text, params) = build_statement(table, ev).map_err(|message| write_err(ev, message))?;
         if text.is_empty() {
             return Ok(Outcome::Applied);
         }
@@ -159,9 +157,9 @@ impl Writer {
     }
 }
 
-fn write_err(origin: &str, ev: &DecodedEvent, message: String) -> ApplyError {
+fn write_err(ev: &DecodedEvent, message: String) -> ApplyError {
     ApplyError::Write {
-        origin: origin.to_string(),
+        origin: ev.origin.clone(),
         table: format!("{}.{}", ev.schema, ev.table),
         message,
     }

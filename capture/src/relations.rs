@@ -12,6 +12,9 @@ use pgferry_schemas::{ColumnDef, TableDef, TableSchemas};
 
 use crate::error::CaptureError;
 
+/// `typname`, `format_type(oid, typmod)`, enum labels.
+type TypeNames = (String, String, Option<Vec<String>>);
+
 /// A table as capture encodes it.
 pub struct Relation {
     /// Schemas of the current table version.
@@ -29,7 +32,7 @@ pub struct Relations {
     cluster: String,
     topic: String,
     registry: Registry,
-    types: HashMap<(u32, i32), (String, String)>,
+    types: HashMap<(u32, i32), TypeNames>,
     by_id: HashMap<u32, Relation>,
     /// Avro namespace → `schema.table`, to refuse two tables mapping to one namespace.
     namespaces: HashMap<String, String>,
@@ -69,12 +72,13 @@ impl Relations {
         };
         let mut defs = Vec::with_capacity(columns.len());
         for c in columns {
-            let (type_name, sql_type) = self.type_names(sql, c.type_id, c.type_modifier).await?;
+            let (type_name, sql_type, enum_labels) = self.type_names(sql, c.type_id, c.type_modifier).await?;
             defs.push(ColumnDef {
                 name: c.name.to_string(),
                 type_name,
                 sql_type,
                 key: c.flags & 1 == 1,
+                enum_labels,
             });
         }
         let display = format!("{namespace}.{relation_name}");
@@ -124,20 +128,28 @@ impl Relations {
         Ok(())
     }
 
-    async fn type_names(&mut self, sql: &PgSession, oid: u32, typmod: i32) -> Result<(String, String), CaptureError> {
+    /// `typname`, `format_type(oid, typmod)` and, for an enum, its labels in sort order.
+    async fn type_names(&mut self, sql: &PgSession, oid: u32, typmod: i32) -> Result<TypeNames, CaptureError> {
         if let Some(t) = self.types.get(&(oid, typmod)) {
             return Ok(t.clone());
         }
         let row = sql
             .client
             .query_one(
-                "SELECT typname::text, format_type(oid, $2) FROM pg_type WHERE oid = $1",
+                "SELECT typname::text, format_type(oid, $2),
+                        CASE WHEN typtype = 'e' THEN ARRAY(SELECT enumlabel::text FROM pg_enum
+                                                           WHERE enumtypid = t.oid ORDER BY enumsortorder) END
+                 FROM pg_type t WHERE oid = $1",
                 &[&oid, &typmod],
             )
             .await
             .map_err(sql.err(format!("looking up type oid {oid}")))?;
-        let t: (String, String) = (row.get(0), row.get(1));
-        self.types.insert((oid, typmod), t.clone());
+        let t: TypeNames = (row.get(0), row.get(1), row.get(2));
+        if t.2.is_none() {
+            // Enums are looked up again at every Relation message: ALTER TYPE … ADD VALUE
+            // changes their labels without changing the oid.
+            self.types.insert((oid, typmod), t.clone());
+        }
         Ok(t)
     }
 }

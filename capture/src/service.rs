@@ -4,14 +4,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgferry_connectors::config::{Config, NodeConfig};
-use pgferry_connectors::kafka::{self, TxProducer, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN, HEADER_TXN_LAST};
+use pgferry_connectors::kafka::{
+    self, TxProducer, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_LOCAL_LSN, HEADER_ORIGIN, HEADER_TXN_LAST, HEADER_VIA,
+};
 use pgferry_connectors::postgres::{self, PgSession};
 use pgferry_connectors::registry::Registry;
 use pgferry_connectors::replication::{Confirmer, LogicalReplicationMessage, TupleData, WalMessage, WalStream};
 use pgferry_schemas::codec::{encode_event, encode_frame};
 use pgferry_schemas::event::Row;
 use pgferry_schemas::heartbeat::{Heartbeat, HEARTBEAT_NAME, HEARTBEAT_SCHEMA};
-use pgferry_schemas::naming::subject;
+use pgferry_schemas::logical_message::{LogicalMessage, MESSAGE_NAME, MESSAGE_SCHEMA};
+use pgferry_schemas::naming::{replication_origin, subject};
 use pgferry_schemas::truncate::{Truncate, TRUNCATE_NAME, TRUNCATE_SCHEMA};
 use pgferry_schemas::{ChangeEvent, Op, SourceInfo};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -56,10 +59,25 @@ pub fn publication_name() -> &'static str {
     "pgferry_default"
 }
 
+/// Which node a transaction's events name as their origin, and where they go.
+#[derive(Clone)]
+struct Route {
+    /// Origin node name (this node, or the origin of a forwarded transaction).
+    origin: Arc<str>,
+    /// Origin node id.
+    node_id: u16,
+    /// Origin region.
+    region: Arc<str>,
+    /// Commit LSN on the origin: the dedup key apply uses.
+    commit_lsn: u64,
+    /// For a forwarded transaction, this node's own commit LSN of it (what capture resumes by).
+    forwarded_local_lsn: Option<u64>,
+}
+
 /// The source transaction being read.
 struct SourceTxn {
     xid: u32,
-    commit_lsn: u64,
+    route: Route,
     commit_ts_us: i64,
     /// Applied by pgferry (carries an origin) or already in Kafka: read but not produced.
     skip: bool,
@@ -71,9 +89,16 @@ struct SourceTxn {
     pending: Option<Pending>,
 }
 
-enum Pending {
+/// An event of the open transaction, with its route.
+struct Pending {
+    route: Route,
+    body: PendingBody,
+}
+
+enum PendingBody {
     Change { relation_id: u32, event: ChangeEvent },
     Truncate(Truncate),
+    Message(LogicalMessage),
 }
 
 /// Runs capture for `node_name` until an error (the caller restarts it with backoff).
@@ -125,6 +150,14 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     let registry = Registry::new(&config.registry.url);
     let (heartbeat_id, heartbeat_schema) = fixed_record(&registry, &topic, HEARTBEAT_NAME, HEARTBEAT_SCHEMA).await?;
     let (truncate_id, truncate_schema) = fixed_record(&registry, &topic, TRUNCATE_NAME, TRUNCATE_SCHEMA).await?;
+    let (message_id, message_schema) = fixed_record(&registry, &topic, MESSAGE_NAME, MESSAGE_SCHEMA).await?;
+    // Replication origin name → the node whose applied transactions this node forwards.
+    let forward = node
+        .forward_origins
+        .iter()
+        .filter_map(|f| config.node(f))
+        .map(|o| (replication_origin(&o.name), (Arc::from(o.name.as_str()), o.id, Arc::from(o.region.as_str()))))
+        .collect();
     let stream = WalStream::start(&node.dsn, &slot, publication_name()).await?;
     let (rx, confirmer) = stream.into_channel(options.read_ahead);
     let _heartbeats = AbortOnDrop(tokio::spawn(emit_heartbeats(node.clone(), options.heartbeat_interval)));
@@ -134,6 +167,10 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         heartbeat_schema,
         truncate_id,
         truncate_schema,
+        message_id,
+        message_schema,
+        forward,
+        own: (Arc::from(node.name.as_str()), Arc::from(node.region.as_str())),
         config,
         node,
         db,
@@ -218,6 +255,12 @@ struct Capture {
     heartbeat_schema: apache_avro::Schema,
     truncate_id: u32,
     truncate_schema: apache_avro::Schema,
+    message_id: u32,
+    message_schema: apache_avro::Schema,
+    /// Replication origin name → (node name, id, region) of the origins this node forwards.
+    forward: std::collections::HashMap<String, (Arc<str>, u16, Arc<str>)>,
+    /// This node's name and region, shared by the routes of its own transactions.
+    own: (Arc<str>, Arc<str>),
     config: Arc<Config>,
     node: NodeConfig,
     db: String,
@@ -282,7 +325,13 @@ impl Capture {
             } => {
                 self.txn = Some(SourceTxn {
                     xid,
-                    commit_lsn: final_lsn,
+                    route: Route {
+                        origin: self.own.0.clone(),
+                        node_id: self.node.id,
+                        region: self.own.1.clone(),
+                        commit_lsn: final_lsn,
+                        forwarded_local_lsn: None,
+                    },
                     commit_ts_us: timestamp + PG_EPOCH_OFFSET_US,
                     skip: final_lsn <= self.last_lsn,
                     produced: 0,
@@ -290,10 +339,30 @@ impl Capture {
                     pending: None,
                 });
             }
-            LogicalReplicationMessage::Origin { ref origin_name, .. } => {
+            LogicalReplicationMessage::Origin {
+                ref origin_name,
+                origin_lsn,
+            } => {
+                // Written by pgferry's apply (or another replication tool): published only if
+                // this node forwards that origin, under the origin's name and commit LSN, so
+                // nothing loops and the origin's dedup key stays the same on every path.
                 if let Some(t) = self.txn.as_mut() {
-                    tracing::trace!(origin = %origin_name, xid = t.xid, "skipping applied transaction");
-                    t.skip = true;
+                    match self.forward.get(origin_name.as_str()) {
+                        Some((name, id, region)) => {
+                            tracing::trace!(origin = %name, xid = t.xid, "forwarding applied transaction");
+                            t.route = Route {
+                                origin: name.clone(),
+                                node_id: *id,
+                                region: region.clone(),
+                                commit_lsn: origin_lsn,
+                                forwarded_local_lsn: Some(t.route.commit_lsn),
+                            };
+                        }
+                        None => {
+                            tracing::trace!(origin = %origin_name, xid = t.xid, "skipping applied transaction");
+                            t.skip = true;
+                        }
+                    }
                 }
             }
             LogicalReplicationMessage::Relation { .. } => {
@@ -339,6 +408,18 @@ impl Capture {
                 if prefix == HEARTBEAT_PREFIX && self.txn.is_none() =>
             {
                 self.heartbeat(lsn, msg.wal_end)?;
+            }
+            LogicalReplicationMessage::Message {
+                flags,
+                lsn,
+                ref prefix,
+                ref content,
+            } if flags & 1 == 1 => {
+                self.message(prefix, content, lsn)?;
+            }
+            LogicalReplicationMessage::Message { ref prefix, .. } => {
+                // Non-transactional messages of others have no place in a transaction stream.
+                tracing::trace!(node = %self.node.name, %prefix, "non-transactional logical message ignored");
             }
             LogicalReplicationMessage::Truncate {
                 ref relation_ids,
@@ -389,6 +470,7 @@ impl Capture {
         };
         let order = txn.per_table.entry(relation_id).or_insert(0);
         *order += 1;
+        let route = &txn.route;
         let event = ChangeEvent {
             op,
             before,
@@ -396,14 +478,14 @@ impl Capture {
             source: SourceInfo {
                 cluster: self.config.cluster.name.clone(),
                 db: self.db.clone(),
-                origin: self.node.name.clone(),
-                node_id: self.node.id,
-                region: self.node.region.clone(),
+                origin: route.origin.to_string(),
+                node_id: route.node_id,
+                region: route.region.to_string(),
                 commit_ts_us: txn.commit_ts_us,
                 tx_id: txn.xid,
                 lsn,
-                commit_lsn: txn.commit_lsn,
-                origin_lsn: None,
+                commit_lsn: route.commit_lsn,
+                origin_lsn: route.forwarded_local_lsn.map(|_| route.commit_lsn),
                 txn_seq: txn.produced,
                 data_collection_order: *order,
                 txn_last: false,
@@ -411,16 +493,54 @@ impl Capture {
             },
             ts_ms: now_ms(),
         };
+        self.queue(PendingBody::Change { relation_id, event })
+    }
+
+    /// Holds `body` back as the open transaction's latest event and produces the one before it
+    /// (which is now known not to be the last).
+    fn queue(&mut self, body: PendingBody) -> Result<(), CaptureError> {
+        let Some(txn) = self.txn.as_mut() else {
+            return Err(CaptureError::Protocol("event outside a transaction".into()));
+        };
         txn.produced += 1;
-        if let Some(prev) = txn.pending.replace(Pending::Change { relation_id, event }) {
+        let next = Pending {
+            route: txn.route.clone(),
+            body,
+        };
+        if let Some(prev) = txn.pending.replace(next) {
             self.produce(prev, false)?;
         }
         Ok(())
     }
 
+    /// Queues a transactional logical message in its place in the transaction.
+    fn message(&mut self, prefix: &str, content: &[u8], lsn: u64) -> Result<(), CaptureError> {
+        let Some(txn) = self.txn.as_ref() else {
+            return Err(CaptureError::Protocol(format!(
+                "transactional message at {lsn} outside a transaction"
+            )));
+        };
+        if txn.skip {
+            return Ok(());
+        }
+        let m = LogicalMessage {
+            origin: txn.route.origin.to_string(),
+            node_id: txn.route.node_id,
+            prefix: prefix.to_string(),
+            content: content.to_vec(),
+            lsn,
+            commit_lsn: txn.route.commit_lsn,
+            ts_us: txn.commit_ts_us,
+            txn_seq: txn.produced,
+            txn_last: false,
+        };
+        self.queue(PendingBody::Message(m))
+    }
+
     fn produce(&mut self, p: Pending, last: bool) -> Result<(), CaptureError> {
-        match p {
-            Pending::Change { relation_id, mut event } => {
+        let route = &p.route;
+        match p.body {
+            PendingBody::Change { relation_id, mut event } => {
                 event.source.txn_last = last;
                 let rel = self.relations.get(relation_id)?;
                 let (key, value) = encode_event(&rel.schemas, &event).map_err(|source| CaptureError::Encode {
@@ -429,16 +549,25 @@ impl Capture {
                 })?;
                 let key = encode_frame(rel.key_id, &key);
                 let value = encode_frame(rel.value_id, &value);
-                self.send(Some(&key), &value, "change", event.source.commit_lsn, last)
+                self.send(Some(&key), &value, "change", route, last)
             }
-            Pending::Truncate(mut t) => {
+            PendingBody::Truncate(mut t) => {
                 t.txn_last = last;
                 let value = t.encode(&self.truncate_schema).map_err(|source| CaptureError::Encode {
                     table: format!("{}.{}", t.schema, t.table),
                     source,
                 })?;
                 let value = encode_frame(self.truncate_id, &value);
-                self.send(None, &value, "truncate", t.commit_lsn, last)
+                self.send(None, &value, "truncate", route, last)
+            }
+            PendingBody::Message(mut m) => {
+                m.txn_last = last;
+                let value = m.encode(&self.message_schema).map_err(|source| CaptureError::Encode {
+                    table: format!("message {}", m.prefix),
+                    source,
+                })?;
+                let value = encode_frame(self.message_id, &value);
+                self.send(None, &value, "message", route, last)
             }
         }
     }
@@ -446,7 +575,7 @@ impl Capture {
     /// Queues one truncate event per truncated table (pgoutput lists them in one message).
     fn truncate(&mut self, relation_ids: &[u32], flags: u8) -> Result<(), CaptureError> {
         for &relation_id in relation_ids {
-            let Some(txn) = self.txn.as_mut() else {
+            let Some(txn) = self.txn.as_ref() else {
                 return Err(CaptureError::Protocol("TRUNCATE outside a transaction".into()));
             };
             if txn.skip {
@@ -454,21 +583,18 @@ impl Capture {
             }
             let table = &self.relations.get(relation_id)?.schemas.table;
             let t = Truncate {
-                origin: self.node.name.clone(),
-                node_id: self.node.id,
+                origin: txn.route.origin.to_string(),
+                node_id: txn.route.node_id,
                 schema: table.schema.clone(),
                 table: table.name.clone(),
                 cascade: flags & 1 != 0,
                 restart_identity: flags & 2 != 0,
-                commit_lsn: txn.commit_lsn,
+                commit_lsn: txn.route.commit_lsn,
                 ts_us: txn.commit_ts_us,
                 txn_seq: txn.produced,
                 txn_last: false,
             };
-            txn.produced += 1;
-            if let Some(prev) = txn.pending.replace(Pending::Truncate(t)) {
-                self.produce(prev, false)?;
-            }
+            self.queue(PendingBody::Truncate(t))?;
         }
         Ok(())
     }
@@ -490,7 +616,14 @@ impl Capture {
                 source,
             })?;
         let value = encode_frame(self.heartbeat_id, &value);
-        self.send(None, &value, "heartbeat", lsn, false)?;
+        let route = Route {
+            origin: self.own.0.clone(),
+            node_id: self.node.id,
+            region: self.own.1.clone(),
+            commit_lsn: lsn,
+            forwarded_local_lsn: None,
+        };
+        self.send(None, &value, "heartbeat", &route, false)?;
         self.last_lsn = self.last_lsn.max(lsn);
         self.batch_end_lsn = end_lsn;
         Ok(())
@@ -498,7 +631,7 @@ impl Capture {
 
     /// Produces one message to the node's partition inside the open Kafka transaction
     /// (beginning one if needed).
-    fn send(&mut self, key: Option<&[u8]>, value: &[u8], kind: &str, lsn: u64, last: bool) -> Result<(), CaptureError> {
+    fn send(&mut self, key: Option<&[u8]>, value: &[u8], kind: &str, route: &Route, last: bool) -> Result<(), CaptureError> {
         if !self.kafka_txn_open {
             let producer = &self.producer;
             tokio::task::block_in_place(|| producer.begin_transaction())
@@ -507,11 +640,11 @@ impl Capture {
             self.batch_txns = 0;
             self.batch_started = Instant::now();
         }
-        let lsn_text = lsn.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(4)
+        let lsn_text = route.commit_lsn.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(6)
             .insert(Header {
                 key: HEADER_ORIGIN,
-                value: Some(self.node.name.as_str()),
+                value: Some(&*route.origin),
             })
             .insert(Header {
                 key: HEADER_COMMIT_LSN,
@@ -521,6 +654,18 @@ impl Capture {
                 key: HEADER_KIND,
                 value: Some(kind),
             });
+        if let Some(local) = route.forwarded_local_lsn {
+            let local = local.to_string();
+            headers = headers
+                .insert(Header {
+                    key: HEADER_VIA,
+                    value: Some(self.node.name.as_str()),
+                })
+                .insert(Header {
+                    key: HEADER_LOCAL_LSN,
+                    value: Some(local.as_str()),
+                });
+        }
         if last {
             headers = headers.insert(Header {
                 key: HEADER_TXN_LAST,

@@ -93,6 +93,21 @@ pub struct NodeConfig {
     pub region: String,
     /// PostgreSQL connection string of the node's database.
     pub dsn: String,
+    /// Origins whose changes this node applies and also publishes into its own partition
+    /// (keeping the original origin), so a hub can feed nodes that do not read those origins'
+    /// regions. Default: none.
+    #[serde(default)]
+    pub forward_origins: Vec<String>,
+    /// Regions whose topics this node's apply reads. Default: every region.
+    #[serde(default)]
+    pub read_regions: Option<Vec<String>>,
+}
+
+impl NodeConfig {
+    /// Whether this node's apply reads `region`'s topic.
+    pub fn reads_region(&self, region: &str) -> bool {
+        self.read_regions.as_ref().is_none_or(|r| r.iter().any(|x| x == region))
+    }
 }
 
 /// `[replication]`.
@@ -178,7 +193,47 @@ impl Config {
                 return Err(invalid(key("dsn"), "is empty".into()));
             }
         }
-        for region in self.regions() {
+        let regions = self.regions();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for (j, f) in n.forward_origins.iter().enumerate() {
+                if f == &n.name || self.node(f).is_none() {
+                    return Err(invalid(
+                        format!("nodes[{i}].forward_origins[{j}]"),
+                        format!("{f:?} is not another node of the cluster"),
+                    ));
+                }
+            }
+            for (j, r) in n.read_regions.iter().flatten().enumerate() {
+                if !regions.contains(r) {
+                    return Err(invalid(
+                        format!("nodes[{i}].read_regions[{j}]"),
+                        format!("{r:?} is not the region of any node"),
+                    ));
+                }
+            }
+        }
+        // Every node must get every other node's changes by exactly one path: none would leave
+        // it behind for good, two would apply them twice from two streams.
+        for (i, target) in self.nodes.iter().enumerate() {
+            for origin in self.nodes.iter().filter(|o| o.name != target.name) {
+                let carriers: Vec<&str> = self.carriers(target, &origin.name).iter().map(|c| c.name.as_str()).collect();
+                let message = match carriers.as_slice() {
+                    [_] => continue,
+                    [] => format!(
+                        "node {} would never receive {}'s changes: it reads neither {}'s region {:?} nor the region of a node that forwards them",
+                        target.name, origin.name, origin.name, origin.region
+                    ),
+                    many => format!(
+                        "node {} would receive {}'s changes more than once, from the partitions of {}; read only one of their regions",
+                        target.name,
+                        origin.name,
+                        many.join(" and ")
+                    ),
+                };
+                return Err(invalid(format!("nodes[{i}].read_regions"), message));
+            }
+        }
+        for region in regions {
             let count = self.nodes.iter().filter(|n| n.region == region).count() as i32;
             if self.kafka.partitions < count {
                 return Err(invalid(
@@ -202,6 +257,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The nodes whose partitions carry `origin`'s changes to `target`: `origin` itself if
+    /// `target` reads its region, and every node that forwards `origin` in a region `target`
+    /// reads. A valid config has exactly one for every pair of distinct nodes.
+    pub fn carriers(&self, target: &NodeConfig, origin: &str) -> Vec<&NodeConfig> {
+        self.nodes
+            .iter()
+            .filter(|c| c.name != target.name && target.reads_region(&c.region))
+            .filter(|c| c.name == origin || c.forward_origins.iter().any(|f| f == origin))
+            .collect()
+    }
+
+    /// The nodes whose partitions `target`'s apply reads: every other node in a region it reads.
+    pub fn sources(&self, target: &NodeConfig) -> Vec<&NodeConfig> {
+        self.nodes
+            .iter()
+            .filter(|c| c.name != target.name && target.reads_region(&c.region))
+            .collect()
     }
 
     /// The node called `name`.
@@ -355,5 +429,58 @@ tables = ["public.accounts", "items"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("PGFERRY_NOPE_X"), "{e}");
+    }
+
+    /// n1 (region a) → hub n2 (forwards n1) → n3 (reads only the hub).
+    fn cascade(n3_reads: &str) -> String {
+        format!(
+            r#"
+[cluster]
+name = "demo"
+[kafka]
+bootstrap_servers = "127.0.0.1:19092"
+[registry]
+url = "http://127.0.0.1:18081/apis/ccompat/v7"
+[[nodes]]
+name = "n1"
+id = 1
+region = "a"
+dsn = "postgres://127.0.0.1:55431/demo"
+[[nodes]]
+name = "n2"
+id = 2
+region = "hub"
+dsn = "postgres://127.0.0.1:55432/demo"
+forward_origins = ["n1"]
+[[nodes]]
+name = "n3"
+id = 3
+region = "b"
+dsn = "postgres://127.0.0.1:55433/demo"
+read_regions = {n3_reads}
+[replication]
+tables = ["t"]
+"#
+        )
+    }
+
+    #[test]
+    fn forwarding_paths_are_checked() {
+        let c = Config::parse(&cascade(r#"["hub"]"#), "t.toml").unwrap();
+        let n3 = &c.nodes[2];
+        assert_eq!(c.carriers(n3, "n1")[0].name, "n2");
+        assert_eq!(c.sources(n3).len(), 1);
+        // n1 reads every region: n2 directly and n3 directly; its own forwarded changes come back
+        // in n2's partition and are ignored there.
+        assert_eq!(c.sources(&c.nodes[0]).len(), 2);
+        let e = Config::parse(&cascade(r#"["hub", "a"]"#), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("nodes[2].read_regions") && e.contains("more than once"), "{e}");
+        let e = Config::parse(&cascade(r#"["b"]"#), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("never receive"), "{e}");
+        let e = Config::parse(&cascade(r#"["moon"]"#), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("nodes[2].read_regions[0]"), "{e}");
+        let bad = cascade(r#"["hub"]"#).replace(r#"["n1"]"#, r#"["n9"]"#);
+        let e = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("nodes[1].forward_origins[0]"), "{e}");
     }
 }

@@ -19,8 +19,13 @@ use crate::config::KafkaConfig;
 pub const HEADER_ORIGIN: &str = "pgferry-origin";
 /// Header with the origin commit LSN (decimal) of every message.
 pub const HEADER_COMMIT_LSN: &str = "pgferry-commit-lsn";
-/// Header with the kind of message: `change`, `truncate` or `heartbeat` (later `ddl`).
+/// Header with the kind of message: `change`, `truncate`, `message` or `heartbeat`.
 pub const HEADER_KIND: &str = "pgferry-kind";
+/// Header on forwarded messages: the node that captured and forwarded them.
+pub const HEADER_VIA: &str = "pgferry-via";
+/// Header on forwarded messages: the forwarding node's own commit LSN (decimal) of the
+/// transaction, which is what that node's capture resumes by.
+pub const HEADER_LOCAL_LSN: &str = "pgferry-local-commit-lsn";
 /// Header present (`1`) on the last message of a source transaction.
 pub const HEADER_TXN_LAST: &str = "pgferry-txn-last";
 
@@ -220,7 +225,8 @@ impl rdkafka::ClientContext for QuietEof {
 
 impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
-/// The commit LSN header of the last committed message in `topic`/`partition`, if any.
+/// The capturing node's own commit LSN of the last committed message in `topic`/`partition`
+/// (the local-commit-LSN header of a forwarded message, else the commit LSN header), if any.
 /// Used by capture after a restart to learn what it already produced. Blocking.
 pub fn last_committed_commit_lsn(
     cfg: &KafkaConfig,
@@ -259,7 +265,8 @@ pub fn last_committed_commit_lsn(
                 Some(Err(RdError::PartitionEOF(_))) => break,
                 Some(Err(e)) => return Err(unreachable_or(cfg, &format!("reading {topic}/{partition}"), e)),
                 Some(Ok(m)) => {
-                    if let Some(lsn) = header(&m, HEADER_COMMIT_LSN).and_then(|v| v.parse::<u64>().ok()) {
+                    let lsn = header(&m, HEADER_LOCAL_LSN).or_else(|| header(&m, HEADER_COMMIT_LSN));
+                    if let Some(lsn) = lsn.and_then(|v| v.parse::<u64>().ok()) {
                         last = Some(lsn);
                     }
                 }

@@ -105,6 +105,9 @@ pub struct Node {
     pub region: String,
     /// DSN of the node's database.
     pub dsn: String,
+    /// Extra TOML lines of the node's `[[nodes]]` entry (e.g. `forward_origins = [...]`);
+    /// takes effect at the next [`Cluster::write_config`].
+    pub extra_toml: String,
     admin_dsn: String,
     db: String,
 }
@@ -140,6 +143,8 @@ pub struct Cluster {
     pub config_path: PathBuf,
     /// Directory for config and logs.
     pub dir: PathBuf,
+    /// Replicated tables.
+    pub tables: Vec<String>,
     /// Endpoints.
     pub endpoints: Endpoints,
 }
@@ -183,41 +188,54 @@ impl Cluster {
                 id: (i + 1) as u16,
                 region: region.to_string(),
                 dsn,
+                extra_toml: String::new(),
                 admin_dsn: endpoints.pg[i].clone(),
                 db,
             });
         }
-        let name = format!("t_{unique}");
-        let mut toml = format!(
-            "[cluster]\nname = \"{name}\"\n[kafka]\nbootstrap_servers = \"{}\"\npartitions = 3\n[registry]\nurl = \"{}\"\n",
-            endpoints.kafka, endpoints.registry
-        );
-        for n in &nodes {
-            toml += &format!(
-                "[[nodes]]\nname = \"{}\"\nid = {}\nregion = \"{}\"\ndsn = \"{}\"\n",
-                n.name, n.id, n.region, n.dsn
-            );
-        }
-        let list: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
-        toml += &format!("[replication]\ntables = [{}]\n", list.join(", "));
-        let config_path = dir.join("pgferry.toml");
-        std::fs::write(&config_path, toml)?;
-        Ok(Cluster {
-            name,
+        let c = Cluster {
+            name: format!("t_{unique}"),
             nodes,
-            config_path,
+            config_path: dir.join("pgferry.toml"),
+            tables: tables.iter().map(|t| t.to_string()).collect(),
             dir,
             endpoints,
-        })
+        };
+        c.write_config()?;
+        Ok(c)
+    }
+
+    /// Writes the cluster's `pgferry.toml` from its nodes and tables.
+    pub fn write_config(&self) -> Result<()> {
+        let mut toml = format!(
+            "[cluster]\nname = \"{}\"\n[kafka]\nbootstrap_servers = \"{}\"\npartitions = 3\n[registry]\nurl = \"{}\"\n",
+            self.name, self.endpoints.kafka, self.endpoints.registry
+        );
+        for n in &self.nodes {
+            toml += &format!(
+                "[[nodes]]\nname = \"{}\"\nid = {}\nregion = \"{}\"\ndsn = \"{}\"\n{}\n",
+                n.name, n.id, n.region, n.dsn, n.extra_toml
+            );
+        }
+        let list: Vec<String> = self.tables.iter().map(|t| format!("\"{t}\"")).collect();
+        toml += &format!("[replication]\ntables = [{}]\n", list.join(", "));
+        std::fs::write(&self.config_path, toml)?;
+        Ok(())
+    }
+
+    /// Runs `pgferry init`.
+    pub fn init(&self) -> Result<()> {
+        let out = self.pgferry(&["init"])?;
+        if !out.status.success() {
+            bail!("pgferry init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
     }
 
     /// [`Cluster::create`] then `pgferry init`.
     pub async fn start(test: &str, regions: &[&str], setup_sql: &str, tables: &[&str]) -> Result<Cluster> {
         let c = Cluster::create(test, regions, setup_sql, tables).await?;
-        let out = c.pgferry(&["init"])?;
-        if !out.status.success() {
-            bail!("pgferry init failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        c.init()?;
         Ok(c)
     }
 

@@ -1,13 +1,16 @@
 //! Types beyond the common ones travel as PostgreSQL's text form and come back identical:
 //! time/timetz, interval, arrays (multi-dimensional, NULL elements, empty), enums, domains,
 //! ranges and multiranges, inet/cidr/macaddr, money, bit/varbit, xml, geometric types,
-//! composite types, and numeric/timestamps at their edges.
+//! composite types, hstore and ltree (contrib extensions), and numeric/timestamps at their
+//! edges. Enum, xml and ltree fields carry Debezium's logical names in the registered schema.
 
 use std::time::Duration;
 
-use pgferry_integration_tests::Cluster;
+use pgferry_integration_tests::{read_topic, Cluster};
 
 const SETUP: &str = "
+CREATE EXTENSION IF NOT EXISTS hstore;
+CREATE EXTENSION IF NOT EXISTS ltree;
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE DOMAIN posint AS int CHECK (VALUE > 0);
 CREATE TYPE pair AS (a int, b text);
@@ -21,7 +24,8 @@ CREATE TABLE wide (
     cash money, bits bit(8), vbits varbit,
     x xml,
     pt point, ln line, lseg lseg, bx box, pth path, pg polygon, ci circle,
-    n38 numeric(38,18), ch char(5), nm name, oi oid, tsv tsvector
+    n38 numeric(38,18), ch char(5), nm name, oi oid, tsv tsvector,
+    hs hstore, lt ltree
 );";
 
 const ROWS: &str = "
@@ -34,16 +38,17 @@ INSERT INTO wide VALUES
   '-12.34', B'10101010', B'1',
   '<a x=\"1\">text &amp; more</a>',
   '(1.5,-2)', '{1,2,3}', '[(0,0),(1,1)]', '(2,2),(0,0)', '[(0,0),(1,1),(2,0)]', '((0,0),(1,1),(1,0))', '<(1,1),2.5>',
-  -12345678901234567890.123456789012345678, 'ab', 'some_name', 4294967295, 'a fat cat'),
+  -12345678901234567890.123456789012345678, 'ab', 'some_name', 4294967295, 'a fat cat',
+  '\"a b\"=>\"1\", c=>NULL, \"\"=>\"q\\\"\"', 'top.science.astronomy'),
  (2, '00:00', '00:00:00-12', '-178000000 years', '{}', '{}', '{}', '{}',
   'sad', 1, ROW(NULL, NULL), 'empty', '(,)', 'empty', '{}',
   '::1', '::/0', 'ff:ff:ff:ff:ff:ff', 'ff:ff:ff:ff:ff:ff:ff:ff',
   '92233720368547758.07', B'00000000', B'',
   '', '(0,0)', '{0,1,0}', '[(0,0),(0,0)]', '(0,0),(0,0)', '((0,0))', '((0,0))', '<(0,0),0>',
-  99999999999999999999.999999999999999999, '', '', 0, ''),
+  99999999999999999999.999999999999999999, '', '', 0, '', '', ''),
  (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
   NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-  NULL, NULL, NULL, NULL, NULL);
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL);
 ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,6 +91,19 @@ async fn text_form_types_round_trip() -> anyhow::Result<()> {
                 assert!(same, "row {id} column {name} ({ty}) differs; n1 has {on_n1:?}");
             }
         }
+    }
+
+    // Debezium's logical names where Debezium has one for the string form.
+    let msg = read_topic(&cluster.endpoints.kafka, &cluster.topic_of(0))?
+        .into_iter()
+        .find(|m| m.header("pgferry-kind") == Some("change"))
+        .ok_or_else(|| anyhow::anyhow!("no change event in the topic"))?;
+    let id = u32::from_be_bytes(msg.value[1..5].try_into()?);
+    let url = format!("{}/schemas/ids/{id}", cluster.endpoints.registry);
+    let schema: serde_json::Value = reqwest::get(&url).await?.json().await?;
+    let schema = schema["schema"].as_str().unwrap_or_default().to_string();
+    for expected in ["io.debezium.data.Enum", "\"allowed\":\"sad,ok,happy\"", "io.debezium.data.Xml", "io.debezium.data.Ltree"] {
+        assert!(schema.contains(expected), "{expected} not in the registered schema {schema}");
     }
     drop((_capture, _apply));
     cluster.cleanup().await

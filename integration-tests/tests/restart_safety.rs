@@ -1,6 +1,7 @@
-//! SIGKILL in the middle of a 20k-transaction stream, of apply and of capture: the target ends
-//! equal to the source, every source transaction is applied exactly once (one local
-//! transaction each) and is in the topic exactly once, in commit order.
+//! SIGKILL in the middle of a transaction stream: apply twice in 20k transactions, capture five
+//! times at random moments in 100k. The target ends equal to the source, every source
+//! transaction is applied exactly once (one local transaction each) and is in the topic exactly
+//! once, in commit order.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,16 +22,44 @@ BEGIN
 END $$;";
 
 const TXNS: i64 = 20_000;
+const CAPTURE_TXNS: i64 = 100_000;
 
-/// Starts the 20k-transaction load on n1 in the background.
-async fn start_load(cluster: &Cluster) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+/// Starts a load of `txns` transactions on n1 in the background.
+async fn start_load(cluster: &Cluster, txns: i64) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let n1 = cluster.sql(0).await?;
     Ok(tokio::spawn(async move {
         // Separate statements: a multi-statement query is one transaction, where COMMIT is not allowed.
         n1.batch_execute("SET synchronous_commit = off").await?;
-        n1.batch_execute(&format!("CALL gen({TXNS})")).await?;
+        n1.batch_execute(&format!("CALL gen({txns})")).await?;
         Ok(())
     }))
+}
+
+/// The confirmed flush LSN of node 0's slot.
+async fn confirmed_lsn(cluster: &Cluster) -> anyhow::Result<u64> {
+    let slot = format!("pgferry_{}", cluster.nodes[0].name);
+    let lsn: String = cluster
+        .sql(0)
+        .await?
+        .query_one(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .get(0);
+    Ok(lsn.parse()?)
+}
+
+/// xorshift64: a small seeded generator for the kill schedule (printed, so a failure replays).
+struct Schedule(u64);
+
+impl Schedule {
+    fn next_ms(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
 }
 
 async fn count_log(cluster: &Cluster, node: usize) -> anyhow::Result<i64> {
@@ -47,7 +76,7 @@ async fn apply_killed_mid_stream_resumes_exactly() -> anyhow::Result<()> {
     let cluster = Cluster::start("killapply", &["r1", "r1"], SETUP, &["public.log", "public.counter"]).await?;
     let _capture = cluster.spawn("capture", 0)?;
     let mut apply = cluster.spawn("apply", 1)?;
-    let load = start_load(&cluster).await?;
+    let load = start_load(&cluster, TXNS).await?;
     for threshold in [2_000, 8_000] {
         wait_until("n2 to be part-way", Duration::from_secs(120), || async {
             Ok(count_log(&cluster, 1).await? >= threshold)
@@ -74,25 +103,40 @@ async fn apply_killed_mid_stream_resumes_exactly() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn capture_killed_mid_stream_produces_each_transaction_once() -> anyhow::Result<()> {
+async fn capture_killed_at_random_moments_produces_each_transaction_once() -> anyhow::Result<()> {
     let cluster = Cluster::start("killcapture", &["r1", "r1"], SETUP, &["public.log", "public.counter"]).await?;
+    let seed = std::env::var("PGFERRY_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1);
+    eprintln!("capture kill schedule: PGFERRY_KILL_SEED={seed}");
+    let mut schedule = Schedule(seed);
     let mut capture = cluster.spawn("capture", 0)?;
     let _apply = cluster.spawn("apply", 1)?;
-    let load = start_load(&cluster).await?;
-    for threshold in [3_000, 9_000] {
-        wait_until("n2 to be part-way", Duration::from_secs(120), || async {
-            Ok(count_log(&cluster, 1).await? >= threshold)
+    let load = start_load(&cluster, CAPTURE_TXNS).await?;
+    let mut killed_at = Vec::new();
+    for _ in 0..5 {
+        // Each kill lands while capture is working: after its restart has confirmed something
+        // new, at a random point up to 1.5 s later (this sleep is the fault schedule, not a
+        // wait for a state).
+        let before = confirmed_lsn(&cluster).await?;
+        wait_until("capture to confirm progress after its restart", Duration::from_secs(120), || async {
+            Ok(confirmed_lsn(&cluster).await? > before)
         })
         .await?;
+        tokio::time::sleep(Duration::from_millis(schedule.next_ms(1500))).await;
         capture.kill();
+        killed_at.push(confirmed_lsn(&cluster).await?);
         capture = cluster.spawn("capture", 0)?;
     }
     load.await??;
-    cluster.wait_converged("log", Duration::from_secs(180)).await?;
+    cluster.wait_converged("log", Duration::from_secs(600)).await?;
     cluster.wait_converged("counter", Duration::from_secs(60)).await?;
+    let n: i64 = cluster.sql(1).await?.query_one("SELECT n FROM counter", &[]).await?.get(0);
+    assert_eq!(n, CAPTURE_TXNS);
     drop(capture);
 
-    // Exactly once in Kafka: 20k transactions of 2 events each, in commit-LSN order.
+    // Exactly once in Kafka: 100k transactions of 2 events each, in commit-LSN order.
     let messages = read_topic(&cluster.endpoints.kafka, &cluster.topic_of(0))?;
     let mut txns: BTreeMap<u64, (u32, u32)> = BTreeMap::new();
     let mut previous = 0u64;
@@ -109,9 +153,12 @@ async fn capture_killed_mid_stream_produces_each_transaction_once() -> anyhow::R
             t.1 += 1;
         }
     }
-    assert_eq!(txns.len() as i64, TXNS, "source transactions in the topic");
+    assert_eq!(txns.len() as i64, CAPTURE_TXNS, "source transactions in the topic");
     for (lsn, (events, lasts)) in &txns {
         assert_eq!((*events, *lasts), (2, 1), "transaction {lsn}");
     }
+    // Every kill interrupted a capture with work left: its confirmed position was before the
+    // last transaction's commit.
+    assert!(killed_at.iter().all(|k| *k < previous), "kills at {killed_at:?}, last commit {previous}");
     cluster.cleanup().await
 }

@@ -66,6 +66,75 @@ pub fn avro_datum(schema: &Schema, value: Value) -> Result<Vec<u8>, CodecError> 
         .map_err(avro_err)
 }
 
+/// The fields of a decoded fixed record (truncate, logical message), read by name with the
+/// type checked; a missing or mistyped field is an error naming `record.field`.
+pub struct RecordFields {
+    record: &'static str,
+    fields: Vec<(String, Value)>,
+}
+
+impl RecordFields {
+    /// Decodes `datum` (written with `writer`) as the record `record`.
+    pub fn read(record: &'static str, writer: &Schema, mut datum: &[u8]) -> Result<RecordFields, CodecError> {
+        let value = apache_avro::reader::datum::GenericDatumReader::builder(writer)
+            .build()
+            .and_then(|r| r.read_value(&mut datum))
+            .map_err(avro_err)?;
+        match value {
+            Value::Record(fields) => Ok(RecordFields { record, fields }),
+            _ => Err(CodecError::Avro(format!("{record} is not a record"))),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    fn missing(&self, name: &str) -> CodecError {
+        CodecError::Avro(format!("{}.{name} missing or of the wrong type", self.record))
+    }
+
+    /// A `string` field.
+    pub fn string(&self, name: &str) -> Result<String, CodecError> {
+        match self.get(name) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            _ => Err(self.missing(name)),
+        }
+    }
+
+    /// A `bytes` field.
+    pub fn bytes(&self, name: &str) -> Result<Vec<u8>, CodecError> {
+        match self.get(name) {
+            Some(Value::Bytes(b)) => Ok(b.clone()),
+            _ => Err(self.missing(name)),
+        }
+    }
+
+    /// A `long` field.
+    pub fn long(&self, name: &str) -> Result<i64, CodecError> {
+        match self.get(name) {
+            Some(Value::Long(l)) => Ok(*l),
+            _ => Err(self.missing(name)),
+        }
+    }
+
+    /// A `boolean` field.
+    pub fn boolean(&self, name: &str) -> Result<bool, CodecError> {
+        match self.get(name) {
+            Some(Value::Boolean(b)) => Ok(*b),
+            _ => Err(self.missing(name)),
+        }
+    }
+
+    /// The `node_id` field (an `int` in 0–65535).
+    pub fn node_id(&self) -> Result<u16, CodecError> {
+        match self.get("node_id") {
+            Some(Value::Int(i)) => u16::try_from(*i).map_err(|_| self.missing("node_id")),
+            _ => Err(self.missing("node_id")),
+        }
+    }
+}
+
 fn row_value(schemas: &TableSchemas, row: &Row) -> Result<Value, CodecError> {
     let mut fields = Vec::with_capacity(row.len());
     for (i, cell) in row.iter().enumerate() {
@@ -342,6 +411,7 @@ mod tests {
             type_name: ty.into(),
             sql_type: ty.into(),
             key,
+            enum_labels: None,
         };
         TableDef {
             schema: "public".into(),
@@ -433,6 +503,7 @@ mod kind_attribute_tests {
             type_name: ty.into(),
             sql_type: ty.into(),
             key,
+            enum_labels: None,
         };
         let table = TableDef {
             schema: "public".into(),

@@ -93,7 +93,10 @@ impl TableSchemas {
         }
         let field = |i: usize, nullable: bool| {
             let col = &table.columns[i];
-            let ty = kinds[i].avro_type();
+            let ty = match kinds[i] {
+                Kind::Text => crate::pg_types::text_logical_type(col),
+                k => k.avro_type(),
+            };
             let mut f = json!({
                 "name": field_names[i],
                 "type": if nullable { json!(["null", ty]) } else { ty },

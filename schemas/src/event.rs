@@ -53,6 +53,9 @@ pub struct ColumnDef {
     pub sql_type: String,
     /// Part of the replica identity (the primary key).
     pub key: bool,
+    /// The labels of an enum type, in sort order (None for other types).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enum_labels: Option<Vec<String>>,
 }
 
 /// A replicated table: qualified name and columns in attribute order.

@@ -13,6 +13,7 @@ pub mod codec;
 pub mod envelope_schema;
 pub mod event;
 pub mod heartbeat;
+pub mod logical_message;
 pub mod naming;
 pub mod pg_time;
 pub mod pg_types;

@@ -26,6 +26,12 @@ pub fn table_namespace(cluster: &str, schema: &str, table: &str) -> String {
     format!("{}.{}.{}", avro_safe(cluster), avro_safe(schema), avro_safe(table))
 }
 
+/// The PostgreSQL replication origin under which a node's apply writes changes from node
+/// `origin` (`pgferry_<origin>`); capture recognizes forwarded transactions by it.
+pub fn replication_origin(origin: &str) -> String {
+    format!("pgferry_{origin}")
+}
+
 /// The registry subject of a record under TopicRecordNameStrategy: `<topic>-<full name>`.
 pub fn subject(topic: &str, record_full_name: &str) -> String {
     format!("{topic}-{record_full_name}")

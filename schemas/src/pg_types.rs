@@ -16,6 +16,9 @@
 //! | `uuid` | string | `io.debezium.data.Uuid` |
 //! | `json`, `jsonb` | string | `io.debezium.data.Json` |
 //! | `numeric` | string (any precision/scale, `NaN`, `±Infinity`), like Debezium's `decimal.handling.mode=string` | |
+//! | enum types | string, the label | `io.debezium.data.Enum` (`allowed` = labels) |
+//! | `xml` | string | `io.debezium.data.Xml` |
+//! | `ltree` | string | `io.debezium.data.Ltree` |
 //! | everything else | string, PostgreSQL's text form | |
 //!
 //! Every field also carries `pgferry.kind` (the row above) and `pgferry.type` (the SQL type).
@@ -80,6 +83,23 @@ pub enum TypeError {
         expected: &'static str,
         found: String,
     },
+}
+
+/// The Avro type of a [`Kind::Text`] column: a string, with Debezium's logical name where
+/// Debezium gives the type one in the same (string) representation.
+pub fn text_logical_type(col: &crate::event::ColumnDef) -> Json {
+    let named = |name: &str| json!({"type": "string", "connect.version": 1, "connect.name": name});
+    match (&col.enum_labels, col.type_name.as_str()) {
+        (Some(labels), _) => json!({
+            "type": "string",
+            "connect.version": 1,
+            "connect.name": "io.debezium.data.Enum",
+            "connect.parameters": {"allowed": labels.join(",")},
+        }),
+        (None, "xml") => named("io.debezium.data.Xml"),
+        (None, "ltree") => named("io.debezium.data.Ltree"),
+        _ => json!("string"),
+    }
 }
 
 impl Kind {

@@ -1,11 +1,10 @@
 //! The truncate record (`avro/truncate.avsc`): one TRUNCATE of one table, inside its source
 //! transaction's sequence of events.
 
-use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::Schema;
 
-use crate::codec::{avro_datum, CodecError};
+use crate::codec::{avro_datum, CodecError, RecordFields};
 
 /// JSON text of the truncate schema (what is registered).
 pub const TRUNCATE_SCHEMA: &str = include_str!("../avro/truncate.avsc");
@@ -63,42 +62,19 @@ impl Truncate {
     }
 
     /// Decodes a datum written with `writer` (a truncate schema from the registry).
-    pub fn decode(writer: &Schema, mut datum: &[u8]) -> Result<Truncate, CodecError> {
-        let value = GenericDatumReader::builder(writer)
-            .build()
-            .and_then(|r| r.read_value(&mut datum))
-            .map_err(|e| CodecError::Avro(e.to_string()))?;
-        let Value::Record(fields) = value else {
-            return Err(CodecError::Avro("truncate is not a record".into()));
-        };
-        let get = |n: &str| fields.iter().find(|(k, _)| k == n).map(|(_, v)| v);
-        let missing = |n: &str| CodecError::Avro(format!("truncate.{n} missing or of the wrong type"));
-        let string = |n: &str| match get(n) {
-            Some(Value::String(s)) => Ok(s.clone()),
-            _ => Err(missing(n)),
-        };
-        let long = |n: &str| match get(n) {
-            Some(Value::Long(l)) => Ok(*l),
-            _ => Err(missing(n)),
-        };
-        let boolean = |n: &str| match get(n) {
-            Some(Value::Boolean(b)) => Ok(*b),
-            _ => Err(missing(n)),
-        };
+    pub fn decode(writer: &Schema, datum: &[u8]) -> Result<Truncate, CodecError> {
+        let f = RecordFields::read("truncate", writer, datum)?;
         Ok(Truncate {
-            origin: string("origin")?,
-            node_id: match get("node_id") {
-                Some(Value::Int(i)) => u16::try_from(*i).map_err(|_| missing("node_id"))?,
-                _ => return Err(missing("node_id")),
-            },
-            schema: string("schema")?,
-            table: string("table")?,
-            cascade: boolean("cascade")?,
-            restart_identity: boolean("restart_identity")?,
-            commit_lsn: long("commit_lsn")? as u64,
-            ts_us: long("ts_us")?,
-            txn_seq: long("txn_seq")? as u64,
-            txn_last: boolean("txn_last")?,
+            origin: f.string("origin")?,
+            node_id: f.node_id()?,
+            schema: f.string("schema")?,
+            table: f.string("table")?,
+            cascade: f.boolean("cascade")?,
+            restart_identity: f.boolean("restart_identity")?,
+            commit_lsn: f.long("commit_lsn")? as u64,
+            ts_us: f.long("ts_us")?,
+            txn_seq: f.long("txn_seq")? as u64,
+            txn_last: f.boolean("txn_last")?,
         })
     }
 }

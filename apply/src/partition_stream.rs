@@ -1,14 +1,17 @@
-//! Applying one origin's partition: Kafka messages in, one local transaction per source
-//! transaction out.
+//! Applying one partition: Kafka messages in, one local transaction per source transaction
+//! out. A partition is written by one node; it carries that node's own transactions and, if
+//! the node forwards, those of the origins it forwards, each under its own origin's name.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use pgferry_connectors::config::Config;
 use pgferry_connectors::kafka::{header, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN};
 use pgferry_connectors::postgres::PgSession;
 use pgferry_connectors::registry::Registry;
 use pgferry_schemas::codec::{decode_frame, EnvelopeReader};
+use pgferry_schemas::logical_message::LogicalMessage;
 use pgferry_schemas::truncate::Truncate;
 use pgferry_schemas::CodecError;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
@@ -16,29 +19,33 @@ use rdkafka::consumer::DefaultConsumerContext;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use crate::error::ApplyError;
-use crate::progress::{self, format_lsn, Progress};
+use crate::progress::{self, format_lsn};
 use crate::writer::{Outcome, Writer};
 
-/// The partition of one origin and everything needed to apply it.
-pub struct OriginStream {
-    /// Remote node name.
-    pub origin: String,
+/// One remote node's partition and everything needed to apply it.
+pub struct PartitionStream {
+    /// The node that writes the partition.
+    pub source: String,
     /// Region topic.
     pub topic: String,
-    /// The origin's partition.
+    /// The partition.
     pub partition: i32,
-    /// Where this origin stands locally.
-    pub progress: Progress,
-    /// Session dedicated to this origin (replication origin set up on it).
+    /// The cluster (which origins this partition may carry to this node).
+    pub config: Arc<Config>,
+    /// Origin → commit LSN of its last transaction applied here (the dedup key).
+    pub applied: HashMap<String, u64>,
+    /// Session dedicated to this partition.
     pub sql: PgSession,
+    /// The replication origin currently set up on the session.
+    pub session_origin: Option<String>,
     /// Writes changes.
     pub writer: Writer,
     /// Registry client.
     pub registry: Registry,
     /// Writer schema id → decoder.
     pub readers: HashMap<u32, Arc<EnvelopeReader>>,
-    /// Writer schema id → parsed truncate schema.
-    pub truncate_schemas: HashMap<u32, Arc<apache_avro::Schema>>,
+    /// Writer schema id → parsed fixed-record schema (truncate, message).
+    pub fixed_schemas: HashMap<u32, Arc<apache_avro::Schema>>,
     /// Local node name (for logs).
     pub node: String,
     /// Statements prepared by [`OriginStream::prepare`].
@@ -55,17 +62,30 @@ pub struct SessionStatements {
 enum Item {
     Change(pgferry_schemas::DecodedEvent),
     Truncate(Truncate),
+    Message(LogicalMessage),
 }
 
 /// The source transaction being applied.
 struct OpenTxn {
+    origin: String,
     commit_lsn: u64,
 }
 
-impl OriginStream {
-    /// Sets up the replication origin on this session.
-    pub async fn prepare(&mut self) -> Result<(), ApplyError> {
-        let name = progress::origin_name(&self.origin);
+impl PartitionStream {
+    /// Makes `origin`'s replication origin the session's (outside any transaction), creating
+    /// it if needed. A no-op when it already is.
+    async fn use_origin(&mut self, origin: &str) -> Result<(), ApplyError> {
+        if self.session_origin.as_deref() == Some(origin) {
+            return Ok(());
+        }
+        let name = progress::origin_name(origin);
+        if self.session_origin.take().is_some() {
+            self.sql
+                .client
+                .batch_execute("SELECT pg_replication_origin_session_reset()")
+                .await
+                .map_err(self.sql.err("resetting the session's replication origin"))?;
+        }
         self.sql
             .client
             .execute(
@@ -80,6 +100,12 @@ impl OriginStream {
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&name])
             .await
             .map_err(self.sql.err(format!("setting up replication origin {name}")))?;
+        self.session_origin = Some(origin.to_string());
+        Ok(())
+    }
+
+    /// Prepares the statements every transaction runs.
+    pub async fn prepare(&mut self) -> Result<(), ApplyError> {
         let xact_setup = self
             .sql
             .client
@@ -102,8 +128,8 @@ impl OriginStream {
     /// Applies messages until the stream or a write fails.
     pub async fn run(mut self, queue: StreamPartitionQueue<DefaultConsumerContext>) -> Result<(), ApplyError> {
         self.prepare().await?;
-        tracing::info!(node = %self.node, origin = %self.origin, topic = %self.topic, partition = self.partition,
-            commit_lsn = %format_lsn(self.progress.commit_lsn), "applying origin");
+        tracing::info!(node = %self.node, source = %self.source, topic = %self.topic, partition = self.partition,
+            "applying partition");
         let mut stream = queue.stream();
         let mut open: Option<OpenTxn> = None;
         while let Some(msg) = stream.next().await {
@@ -125,7 +151,7 @@ impl OriginStream {
 
     fn stream_err(&self, offset: i64, message: String) -> ApplyError {
         ApplyError::Stream {
-            origin: self.origin.clone(),
+            source_node: self.source.clone(),
             topic: self.topic.clone(),
             partition: self.partition,
             offset,
@@ -135,37 +161,55 @@ impl OriginStream {
 
     async fn handle(&mut self, msg: &BorrowedMessage<'_>, open: &mut Option<OpenTxn>) -> Result<(), ApplyError> {
         let offset = msg.offset();
-        match header(msg, HEADER_ORIGIN) {
-            Some(o) if o == self.origin => {}
-            other => {
-                return Err(self.stream_err(
-                    offset,
-                    format!("message from origin {other:?} in {}'s partition", self.origin),
-                ));
-            }
+        let Some(origin) = header(msg, HEADER_ORIGIN) else {
+            return Err(self.stream_err(offset, "message without a pgferry-origin header".into()));
+        };
+        if origin == self.node {
+            // This node's own change, forwarded back by a hub: never re-applied.
+            return Ok(());
         }
         let kind = header(msg, HEADER_KIND);
         match kind {
-            Some("change" | "truncate") => {}
+            Some("change" | "truncate" | "message") => {}
             Some("heartbeat") if open.is_none() => return Ok(()),
             other => {
                 return Err(self.stream_err(offset, format!("unexpected message kind {other:?}")));
             }
         }
+        if origin != self.source && open.is_none() {
+            // A forwarded transaction: only from the one path the config routes it by.
+            let ok = match self.config.node(&self.node) {
+                Some(me) => {
+                    let carriers = self.config.carriers(me, origin);
+                    carriers.len() == 1 && carriers[0].name == self.source
+                }
+                None => false,
+            };
+            if !ok {
+                return Err(self.stream_err(
+                    offset,
+                    format!(
+                        "origin {origin:?} in {}'s partition: the config does not route that origin to this node through {}",
+                        self.source, self.source
+                    ),
+                ));
+            }
+        }
         let commit_lsn: u64 = header(msg, HEADER_COMMIT_LSN)
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| self.stream_err(offset, "missing or bad pgferry-commit-lsn header".into()))?;
-        if open.is_none() && commit_lsn <= self.progress.commit_lsn {
+        if open.is_none() && commit_lsn <= self.applied.get(origin).copied().unwrap_or(0) {
             // Already applied (a replay or a re-read after restart): dedup by origin progress.
             return Ok(());
         }
         if let Some(t) = open.as_ref() {
-            if t.commit_lsn != commit_lsn {
+            if t.commit_lsn != commit_lsn || t.origin != origin {
                 return Err(self.stream_err(
                     offset,
                     format!(
-                        "transaction {} ended without its last event; next is {}",
+                        "transaction {} of {} ended without its last event; next is {} of {origin}",
                         format_lsn(t.commit_lsn),
+                        t.origin,
                         format_lsn(commit_lsn)
                     ),
                 ));
@@ -173,7 +217,7 @@ impl OriginStream {
         }
         let payload = msg.payload().unwrap_or_default();
         let decode_err = |source| ApplyError::Decode {
-            origin: self.origin.clone(),
+            origin: origin.to_string(),
             topic: self.topic.clone(),
             partition: self.partition,
             offset,
@@ -181,18 +225,22 @@ impl OriginStream {
         };
         let (schema_id, datum) = decode_frame(payload).map_err(decode_err)?;
         let writer_schema = self.registry.schema(schema_id).await?;
-        let item = if kind == Some("truncate") {
-            let schema = match self.truncate_schemas.get(&schema_id) {
+        let item = if matches!(kind, Some("truncate" | "message")) {
+            let schema = match self.fixed_schemas.get(&schema_id) {
                 Some(s) => s.clone(),
                 None => {
                     let parsed = apache_avro::Schema::parse_str(&writer_schema)
                         .map_err(|e| decode_err(CodecError::Schema(e.to_string())))?;
                     let parsed = Arc::new(parsed);
-                    self.truncate_schemas.insert(schema_id, parsed.clone());
+                    self.fixed_schemas.insert(schema_id, parsed.clone());
                     parsed
                 }
             };
-            Item::Truncate(Truncate::decode(&schema, datum).map_err(decode_err)?)
+            if kind == Some("truncate") {
+                Item::Truncate(Truncate::decode(&schema, datum).map_err(decode_err)?)
+            } else {
+                Item::Message(LogicalMessage::decode(&schema, datum).map_err(decode_err)?)
+            }
         } else {
             let reader = match self.readers.get(&schema_id) {
                 Some(r) => r.clone(),
@@ -207,8 +255,11 @@ impl OriginStream {
         let (commit_ts_us, txn_last) = match &item {
             Item::Change(ev) => (ev.commit_ts_us, ev.txn_last),
             Item::Truncate(t) => (t.ts_us, t.txn_last),
+            Item::Message(m) => (m.ts_us, m.txn_last),
         };
         if open.is_none() {
+            let origin = origin.to_string();
+            self.use_origin(&origin).await?;
             // BEGIN and the origin set-up go out together (tokio-postgres pipelines futures
             // polled together); one round trip instead of two.
             // Prepared statements only: an unprepared one would send its Parse, wait, and let
@@ -222,16 +273,25 @@ impl OriginStream {
             let setup = self.sql.client.execute(&stmts.xact_setup, &params);
             futures::try_join!(self.sql.client.batch_execute("BEGIN"), setup)
                 .map_err(self.sql.err("beginning a transaction under the replication origin"))?;
-            *open = Some(OpenTxn { commit_lsn });
+            *open = Some(OpenTxn { origin, commit_lsn });
         }
         match &item {
             Item::Change(ev) => {
                 if self.writer.apply(&self.sql, ev).await? == Outcome::Missing {
-                    tracing::warn!(node = %self.node, origin = %self.origin, table = %format!("{}.{}", ev.schema, ev.table),
+                    tracing::warn!(node = %self.node, origin = %ev.origin, table = %format!("{}.{}", ev.schema, ev.table),
                         op = ev.op.code(), lsn = %format_lsn(commit_lsn), "row to change is missing locally; change skipped");
                 }
             }
             Item::Truncate(t) => self.writer.truncate(&self.sql, t).await?,
+            Item::Message(m) => {
+                // Written again in its place, so that a node forwarding this origin passes it on
+                // (this node's capture skips it otherwise: the transaction carries an origin).
+                self.sql
+                    .client
+                    .execute("SELECT pg_logical_emit_message(true, $1, $2::bytea)", &[&m.prefix, &m.content])
+                    .await
+                    .map_err(self.sql.err(format!("re-emitting logical message {}", m.prefix)))?;
+            }
         }
         if txn_last {
             // Progress and COMMIT pipelined: if the progress write fails, the transaction is
@@ -241,16 +301,14 @@ impl OriginStream {
                 .statements
                 .as_ref()
                 .ok_or_else(|| self.stream_err(offset, "session not prepared".into()))?;
+            let origin = open.as_ref().map(|t| t.origin.clone()).unwrap_or_default();
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-                [&self.origin, &self.topic, &self.partition, &offset, &lsn, &commit_ts_us];
+                [&origin, &self.topic, &self.partition, &offset, &lsn, &commit_ts_us];
             let record = self.sql.client.execute(&stmts.progress, &params);
             futures::try_join!(record, self.sql.client.batch_execute("COMMIT"))
                 .map_err(self.sql.err("recording pgferry.apply_progress and committing"))?;
             *open = None;
-            self.progress = Progress {
-                kafka_offset: Some(offset),
-                commit_lsn,
-            };
+            self.applied.insert(origin, commit_lsn);
         }
         Ok(())
     }
