@@ -17,7 +17,7 @@ use crate::partition::PartitionProbe;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ThroughputArgs {
     /// pgbench transactions in the backlog (rounded down to a multiple of --clients).
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 50_000)]
     pub transactions: u64,
     /// pgbench clients writing the backlog.
     #[arg(long, default_value_t = 4)]

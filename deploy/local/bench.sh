@@ -5,14 +5,14 @@
 # tables and write them, with a description of the machine, to docs/benchmarks/capture.md.
 # Figures are reported, never judged: a missed target does not fail the script.
 #   deploy/local/bench.sh [--transactions N] [--rows N]
-# (--transactions: pgbench transactions in the throughput backlog, default 30000;
+# (--transactions: pgbench transactions in the throughput backlog, default 50000;
 #  --rows: row changes in the large transaction, default 2000000.)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PGFERRY_LOG_TAG=bench
 cd "$PGFERRY_REPO"
 
-transactions=30000
+transactions=50000
 rows=2000000
 while (($#)); do
     case "$1" in
