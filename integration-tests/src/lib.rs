@@ -120,6 +120,16 @@ pub struct Service {
 }
 
 impl Service {
+    /// The process id (for reading `/proc/<pid>/status`, e.g. memory use in benchmarks).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
     /// SIGKILL, the way a crash ends a process.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

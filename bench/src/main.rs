@@ -1,0 +1,95 @@
+//! `pgferry-bench`: capture benchmarks against the real local services (deploy/local/up.sh:
+//! PostgreSQL, Kafka, schema registry; endpoints from `eval "$(deploy/local/env.sh)"`) and the
+//! real `pgferry` binary.
+//!
+//! Contract: each subcommand sets up its own isolated cluster through the integration-test
+//! harness (own database, slot, topics), measures, removes what it made (unless `--keep`), and
+//! prints one markdown section with its figures and targets on stdout; progress goes to stderr.
+//! A missed target is a figure, never a failure: the exit status is non-zero only when the
+//! benchmark could not measure (a service down, pgferry exited, a count that does not match).
+//! The `pgferry` binary is `PGFERRY_BIN`, else the `pgferry` next to this binary (build both
+//! with `cargo build --release -p pgferry -p pgferry-bench`).
+//!
+//! - `capture-throughput`: a pgbench TPC-B backlog decoded by `pg_recvlogical` and by pgferry
+//!   capture; events/s of both and their ratio (target ≥ 70%).
+//! - `large-txn`: one transaction of 2,000,000 row changes; capture's peak RSS (target
+//!   < 256 MB) and time to capture.
+
+mod large_txn;
+mod measure;
+mod partition;
+mod rss;
+mod throughput;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Capture benchmarks of pgferry.
+#[derive(Parser)]
+#[command(name = "pgferry-bench", version, about)]
+struct Cli {
+    /// Directory of the PostgreSQL client programs (pgbench, pg_recvlogical).
+    #[arg(
+        long,
+        global = true,
+        env = "PGFERRY_PG_BIN",
+        default_value = "/usr/lib/postgresql/15/bin"
+    )]
+    pg_bin: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// pgbench backlog decoded by pg_recvlogical and by pgferry capture: events/s.
+    CaptureThroughput(throughput::ThroughputArgs),
+    /// One large transaction through pgferry capture: peak RSS and time.
+    LargeTxn(large_txn::LargeTxnArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = point_at_pgferry().and_then(|()| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(run(cli))
+    }) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let section = match &cli.command {
+        Command::CaptureThroughput(args) => throughput::run(args, &cli.pg_bin).await?,
+        Command::LargeTxn(args) => large_txn::run(args).await?,
+    };
+    println!("{section}");
+    Ok(())
+}
+
+/// Sets `PGFERRY_BIN` (which the harness runs) to the `pgferry` next to this binary unless it
+/// is set, so a release build of both benchmarks the release `pgferry`.
+fn point_at_pgferry() -> Result<()> {
+    if std::env::var_os("PGFERRY_BIN").is_none() {
+        let me = std::env::current_exe().context("locating pgferry-bench")?;
+        let sibling = me.with_file_name("pgferry");
+        if !sibling.is_file() {
+            anyhow::bail!(
+                "no pgferry binary at {}: build it (cargo build --release --bin pgferry) or set PGFERRY_BIN",
+                sibling.display()
+            );
+        }
+        // Single-threaded here: no other thread reads the environment yet.
+        std::env::set_var("PGFERRY_BIN", &sibling);
+    }
+    let bin = pgferry_integration_tests::pgferry_bin();
+    eprintln!("[bench] pgferry binary: {}", bin.display());
+    Ok(())
+}
