@@ -694,8 +694,19 @@ impl Capture {
 
     fn commit_batch(&mut self) -> Result<(), CaptureError> {
         let producer = &self.producer;
-        tokio::task::block_in_place(|| producer.commit_transaction(Duration::from_secs(60)))
-            .map_err(|e| kafka_err(&self.config, "committing a transaction", e))?;
+        tokio::task::block_in_place(|| {
+            // rdkafka's commit_transaction first flushes, and its flush polls in 100 ms steps; on a
+            // ThreadedProducer the producer's own thread takes the delivery events, so each step
+            // runs its full 100 ms and every Kafka transaction cost ≥ 100 ms (measured with
+            // `deploy/local/bench.sh`). Wait for the deliveries here in 1 ms steps, so that flush
+            // finds nothing left to wait for.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while producer.in_flight_count() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            producer.commit_transaction(Duration::from_secs(60))
+        })
+        .map_err(|e| kafka_err(&self.config, "committing a transaction", e))?;
         self.kafka_txn_open = false;
         if self.batch_end_lsn > 0 {
             self.confirmer.confirm(self.batch_end_lsn);
