@@ -9,12 +9,14 @@
 //! writes `pgferry.apply_progress` in the same transaction, so a restart resumes exactly where
 //! the last commit left off and anything at or below the recorded commit LSN is a duplicate.
 
+mod conflict;
 mod error;
 mod partition_stream;
 mod progress;
 mod service;
 mod writer;
 
+pub use conflict::{tombstone_trigger_sql, SCHEMA_SQL as CONFLICT_SCHEMA_SQL};
 pub use error::ApplyError;
 pub use progress::origin_name;
 pub use service::{run, ApplyOptions};

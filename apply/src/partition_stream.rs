@@ -20,7 +20,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 
 use crate::error::ApplyError;
 use crate::progress::{self, format_lsn};
-use crate::writer::{Outcome, Writer};
+use crate::writer::Writer;
 
 /// One remote node's partition and everything needed to apply it.
 pub struct PartitionStream {
@@ -277,10 +277,7 @@ impl PartitionStream {
         }
         match &item {
             Item::Change(ev) => {
-                if self.writer.apply(&self.sql, ev).await? == Outcome::Missing {
-                    tracing::warn!(node = %self.node, origin = %ev.origin, table = %format!("{}.{}", ev.schema, ev.table),
-                        op = ev.op.code(), lsn = %format_lsn(commit_lsn), "row to change is missing locally; change skipped");
-                }
+                self.writer.apply(&self.sql, ev).await?;
             }
             Item::Truncate(t) => self.writer.truncate(&self.sql, t).await?,
             Item::Message(m) => {

@@ -64,7 +64,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -
             applied: resume.origins,
             sql,
             session_origin: None,
-            writer: Writer::new(config.tables()),
+            writer: Writer::new(config.clone(), &node.name),
             registry: registry.clone(),
             readers: Default::default(),
             fixed_schemas: Default::default(),

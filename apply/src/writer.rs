@@ -1,61 +1,91 @@
-//! Writing decoded changes into local tables: statements prepared once per (table, operation,
-//! column set), every identifier quoted and every value bound as a text parameter cast to the
-//! local column's type (`$n::text::<type>`), which is lossless for every type.
+//! Writing decoded changes into local tables, with conflict detection and resolution.
+//!
+//! Statements are prepared once per text (table, operation, column set); every identifier is
+//! quoted and every value bound as a text parameter cast to the local column's type
+//! (`$n::text::<type>`), which is lossless for every type.
+//!
+//! Each change first tries a guarded statement that succeeds only when there is nothing to
+//! resolve (an insert whose key is free and not tombstoned; an update or delete of a row last
+//! written by the same origin). Only when it touches no row does apply read the local row
+//! (`FOR UPDATE`) and its last writer (`pg_xact_commit_timestamp_origin(xmin)`) plus the key's
+//! tombstone, classify the conflict, resolve it by the table's resolver and record it in
+//! `pgferry.conflicts` — all inside the applying transaction.
 
 use std::collections::{HashMap, HashSet};
 
+use pgferry_connectors::config::{Config, Resolver};
 use pgferry_connectors::postgres::{quote_ident, PgSession};
 use pgferry_schemas::truncate::Truncate;
 use pgferry_schemas::{DecodedEvent, Op};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
+use crate::conflict::{decide, ConflictType, Resolution, Stamp};
 use crate::error::ApplyError;
+use crate::progress::{format_lsn, origin_name};
 
 /// A local table as apply writes it.
 struct LocalTable {
+    /// `schema.table`, unquoted (the name in tombstones and conflicts).
+    name: String,
     qualified: String,
     /// Column name → SQL type.
     types: HashMap<String, String>,
     /// Primary-key columns in key order.
     key: Vec<String>,
+    resolver: Resolver,
 }
 
-/// Table metadata and prepared statements of one session.
+/// A row as an event carries it: column name → text value (None = NULL).
+type EventRow = Vec<(String, Option<String>)>;
+
+/// Table metadata, prepared statements and origin names of one session.
 pub struct Writer {
     allowed: HashSet<(String, String)>,
+    config: std::sync::Arc<Config>,
+    /// This node's name and id.
+    local: (String, u16),
     tables: HashMap<(String, String), LocalTable>,
     statements: HashMap<String, Statement>,
+    /// `pg_replication_origin.roident` → node name.
+    origins: HashMap<i64, String>,
 }
 
-/// What a change did locally.
+/// A conflict that was detected and settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The row was written.
-    Applied,
-    /// The target row was not there (update or delete of a missing row).
-    Missing,
+pub struct Settled {
+    /// Its type.
+    pub conflict: ConflictType,
+    /// What was done.
+    pub resolution: Resolution,
+}
+
+/// The local version of a row, as found by the conflict lookup.
+struct LocalVersion {
+    stamp: Option<Stamp>,
+    origin: Option<String>,
+    row_json: String,
 }
 
 impl Writer {
-    /// A writer allowed to touch only `tables` (schema, name).
-    pub fn new(tables: Vec<(String, String)>) -> Writer {
+    /// A writer for node `local` that may touch only the config's replicated tables.
+    pub fn new(config: std::sync::Arc<Config>, local: &str) -> Writer {
+        let local_id = config.node(local).map_or(0, |n| n.id);
         Writer {
-            allowed: tables.into_iter().collect(),
+            allowed: config.tables().into_iter().collect(),
+            config,
+            local: (local.to_string(), local_id),
             tables: HashMap::new(),
             statements: HashMap::new(),
+            origins: HashMap::new(),
         }
-    }
-
-    fn write_err(&self, ev: &DecodedEvent, message: String) -> ApplyError {
-        write_err(ev, message)
     }
 
     async fn table(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<&LocalTable, ApplyError> {
         let id = (ev.schema.clone(), ev.table.clone());
         if !self.tables.contains_key(&id) {
             if !self.allowed.contains(&id) {
-                return Err(self.write_err(ev, "not in this node's replication set".into()));
+                return Err(write_err(ev, "not in this node's replication set".into()));
             }
             let rows = sql
                 .client
@@ -73,7 +103,7 @@ impl Writer {
                 .await
                 .map_err(sql.err(format!("reading columns of {}.{}", ev.schema, ev.table)))?;
             if rows.is_empty() {
-                return Err(self.write_err(ev, format!("table does not exist at {}", sql.endpoint)));
+                return Err(write_err(ev, format!("table does not exist at {}", sql.endpoint)));
             }
             let mut key: Vec<(i32, String)> = Vec::new();
             let mut types = HashMap::new();
@@ -85,16 +115,17 @@ impl Writer {
                 types.insert(name, r.get::<_, String>(1));
             }
             if key.is_empty() {
-                return Err(self.write_err(ev, format!("has no primary key at {}", sql.endpoint)));
+                return Err(write_err(ev, format!("has no primary key at {}", sql.endpoint)));
             }
             key.sort();
-            let qualified = format!("{}.{}", quote_ident(&ev.schema), quote_ident(&ev.table));
             self.tables.insert(
                 id.clone(),
                 LocalTable {
-                    qualified,
+                    name: format!("{}.{}", ev.schema, ev.table),
+                    qualified: format!("{}.{}", quote_ident(&ev.schema), quote_ident(&ev.table)),
                     types,
                     key: key.into_iter().map(|(_, n)| n).collect(),
+                    resolver: self.config.resolver(&ev.schema, &ev.table),
                 },
             );
         }
@@ -126,34 +157,285 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes one change inside the caller's open transaction.
-    pub async fn apply(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Outcome, ApplyError> {
-        let table = self.table(sql, ev).await?;
-        let (text, params) = build_statement(table, ev).map_err(|message| write_err(ev, message))?;
-        if text.is_empty() {
-            return Ok(Outcome::Applied);
+    /// A prepared statement for `text` with `n` text parameters.
+    async fn prepared(&mut self, sql: &PgSession, text: &str, n: usize, ev: &DecodedEvent) -> Result<Statement, ApplyError> {
+        if let Some(s) = self.statements.get(text) {
+            return Ok(s.clone());
         }
-        let stmt = match self.statements.get(&text) {
-            Some(s) => s.clone(),
-            None => {
-                let types = vec![Type::TEXT; params.len()];
-                let s = sql
-                    .client
-                    .prepare_typed(&text, &types)
-                    .await
-                    .map_err(sql.err(format!("preparing a statement for {}.{}", ev.schema, ev.table)))?;
-                self.statements.insert(text.clone(), s.clone());
-                s
+        let s = sql
+            .client
+            .prepare_typed(text, &vec![Type::TEXT; n])
+            .await
+            .map_err(sql.err(format!("preparing a statement for {}.{}", ev.schema, ev.table)))?;
+        self.statements.insert(text.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Runs `text` with `params`; the number of rows it touched.
+    async fn execute(&mut self, sql: &PgSession, text: &str, params: &[Option<&str>], ev: &DecodedEvent) -> Result<u64, ApplyError> {
+        let stmt = self.prepared(sql, text, params.len(), ev).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        sql.client
+            .execute(&stmt, &refs)
+            .await
+            .map_err(sql.err(format!("{} on {}.{}", ev.op.code(), ev.schema, ev.table)))
+            .map_err(ApplyError::from)
+    }
+
+    /// The replication origin id of node `origin` on this server, if it exists.
+    async fn roident_of(&mut self, sql: &PgSession, origin: &str) -> Result<Option<i64>, ApplyError> {
+        if let Some((id, _)) = self.origins.iter().find(|(_, n)| n.as_str() == origin) {
+            return Ok(Some(*id));
+        }
+        self.load_origins(sql).await?;
+        Ok(self.origins.iter().find(|(_, n)| n.as_str() == origin).map(|(id, _)| *id))
+    }
+
+    async fn load_origins(&mut self, sql: &PgSession) -> Result<(), ApplyError> {
+        let rows = sql
+            .client
+            .query("SELECT roident::int8, roname FROM pg_replication_origin", &[])
+            .await
+            .map_err(sql.err("reading pg_replication_origin"))?;
+        for r in rows {
+            let name: String = r.get(1);
+            if let Some(node) = self.config.nodes.iter().find(|n| origin_name(&n.name) == name) {
+                self.origins.insert(r.get(0), node.name.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// The node that wrote a local row version (`roident` 0: this node itself).
+    async fn origin_of(&mut self, sql: &PgSession, roident: i64) -> Result<Option<String>, ApplyError> {
+        if roident == 0 {
+            return Ok(Some(self.local.0.clone()));
+        }
+        if !self.origins.contains_key(&roident) {
+            self.load_origins(sql).await?;
+        }
+        Ok(self.origins.get(&roident).cloned())
+    }
+
+    /// Writes one change inside the caller's open transaction, resolving any conflict.
+    pub async fn apply(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Option<Settled>, ApplyError> {
+        self.table(sql, ev).await?;
+        let remote_roident = match ev.op {
+            Op::Update | Op::Delete => self.roident_of(sql, &ev.origin).await?,
+            _ => None,
+        };
+        let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+        let key_row = match ev.op {
+            Op::Create | Op::Read => ev.after.as_ref(),
+            Op::Update | Op::Delete => ev.before.as_ref().or(ev.after.as_ref()),
+            Op::Truncate => return Ok(None),
+        }
+        .ok_or_else(|| write_err(ev, format!("{} without a row image", ev.op.code())))?;
+        let key = key_values(table, key_row).map_err(|m| write_err(ev, m))?;
+        let name = table.name.clone();
+
+        // The guarded statement: done when there is nothing to resolve.
+        let roident_text = remote_roident.map(|r| r.to_string());
+        let (text, params) = guarded(table, &name, ev, &key, roident_text.as_deref()).map_err(|m| write_err(ev, m))?;
+        if !text.is_empty() && self.execute(sql, &text, &params, ev).await? > 0 {
+            return Ok(None);
+        }
+
+        // Something to resolve: the local row and its last writer, and the key's tombstone.
+        let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+        let lookup = format!(
+            "SELECT (extract(epoch FROM c.timestamp) * 1000000)::int8, c.roident::int8, to_jsonb(t)::text
+             FROM {} t, pg_xact_commit_timestamp_origin(t.xmin) c WHERE {} FOR UPDATE OF t",
+            table.qualified,
+            where_key(table, 1)
+        );
+        let tomb = format!(
+            "SELECT k.key::text, (extract(epoch FROM c.timestamp) * 1000000)::int8, c.roident::int8
+             FROM (SELECT {} AS key) k
+             LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${} AND tb.key = k.key
+             LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) c ON true",
+            key_json(table, 1),
+            key.len() + 1
+        );
+        let (lookup, tomb) = (
+            self.prepared(sql, &lookup, key.len(), ev).await?,
+            self.prepared(sql, &tomb, key.len() + 1, ev).await?,
+        );
+        let key_params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        let mut tomb_params = key_params.clone();
+        tomb_params.push(&name);
+        let (local, tomb) = futures::try_join!(
+            sql.client.query_opt(&lookup, &key_params),
+            sql.client.query_one(&tomb, &tomb_params)
+        )
+        .map_err(sql.err(format!("looking up the local row of {name}")))?;
+        let key_json_text: String = tomb.get(0);
+        let local = match local {
+            None => None,
+            Some(r) => {
+                let origin = match r.get::<_, Option<i64>>(1) {
+                    Some(id) => self.origin_of(sql, id).await?,
+                    None => None,
+                };
+                Some(LocalVersion {
+                    stamp: self.stamp(r.get(0), origin.as_deref()),
+                    origin,
+                    row_json: r.get(2),
+                })
             }
         };
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let n = sql.client.execute(&stmt, &refs).await.map_err(sql.err(format!(
-            "{} on {}.{}",
-            ev.op.code(),
-            ev.schema,
-            ev.table
-        )))?;
-        Ok(if n == 0 { Outcome::Missing } else { Outcome::Applied })
+        let tombstone = match tomb.get::<_, Option<i64>>(2) {
+            Some(id) => {
+                let origin = self.origin_of(sql, id).await?;
+                self.stamp(tomb.get(1), origin.as_deref())
+            }
+            None => None,
+        };
+        let remote = Stamp {
+            ts_us: ev.commit_ts_us,
+            node_id: self.config.node(&ev.origin).map_or(0, |n| n.id),
+        };
+        let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+        let resolver = table.resolver;
+
+        // Classify.
+        let (conflict, against) = match (ev.op, &local) {
+            (Op::Create | Op::Read, Some(l)) => (ConflictType::InsertExists, l.stamp),
+            (Op::Create | Op::Read, None) => match tombstone {
+                // A delete here that is newer than the insert (arrived out of order).
+                Some(t) if t > remote => (ConflictType::UpdateDeleted, Some(t)),
+                _ => return self.insert(sql, ev).await.map(|_| None),
+            },
+            (Op::Update | Op::Delete, Some(l)) => {
+                if l.stamp.is_none() || l.origin.as_deref() == Some(ev.origin.as_str()) {
+                    // Written earlier in this transaction, or by the same origin: no conflict.
+                    let (text, params) = plain(table, ev, &key).map_err(|m| write_err(ev, m))?;
+                    self.execute(sql, &text, &params, ev).await?;
+                    return Ok(None);
+                }
+                let t = if ev.op == Op::Update {
+                    ConflictType::UpdateOriginDiffers
+                } else {
+                    ConflictType::DeleteOriginDiffers
+                };
+                (t, l.stamp)
+            }
+            (Op::Update, None) => match tombstone {
+                Some(t) => (ConflictType::UpdateDeleted, Some(t)),
+                None => (ConflictType::UpdateMissing, None),
+            },
+            (Op::Delete, None) => (ConflictType::DeleteMissing, tombstone),
+            (Op::Truncate, _) => return Ok(None),
+        };
+        let Some(mut resolution) = decide(resolver, against, remote) else {
+            return Err(write_err(
+                ev,
+                format!(
+                    "{} on key {key_json_text} (resolver error: this origin stops here until an operator resolves it)",
+                    conflict.name()
+                ),
+            ));
+        };
+        if resolution == Resolution::ApplyRemote {
+            let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+            match (conflict, ev.op) {
+                (ConflictType::InsertExists, _) => {
+                    let (text, params) = overwrite(table, ev, &key).map_err(|m| write_err(ev, m))?;
+                    self.execute(sql, &text, &params, ev).await?;
+                }
+                (ConflictType::UpdateOriginDiffers | ConflictType::DeleteOriginDiffers, _) => {
+                    let (text, params) = plain(table, ev, &key).map_err(|m| write_err(ev, m))?;
+                    self.execute(sql, &text, &params, ev).await?;
+                }
+                (ConflictType::UpdateMissing | ConflictType::UpdateDeleted, _) => {
+                    if ev.unchanged_toast.is_empty() {
+                        self.insert(sql, ev).await?;
+                    } else {
+                        // The event lacks the unchanged large values a full row needs.
+                        resolution = Resolution::KeepLocal;
+                    }
+                }
+                (ConflictType::DeleteMissing, _) => {
+                    // Remember the delete so an older insert or update arriving later loses.
+                    self.execute(
+                        sql,
+                        "INSERT INTO pgferry.tombstones (tbl, key, xid) VALUES ($1, $2::text::jsonb, txid_current())
+                         ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid",
+                        &[Some(name.as_str()), Some(key_json_text.as_str())],
+                        ev,
+                    )
+                    .await?;
+                }
+            }
+        }
+        self.record(sql, ev, &name, &key_json_text, conflict, resolver, resolution, local.as_ref())
+            .await?;
+        tracing::debug!(origin = %ev.origin, table = %name, key = %key_json_text, conflict = conflict.name(),
+            resolution = resolution.name(), "conflict");
+        Ok(Some(Settled { conflict, resolution }))
+    }
+
+    /// The stamp of a local version: its commit time (None: written by the open transaction,
+    /// or too old to have one) and the node id of its origin.
+    fn stamp(&self, ts_us: Option<i64>, origin: Option<&str>) -> Option<Stamp> {
+        let node_id = origin.and_then(|o| self.config.node(o)).map_or(0, |n| n.id);
+        ts_us.map(|ts_us| Stamp { ts_us, node_id })
+    }
+
+    async fn insert(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<(), ApplyError> {
+        let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+        let (text, params) = insert(table, ev).map_err(|m| write_err(ev, m))?;
+        self.execute(sql, &text, &params, ev).await?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn record(
+        &mut self,
+        sql: &PgSession,
+        ev: &DecodedEvent,
+        table: &str,
+        key_json: &str,
+        conflict: ConflictType,
+        resolver: Resolver,
+        resolution: Resolution,
+        local: Option<&LocalVersion>,
+    ) -> Result<(), ApplyError> {
+        let remote_row = match ev.op {
+            Op::Delete => ev.before.as_ref(),
+            _ => ev.after.as_ref(),
+        }
+        .map(row_json);
+        let local_ts = local.and_then(|l| l.stamp).map(|s| s.ts_us.to_string());
+        let lsn = format_lsn(ev.commit_lsn);
+        let ts = ev.commit_ts_us.to_string();
+        let params: [Option<&str>; 13] = [
+            Some(table),
+            Some(key_json),
+            Some(conflict.name()),
+            Some(resolver.name()),
+            Some(resolution.name()),
+            local.map(|l| l.row_json.as_str()),
+            local.and_then(|l| l.origin.as_deref()),
+            local_ts.as_deref(),
+            Some(ev.op.code()),
+            remote_row.as_deref(),
+            Some(ev.origin.as_str()),
+            Some(ts.as_str()),
+            Some(lsn.as_str()),
+        ];
+        self.execute(
+            sql,
+            "INSERT INTO pgferry.conflicts (tbl, key, conflict_type, resolver, resolution, local_row, local_origin,
+                 local_commit_ts, remote_op, remote_row, remote_origin, remote_commit_ts, remote_commit_lsn)
+             VALUES ($1, $2::text::jsonb, $3, $4, $5, $6::text::jsonb, $7,
+                 'epoch'::timestamptz + $8::text::int8 * interval '1 microsecond', $9, $10::text::jsonb, $11,
+                 'epoch'::timestamptz + $12::text::int8 * interval '1 microsecond', $13::text::pg_lsn)",
+            &params,
+            ev,
+        )
+        .await?;
+        Ok(())
     }
 }
 
@@ -165,71 +447,171 @@ fn write_err(ev: &DecodedEvent, message: String) -> ApplyError {
     }
 }
 
-/// The statement text and its text parameters for one change (empty text: nothing to do).
-fn build_statement<'e>(table: &LocalTable, ev: &'e DecodedEvent) -> Result<(String, Vec<Option<&'e str>>), String> {
-    let cast = |col: &str| -> Result<&str, String> {
-        table
-            .types
-            .get(col)
-            .map(String::as_str)
-            .ok_or_else(|| format!("column {col:?} does not exist locally"))
-    };
+/// A row as a JSON object of text values (for `pgferry.conflicts`).
+fn row_json(row: &EventRow) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = row
+        .iter()
+        .map(|(c, v)| (c.clone(), v.as_ref().map_or(serde_json::Value::Null, |t| serde_json::Value::String(t.clone()))))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+fn cast<'t>(table: &'t LocalTable, col: &str) -> Result<&'t str, String> {
+    table
+        .types
+        .get(col)
+        .map(String::as_str)
+        .ok_or_else(|| format!("column {col:?} does not exist locally"))
+}
+
+/// The key columns' values in `row`, in key order.
+fn key_values<'e>(table: &LocalTable, row: &'e EventRow) -> Result<Vec<&'e str>, String> {
+    table
+        .key
+        .iter()
+        .map(|k| {
+            row.iter()
+                .find(|(c, _)| c == k)
+                .and_then(|(_, v)| v.as_deref())
+                .ok_or_else(|| format!("event has no value for key column {k:?}"))
+        })
+        .collect()
+}
+
+/// `k1 = $first::text::<type> AND …` for the key columns.
+fn where_key(table: &LocalTable, first: usize) -> String {
+    table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let ty = table.types.get(k).map_or("text", String::as_str);
+            format!("{} = ${}::text::{ty}", quote_ident(k), first + i)
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The key as the tombstone trigger writes it: a JSON array of the typed values.
+fn key_json(table: &LocalTable, first: usize) -> String {
+    let parts: Vec<String> = table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let ty = table.types.get(k).map_or("text", String::as_str);
+            format!("to_jsonb(${}::text::{ty})", first + i)
+        })
+        .collect();
+    format!("jsonb_build_array({})", parts.join(", "))
+}
+
+/// (quoted column, placeholder) of every column the after image carries (not unchanged TOAST),
+/// appending their values to `params`.
+fn assignments<'e>(table: &LocalTable, ev: &'e DecodedEvent, params: &mut Vec<Option<&'e str>>) -> Result<Vec<(String, String)>, String> {
     let unchanged: HashSet<&str> = ev.unchanged_toast.iter().map(String::as_str).collect();
-    let mut params: Vec<Option<&str>> = Vec::new();
-    let key_source = match ev.op {
-        Op::Create | Op::Read | Op::Truncate => None,
-        Op::Update | Op::Delete => ev.before.as_ref().or(ev.after.as_ref()),
-    };
-    let mut where_clause = String::new();
-    if let Some(row) = key_source {
-        for (i, k) in table.key.iter().enumerate() {
-            let v = row.iter().find(|(c, _)| c == k).and_then(|(_, v)| v.as_deref());
-            let v = v.ok_or_else(|| format!("event has no value for key column {k:?}"))?;
-            params.push(Some(v));
-            if i > 0 {
-                where_clause.push_str(" AND ");
-            }
-            where_clause.push_str(&format!("{} = ${}::text::{}", quote_ident(k), params.len(), cast(k)?));
-        }
+    let row = ev
+        .after
+        .as_ref()
+        .ok_or_else(|| format!("{} without an after image", ev.op.code()))?;
+    let mut out = Vec::new();
+    for (c, v) in row.iter().filter(|(c, _)| !unchanged.contains(c.as_str())) {
+        params.push(v.as_deref());
+        out.push((quote_ident(c), format!("${}::text::{}", params.len(), cast(table, c)?)));
     }
-    // (quoted column, placeholder) of every column the after image carries.
-    let assigned = |params: &mut Vec<Option<&'e str>>| -> Result<Vec<(String, String)>, String> {
-        let row = ev
-            .after
-            .as_ref()
-            .ok_or_else(|| format!("{} without an after image", ev.op.code()))?;
-        let mut out = Vec::new();
-        for (c, v) in row.iter().filter(|(c, _)| !unchanged.contains(c.as_str())) {
-            params.push(v.as_deref());
-            out.push((quote_ident(c), format!("${}::text::{}", params.len(), cast(c)?)));
-        }
-        Ok(out)
-    };
+    Ok(out)
+}
+
+/// A statement's text and its text parameters.
+type Statement_<'e> = (String, Vec<Option<&'e str>>);
+
+/// `INSERT` of the after image.
+fn insert<'e>(table: &LocalTable, ev: &'e DecodedEvent) -> Result<Statement_<'e>, String> {
+    let mut params = Vec::new();
+    let cols = assignments(table, ev, &mut params)?;
+    let names: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
+    let vals: Vec<&str> = cols.iter().map(|(_, v)| v.as_str()).collect();
+    Ok((
+        format!("INSERT INTO {} ({}) VALUES ({})", table.qualified, names.join(", "), vals.join(", ")),
+        params,
+    ))
+}
+
+/// The unconditional statement of an update or delete, found by `key`.
+fn plain<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str]) -> Result<Statement_<'e>, String> {
+    let mut params: Vec<Option<&str>> = key.iter().map(|k| Some(*k)).collect();
     let text = match ev.op {
-        Op::Create | Op::Read => {
-            let cols = assigned(&mut params)?;
-            let names: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
-            let vals: Vec<&str> = cols.iter().map(|(_, v)| v.as_str()).collect();
-            format!(
-                "INSERT INTO {} ({}) VALUES ({})",
-                table.qualified,
-                names.join(", "),
-                vals.join(", ")
-            )
-        }
         Op::Update => {
-            let sets: Vec<String> = assigned(&mut params)?
+            let sets: Vec<String> = assignments(table, ev, &mut params)?
                 .into_iter()
                 .map(|(c, v)| format!("{c} = {v}"))
                 .collect();
-            format!(
-                "UPDATE {} SET {} WHERE {where_clause}",
-                table.qualified,
-                sets.join(", ")
-            )
+            format!("UPDATE {} SET {} WHERE {}", table.qualified, sets.join(", "), where_key(table, 1))
         }
-        Op::Delete => format!("DELETE FROM {} WHERE {where_clause}", table.qualified),
-        Op::Truncate => String::new(),
+        Op::Delete => format!("DELETE FROM {} WHERE {}", table.qualified, where_key(table, 1)),
+        _ => return Err(format!("{} is not an update or delete", ev.op.code())),
     };
     Ok((text, params))
+}
+
+/// An insert that lost to an existing row… or won: the row becomes the after image.
+fn overwrite<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str]) -> Result<Statement_<'e>, String> {
+    let mut params: Vec<Option<&str>> = key.iter().map(|k| Some(*k)).collect();
+    let sets: Vec<String> = assignments(table, ev, &mut params)?
+        .into_iter()
+        .map(|(c, v)| format!("{c} = {v}"))
+        .collect();
+    Ok((
+        format!("UPDATE {} SET {} WHERE {}", table.qualified, sets.join(", "), where_key(table, 1)),
+        params,
+    ))
+}
+
+/// The statement that applies `ev` only when there is nothing to resolve; touches no row
+/// otherwise. Empty text: always resolve (the remote origin has no replication origin here).
+fn guarded<'e>(
+    table: &LocalTable,
+    name: &'e str,
+    ev: &'e DecodedEvent,
+    key: &[&'e str],
+    remote_roident: Option<&'e str>,
+) -> Result<Statement_<'e>, String> {
+    match ev.op {
+        Op::Create | Op::Read => {
+            // Free key and no tombstone at all (a tombstone sends it to the full check).
+            let mut params = Vec::new();
+            let cols = assignments(table, ev, &mut params)?;
+            let names: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
+            let vals: Vec<&str> = cols.iter().map(|(_, v)| v.as_str()).collect();
+            let first = params.len() + 1;
+            params.push(Some(name));
+            params.extend(key.iter().map(|k| Some(*k)));
+            Ok((
+                format!(
+                    "INSERT INTO {} ({}) SELECT {} WHERE NOT EXISTS
+                       (SELECT 1 FROM pgferry.tombstones WHERE tbl = ${first} AND key = {})
+                     ON CONFLICT DO NOTHING",
+                    table.qualified,
+                    names.join(", "),
+                    vals.join(", "),
+                    key_json(table, first + 1)
+                ),
+                params,
+            ))
+        }
+        Op::Update | Op::Delete => {
+            let Some(roident) = remote_roident else {
+                return Ok((String::new(), Vec::new()));
+            };
+            let (text, mut params) = plain(table, ev, key)?;
+            // Last written by the same origin (a committed version of it).
+            params.push(Some(roident));
+            let text = format!(
+                "{text} AND (pg_xact_commit_timestamp_origin(xmin)).roident = ${}::text::int8::oid",
+                params.len()
+            );
+            Ok((text, params))
+        }
+        Op::Truncate => Ok((String::new(), Vec::new())),
+    }
 }

@@ -116,6 +116,53 @@ impl NodeConfig {
 pub struct ReplicationConfig {
     /// Replicated tables as `schema.table` (or `table`, meaning `public.table`).
     pub tables: Vec<String>,
+    /// How conflicts are resolved unless a table says otherwise.
+    #[serde(default)]
+    pub resolver: Resolver,
+    /// Per-table settings, keyed by `schema.table` (or `table`).
+    #[serde(default)]
+    pub table: std::collections::BTreeMap<String, TableOptions>,
+}
+
+/// `[replication.table."schema.table"]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableOptions {
+    /// This table's conflict resolver (default: `replication.resolver`).
+    pub resolver: Option<Resolver>,
+}
+
+/// How apply settles a conflict (DESIGN.md, "Conflicts"). Every node must pick the same winner.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolver {
+    /// The later origin commit wins; equal times: the greater node id.
+    #[default]
+    LastUpdateWins,
+    /// The earlier origin commit wins; equal times: the smaller node id.
+    FirstUpdateWins,
+    /// The incoming change always wins.
+    ApplyRemote,
+    /// The local row always stays.
+    KeepLocal,
+    /// The local row stays and the incoming change is parked in `pgferry.conflicts` for review.
+    Manual,
+    /// The origin's stream stops at the conflict until an operator acts.
+    Error,
+}
+
+impl Resolver {
+    /// The name used in config and in `pgferry.conflicts`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resolver::LastUpdateWins => "last_update_wins",
+            Resolver::FirstUpdateWins => "first_update_wins",
+            Resolver::ApplyRemote => "apply_remote",
+            Resolver::KeepLocal => "keep_local",
+            Resolver::Manual => "manual",
+            Resolver::Error => "error",
+        }
+    }
 }
 
 impl Config {
@@ -245,6 +292,15 @@ impl Config {
                 ));
             }
         }
+        let tables = self.tables();
+        for name in self.replication.table.keys() {
+            if !tables.contains(&qualify(name)) {
+                return Err(invalid(
+                    format!("replication.table.{name:?}"),
+                    format!("{name:?} is not in replication.tables"),
+                ));
+            }
+        }
         if self.replication.tables.is_empty() {
             return Err(invalid("replication.tables".into(), "lists no table".into()));
         }
@@ -323,14 +379,17 @@ impl Config {
 
     /// Replicated tables as `(schema, table)`.
     pub fn tables(&self) -> Vec<(String, String)> {
+        self.replication.tables.iter().map(|t| qualify(t)).collect()
+    }
+
+    /// The conflict resolver of `schema.table`.
+    pub fn resolver(&self, schema: &str, table: &str) -> Resolver {
         self.replication
-            .tables
+            .table
             .iter()
-            .map(|t| match t.split_once('.') {
-                Some((s, n)) => (s.to_string(), n.to_string()),
-                None => ("public".to_string(), t.clone()),
-            })
-            .collect()
+            .find(|(name, _)| qualify(name) == (schema.to_string(), table.to_string()))
+            .and_then(|(_, o)| o.resolver)
+            .unwrap_or(self.replication.resolver)
     }
 
     /// Every secret in the configuration (DSN passwords), for scrubbing output.
@@ -351,6 +410,14 @@ impl Config {
             }
         }
         out
+    }
+}
+
+/// `schema.table` or `table` (meaning `public.table`) as `(schema, table)`.
+fn qualify(name: &str) -> (String, String) {
+    match name.split_once('.') {
+        Some((s, n)) => (s.to_string(), n.to_string()),
+        None => ("public".to_string(), name.to_string()),
     }
 }
 
@@ -429,6 +496,21 @@ tables = ["public.accounts", "items"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("PGFERRY_NOPE_X"), "{e}");
+        let resolver = GOOD.replace("[replication]\n", "[replication]\nresolver = \"coin_flip\"\n");
+        let e = Config::parse(&resolver, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("coin_flip") && e.contains("last_update_wins"), "{e}");
+        let stray = format!("{GOOD}[replication.table.\"public.nope\"]\nresolver = \"manual\"\n");
+        let e = Config::parse(&stray, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("replication.table.\"public.nope\""), "{e}");
+    }
+
+    #[test]
+    fn resolvers_per_table() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        let text = format!("{GOOD}[replication.table.items]\nresolver = \"manual\"\n");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert_eq!(c.resolver("public", "items"), Resolver::Manual);
+        assert_eq!(c.resolver("public", "accounts"), Resolver::LastUpdateWins);
     }
 
     /// n1 (region a) → hub n2 (forwards n1) → n3 (reads only the hub).

@@ -155,6 +155,9 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// Replicated tables.
     pub tables: Vec<String>,
+    /// Extra TOML appended after the `[replication]` tables line (e.g. `resolver = "manual"`);
+    /// takes effect at the next [`Cluster::write_config`].
+    pub replication_toml: String,
     /// Endpoints.
     pub endpoints: Endpoints,
 }
@@ -208,6 +211,7 @@ impl Cluster {
             nodes,
             config_path: dir.join("pgferry.toml"),
             tables: tables.iter().map(|t| t.to_string()).collect(),
+            replication_toml: String::new(),
             dir,
             endpoints,
         };
@@ -228,7 +232,7 @@ impl Cluster {
             );
         }
         let list: Vec<String> = self.tables.iter().map(|t| format!("\"{t}\"")).collect();
-        toml += &format!("[replication]\ntables = [{}]\n", list.join(", "));
+        toml += &format!("[replication]\ntables = [{}]\n{}\n", list.join(", "), self.replication_toml);
         std::fs::write(&self.config_path, toml)?;
         Ok(())
     }

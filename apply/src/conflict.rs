@@ -1,0 +1,186 @@
+//! Conflict rules (DESIGN.md, "Conflicts"): which version of a row wins, the tables that record
+//! deletes (tombstones) and conflicts, and the names used in `pgferry.conflicts`.
+//!
+//! A version of a row is stamped with its origin commit time and origin node id
+//! ([`Stamp`]); every node compares the same stamps the same way, so every node picks the same
+//! winner and the cluster converges.
+
+use pgferry_connectors::config::Resolver;
+
+/// The tables and trigger function apply needs on every node (installed by `pgferry init`).
+pub const SCHEMA_SQL: &str = "
+CREATE TABLE IF NOT EXISTS pgferry.tombstones (
+    tbl text  NOT NULL,
+    key jsonb NOT NULL,
+    xid bigint NOT NULL,
+    PRIMARY KEY (tbl, key)
+);
+CREATE TABLE IF NOT EXISTS pgferry.conflicts (
+    id                bigserial   PRIMARY KEY,
+    detected_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    tbl               text        NOT NULL,
+    key               jsonb       NOT NULL,
+    conflict_type     text        NOT NULL,
+    resolver          text        NOT NULL,
+    resolution        text        NOT NULL,
+    local_row         jsonb,
+    local_origin      text,
+    local_commit_ts   timestamptz,
+    remote_op         text        NOT NULL,
+    remote_row        jsonb,
+    remote_origin     text        NOT NULL,
+    remote_commit_ts  timestamptz NOT NULL,
+    remote_commit_lsn pg_lsn      NOT NULL,
+    resolved_at       timestamptz,
+    resolved_by       text
+);
+-- A deleted row's key and the deleting transaction, whose commit time and origin
+-- (pg_xact_commit_timestamp_origin) date the delete. Fires for local deletes and for deletes
+-- apply makes (then the transaction carries the remote origin and commit time).
+CREATE OR REPLACE FUNCTION pgferry.record_tombstone() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    r jsonb := to_jsonb(OLD);
+    k jsonb := '[]'::jsonb;
+    c text;
+BEGIN
+    FOREACH c IN ARRAY TG_ARGV LOOP
+        k := k || jsonb_build_array(r -> c);
+    END LOOP;
+    INSERT INTO pgferry.tombstones (tbl, key, xid)
+    VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, k, txid_current())
+    ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid;
+    RETURN OLD;
+END $$;";
+
+/// The statements that attach the tombstone trigger to `qualified` (quoted `schema.table`)
+/// whose primary key columns are `key` (in key order). Idempotent.
+pub fn tombstone_trigger_sql(qualified: &str, key: &[String]) -> String {
+    let args: Vec<String> = key.iter().map(|k| format!("'{}'", k.replace('\'', "''"))).collect();
+    format!(
+        "DROP TRIGGER IF EXISTS pgferry_tombstone ON {qualified};
+         CREATE TRIGGER pgferry_tombstone AFTER DELETE ON {qualified}
+           FOR EACH ROW EXECUTE FUNCTION pgferry.record_tombstone({});
+         ALTER TABLE {qualified} ENABLE ALWAYS TRIGGER pgferry_tombstone;",
+        args.join(", ")
+    )
+}
+
+/// Who wrote a version of a row: origin commit time (µs since the Unix epoch), then node id.
+/// Ordered the way last-update-wins compares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp {
+    /// Origin commit time.
+    pub ts_us: i64,
+    /// Origin node id (breaks ties).
+    pub node_id: u16,
+}
+
+/// The conflict types (PostgreSQL 18's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictType {
+    /// An insert whose key exists locally.
+    InsertExists,
+    /// An update of a row last written by another origin.
+    UpdateOriginDiffers,
+    /// An update whose row is gone locally and whose key has no tombstone.
+    UpdateMissing,
+    /// An insert or update whose row was deleted locally (a tombstone exists).
+    UpdateDeleted,
+    /// A delete of a row last written by another origin.
+    DeleteOriginDiffers,
+    /// A delete whose row is not there.
+    DeleteMissing,
+}
+
+impl ConflictType {
+    /// The name recorded in `pgferry.conflicts.conflict_type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConflictType::InsertExists => "insert_exists",
+            ConflictType::UpdateOriginDiffers => "update_origin_differs",
+            ConflictType::UpdateMissing => "update_missing",
+            ConflictType::UpdateDeleted => "update_deleted",
+            ConflictType::DeleteOriginDiffers => "delete_origin_differs",
+            ConflictType::DeleteMissing => "delete_missing",
+        }
+    }
+}
+
+/// What was done about a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The incoming change was applied.
+    ApplyRemote,
+    /// The local row was kept; the incoming change was dropped.
+    KeepLocal,
+    /// The local row was kept; the incoming change waits in `pgferry.conflicts` for review.
+    Parked,
+}
+
+impl Resolution {
+    /// The name recorded in `pgferry.conflicts.resolution`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resolution::ApplyRemote => "apply_remote",
+            Resolution::KeepLocal => "keep_local",
+            Resolution::Parked => "parked",
+        }
+    }
+}
+
+/// How `resolver` settles an incoming change stamped `remote` against the local version
+/// stamped `local` (`None`: there is no local version to weigh, e.g. the row is missing).
+/// `None` for the `error` resolver: the stream must stop.
+pub fn decide(resolver: Resolver, local: Option<Stamp>, remote: Stamp) -> Option<Resolution> {
+    let remote_if = |wins: bool| if wins { Resolution::ApplyRemote } else { Resolution::KeepLocal };
+    Some(match resolver {
+        Resolver::LastUpdateWins => remote_if(local.is_none_or(|l| remote > l)),
+        Resolver::FirstUpdateWins => remote_if(local.is_none_or(|l| remote < l)),
+        Resolver::ApplyRemote => Resolution::ApplyRemote,
+        Resolver::KeepLocal => Resolution::KeepLocal,
+        Resolver::Manual => Resolution::Parked,
+        Resolver::Error => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(ts_us: i64, node_id: u16) -> Stamp {
+        Stamp { ts_us, node_id }
+    }
+
+    #[test]
+    fn later_commit_wins_and_ties_go_to_the_greater_node() {
+        let luw = Resolver::LastUpdateWins;
+        assert_eq!(decide(luw, Some(s(10, 1)), s(11, 1)), Some(Resolution::ApplyRemote));
+        assert_eq!(decide(luw, Some(s(11, 1)), s(10, 3)), Some(Resolution::KeepLocal));
+        assert_eq!(decide(luw, Some(s(10, 1)), s(10, 2)), Some(Resolution::ApplyRemote));
+        assert_eq!(decide(luw, Some(s(10, 2)), s(10, 1)), Some(Resolution::KeepLocal));
+        assert_eq!(decide(luw, None, s(10, 1)), Some(Resolution::ApplyRemote));
+        // Symmetric: of two versions, exactly one wins whichever node compares them.
+        for (a, b) in [(s(5, 1), s(5, 2)), (s(4, 9), s(5, 1))] {
+            let a_wins_over_b = decide(luw, Some(b), a) == Some(Resolution::ApplyRemote);
+            let b_wins_over_a = decide(luw, Some(a), b) == Some(Resolution::ApplyRemote);
+            assert_ne!(a_wins_over_b, b_wins_over_a);
+        }
+    }
+
+    #[test]
+    fn other_resolvers() {
+        let (l, r) = (Some(s(10, 1)), s(11, 2));
+        assert_eq!(decide(Resolver::FirstUpdateWins, l, r), Some(Resolution::KeepLocal));
+        assert_eq!(decide(Resolver::FirstUpdateWins, Some(s(12, 1)), r), Some(Resolution::ApplyRemote));
+        assert_eq!(decide(Resolver::ApplyRemote, Some(s(99, 9)), r), Some(Resolution::ApplyRemote));
+        assert_eq!(decide(Resolver::KeepLocal, None, r), Some(Resolution::KeepLocal));
+        assert_eq!(decide(Resolver::Manual, l, r), Some(Resolution::Parked));
+        assert_eq!(decide(Resolver::Error, l, r), None);
+    }
+
+    #[test]
+    fn trigger_sql_quotes_key_names() {
+        let sql = tombstone_trigger_sql("\"public\".\"t\"", &["id".into(), "it's".into()]);
+        assert!(sql.contains("record_tombstone('id', 'it''s')"), "{sql}");
+    }
+}

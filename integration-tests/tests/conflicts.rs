@@ -1,0 +1,213 @@
+//! Conflicts built on real nodes, for every conflict type apply detects and every resolver:
+//! concurrent writes to the same key on n1 and then n2 (so n2's commit is the later one) while
+//! apply is stopped, then apply runs and each node settles what it receives. The test checks
+//! the final row on both nodes and the conflict each node recorded in `pgferry.conflicts`.
+//!
+//! Scenarios (one table each; "later" = n2's write):
+//! - `ie`: both insert key 1 → `insert_exists` on both nodes.
+//! - `uod`: both update a replicated row → `update_origin_differs` on both.
+//! - `dl`: n1 updates, n2 deletes later → n1 `delete_origin_differs`, n2 `update_deleted`.
+//! - `ul`: n1 deletes, n2 updates later → n1 `update_deleted`, n2 `delete_origin_differs`.
+//! - `um`: a row only n1 has is updated on n1 → n2 `update_missing`.
+//! - `dm`: a row only n1 has is deleted on n1 → n2 `delete_missing`.
+
+use std::time::Duration;
+
+use pgferry_integration_tests::{wait_until, Cluster};
+
+const TABLES: [&str; 6] = ["ie", "uod", "dl", "ul", "um", "dm"];
+
+fn setup() -> String {
+    let mut sql: String = TABLES
+        .iter()
+        .map(|t| format!("CREATE TABLE {t} (id int PRIMARY KEY, v text NOT NULL);"))
+        .collect();
+    sql += "CREATE TABLE marker (node text PRIMARY KEY);";
+    sql
+}
+
+/// What one node ends with for one scenario: the row's value (None = absent) and the
+/// (conflict type, resolution) it recorded.
+type Outcome = (Option<&'static str>, Option<(&'static str, &'static str)>);
+
+struct Expect {
+    table: &'static str,
+    n1: Outcome,
+    n2: Outcome,
+}
+
+/// Builds every scenario under `resolver` and checks the outcomes.
+async fn run(resolver: &str, expect: &[Expect]) -> anyhow::Result<()> {
+    let mut tables: Vec<String> = TABLES.iter().map(|t| format!("public.{t}")).collect();
+    tables.push("public.marker".into());
+    let table_refs: Vec<&str> = tables.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::create(&format!("cf_{resolver}"), &["r1", "r1"], &setup(), &table_refs).await?;
+    cluster.replication_toml = format!("resolver = \"{resolver}\"");
+    cluster.write_config()?;
+    // Rows only n1 has: written before init, so never captured.
+    let n1 = cluster.sql(0).await?;
+    let n2 = cluster.sql(1).await?;
+    n1.batch_execute("INSERT INTO um VALUES (1, 'old'); INSERT INTO dm VALUES (1, 'old');").await?;
+    cluster.init()?;
+    let _captures = (cluster.spawn("capture", 0)?, cluster.spawn("capture", 1)?);
+    let applies = (cluster.spawn("apply", 0)?, cluster.spawn("apply", 1)?);
+    n1.batch_execute("INSERT INTO uod VALUES (1, 'base'); INSERT INTO dl VALUES (1, 'base'); INSERT INTO ul VALUES (1, 'base');")
+        .await?;
+    for t in ["uod", "dl", "ul"] {
+        cluster.wait_converged(t, Duration::from_secs(60)).await?;
+    }
+    drop(applies);
+
+    // Concurrent writes: n1's first, n2's later.
+    n1.batch_execute(
+        "INSERT INTO ie VALUES (1, 'n1');
+         UPDATE uod SET v = 'n1';
+         UPDATE dl SET v = 'n1';
+         DELETE FROM ul;
+         UPDATE um SET v = 'n1';
+         DELETE FROM dm;
+         INSERT INTO marker VALUES ('n1');",
+    )
+    .await?;
+    n2.batch_execute(
+        "INSERT INTO ie VALUES (1, 'n2');
+         UPDATE uod SET v = 'n2';
+         DELETE FROM dl;
+         UPDATE ul SET v = 'n2';
+         INSERT INTO marker VALUES ('n2');",
+    )
+    .await?;
+    let _applies = (cluster.spawn("apply", 0)?, cluster.spawn("apply", 1)?);
+    // Each node has the other's marker: everything before it has been applied (the writes
+    // above are single transactions, applied in order).
+    wait_until("both markers on both nodes", Duration::from_secs(60), || async {
+        let a: i64 = n1.query_one("SELECT count(*) FROM marker", &[]).await?.get(0);
+        let b: i64 = n2.query_one("SELECT count(*) FROM marker", &[]).await?.get(0);
+        Ok(a == 2 && b == 2)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+
+    for e in expect {
+        for (node, want) in [(&n1, &e.n1), (&n2, &e.n2)] {
+            let value: Option<String> = node
+                .query_opt(&format!("SELECT v FROM {} WHERE id = 1", e.table), &[])
+                .await?
+                .map(|r| r.get(0));
+            let conflicts = node
+                .query(
+                    "SELECT conflict_type, resolution, resolver, remote_origin IS NOT NULL AND remote_commit_lsn IS NOT NULL
+                     FROM pgferry.conflicts WHERE tbl = $1",
+                    &[&format!("public.{}", e.table)],
+                )
+                .await?;
+            let got: Vec<(String, String)> = conflicts.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let which = if std::ptr::eq(node, &n1) { "n1" } else { "n2" };
+            assert_eq!(value.as_deref(), want.0, "{resolver}: table {} on {which}: row", e.table);
+            let want_conflicts: Vec<(String, String)> = want.1.iter().map(|(t, r)| (t.to_string(), r.to_string())).collect();
+            assert_eq!(got, want_conflicts, "{resolver}: table {} on {which}: conflicts", e.table);
+            for r in &conflicts {
+                assert_eq!(r.get::<_, String>(2), resolver);
+                assert!(r.get::<_, bool>(3), "remote origin and LSN recorded");
+            }
+        }
+    }
+    drop(_applies);
+    drop(_captures);
+    cluster.cleanup().await
+}
+
+const IE: &str = "insert_exists";
+const UOD: &str = "update_origin_differs";
+const UD: &str = "update_deleted";
+const DOD: &str = "delete_origin_differs";
+const UM: &str = "update_missing";
+const DM: &str = "delete_missing";
+const REMOTE: &str = "apply_remote";
+const LOCAL: &str = "keep_local";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_update_wins() -> anyhow::Result<()> {
+    run(
+        "last_update_wins",
+        &[
+            Expect { table: "ie", n1: (Some("n2"), Some((IE, REMOTE))), n2: (Some("n2"), Some((IE, LOCAL))) },
+            Expect { table: "uod", n1: (Some("n2"), Some((UOD, REMOTE))), n2: (Some("n2"), Some((UOD, LOCAL))) },
+            // The delete is later: the row is gone everywhere.
+            Expect { table: "dl", n1: (None, Some((DOD, REMOTE))), n2: (None, Some((UD, LOCAL))) },
+            // The update is later: the row is back everywhere with the update's values.
+            Expect { table: "ul", n1: (Some("n2"), Some((UD, REMOTE))), n2: (Some("n2"), Some((DOD, LOCAL))) },
+            Expect { table: "um", n1: (Some("n1"), None), n2: (Some("n1"), Some((UM, REMOTE))) },
+            Expect { table: "dm", n1: (None, None), n2: (None, Some((DM, REMOTE))) },
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_update_wins() -> anyhow::Result<()> {
+    run(
+        "first_update_wins",
+        &[
+            Expect { table: "ie", n1: (Some("n1"), Some((IE, LOCAL))), n2: (Some("n1"), Some((IE, REMOTE))) },
+            Expect { table: "uod", n1: (Some("n1"), Some((UOD, LOCAL))), n2: (Some("n1"), Some((UOD, REMOTE))) },
+            // The update came first: it stays everywhere.
+            Expect { table: "dl", n1: (Some("n1"), Some((DOD, LOCAL))), n2: (Some("n1"), Some((UD, REMOTE))) },
+            // The delete came first: the row is gone everywhere.
+            Expect { table: "ul", n1: (None, Some((UD, LOCAL))), n2: (None, Some((DOD, REMOTE))) },
+            Expect { table: "um", n1: (Some("n1"), None), n2: (Some("n1"), Some((UM, REMOTE))) },
+            Expect { table: "dm", n1: (None, None), n2: (None, Some((DM, REMOTE))) },
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_remote() -> anyhow::Result<()> {
+    // Each node takes the other's change: they swap (this resolver does not converge by design).
+    run(
+        "apply_remote",
+        &[
+            Expect { table: "ie", n1: (Some("n2"), Some((IE, REMOTE))), n2: (Some("n1"), Some((IE, REMOTE))) },
+            Expect { table: "uod", n1: (Some("n2"), Some((UOD, REMOTE))), n2: (Some("n1"), Some((UOD, REMOTE))) },
+            Expect { table: "dl", n1: (None, Some((DOD, REMOTE))), n2: (Some("n1"), Some((UD, REMOTE))) },
+            Expect { table: "ul", n1: (Some("n2"), Some((UD, REMOTE))), n2: (None, Some((DOD, REMOTE))) },
+            Expect { table: "um", n1: (Some("n1"), None), n2: (Some("n1"), Some((UM, REMOTE))) },
+            Expect { table: "dm", n1: (None, None), n2: (None, Some((DM, REMOTE))) },
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_local() -> anyhow::Result<()> {
+    run(
+        "keep_local",
+        &[
+            Expect { table: "ie", n1: (Some("n1"), Some((IE, LOCAL))), n2: (Some("n2"), Some((IE, LOCAL))) },
+            Expect { table: "uod", n1: (Some("n1"), Some((UOD, LOCAL))), n2: (Some("n2"), Some((UOD, LOCAL))) },
+            Expect { table: "dl", n1: (Some("n1"), Some((DOD, LOCAL))), n2: (None, Some((UD, LOCAL))) },
+            Expect { table: "ul", n1: (None, Some((UD, LOCAL))), n2: (Some("n2"), Some((DOD, LOCAL))) },
+            Expect { table: "um", n1: (Some("n1"), None), n2: (None, Some((UM, LOCAL))) },
+            Expect { table: "dm", n1: (None, None), n2: (None, Some((DM, LOCAL))) },
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_parks_the_remote_change() -> anyhow::Result<()> {
+    const PARKED: &str = "parked";
+    run(
+        "manual",
+        &[
+            Expect { table: "ie", n1: (Some("n1"), Some((IE, PARKED))), n2: (Some("n2"), Some((IE, PARKED))) },
+            Expect { table: "uod", n1: (Some("n1"), Some((UOD, PARKED))), n2: (Some("n2"), Some((UOD, PARKED))) },
+            Expect { table: "dl", n1: (Some("n1"), Some((DOD, PARKED))), n2: (None, Some((UD, PARKED))) },
+            Expect { table: "ul", n1: (None, Some((UD, PARKED))), n2: (Some("n2"), Some((DOD, PARKED))) },
+            Expect { table: "um", n1: (Some("n1"), None), n2: (None, Some((UM, PARKED))) },
+            Expect { table: "dm", n1: (None, None), n2: (None, Some((DM, PARKED))) },
+        ],
+    )
+    .await
+}
