@@ -113,7 +113,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         let (kcfg, txn_id, topic) = (kcfg.clone(), txn_id.clone(), topic.clone());
         let group = format!("pgferry-{}-{}-capture", config.cluster.name, node.name);
         tokio::task::spawn_blocking(move || -> Result<(TxProducer, Option<u64>), CaptureError> {
-            let producer = kafka::transactional_producer(&kcfg, &txn_id)?;
+            let producer = kafka::transactional_producer(&kcfg, &txn_id, None)?;
             let last = kafka::last_committed_commit_lsn(&kcfg, &group, &topic, partition)?;
             Ok((producer, last))
         })
