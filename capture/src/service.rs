@@ -20,6 +20,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 
 use crate::error::CaptureError;
+use crate::metrics::CaptureMetrics;
 use crate::relations::Relations;
 
 /// Tuning of the capture loop.
@@ -33,6 +34,8 @@ pub struct CaptureOptions {
     pub read_ahead: usize,
     /// How often capture writes a heartbeat into the WAL (and so into its partition).
     pub heartbeat_interval: Duration,
+    /// Where capture counts what it produces (see [`crate::metrics`]).
+    pub metrics: CaptureMetrics,
 }
 
 impl Default for CaptureOptions {
@@ -42,6 +45,7 @@ impl Default for CaptureOptions {
             max_batch_age: Duration::from_millis(50),
             read_ahead: 4096,
             heartbeat_interval: Duration::from_secs(5),
+            metrics: CaptureMetrics::default(),
         }
     }
 }
@@ -111,9 +115,10 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     let txn_id = format!("pgferry-{}-{}", config.cluster.name, node.name);
     let (producer, last_lsn) = {
         let (kcfg, txn_id, topic) = (kcfg.clone(), txn_id.clone(), topic.clone());
+        let produce_latency = options.metrics.produce_latency();
         let group = format!("pgferry-{}-{}-capture", config.cluster.name, node.name);
         tokio::task::spawn_blocking(move || -> Result<(TxProducer, Option<u64>), CaptureError> {
-            let producer = kafka::transactional_producer(&kcfg, &txn_id, None)?;
+            let producer = kafka::transactional_producer(&kcfg, &txn_id, Some(produce_latency))?;
             let last = kafka::last_committed_commit_lsn(&kcfg, &group, &topic, partition)?;
             Ok((producer, last))
         })
@@ -126,6 +131,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     let (heartbeat_id, heartbeat_schema) = fixed_record(&registry, &topic, HEARTBEAT_NAME, HEARTBEAT_SCHEMA).await?;
     let (truncate_id, truncate_schema) = fixed_record(&registry, &topic, TRUNCATE_NAME, TRUNCATE_SCHEMA).await?;
     let stream = WalStream::start(&node.dsn, &slot, publication_name()).await?;
+    let _connected = options.metrics.connected();
     let (rx, confirmer) = stream.into_channel(options.read_ahead);
     let _heartbeats = AbortOnDrop(tokio::spawn(emit_heartbeats(node.clone(), options.heartbeat_interval)));
     let mut capture = Capture {
@@ -325,6 +331,7 @@ impl Capture {
                     self.produce(p, true)?;
                 }
                 if txn.produced > 0 {
+                    self.options.metrics.source_txn(txn.commit_ts_us);
                     self.batch_txns += 1;
                     self.last_lsn = self.last_lsn.max(commit_lsn);
                 }
@@ -491,6 +498,7 @@ impl Capture {
             })?;
         let value = encode_frame(self.heartbeat_id, &value);
         self.send(None, &value, "heartbeat", lsn, false)?;
+        self.options.metrics.heartbeat(hb.ts_us);
         self.last_lsn = self.last_lsn.max(lsn);
         self.batch_end_lsn = end_lsn;
         Ok(())
@@ -507,6 +515,7 @@ impl Capture {
             self.batch_txns = 0;
             self.batch_started = Instant::now();
         }
+        self.options.metrics.produced(kind, key, value);
         let lsn_text = lsn.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header {
@@ -548,8 +557,8 @@ impl Capture {
     }
 
     fn commit_batch(&mut self) -> Result<(), CaptureError> {
-        let producer = &self.producer;
-        tokio::task::block_in_place(|| producer.commit_transaction(Duration::from_secs(60)))
+        let (producer, metrics) = (&self.producer, &mut self.options.metrics);
+        tokio::task::block_in_place(|| metrics.commit(|| producer.commit_transaction(Duration::from_secs(60))))
             .map_err(|e| kafka_err(&self.config, "committing a transaction", e))?;
         self.kafka_txn_open = false;
         if self.batch_end_lsn > 0 {
