@@ -16,6 +16,7 @@ use rdkafka::consumer::DefaultConsumerContext;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use crate::error::ApplyError;
+use crate::metrics::OriginMetrics;
 use crate::progress::{self, format_lsn, Progress};
 use crate::writer::{Outcome, Writer};
 
@@ -43,6 +44,8 @@ pub struct OriginStream {
     pub node: String,
     /// Statements prepared by [`OriginStream::prepare`].
     pub statements: Option<SessionStatements>,
+    /// What this stream applied (counted at each local commit).
+    pub metrics: OriginMetrics,
 }
 
 /// Statements every transaction runs, prepared once per session.
@@ -102,6 +105,7 @@ impl OriginStream {
     /// Applies messages until the stream or a write fails.
     pub async fn run(mut self, queue: StreamPartitionQueue<DefaultConsumerContext>) -> Result<(), ApplyError> {
         self.prepare().await?;
+        let _running = self.metrics.running();
         tracing::info!(node = %self.node, origin = %self.origin, topic = %self.topic, partition = self.partition,
             commit_lsn = %format_lsn(self.progress.commit_lsn), "applying origin");
         let mut stream = queue.stream();
@@ -147,7 +151,10 @@ impl OriginStream {
         let kind = header(msg, HEADER_KIND);
         match kind {
             Some("change" | "truncate") => {}
-            Some("heartbeat") if open.is_none() => return Ok(()),
+            Some("heartbeat") if open.is_none() => {
+                self.metrics.heartbeat(msg);
+                return Ok(());
+            }
             other => {
                 return Err(self.stream_err(offset, format!("unexpected message kind {other:?}")));
             }
@@ -226,12 +233,15 @@ impl OriginStream {
         }
         match &item {
             Item::Change(ev) => {
-                if self.writer.apply(&self.sql, ev).await? == Outcome::Missing {
+                if self.metrics.row(self.writer.apply(&self.sql, ev).await?) == Outcome::Missing {
                     tracing::warn!(node = %self.node, origin = %self.origin, table = %format!("{}.{}", ev.schema, ev.table),
                         op = ev.op.code(), lsn = %format_lsn(commit_lsn), "row to change is missing locally; change skipped");
                 }
             }
-            Item::Truncate(t) => self.writer.truncate(&self.sql, t).await?,
+            Item::Truncate(t) => {
+                self.writer.truncate(&self.sql, t).await?;
+                self.metrics.truncate();
+            }
         }
         if txn_last {
             // Progress and COMMIT pipelined: if the progress write fails, the transaction is
@@ -247,6 +257,7 @@ impl OriginStream {
             futures::try_join!(record, self.sql.client.batch_execute("COMMIT"))
                 .map_err(self.sql.err("recording pgferry.apply_progress and committing"))?;
             *open = None;
+            self.metrics.txn_applied(commit_ts_us);
             self.progress = Progress {
                 kafka_offset: Some(offset),
                 commit_lsn,
