@@ -31,6 +31,8 @@ struct Shared {
     /// Origin time (µs since the epoch) of the last committed transaction or heartbeat; 0: none.
     last_origin_us: AtomicI64,
     connected: AtomicBool,
+    /// The last error capture stopped with (already scrubbed of secrets).
+    last_error: std::sync::Mutex<Option<String>>,
     /// Last successful commit or stream connection, as µs since `started`.
     last_ok_us: AtomicI64,
     started: Instant,
@@ -114,6 +116,7 @@ impl CaptureMetrics {
             ),
             last_origin_us: AtomicI64::new(0),
             connected: AtomicBool::new(false),
+            last_error: Default::default(),
             last_ok_us: AtomicI64::new(0),
             started: Instant::now(),
         });
@@ -133,7 +136,11 @@ impl CaptureMetrics {
             node,
             Arc::new(move || {
                 if !s.connected.load(Ordering::Relaxed) {
-                    return Err("replication stream not connected".into());
+                    let last = s.last_error.lock().unwrap_or_else(|p| p.into_inner());
+                    return Err(match last.as_deref() {
+                        Some(e) => format!("replication stream not connected (last error: {e})"),
+                        None => "replication stream not connected".into(),
+                    });
                 }
                 let since_ok = s.started.elapsed().as_micros() as i64 - s.last_ok_us.load(Ordering::Relaxed);
                 if since_ok > COMMIT_STALE_AFTER.as_micros() as i64 {
@@ -146,6 +153,11 @@ impl CaptureMetrics {
             shared,
             pending: Pending::default(),
         }
+    }
+
+    /// Records why capture stopped (shown by `/healthz` while it is unhealthy).
+    pub fn failed(&self, error: &str) {
+        *self.shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
     }
 
     /// The produce-latency histogram, for the producer's delivery reports.
@@ -317,6 +329,11 @@ mod tests {
         let registry = MetricsRegistry::new();
         let m = CaptureMetrics::new(&registry, "n1");
         assert!(registry.health().unwrap_err().contains("not connected"));
+        m.failed("Kafka at k:9092: down");
+        assert!(registry
+            .health()
+            .unwrap_err()
+            .contains("(last error: Kafka at k:9092: down)"));
         let guard = m.connected();
         assert!(registry.health().is_ok());
         drop(guard);

@@ -1,7 +1,7 @@
 //! The heartbeat record (`avro/heartbeat.avsc`): capture's sign of life in its partition.
 
-use apache_avro::types::Value;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value;
 use apache_avro::Schema;
 
 use crate::codec::{avro_datum, CodecError};
