@@ -334,7 +334,9 @@ impl MetricsRegistry {
             Fn(GaugeFn),
             Histogram(Histogram),
         }
-        let mut families: Vec<(String, String, Kind, Vec<(Labels, Snap)>)> = Vec::new();
+        /// Name, help, type and series of one family.
+        type FamilySnap = (String, String, Kind, Vec<(Labels, Snap)>);
+        let mut families: Vec<FamilySnap> = Vec::new();
         let checks: Vec<((String, String), HealthCheck)>;
         {
             let inner = self.lock();
