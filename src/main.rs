@@ -3,12 +3,13 @@
 mod init;
 mod supervise;
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use pgferry_connectors::Config;
+use clap::{Args, Parser, Subcommand};
+use pgferry_connectors::{http_endpoint, Config, MetricsRegistry};
 
 /// Active-active PostgreSQL replication through Apache Kafka.
 #[derive(Parser)]
@@ -26,23 +27,23 @@ enum Command {
     /// Create topics, and on every node the `pgferry` schema, publication, slot and origins.
     Init,
     /// Run the capture service of a node (its changes → Kafka).
-    Capture {
-        /// Node name from the config.
-        #[arg(long)]
-        node: String,
-    },
+    Capture(ServiceArgs),
     /// Run the apply service of a node (other nodes' changes → this node).
-    Apply {
-        /// Node name from the config.
-        #[arg(long)]
-        node: String,
-    },
+    Apply(ServiceArgs),
     /// Run capture and apply of a node in one process.
-    Run {
-        /// Node name from the config.
-        #[arg(long)]
-        node: String,
-    },
+    Run(ServiceArgs),
+}
+
+/// What every service command takes.
+#[derive(Args)]
+struct ServiceArgs {
+    /// Node name from the config.
+    #[arg(long)]
+    node: String,
+    /// Serve Prometheus /metrics and /healthz on this ip:port (overrides the node's
+    /// `metrics_listen` in the config).
+    #[arg(long, value_name = "IP:PORT", value_parser = pgferry_connectors::config::parse_listen)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() {
@@ -87,23 +88,61 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<()> {
     };
     match cli.command {
         Command::Init => init::run(&config).await,
-        Command::Capture { node } => {
-            supervise::capture(config.clone(), node_of(&node)?).await;
+        Command::Capture(args) => {
+            let node = node_of(&args.node)?;
+            let registry = serve_metrics(&config, &node, args.metrics_listen, &cli.config).await?;
+            supervise::capture(config.clone(), node, registry).await;
             Ok(())
         }
-        Command::Apply { node } => {
-            supervise::apply(config.clone(), node_of(&node)?).await;
+        Command::Apply(args) => {
+            let node = node_of(&args.node)?;
+            let registry = serve_metrics(&config, &node, args.metrics_listen, &cli.config).await?;
+            supervise::apply(config.clone(), node, registry).await;
             Ok(())
         }
-        Command::Run { node } => {
-            let node = node_of(&node)?;
+        Command::Run(args) => {
+            let node = node_of(&args.node)?;
+            let registry = serve_metrics(&config, &node, args.metrics_listen, &cli.config).await?;
             tokio::join!(
-                supervise::capture(config.clone(), node.clone()),
-                supervise::apply(config.clone(), node)
+                supervise::capture(config.clone(), node.clone(), registry.clone()),
+                supervise::apply(config.clone(), node, registry)
             );
             Ok(())
         }
     }
+}
+
+/// The process's metrics registry, served on `--metrics-listen` or else the node's
+/// `metrics_listen` (if either is set). A bad or busy address fails start-up, naming its setting.
+async fn serve_metrics(
+    config: &Config,
+    node: &str,
+    cli_addr: Option<SocketAddr>,
+    config_path: &Path,
+) -> Result<MetricsRegistry> {
+    let registry = MetricsRegistry::new();
+    let from_config = config
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.name == node)
+        .and_then(|(i, n)| {
+            Some((
+                n.metrics_addr()?,
+                format!("{} nodes[{i}].metrics_listen", config_path.display()),
+            ))
+        });
+    let listen = match (cli_addr, from_config) {
+        (Some(addr), _) => Some((addr, "--metrics-listen".to_string())),
+        (None, from_config) => from_config,
+    };
+    if let Some((addr, key)) = listen {
+        let listener = http_endpoint::bind(addr, &key).await?;
+        let local = listener.local_addr().unwrap_or(addr);
+        tracing::info!(%node, addr = %local, "serving /metrics and /healthz");
+        tokio::spawn(http_endpoint::serve(listener, registry.clone()));
+    }
+    Ok(registry)
 }
 
 /// The error and its causes on one line, leaving out causes whose text is already included

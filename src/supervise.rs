@@ -1,15 +1,26 @@
 //! Keeps the services running: each restarts after an error with exponential backoff
-//! (0.5 s doubling to 30 s), logging the error, until the process is stopped.
+//! (0.5 s doubling to 30 s), logging the error, until the process is stopped. Each service
+//! reports into the process's metrics registry; its last error shows in `/healthz`.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pgferry_apply::{ApplyMetrics, ApplyOptions};
+use pgferry_capture::{CaptureMetrics, CaptureOptions};
 use pgferry_connectors::redact::scrub;
-use pgferry_connectors::Config;
+use pgferry_connectors::{Config, MetricsRegistry};
 
-async fn supervise<F, Fut, E>(service: &'static str, node: String, secrets: Vec<String>, mut start: F)
-where
+/// How often the slot's retained WAL is measured.
+const SLOT_POLL: Duration = Duration::from_secs(5);
+
+async fn supervise<F, Fut, E>(
+    service: &'static str,
+    node: String,
+    secrets: Vec<String>,
+    on_error: impl Fn(&str),
+    mut start: F,
+) where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
@@ -23,6 +34,7 @@ where
                 // Errors name endpoints, never passwords; scrub anyway in case a library quotes a DSN.
                 let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
                 let error = scrub(&e.to_string(), &secrets);
+                on_error(&error);
                 tracing::error!(%node, service, %error, retry_in_ms = backoff.as_millis() as u64, "failed; restarting")
             }
         }
@@ -34,22 +46,54 @@ where
     }
 }
 
-/// Runs capture of `node` forever.
-pub async fn capture(config: Arc<Config>, node: String) {
+/// Runs capture of `node` forever, with its metrics in `registry`.
+pub async fn capture(config: Arc<Config>, node: String, registry: MetricsRegistry) {
+    let metrics = CaptureMetrics::new(&registry, &node);
+    // The slot is measured whether or not capture is up: a growing backlog while capture is
+    // down is exactly what this gauge is for.
+    if let Some(n) = config.node(&node) {
+        let slot = pgferry_capture::slot_name(&n.name);
+        tokio::spawn(pgferry_capture::metrics::poll_slot_retained_wal(
+            metrics.clone(),
+            n.dsn.clone(),
+            slot,
+            SLOT_POLL,
+        ));
+    }
+    let options = CaptureOptions {
+        metrics: metrics.clone(),
+        ..Default::default()
+    };
     let n = node.clone();
-    supervise("capture", node, config.secrets(), || {
-        let (c, n) = (config.clone(), n.clone());
-        async move { pgferry_capture::run(c, &n, Default::default()).await }
-    })
+    supervise(
+        "capture",
+        node,
+        config.secrets(),
+        |e| metrics.failed(e),
+        || {
+            let (c, n, o) = (config.clone(), n.clone(), options.clone());
+            async move { pgferry_capture::run(c, &n, o).await }
+        },
+    )
     .await
 }
 
-/// Runs apply of `node` forever.
-pub async fn apply(config: Arc<Config>, node: String) {
+/// Runs apply of `node` forever, with its metrics in `registry`.
+pub async fn apply(config: Arc<Config>, node: String, registry: MetricsRegistry) {
+    let metrics = ApplyMetrics::new(&registry, &node);
+    let options = ApplyOptions {
+        metrics: metrics.clone(),
+    };
     let n = node.clone();
-    supervise("apply", node, config.secrets(), || {
-        let (c, n) = (config.clone(), n.clone());
-        async move { pgferry_apply::run(c, &n, Default::default()).await }
-    })
+    supervise(
+        "apply",
+        node,
+        config.secrets(),
+        |e| metrics.failed(e),
+        || {
+            let (c, n, o) = (config.clone(), n.clone(), options.clone());
+            async move { pgferry_apply::run(c, &n, o).await }
+        },
+    )
     .await
 }

@@ -8,9 +8,12 @@
 //! origin `pgferry_<origin>` with `pg_replication_origin_xact_setup(commit_lsn, commit_ts)`, and
 //! writes `pgferry.apply_progress` in the same transaction, so a restart resumes exactly where
 //! the last commit left off and anything at or below the recorded commit LSN is a duplicate.
+//! [`metrics`] counts what each origin's committed transactions wrote and tracks each origin's
+//! lag and whether its stream runs.
 
 mod conflict;
 mod error;
+pub mod metrics;
 mod partition_stream;
 mod progress;
 mod service;
@@ -18,5 +21,6 @@ mod writer;
 
 pub use conflict::{tombstone_trigger_sql, SCHEMA_SQL as CONFLICT_SCHEMA_SQL};
 pub use error::ApplyError;
+pub use metrics::ApplyMetrics;
 pub use progress::origin_name;
 pub use service::{run, ApplyOptions};

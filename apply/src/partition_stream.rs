@@ -19,6 +19,7 @@ use rdkafka::consumer::DefaultConsumerContext;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use crate::error::ApplyError;
+use crate::metrics::{ApplyMetrics, OriginMetrics};
 use crate::progress::{self, format_lsn};
 use crate::writer::Writer;
 
@@ -50,6 +51,11 @@ pub struct PartitionStream {
     pub node: String,
     /// Statements prepared by [`OriginStream::prepare`].
     pub statements: Option<SessionStatements>,
+    /// What this stream applied (counted at each local commit).
+    /// Apply's metrics.
+    pub metrics: ApplyMetrics,
+    /// Origin → its metrics handle (made on first use).
+    pub origin_metrics: HashMap<String, OriginMetrics>,
 }
 
 /// Statements every transaction runs, prepared once per session.
@@ -128,6 +134,7 @@ impl PartitionStream {
     /// Applies messages until the stream or a write fails.
     pub async fn run(mut self, queue: StreamPartitionQueue<DefaultConsumerContext>) -> Result<(), ApplyError> {
         self.prepare().await?;
+        let _running = self.metrics.origin(&self.source).running();
         tracing::info!(node = %self.node, source = %self.source, topic = %self.topic, partition = self.partition,
             "applying partition");
         let mut stream = queue.stream();
@@ -147,6 +154,13 @@ impl PartitionStream {
             }
         }
         Ok(())
+    }
+
+    fn origin_metrics(&mut self, origin: &str) -> &mut OriginMetrics {
+        let metrics = &self.metrics;
+        self.origin_metrics
+            .entry(origin.to_string())
+            .or_insert_with(|| metrics.origin(origin))
     }
 
     fn stream_err(&self, offset: i64, message: String) -> ApplyError {
@@ -171,7 +185,10 @@ impl PartitionStream {
         let kind = header(msg, HEADER_KIND);
         match kind {
             Some("change" | "truncate" | "message") => {}
-            Some("heartbeat") if open.is_none() => return Ok(()),
+            Some("heartbeat") if open.is_none() => {
+                self.origin_metrics(origin).heartbeat(msg);
+                return Ok(());
+            }
             other => {
                 return Err(self.stream_err(offset, format!("unexpected message kind {other:?}")));
             }
@@ -277,9 +294,17 @@ impl PartitionStream {
         }
         match &item {
             Item::Change(ev) => {
-                self.writer.apply(&self.sql, ev).await?;
+                let settled = self.writer.apply(&self.sql, ev).await?;
+                let m = self.origin_metrics(&ev.origin);
+                m.row();
+                if let Some(s) = settled {
+                    m.conflict(s.conflict.name(), s.resolution.name());
+                }
             }
-            Item::Truncate(t) => self.writer.truncate(&self.sql, t).await?,
+            Item::Truncate(t) => {
+                self.writer.truncate(&self.sql, t).await?;
+                self.origin_metrics(&t.origin).truncate();
+            }
             Item::Message(m) => {
                 // Written again in its place, so that a node forwarding this origin passes it on
                 // (this node's capture skips it otherwise: the transaction carries an origin).
@@ -305,6 +330,7 @@ impl PartitionStream {
             futures::try_join!(record, self.sql.client.batch_execute("COMMIT"))
                 .map_err(self.sql.err("recording pgferry.apply_progress and committing"))?;
             *open = None;
+            self.origin_metrics(&origin).txn_applied(commit_ts_us);
             self.applied.insert(origin, commit_lsn);
         }
         Ok(())

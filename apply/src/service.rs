@@ -12,16 +12,20 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::ApplyError;
+use crate::metrics::ApplyMetrics;
 use crate::partition_stream::PartitionStream;
 use crate::progress;
 use crate::writer::Writer;
 
-/// Tuning of apply (none yet; here so the CLI and later issues have one place).
+/// Tuning of apply.
 #[derive(Debug, Clone, Default)]
-pub struct ApplyOptions {}
+pub struct ApplyOptions {
+    /// Where apply counts what it applies (see [`crate::metrics`]).
+    pub metrics: ApplyMetrics,
+}
 
 /// Runs apply for `node_name` until an error (the caller restarts it with backoff).
-pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -> Result<(), ApplyError> {
+pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) -> Result<(), ApplyError> {
     let node = config.node(node_name).cloned().ok_or_else(|| ApplyError::Setup {
         node: node_name.into(),
         message: "not in the config's [[nodes]]".into(),
@@ -57,6 +61,8 @@ pub async fn run(config: Arc<Config>, node_name: &str, _options: ApplyOptions) -
                 source,
             })?;
         streams.push(PartitionStream {
+            metrics: options.metrics.clone(),
+            origin_metrics: Default::default(),
             source: remote.name.clone(),
             topic,
             partition,

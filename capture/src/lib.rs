@@ -7,11 +7,14 @@
 //! commit is committed; after a restart, transactions at or below the last commit LSN found in
 //! the partition are skipped, so each source transaction is in Kafka exactly once.
 //! TRUNCATE travels as a fixed `pgferry.Truncate` record in transaction order; a heartbeat
-//! record every few seconds keeps an idle slot advancing.
+//! record every few seconds keeps an idle slot advancing. [`metrics`] counts what is committed
+//! to Kafka and says whether capture is healthy.
 
 mod error;
+pub mod metrics;
 mod relations;
 mod service;
 
 pub use error::CaptureError;
+pub use metrics::CaptureMetrics;
 pub use service::{publication_name, run, slot_name, CaptureOptions};

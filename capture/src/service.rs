@@ -23,6 +23,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 
 use crate::error::CaptureError;
+use crate::metrics::CaptureMetrics;
 use crate::relations::Relations;
 
 /// Tuning of the capture loop.
@@ -36,6 +37,8 @@ pub struct CaptureOptions {
     pub read_ahead: usize,
     /// How often capture writes a heartbeat into the WAL (and so into its partition).
     pub heartbeat_interval: Duration,
+    /// Where capture counts what it produces (see [`crate::metrics`]).
+    pub metrics: CaptureMetrics,
 }
 
 impl Default for CaptureOptions {
@@ -45,6 +48,7 @@ impl Default for CaptureOptions {
             max_batch_age: Duration::from_millis(50),
             read_ahead: 4096,
             heartbeat_interval: Duration::from_secs(5),
+            metrics: CaptureMetrics::default(),
         }
     }
 }
@@ -136,9 +140,10 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     let txn_id = format!("pgferry-{}-{}", config.cluster.name, node.name);
     let (producer, last_lsn) = {
         let (kcfg, txn_id, topic) = (kcfg.clone(), txn_id.clone(), topic.clone());
+        let produce_latency = options.metrics.produce_latency();
         let group = format!("pgferry-{}-{}-capture", config.cluster.name, node.name);
         tokio::task::spawn_blocking(move || -> Result<(TxProducer, Option<u64>), CaptureError> {
-            let producer = kafka::transactional_producer(&kcfg, &txn_id)?;
+            let producer = kafka::transactional_producer(&kcfg, &txn_id, Some(produce_latency))?;
             let last = kafka::last_committed_commit_lsn(&kcfg, &group, &topic, partition)?;
             Ok((producer, last))
         })
@@ -159,6 +164,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         .map(|o| (replication_origin(&o.name), (Arc::from(o.name.as_str()), o.id, Arc::from(o.region.as_str()))))
         .collect();
     let stream = WalStream::start(&node.dsn, &slot, publication_name()).await?;
+    let _connected = options.metrics.connected();
     let (rx, confirmer) = stream.into_channel(options.read_ahead);
     let _heartbeats = AbortOnDrop(tokio::spawn(emit_heartbeats(node.clone(), options.heartbeat_interval)));
     let mut capture = Capture {
@@ -394,6 +400,7 @@ impl Capture {
                     self.produce(p, true)?;
                 }
                 if txn.produced > 0 {
+                    self.options.metrics.source_txn(txn.commit_ts_us);
                     self.batch_txns += 1;
                     self.last_lsn = self.last_lsn.max(commit_lsn);
                 }
@@ -624,6 +631,7 @@ impl Capture {
             forwarded_local_lsn: None,
         };
         self.send(None, &value, "heartbeat", &route, false)?;
+        self.options.metrics.heartbeat(hb.ts_us);
         self.last_lsn = self.last_lsn.max(lsn);
         self.batch_end_lsn = end_lsn;
         Ok(())
@@ -640,6 +648,7 @@ impl Capture {
             self.batch_txns = 0;
             self.batch_started = Instant::now();
         }
+        self.options.metrics.produced(kind, key, value);
         let lsn_text = route.commit_lsn.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(6)
             .insert(Header {
@@ -693,18 +702,20 @@ impl Capture {
     }
 
     fn commit_batch(&mut self) -> Result<(), CaptureError> {
-        let producer = &self.producer;
+        let (producer, metrics) = (&self.producer, &mut self.options.metrics);
         tokio::task::block_in_place(|| {
-            // rdkafka's commit_transaction first flushes, and its flush polls in 100 ms steps; on a
-            // ThreadedProducer the producer's own thread takes the delivery events, so each step
-            // runs its full 100 ms and every Kafka transaction cost ≥ 100 ms (measured with
-            // `deploy/local/bench.sh`). Wait for the deliveries here in 1 ms steps, so that flush
-            // finds nothing left to wait for.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while producer.in_flight_count() > 0 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            producer.commit_transaction(Duration::from_secs(60))
+            metrics.commit(|| {
+                // rdkafka's commit_transaction first flushes, and its flush polls in 100 ms steps; on a
+                // ThreadedProducer the producer's own thread takes the delivery events, so each step
+                // runs its full 100 ms and every Kafka transaction cost ≥ 100 ms (measured with
+                // `deploy/local/bench.sh`). Wait for the deliveries here in 1 ms steps, so that flush
+                // finds nothing left to wait for.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while producer.in_flight_count() > 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                producer.commit_transaction(Duration::from_secs(60))
+            })
         })
         .map_err(|e| kafka_err(&self.config, "committing a transaction", e))?;
         self.kafka_txn_open = false;

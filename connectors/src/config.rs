@@ -3,6 +3,7 @@
 //! unknown keys and bad values are errors that name the key.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -91,6 +92,9 @@ pub struct NodeConfig {
     pub id: u16,
     /// Region: selects the data topic `<cluster>.<region>.changes`.
     pub region: String,
+    /// `ip:port` of the node's metrics and health endpoint (`/metrics`, `/healthz`); none if unset.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     /// PostgreSQL connection string of the node's database.
     pub dsn: String,
     /// Origins whose changes this node applies and also publishes into its own partition
@@ -235,6 +239,9 @@ impl Config {
                     key("region"),
                     "must be non-empty letters, digits, '_' or '-'".into(),
                 ));
+            }
+            if let Some(listen) = &n.metrics_listen {
+                parse_listen(listen).map_err(|message| invalid(key("metrics_listen"), message))?;
             }
             if n.dsn.trim().is_empty() {
                 return Err(invalid(key("dsn"), "is empty".into()));
@@ -421,6 +428,21 @@ fn qualify(name: &str) -> (String, String) {
     }
 }
 
+impl NodeConfig {
+    /// The validated [`NodeConfig::metrics_listen`] address.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listen.as_deref().and_then(|s| parse_listen(s).ok())
+    }
+}
+
+/// Parses a listen address `ip:port` (`127.0.0.1:9187`, `0.0.0.0:9187`, `[::1]:9187`); the
+/// error says what is expected.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.trim()
+        .parse::<SocketAddr>()
+        .map_err(|_| format!("{text:?} is not an ip:port listen address (e.g. \"127.0.0.1:9187\" or \"[::]:9187\")"))
+}
+
 /// Replaces `${VAR}` with the value of environment variable `VAR`.
 fn interpolate(text: &str, origin: &str) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
@@ -478,6 +500,23 @@ tables = ["public.accounts", "items"]
         assert_eq!(c.node_partition(&c.nodes[1]), 1);
         assert_eq!(c.region_topic("eu"), "demo.eu.changes");
         assert!(c.secrets().contains(&"pw1".to_string()));
+    }
+
+    #[test]
+    fn metrics_listen_is_validated() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        let with = |v: &str| GOOD.replace("id = 2\n", &format!("id = 2\nmetrics_listen = \"{v}\"\n"));
+        let c = Config::parse(&with("127.0.0.1:9187"), "t.toml").unwrap();
+        assert_eq!(c.nodes[1].metrics_addr(), Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(c.nodes[0].metrics_addr(), None);
+        assert!(Config::parse(&with("[::]:9187"), "t.toml").is_ok());
+        for bad in ["9187", "localhost:9187", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let e = Config::parse(&with(bad), "t.toml").unwrap_err().to_string();
+            assert!(
+                e.contains("t.toml: nodes[1].metrics_listen:") && e.contains("ip:port"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

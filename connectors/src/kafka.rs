@@ -9,11 +9,12 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
 
 use crate::config::KafkaConfig;
+use crate::metrics::Histogram;
 
 /// Header with the origin node name of every message.
 pub const HEADER_ORIGIN: &str = "pgferry-origin";
@@ -69,12 +70,36 @@ fn client_err(cfg: &KafkaConfig, what: &str) -> impl FnOnce(RdError) -> KafkaErr
 }
 
 /// The producer type capture uses.
-pub type TxProducer = ThreadedProducer<DefaultProducerContext>;
+pub type TxProducer = ThreadedProducer<DeliveryLatency>;
+
+/// Producer context that records each delivered message's produce latency (from the
+/// message's create time, which librdkafka stamps when it is produced, to its delivery
+/// report) in seconds, at millisecond resolution.
+pub struct DeliveryLatency(Option<Histogram>);
+
+impl rdkafka::ClientContext for DeliveryLatency {}
+
+impl ProducerContext for DeliveryLatency {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let (Some(h), Ok(m)) = (&self.0, result) {
+            if let Some(created_ms) = m.timestamp().to_millis() {
+                let now_ms = crate::metrics::now_us() / 1000;
+                h.observe((now_ms - created_ms).max(0) as f64 / 1000.0);
+            }
+        }
+    }
+}
 
 /// Creates an idempotent transactional producer with `transactional.id` = `txn_id` and runs
 /// `init_transactions`, which fences any older instance and aborts its open transaction.
-/// Blocking: call from a blocking context.
-pub fn transactional_producer(cfg: &KafkaConfig, txn_id: &str) -> Result<TxProducer, KafkaError> {
+/// Delivery latencies go to `produce_latency`. Blocking: call from a blocking context.
+pub fn transactional_producer(
+    cfg: &KafkaConfig,
+    txn_id: &str,
+    produce_latency: Option<Histogram>,
+) -> Result<TxProducer, KafkaError> {
     let producer: TxProducer = client_config(cfg)
         .set("transactional.id", txn_id)
         .set("enable.idempotence", "true")
@@ -82,7 +107,7 @@ pub fn transactional_producer(cfg: &KafkaConfig, txn_id: &str) -> Result<TxProdu
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
         .set("message.max.bytes", "16777216")
-        .create()
+        .create_with_context(DeliveryLatency(produce_latency))
         .map_err(client_err(cfg, "creating producer"))?;
     producer
         .init_transactions(Duration::from_secs(30))

@@ -4,13 +4,18 @@
 //! what failed and where (endpoint, key, table) without ever including a secret:
 //! [`config`] reads and validates `pgferry.toml`; [`postgres`] opens SQL sessions;
 //! [`replication`] streams pgoutput from a logical slot; [`kafka`] builds producers, consumers and
-//! topics; [`registry`] registers and fetches Avro schemas through the Confluent REST API.
+//! topics; [`registry`] registers and fetches Avro schemas through the Confluent REST API;
+//! [`metrics`] holds the process's counters, gauges, histograms and health checks, which
+//! [`http_endpoint`] serves as Prometheus `/metrics` and `/healthz`.
 
 pub mod config;
+pub mod http_endpoint;
 pub mod kafka;
+pub mod metrics;
 pub mod postgres;
 pub mod redact;
 pub mod registry;
 pub mod replication;
 
 pub use config::{Config, ConfigError, NodeConfig};
+pub use metrics::MetricsRegistry;

@@ -270,6 +270,11 @@ impl Cluster {
 
     /// Starts `pgferry <service> --node <node i>` in the background (`service`: run, capture, apply).
     pub fn spawn(&self, service: &str, node: usize) -> Result<Service> {
+        self.spawn_with(service, node, &[])
+    }
+
+    /// [`Cluster::spawn`] with extra arguments after `--node <name>`.
+    pub fn spawn_with(&self, service: &str, node: usize, extra: &[&str]) -> Result<Service> {
         let n = &self.nodes[node];
         let log = self.dir.join(format!(
             "{}-{service}-{}.log",
@@ -281,6 +286,7 @@ impl Cluster {
             .arg("--config")
             .arg(&self.config_path)
             .args([service, "--node", &n.name])
+            .args(extra)
             .env("PGFERRY_LOG", "info,pg_walstream=error,rdkafka=error")
             .stdout(Stdio::null())
             .stderr(file)
@@ -370,6 +376,37 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
     }
+}
+
+/// A loopback `ip:port` that was free a moment ago (for a service's listen address).
+pub fn free_local_addr() -> Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+/// `GET http://<addr><path>`: status and body.
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let resp = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .with_context(|| format!("GET http://{addr}{path}"))?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.text().await?))
+}
+
+/// The value of the sample `name{labels…}` in a Prometheus text exposition: the line whose
+/// metric name is `name` and whose labels include every `(key, value)` of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric_name, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        let all = labels
+            .iter()
+            .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+        (metric_name == name && all).then(|| value.parse().ok())?
+    })
 }
 
 /// One message read back from Kafka.

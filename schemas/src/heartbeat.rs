@@ -1,5 +1,6 @@
 //! The heartbeat record (`avro/heartbeat.avsc`): capture's sign of life in its partition.
 
+use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
 use apache_avro::Schema;
 
@@ -44,6 +45,38 @@ impl Heartbeat {
             ]),
         )
     }
+
+    /// Decodes a datum written with `writer` (a heartbeat schema from the registry, or
+    /// [`Heartbeat::schema`]).
+    pub fn decode(writer: &Schema, mut datum: &[u8]) -> Result<Heartbeat, CodecError> {
+        let value = GenericDatumReader::builder(writer)
+            .build()
+            .and_then(|r| r.read_value(&mut datum))
+            .map_err(|e| CodecError::Avro(e.to_string()))?;
+        let Value::Record(fields) = value else {
+            return Err(CodecError::Avro("heartbeat is not a record".into()));
+        };
+        let get = |n: &str| fields.iter().find(|(k, _)| k == n).map(|(_, v)| v);
+        let missing = |n: &str| CodecError::Avro(format!("heartbeat.{n} missing or of the wrong type"));
+        let string = |n: &str| match get(n) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            _ => Err(missing(n)),
+        };
+        let long = |n: &str| match get(n) {
+            Some(Value::Long(l)) => Ok(*l),
+            _ => Err(missing(n)),
+        };
+        Ok(Heartbeat {
+            origin: string("origin")?,
+            node_id: match get("node_id") {
+                Some(Value::Int(i)) => u16::try_from(*i).map_err(|_| missing("node_id"))?,
+                _ => return Err(missing("node_id")),
+            },
+            region: string("region")?,
+            ts_us: long("ts_us")?,
+            lsn: long("lsn")? as u64,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -51,7 +84,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn heartbeat_encodes_against_its_schema() {
+    fn heartbeat_round_trips() {
         let schema = Heartbeat::schema().unwrap();
         let hb = Heartbeat {
             origin: "n1".into(),
@@ -60,6 +93,8 @@ mod tests {
             ts_us: 5,
             lsn: 7,
         };
-        assert!(!hb.encode(&schema).unwrap().is_empty());
+        let datum = hb.encode(&schema).unwrap();
+        assert_eq!(Heartbeat::decode(&schema, &datum).unwrap(), hb);
+        assert!(Heartbeat::decode(&schema, &datum[..2]).is_err());
     }
 }

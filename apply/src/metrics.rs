@@ -1,0 +1,298 @@
+//! Apply's metrics and health check, per origin.
+//!
+//! Contract: rows and truncates are held back while a local transaction is open and counted when
+//! it commits, so the counts equal what the node holds — a transaction rolled back and applied
+//! again after a restart is counted once. The lag gauge is `now − origin commit time of the last
+//! applied transaction`, or of the last heartbeat when no transaction is open, computed at scrape
+//! (an idle origin reads between 0 and its heartbeat interval). Apply is healthy when every
+//! origin it reads has a running stream.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pgferry_connectors::metrics::{now_us, Counter, MetricsRegistry};
+use pgferry_schemas::codec::decode_frame;
+use pgferry_schemas::heartbeat::Heartbeat;
+use rdkafka::message::{BorrowedMessage, Message};
+
+
+#[derive(Default)]
+struct State {
+    /// Origin → (stream running, origin time of the last applied txn or heartbeat in µs; 0: none).
+    origins: BTreeMap<String, (bool, Arc<AtomicI64>)>,
+    /// The last error apply stopped with (already scrubbed of secrets).
+    last_error: Option<String>,
+}
+
+struct Shared {
+    registry: MetricsRegistry,
+    node: String,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The metrics of one node's apply; hands out an [`OriginMetrics`] per origin stream.
+#[derive(Clone)]
+pub struct ApplyMetrics(Arc<Shared>);
+
+impl std::fmt::Debug for ApplyMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApplyMetrics({})", self.0.node)
+    }
+}
+
+impl Default for ApplyMetrics {
+    /// Metrics into a registry nobody serves.
+    fn default() -> Self {
+        ApplyMetrics::new(&MetricsRegistry::new(), "")
+    }
+}
+
+impl ApplyMetrics {
+    /// Registers apply's health check for `node` in `registry`.
+    pub fn new(registry: &MetricsRegistry, node: &str) -> ApplyMetrics {
+        let shared = Arc::new(Shared {
+            registry: registry.clone(),
+            node: node.to_string(),
+            state: Mutex::new(State::default()),
+        });
+        let s = shared.clone();
+        registry.register_health(
+            "apply",
+            node,
+            Arc::new(move || {
+                let state = s.lock();
+                let idle: Vec<&str> = state
+                    .origins
+                    .iter()
+                    .filter(|(_, (running, _))| !running)
+                    .map(|(o, _)| o.as_str())
+                    .collect();
+                let problem = if state.origins.is_empty() {
+                    "not started".to_string()
+                } else if idle.is_empty() {
+                    return Ok(());
+                } else {
+                    format!("origin stream not running: {}", idle.join(", "))
+                };
+                Err(match &state.last_error {
+                    Some(e) => format!("{problem} (last error: {e})"),
+                    None => problem,
+                })
+            }),
+        );
+        ApplyMetrics(shared)
+    }
+
+    /// Records why apply stopped (shown by `/healthz` while it is unhealthy).
+    pub fn failed(&self, error: &str) {
+        self.0.lock().last_error = Some(error.to_string());
+    }
+
+    /// The metrics of `origin`'s stream; from now on apply is unhealthy unless it runs.
+    pub fn origin(&self, origin: &str) -> OriginMetrics {
+        let s = &self.0;
+        let l = [("node", s.node.as_str()), ("origin", origin)];
+        let last_origin_us = {
+            let mut state = s.lock();
+            let entry = state
+                .origins
+                .entry(origin.to_string())
+                .or_insert_with(|| (false, Arc::new(AtomicI64::new(0))));
+            entry.1.clone()
+        };
+        let t = last_origin_us.clone();
+        s.registry.gauge_fn(
+            "pgferry_apply_lag_milliseconds",
+            "Now minus the origin commit time of the last applied transaction (or last heartbeat when idle), in ms.",
+            &l,
+            Arc::new(move || {
+                let t = t.load(Ordering::Relaxed);
+                (t != 0).then(|| (now_us() - t).max(0) as f64 / 1000.0)
+            }),
+        );
+        OriginMetrics {
+            shared: s.clone(),
+            origin: origin.to_string(),
+            txns: s.registry.counter(
+                "pgferry_apply_transactions_total",
+                "Source transactions applied (committed locally), per origin.",
+                &l,
+            ),
+            rows: s.registry.counter(
+                "pgferry_apply_rows_total",
+                "Row changes written by committed applied transactions, per origin (changes to missing rows are not counted).",
+                &l,
+            ),
+            truncates: s.registry.counter(
+                "pgferry_apply_truncates_total",
+                "Tables truncated by committed applied transactions, per origin.",
+                &l,
+            ),
+            last_origin_us,
+            pending_rows: 0,
+            pending_truncates: 0,
+            heartbeat_schema: Heartbeat::schema().ok(),
+        }
+    }
+}
+
+/// The metrics handle of one origin stream (one per run of the stream).
+pub struct OriginMetrics {
+    shared: Arc<Shared>,
+    origin: String,
+    txns: Counter,
+    rows: Counter,
+    truncates: Counter,
+    last_origin_us: Arc<AtomicI64>,
+    pending_rows: u64,
+    pending_truncates: u64,
+    heartbeat_schema: Option<apache_avro::Schema>,
+}
+
+impl OriginMetrics {
+    /// Marks the stream running until the guard is dropped.
+    pub fn running(&self) -> RunningGuard {
+        self.set_running(true);
+        RunningGuard {
+            shared: self.shared.clone(),
+            origin: self.origin.clone(),
+        }
+    }
+
+    fn set_running(&self, running: bool) {
+        if let Some(o) = self.shared.lock().origins.get_mut(&self.origin) {
+            o.0 = running;
+        }
+    }
+
+    /// A row change was applied (written, or settled as a conflict) in the open transaction.
+    pub fn row(&mut self) {
+        self.pending_rows += 1;
+    }
+
+    /// A conflict of type `conflict` was settled by `resolution` (counted at once: its record
+    /// in `pgferry.conflicts` commits with the transaction, and a rolled-back one is detected
+    /// again when the transaction is retried).
+    pub fn conflict(&self, conflict: &str, resolution: &str) {
+        self.shared
+            .registry
+            .counter(
+                "pgferry_apply_conflicts_total",
+                "Conflicts detected, by origin, type and resolution.",
+                &[
+                    ("node", self.shared.node.as_str()),
+                    ("origin", self.origin.as_str()),
+                    ("type", conflict),
+                    ("resolution", resolution),
+                ],
+            )
+            .inc();
+    }
+
+    /// A table was truncated in the open transaction.
+    pub fn truncate(&mut self) {
+        self.pending_truncates += 1;
+    }
+
+    /// The open transaction, committed at `commit_ts_us` on the origin, committed locally.
+    pub fn txn_applied(&mut self, commit_ts_us: i64) {
+        self.txns.inc();
+        self.rows.inc_by(std::mem::take(&mut self.pending_rows));
+        self.truncates.inc_by(std::mem::take(&mut self.pending_truncates));
+        self.last_origin_us.fetch_max(commit_ts_us, Ordering::Relaxed);
+    }
+
+    /// A heartbeat arrived while no transaction was open: the stream is caught up to its
+    /// `ts_us` (the Kafka create time if the record does not decode).
+    pub fn heartbeat(&mut self, msg: &BorrowedMessage<'_>) {
+        let decoded = self.heartbeat_schema.as_ref().and_then(|schema| {
+            let (_, datum) = decode_frame(msg.payload()?).ok()?;
+            Heartbeat::decode(schema, datum).ok()
+        });
+        let ts_us = match decoded {
+            Some(hb) => hb.ts_us,
+            None => match msg.timestamp().to_millis() {
+                Some(ms) => ms * 1000,
+                None => return,
+            },
+        };
+        self.last_origin_us.fetch_max(ts_us, Ordering::Relaxed);
+    }
+}
+
+/// Keeps an origin stream marked running; dropping it (the stream ended) marks it stopped.
+pub struct RunningGuard {
+    shared: Arc<Shared>,
+    origin: String,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        if let Some(o) = self.shared.lock().origins.get_mut(&self.origin) {
+            o.0 = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_committed_transactions_and_tracks_health() {
+        let registry = MetricsRegistry::new();
+        let apply = ApplyMetrics::new(&registry, "n2");
+        assert!(registry.health().unwrap_err().contains("not started"));
+        let mut m = apply.origin("n1");
+        apply.failed("PostgreSQL at x: down");
+        let e = registry.health().unwrap_err();
+        assert!(e.contains("not running: n1") && e.contains("down"), "{e}");
+        let running = m.running();
+        assert!(registry.health().is_ok());
+
+        m.row();
+        m.row();
+        m.truncate();
+        // Rolled back: a new handle (the restarted stream) does not carry the held-back counts.
+        drop(running);
+        assert!(registry.health().is_err());
+        let mut m = apply.origin("n1");
+        let _running = m.running();
+        m.row();
+        m.row();
+        m.conflict("insert_exists", "apply_remote");
+        m.txn_applied(now_us() - 1_500_000);
+        let text = registry.render();
+        assert!(
+            text.contains("pgferry_apply_transactions_total{node=\"n2\",origin=\"n1\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgferry_apply_rows_total{node=\"n2\",origin=\"n1\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgferry_apply_truncates_total{node=\"n2\",origin=\"n1\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgferry_apply_conflicts_total{node=\"n2\",origin=\"n1\",type=\"insert_exists\",resolution=\"apply_remote\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgferry_apply_lag_milliseconds{node=\"n2\",origin=\"n1\"} 15"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgferry_healthy{node=\"n2\",service=\"apply\"} 1\n"),
+            "{text}"
+        );
+    }
+}
