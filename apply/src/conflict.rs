@@ -7,7 +7,8 @@
 
 use pgferry_connectors::config::Resolver;
 
-/// The tables and trigger function apply needs on every node (installed by `pgferry init`).
+/// The tables and trigger function apply needs on every node (installed by `pgferry init`):
+/// tombstones, conflicts, exceptions.
 pub const SCHEMA_SQL: &str = "
 CREATE TABLE IF NOT EXISTS pgferry.tombstones (
     tbl text  NOT NULL,
@@ -33,6 +34,18 @@ CREATE TABLE IF NOT EXISTS pgferry.conflicts (
     remote_commit_lsn pg_lsn      NOT NULL,
     resolved_at       timestamptz,
     resolved_by       text
+);
+-- Messages apply could not use, kept whole (they are also in the dead-letter topic).
+CREATE TABLE IF NOT EXISTS pgferry.exceptions (
+    id           bigserial   PRIMARY KEY,
+    recorded_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    origin       text,
+    topic        text        NOT NULL,
+    partition    int         NOT NULL,
+    kafka_offset bigint      NOT NULL,
+    reason       text        NOT NULL,
+    key          bytea,
+    payload      bytea
 );
 -- A deleted row's key and the deleting transaction, whose commit time and origin
 -- (pg_xact_commit_timestamp_origin) date the delete. Fires for local deletes and for deletes

@@ -37,6 +37,23 @@ pub enum ApplyError {
         table: String,
         message: String,
     },
+    /// A message apply can never use (no or unknown origin, unknown kind, an origin routed
+    /// through another partition): it goes to the dead-letter topic.
+    #[error("{topic}/{partition} (partition of {source_node}) offset {offset}: {message}")]
+    Unusable {
+        source_node: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        message: String,
+    },
+    /// A conflict under the `error` resolver: the stream stops until an operator acts.
+    #[error("origin {origin}: table {table}: {message}")]
+    ConflictStop {
+        origin: String,
+        table: String,
+        message: String,
+    },
     /// The stream broke the transaction framing (e.g. a new transaction before the last ended).
     #[error("{topic}/{partition} (partition of {source_node}) offset {offset}: {message}")]
     Stream {
@@ -46,4 +63,12 @@ pub enum ApplyError {
         offset: i64,
         message: String,
     },
+}
+
+impl ApplyError {
+    /// Whether the message that caused this can never be applied as it is, so it belongs in
+    /// the dead-letter topic (the stream goes on) rather than stopping the stream (retried).
+    pub fn dead_letter(&self) -> bool {
+        matches!(self, ApplyError::Decode { .. } | ApplyError::Unusable { .. } | ApplyError::Write { .. })
+    }
 }

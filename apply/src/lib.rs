@@ -12,6 +12,7 @@
 //! lag and whether its stream runs.
 
 mod conflict;
+mod dead_letter;
 mod error;
 pub mod metrics;
 mod partition_stream;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use pgferry_connectors::config::Config;
-use pgferry_connectors::kafka::{header, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN};
+use pgferry_connectors::kafka::{header, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN, HEADER_TXN_LAST};
 use pgferry_connectors::postgres::PgSession;
 use pgferry_connectors::registry::Registry;
 use pgferry_schemas::codec::{decode_frame, EnvelopeReader};
@@ -19,6 +19,7 @@ use rdkafka::consumer::DefaultConsumerContext;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use crate::error::ApplyError;
+use crate::dead_letter::DeadLetters;
 use crate::metrics::{ApplyMetrics, OriginMetrics};
 use crate::progress::{self, format_lsn};
 use crate::writer::Writer;
@@ -54,6 +55,8 @@ pub struct PartitionStream {
     /// What this stream applied (counted at each local commit).
     /// Apply's metrics.
     pub metrics: ApplyMetrics,
+    /// Where messages that can never be applied go.
+    pub dead_letters: Arc<DeadLetters>,
     /// Origin → its metrics handle (made on first use).
     pub origin_metrics: HashMap<String, OriginMetrics>,
 }
@@ -75,6 +78,7 @@ enum Item {
 struct OpenTxn {
     origin: String,
     commit_lsn: u64,
+    commit_ts_us: i64,
 }
 
 impl PartitionStream {
@@ -173,10 +177,42 @@ impl PartitionStream {
         }
     }
 
+    fn unusable(&self, offset: i64, message: String) -> ApplyError {
+        ApplyError::Unusable {
+            source_node: self.source.clone(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset,
+            message,
+        }
+    }
+
+    /// Applies one message; one that can never be applied (undecodable, unknown origin or
+    /// table, …) goes to the dead-letter topic and `pgferry.exceptions` instead, and the stream
+    /// goes on.
     async fn handle(&mut self, msg: &BorrowedMessage<'_>, open: &mut Option<OpenTxn>) -> Result<(), ApplyError> {
+        match self.process(msg, open).await {
+            Err(e) if e.dead_letter() => {
+                tracing::warn!(node = %self.node, source = %self.source, topic = %self.topic, partition = self.partition,
+                    offset = msg.offset(), error = %e, "message sent to the dead-letter topic");
+                self.dead_letters.send(&self.sql, msg, &e.to_string()).await?;
+                // A dead-lettered last event still ends its transaction.
+                if header(msg, HEADER_TXN_LAST) == Some("1") {
+                    if let Some(t) = open.as_ref() {
+                        let (lsn, ts) = (t.commit_lsn, t.commit_ts_us);
+                        self.commit(open, msg.offset(), lsn, ts).await?;
+                    }
+                }
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn process(&mut self, msg: &BorrowedMessage<'_>, open: &mut Option<OpenTxn>) -> Result<(), ApplyError> {
         let offset = msg.offset();
         let Some(origin) = header(msg, HEADER_ORIGIN) else {
-            return Err(self.stream_err(offset, "message without a pgferry-origin header".into()));
+            return Err(self.unusable(offset, "message without a pgferry-origin header".into()));
         };
         if origin == self.node {
             // This node's own change, forwarded back by a hub: never re-applied.
@@ -190,8 +226,11 @@ impl PartitionStream {
                 return Ok(());
             }
             other => {
-                return Err(self.stream_err(offset, format!("unexpected message kind {other:?}")));
+                return Err(self.unusable(offset, format!("unexpected message kind {other:?}")));
             }
+        }
+        if self.config.node(origin).is_none() {
+            return Err(self.unusable(offset, format!("origin {origin:?} is not a node of the cluster")));
         }
         if origin != self.source && open.is_none() {
             // A forwarded transaction: only from the one path the config routes it by.
@@ -203,7 +242,7 @@ impl PartitionStream {
                 None => false,
             };
             if !ok {
-                return Err(self.stream_err(
+                return Err(self.unusable(
                     offset,
                     format!(
                         "origin {origin:?} in {}'s partition: the config does not route that origin to this node through {}",
@@ -241,7 +280,11 @@ impl PartitionStream {
             source,
         };
         let (schema_id, datum) = decode_frame(payload).map_err(decode_err)?;
-        let writer_schema = self.registry.schema(schema_id).await?;
+        let writer_schema = match self.registry.schema(schema_id).await {
+            Ok(s) => s,
+            Err(e) if e.is_unknown_id() => return Err(decode_err(CodecError::Schema(e.to_string()))),
+            Err(e) => return Err(e.into()),
+        };
         let item = if matches!(kind, Some("truncate" | "message")) {
             let schema = match self.fixed_schemas.get(&schema_id) {
                 Some(s) => s.clone(),
@@ -290,7 +333,11 @@ impl PartitionStream {
             let setup = self.sql.client.execute(&stmts.xact_setup, &params);
             futures::try_join!(self.sql.client.batch_execute("BEGIN"), setup)
                 .map_err(self.sql.err("beginning a transaction under the replication origin"))?;
-            *open = Some(OpenTxn { origin, commit_lsn });
+            *open = Some(OpenTxn {
+                origin,
+                commit_lsn,
+                commit_ts_us,
+            });
         }
         match &item {
             Item::Change(ev) => {
@@ -316,6 +363,14 @@ impl PartitionStream {
             }
         }
         if txn_last {
+            self.commit(open, offset, commit_lsn, commit_ts_us).await?;
+        }
+        Ok(())
+    }
+
+    /// Records progress and commits the open transaction (ended by the message at `offset`).
+    async fn commit(&mut self, open: &mut Option<OpenTxn>, offset: i64, commit_lsn: u64, commit_ts_us: i64) -> Result<(), ApplyError> {
+        {
             // Progress and COMMIT pipelined: if the progress write fails, the transaction is
             // aborted, COMMIT rolls it back, and the write's error is what try_join returns.
             let lsn = format_lsn(commit_lsn);

@@ -12,6 +12,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::ApplyError;
+use crate::dead_letter::DeadLetters;
 use crate::metrics::ApplyMetrics;
 use crate::partition_stream::PartitionStream;
 use crate::progress;
@@ -40,6 +41,11 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             source,
         })?;
     let consumer = Arc::new(consumer);
+    let dead_letters = Arc::new(DeadLetters {
+        producer: kafka::plain_producer(&config.kafka)?,
+        topic: format!("{}.dlq", config.cluster.name),
+        node: node.name.clone(),
+    });
 
     // The partition of every node this node reads (DESIGN.md; `read_regions`), resumed after
     // its last applied message.
@@ -62,6 +68,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             })?;
         streams.push(PartitionStream {
             metrics: options.metrics.clone(),
+            dead_letters: dead_letters.clone(),
             origin_metrics: Default::default(),
             source: remote.name.clone(),
             topic,

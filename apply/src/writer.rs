@@ -328,13 +328,14 @@ impl Writer {
             (Op::Truncate, _) => return Ok(None),
         };
         let Some(mut resolution) = decide(resolver, against, remote) else {
-            return Err(write_err(
-                ev,
-                format!(
+            return Err(ApplyError::ConflictStop {
+                origin: ev.origin.clone(),
+                table: name,
+                message: format!(
                     "{} on key {key_json_text} (resolver error: this origin stops here until an operator resolves it)",
                     conflict.name()
                 ),
-            ));
+            });
         };
         if resolution == Resolution::ApplyRemote {
             let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];

@@ -134,6 +134,23 @@ fn unreachable_or(cfg: &KafkaConfig, what: &str, e: RdError) -> KafkaError {
 
 /// A consumer that reads only committed transactions and never commits offsets to Kafka
 /// (positions live in PostgreSQL, in `pgferry.apply_progress`).
+/// An idempotent, non-transactional producer (for the dead-letter and conflict topics, where
+/// each message is awaited before the stream moves on).
+pub fn plain_producer(cfg: &KafkaConfig) -> Result<rdkafka::producer::FutureProducer, KafkaError> {
+    client_config(cfg)
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", "16777216")
+        .create()
+        .map_err(client_err(cfg, "creating producer"))
+}
+
+/// Headers added to a dead-lettered message: why, where it was read, and which node gave up.
+pub const HEADER_DLQ_REASON: &str = "pgferry-dlq-reason";
+/// See [`HEADER_DLQ_REASON`].
+pub const HEADER_DLQ_SOURCE: &str = "pgferry-dlq-source";
+/// See [`HEADER_DLQ_REASON`].
+pub const HEADER_DLQ_NODE: &str = "pgferry-dlq-node";
+
 pub fn read_committed_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
     let mut c = client_config(cfg);
     c.set("group.id", group_id)

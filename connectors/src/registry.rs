@@ -23,6 +23,13 @@ pub enum RegistryError {
     Fetch { url: String, id: u32, message: String },
 }
 
+impl RegistryError {
+    /// The registry answered that the schema id does not exist (HTTP 404): no retry helps.
+    pub fn is_unknown_id(&self) -> bool {
+        matches!(self, RegistryError::Fetch { message, .. } if message.contains("404"))
+    }
+}
+
 /// A cached registry client; cheap to clone.
 #[derive(Clone)]
 pub struct Registry {

@@ -490,3 +490,22 @@ pub fn read_topic(bootstrap: &str, topic: &str) -> Result<Vec<TopicMessage>> {
     }
     Ok(out)
 }
+
+/// Produces one message (not in a Kafka transaction) to `topic`/`partition`: how tests put
+/// foreign or broken messages into a pgferry topic.
+pub fn produce(bootstrap: &str, topic: &str, partition: i32, key: Option<&[u8]>, payload: &[u8], headers: &[(&str, &str)]) -> Result<()> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let mut h = OwnedHeaders::new();
+    for (k, v) in headers {
+        h = h.insert(Header { key: k, value: Some(*v) });
+    }
+    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(partition).payload(payload).headers(h);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    producer.send(record).map_err(|(e, _)| anyhow!("producing to {topic}: {e}"))?;
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
