@@ -1,0 +1,129 @@
+//! Convergence under frequent conflicts: three nodes, a writer on every node doing random
+//! inserts, updates and deletes on a small shared key space for 60 s, while n3's apply is
+//! paused (SIGSTOP) and resumed a few times. After quiescing every node holds exactly the same
+//! table, and the conflicts each node settled are recorded in its `pgferry.conflicts`.
+
+use std::time::{Duration, Instant};
+
+use pgferry_integration_tests::Cluster;
+
+const SETUP: &str = "CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL, writes int NOT NULL DEFAULT 0);";
+const KEYS: u64 = 20;
+const RUN: Duration = Duration::from_secs(60);
+
+/// xorshift64, seeded per writer (the seed is printed, so a failure can be replayed).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Random writes on node `i` until `until`; returns how many statements committed.
+async fn writer(cluster: &Cluster, i: usize, seed: u64, until: Instant) -> anyhow::Result<u64> {
+    let c = cluster.sql(i).await?;
+    let mut rng = Rng(seed);
+    let mut done = 0;
+    while Instant::now() < until {
+        let id = rng.below(KEYS) as i32 + 1;
+        let v = format!("n{}-{}", i + 1, rng.below(1_000_000));
+        let r = match rng.below(10) {
+            0..=3 => {
+                c.execute(
+                    "INSERT INTO kv (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, writes = kv.writes + 1",
+                    &[&id, &v],
+                )
+                .await
+            }
+            4..=7 => c.execute("UPDATE kv SET v = $2, writes = writes + 1 WHERE id = $1", &[&id, &v]).await,
+            _ => c.execute("DELETE FROM kv WHERE id = $1", &[&id]).await,
+        };
+        match r {
+            Ok(_) => done += 1,
+            // A lock conflict with apply's transaction is the client's to retry; not counted.
+            Err(e) if e.code().is_some() => {}
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::sleep(Duration::from_millis(5 + rng.below(15))).await;
+    }
+    Ok(done)
+}
+
+fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill").args([sig, &pid.to_string()]).status()?;
+    anyhow::ensure!(status.success(), "kill {sig} {pid} failed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_writers_with_frequent_conflicts_converge() -> anyhow::Result<()> {
+    let cluster = Cluster::start("converge", &["r1", "r1", "r2"], SETUP, &["public.kv"]).await?;
+    let _services: Vec<_> = (0..2).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;
+    let _capture3 = cluster.spawn("capture", 2)?;
+    let apply3 = cluster.spawn("apply", 2)?;
+
+    let base = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
+    eprintln!("writer seeds: {base}, {}, {}", base + 2, base + 4);
+    let until = Instant::now() + RUN;
+    let writers = futures::future::try_join3(
+        writer(&cluster, 0, base, until),
+        writer(&cluster, 1, base + 2, until),
+        writer(&cluster, 2, base + 4, until),
+    );
+    // n3's apply stops for a few seconds, three times, while everyone writes.
+    let pauses = async {
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            signal(apply3.pid(), "-STOP")?;
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            signal(apply3.pid(), "-CONT")?;
+        }
+        anyhow::Ok(())
+    };
+    let ((w1, w2, w3), ()) = tokio::try_join!(writers, pauses)?;
+    eprintln!("committed writes: n1 {w1}, n2 {w2}, n3 {w3}");
+    assert!(w1 > 100 && w2 > 100 && w3 > 100, "the writers ran");
+
+    cluster.wait_converged("kv", Duration::from_secs(240)).await?;
+    let mut total = 0;
+    for i in 0..3 {
+        let c = cluster.sql(i).await?;
+        let rows = c
+            .query(
+                "SELECT conflict_type, resolution, resolver, remote_origin, remote_commit_lsn::text, key::text
+                 FROM pgferry.conflicts",
+                &[],
+            )
+            .await?;
+        for r in &rows {
+            let (t, res, resolver): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            assert!(
+                [
+                    "insert_exists",
+                    "update_origin_differs",
+                    "update_missing",
+                    "update_deleted",
+                    "delete_origin_differs",
+                    "delete_missing"
+                ]
+                .contains(&t.as_str()),
+                "{t}"
+            );
+            assert!(res == "apply_remote" || res == "keep_local", "{res}");
+            assert_eq!(resolver, "last_update_wins");
+            let origin: String = r.get(3);
+            assert!(cluster.nodes.iter().any(|n| n.name == origin) && origin != cluster.nodes[i].name);
+        }
+        total += rows.len();
+    }
+    eprintln!("conflicts recorded: {total}");
+    assert!(total > 50, "the key space was small enough for frequent conflicts ({total})");
+    drop(apply3);
+    drop(_services);
+    drop(_capture3);
+    cluster.cleanup().await
+}
