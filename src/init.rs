@@ -92,6 +92,7 @@ async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Resu
             Some(_) => {}
         }
     }
+    pgferry_capture::check_delta_tables(config, &node.name, sql).await?;
     Ok(())
 }
 

@@ -111,6 +111,20 @@ impl PartitionStream {
             .await
             .map_err(self.sql.err(format!("setting up replication origin {name}")))?;
         self.session_origin = Some(origin.to_string());
+        let lsn: Option<String> = self
+            .sql
+            .client
+            .query_one(
+                "SELECT max(commit_lsn - '0/0'::pg_lsn)::text FROM pgferry.apply_progress WHERE origin = $1",
+                &[&origin],
+            )
+            .await
+            .map_err(self.sql.err("reading pgferry.apply_progress"))?
+            .get(0);
+        if let Some(lsn) = lsn.and_then(|l| l.parse::<u64>().ok()) {
+            let applied = self.applied.entry(origin.to_string()).or_insert(0);
+            *applied = (*applied).max(lsn);
+        }
         Ok(())
     }
 
@@ -254,9 +268,15 @@ impl PartitionStream {
         let commit_lsn: u64 = header(msg, HEADER_COMMIT_LSN)
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| self.stream_err(offset, "missing or bad pgferry-commit-lsn header".into()))?;
-        if open.is_none() && commit_lsn <= self.applied.get(origin).copied().unwrap_or(0) {
-            // Already applied (a replay or a re-read after restart): dedup by origin progress.
-            return Ok(());
+        if open.is_none() {
+            // The session owns the origin from here (PostgreSQL lets one session at a time set
+            // it up), so the progress it reads is final: a previous apply process that was
+            // still committing when this one started has finished by now.
+            self.use_origin(origin).await?;
+            if commit_lsn <= self.applied.get(origin).copied().unwrap_or(0) {
+                // Already applied (a replay or a re-read after restart): dedup by origin progress.
+                return Ok(());
+            }
         }
         if let Some(t) = open.as_ref() {
             if t.commit_lsn != commit_lsn || t.origin != origin {
@@ -319,7 +339,6 @@ impl PartitionStream {
         };
         if open.is_none() {
             let origin = origin.to_string();
-            self.use_origin(&origin).await?;
             // BEGIN and the origin set-up go out together (tokio-postgres pipelines futures
             // polled together); one round trip instead of two.
             // Prepared statements only: an unprepared one would send its Parse, wait, and let

@@ -34,6 +34,8 @@ struct LocalTable {
     /// Primary-key columns in key order.
     key: Vec<String>,
     resolver: Resolver,
+    /// Delta columns: they get `local + (remote_new − remote_old)` whoever wins the row.
+    delta: HashSet<String>,
 }
 
 /// A row as an event carries it: column name → text value (None = NULL).
@@ -126,6 +128,7 @@ impl Writer {
                     types,
                     key: key.into_iter().map(|(_, n)| n).collect(),
                     resolver: self.config.resolver(&ev.schema, &ev.table),
+                    delta: self.config.delta_columns(&ev.schema, &ev.table).into_iter().collect(),
                 },
             );
         }
@@ -369,6 +372,14 @@ impl Writer {
                 }
             }
         }
+        if resolution != Resolution::ApplyRemote && local.is_some() {
+            // The row stays as it is here, but a counter's change is never lost.
+            let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+            let (text, params) = delta_only(table, ev, &key).map_err(|m| write_err(ev, m))?;
+            if !text.is_empty() {
+                self.execute(sql, &text, &params, ev).await?;
+            }
+        }
         self.record(sql, ev, &name, &key_json_text, conflict, resolver, resolution, local.as_ref())
             .await?;
         tracing::debug!(origin = %ev.origin, table = %name, key = %key_json_text, conflict = conflict.name(),
@@ -507,9 +518,25 @@ fn key_json(table: &LocalTable, first: usize) -> String {
     format!("jsonb_build_array({})", parts.join(", "))
 }
 
-/// (quoted column, placeholder) of every column the after image carries (not unchanged TOAST),
-/// appending their values to `params`.
-fn assignments<'e>(table: &LocalTable, ev: &'e DecodedEvent, params: &mut Vec<Option<&'e str>>) -> Result<Vec<(String, String)>, String> {
+/// How delta columns are assigned.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delta {
+    /// Inserting a row: the value itself.
+    Insert,
+    /// Writing over an existing row: `local + (remote_new − remote_old)`, where an insert's
+    /// old value is 0 (the row did not exist on its origin).
+    Merge,
+}
+
+/// (quoted column, value expression) of every column the after image carries (not unchanged
+/// TOAST), appending their values to `params`. With `only_delta`, just the delta columns.
+fn assignments<'e>(
+    table: &LocalTable,
+    ev: &'e DecodedEvent,
+    params: &mut Vec<Option<&'e str>>,
+    delta: Delta,
+    only_delta: bool,
+) -> Result<Vec<(String, String)>, String> {
     let unchanged: HashSet<&str> = ev.unchanged_toast.iter().map(String::as_str).collect();
     let row = ev
         .after
@@ -517,10 +544,54 @@ fn assignments<'e>(table: &LocalTable, ev: &'e DecodedEvent, params: &mut Vec<Op
         .ok_or_else(|| format!("{} without an after image", ev.op.code()))?;
     let mut out = Vec::new();
     for (c, v) in row.iter().filter(|(c, _)| !unchanged.contains(c.as_str())) {
+        let is_delta = table.delta.contains(c);
+        if only_delta && !is_delta {
+            continue;
+        }
+        let ty = cast(table, c)?;
+        let q = quote_ident(c);
         params.push(v.as_deref());
-        out.push((quote_ident(c), format!("${}::text::{}", params.len(), cast(table, c)?)));
+        let new = format!("${}::text::{ty}", params.len());
+        let expr = if is_delta && delta == Delta::Merge {
+            let old = match ev.op {
+                Op::Update => ev
+                    .before
+                    .as_ref()
+                    .ok_or("a delta column needs the old row (REPLICA IDENTITY FULL on the origin)")?
+                    .iter()
+                    .find(|(b, _)| b == c)
+                    .and_then(|(_, v)| v.as_deref()),
+                _ => None,
+            };
+            params.push(old);
+            let old = format!("${}::text::{ty}", params.len());
+            format!("coalesce({q}, 0) + (coalesce({new}, 0) - coalesce({old}, 0))")
+        } else {
+            new
+        };
+        out.push((q, expr));
     }
     Ok(out)
+}
+
+/// For a remote change that lost: the update that still adds its delta columns' change to the
+/// local row (empty text when the table has none, or for deletes).
+fn delta_only<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str]) -> Result<Statement_<'e>, String> {
+    if table.delta.is_empty() || !matches!(ev.op, Op::Update | Op::Create | Op::Read) {
+        return Ok((String::new(), Vec::new()));
+    }
+    let mut params: Vec<Option<&str>> = key.iter().map(|k| Some(*k)).collect();
+    let sets: Vec<String> = assignments(table, ev, &mut params, Delta::Merge, true)?
+        .into_iter()
+        .map(|(c, v)| format!("{c} = {v}"))
+        .collect();
+    if sets.is_empty() {
+        return Ok((String::new(), Vec::new()));
+    }
+    Ok((
+        format!("UPDATE {} SET {} WHERE {}", table.qualified, sets.join(", "), where_key(table, 1)),
+        params,
+    ))
 }
 
 /// A statement's text and its text parameters.
@@ -529,7 +600,7 @@ type Statement_<'e> = (String, Vec<Option<&'e str>>);
 /// `INSERT` of the after image.
 fn insert<'e>(table: &LocalTable, ev: &'e DecodedEvent) -> Result<Statement_<'e>, String> {
     let mut params = Vec::new();
-    let cols = assignments(table, ev, &mut params)?;
+    let cols = assignments(table, ev, &mut params, Delta::Insert, false)?;
     let names: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
     let vals: Vec<&str> = cols.iter().map(|(_, v)| v.as_str()).collect();
     Ok((
@@ -543,7 +614,7 @@ fn plain<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str]) -> Resul
     let mut params: Vec<Option<&str>> = key.iter().map(|k| Some(*k)).collect();
     let text = match ev.op {
         Op::Update => {
-            let sets: Vec<String> = assignments(table, ev, &mut params)?
+            let sets: Vec<String> = assignments(table, ev, &mut params, Delta::Merge, false)?
                 .into_iter()
                 .map(|(c, v)| format!("{c} = {v}"))
                 .collect();
@@ -558,7 +629,7 @@ fn plain<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str]) -> Resul
 /// An insert that lost to an existing row… or won: the row becomes the after image.
 fn overwrite<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str]) -> Result<Statement_<'e>, String> {
     let mut params: Vec<Option<&str>> = key.iter().map(|k| Some(*k)).collect();
-    let sets: Vec<String> = assignments(table, ev, &mut params)?
+    let sets: Vec<String> = assignments(table, ev, &mut params, Delta::Merge, false)?
         .into_iter()
         .map(|(c, v)| format!("{c} = {v}"))
         .collect();
@@ -581,7 +652,7 @@ fn guarded<'e>(
         Op::Create | Op::Read => {
             // Free key and no tombstone at all (a tombstone sends it to the full check).
             let mut params = Vec::new();
-            let cols = assignments(table, ev, &mut params)?;
+            let cols = assignments(table, ev, &mut params, Delta::Insert, false)?;
             let names: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
             let vals: Vec<&str> = cols.iter().map(|(_, v)| v.as_str()).collect();
             let first = params.len() + 1;

@@ -127,6 +127,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
             ),
         });
     }
+    check_delta_tables(&config, &node.name, &sql).await?;
     let db: String = sql
         .client
         .query_one("SELECT current_database()::text", &[])
@@ -199,6 +200,38 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         let _ = tokio::task::block_in_place(|| p.abort_transaction(Duration::from_secs(10)));
     }
     result
+}
+
+/// Checks that every table with delta columns has REPLICA IDENTITY FULL on this node: apply
+/// needs each update's old value to compute `new − old`, and only a full replica identity makes
+/// PostgreSQL log it.
+pub async fn check_delta_tables(config: &Config, node: &str, sql: &PgSession) -> Result<(), CaptureError> {
+    for (schema, table) in config.tables() {
+        let delta = config.delta_columns(&schema, &table);
+        if delta.is_empty() {
+            continue;
+        }
+        let ident: Option<String> = sql
+            .client
+            .query_opt(
+                "SELECT c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(sql.err(format!("reading the replica identity of {schema}.{table}")))?
+            .map(|r| r.get(0));
+        if ident.as_deref() != Some("f") {
+            return Err(CaptureError::Setup {
+                node: node.to_string(),
+                message: format!(
+                    "table {schema}.{table} at {} has delta_columns {delta:?} but its REPLICA IDENTITY is not FULL, so updates do not carry the old values the deltas need; run ALTER TABLE {schema}.{table} REPLICA IDENTITY FULL",
+                    sql.endpoint
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Registers one of the fixed records (heartbeat, truncate) under `topic` and parses it.

@@ -134,6 +134,10 @@ pub struct ReplicationConfig {
 pub struct TableOptions {
     /// This table's conflict resolver (default: `replication.resolver`).
     pub resolver: Option<Resolver>,
+    /// Numeric columns (counters, balances) that merge instead of being overwritten: every
+    /// node adds each remote change's `new − old`. Needs REPLICA IDENTITY FULL.
+    #[serde(default)]
+    pub delta_columns: Vec<String>,
 }
 
 /// How apply settles a conflict (DESIGN.md, "Conflicts"). Every node must pick the same winner.
@@ -389,13 +393,23 @@ impl Config {
         self.replication.tables.iter().map(|t| qualify(t)).collect()
     }
 
-    /// The conflict resolver of `schema.table`.
-    pub fn resolver(&self, schema: &str, table: &str) -> Resolver {
+    /// The delta columns of `schema.table`.
+    pub fn delta_columns(&self, schema: &str, table: &str) -> Vec<String> {
+        self.table_options(schema, table).map(|o| o.delta_columns.clone()).unwrap_or_default()
+    }
+
+    fn table_options(&self, schema: &str, table: &str) -> Option<&TableOptions> {
         self.replication
             .table
             .iter()
             .find(|(name, _)| qualify(name) == (schema.to_string(), table.to_string()))
-            .and_then(|(_, o)| o.resolver)
+            .map(|(_, o)| o)
+    }
+
+    /// The conflict resolver of `schema.table`.
+    pub fn resolver(&self, schema: &str, table: &str) -> Resolver {
+        self.table_options(schema, table)
+            .and_then(|o| o.resolver)
             .unwrap_or(self.replication.resolver)
     }
 

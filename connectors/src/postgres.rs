@@ -15,18 +15,30 @@ pub enum PgError {
     #[error("invalid PostgreSQL DSN for {endpoint}: {message}")]
     Dsn { endpoint: String, message: String },
     /// The server did not answer or refused the session.
-    #[error("cannot connect to PostgreSQL at {endpoint}: {source}")]
+    #[error("cannot connect to PostgreSQL at {endpoint}: {}", detail(.source))]
     Connect {
         endpoint: String,
         source: tokio_postgres::Error,
     },
     /// A statement failed.
-    #[error("PostgreSQL at {endpoint}: {what}: {source}")]
+    #[error("PostgreSQL at {endpoint}: {what}: {}", detail(.source))]
     Query {
         endpoint: String,
         what: String,
         source: tokio_postgres::Error,
     },
+}
+
+/// A tokio-postgres error with the server's message and SQLSTATE when there is one (its own
+/// `Display` says only "db error").
+fn detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 impl PgError {

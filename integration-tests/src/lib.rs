@@ -372,6 +372,15 @@ impl Cluster {
             admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", n.db))
                 .await?;
+            // Replication origins are server-wide and hold one of the server's
+            // max_replication_slots progress slots until dropped.
+            let origins: Vec<String> = self.nodes.iter().map(|o| format!("pgferry_{}", o.name)).collect();
+            admin
+                .execute(
+                    "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = ANY($1)",
+                    &[&origins],
+                )
+                .await?;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())

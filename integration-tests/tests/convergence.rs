@@ -1,13 +1,19 @@
 //! Convergence under frequent conflicts: three nodes, a writer on every node doing random
-//! inserts, updates and deletes on a small shared key space for 60 s, while n3's apply is
-//! paused (SIGSTOP) and resumed a few times. After quiescing every node holds exactly the same
-//! table, and the conflicts each node settled are recorded in its `pgferry.conflicts`.
+//! inserts, updates and deletes on a small shared key space for 60 s, plus transfers and
+//! deposits on a table whose `balance` is a delta column, while n3's apply is paused (SIGSTOP)
+//! and resumed a few times. After quiescing every node holds exactly the same tables, the sum
+//! of balances equals the initial sum plus every committed deposit, and the conflicts each node
+//! settled are recorded in its `pgferry.conflicts`.
 
 use std::time::{Duration, Instant};
 
 use pgferry_integration_tests::Cluster;
 
-const SETUP: &str = "CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL, writes int NOT NULL DEFAULT 0);";
+const SETUP: &str = "
+CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL, writes int NOT NULL DEFAULT 0);
+CREATE TABLE accounts (id int PRIMARY KEY, balance numeric(20,2) NOT NULL, last_writer text);
+ALTER TABLE accounts REPLICA IDENTITY FULL;";
+const ACCOUNTS: u64 = 10;
 const KEYS: u64 = 20;
 const RUN: Duration = Duration::from_secs(60);
 
@@ -23,15 +29,40 @@ impl Rng {
     }
 }
 
-/// Random writes on node `i` until `until`; returns how many statements committed.
-async fn writer(cluster: &Cluster, i: usize, seed: u64, until: Instant) -> anyhow::Result<u64> {
-    let c = cluster.sql(i).await?;
+/// Random writes on node `i` until `until`; returns how many statements committed and the sum
+/// of the deposits (in cents) that committed.
+async fn writer(cluster: &Cluster, i: usize, seed: u64, until: Instant) -> anyhow::Result<(u64, i64)> {
+    let mut c = cluster.sql(i).await?;
     let mut rng = Rng(seed);
-    let mut done = 0;
+    let (mut done, mut deposited) = (0, 0i64);
+    let me = format!("n{}", i + 1);
     while Instant::now() < until {
         let id = rng.below(KEYS) as i32 + 1;
         let v = format!("n{}-{}", i + 1, rng.below(1_000_000));
-        let r = match rng.below(10) {
+        let (a, b) = (rng.below(ACCOUNTS) as i32 + 1, rng.below(ACCOUNTS) as i32 + 1);
+        let cents = rng.below(10_000) as i64 + 1;
+        let amount = format!("{}.{:02}", cents / 100, cents % 100);
+        let r = match rng.below(14) {
+            10 | 11 => {
+                // A transfer: two delta updates in one transaction (the sum does not change).
+                let t = c.transaction().await?;
+                let r = async {
+                    t.execute("UPDATE accounts SET balance = balance - $2::text::numeric, last_writer = $3 WHERE id = $1", &[&a, &amount, &me]).await?;
+                    t.execute("UPDATE accounts SET balance = balance + $2::text::numeric, last_writer = $3 WHERE id = $1", &[&b, &amount, &me]).await?;
+                    t.commit().await
+                }
+                .await;
+                r.map(|_| 0)
+            }
+            12 | 13 => {
+                let r = c
+                    .execute("UPDATE accounts SET balance = balance + $2::text::numeric, last_writer = $3 WHERE id = $1", &[&a, &amount, &me])
+                    .await;
+                if r.is_ok() {
+                    deposited += cents;
+                }
+                r
+            }
             0..=3 => {
                 c.execute(
                     "INSERT INTO kv (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, writes = kv.writes + 1",
@@ -50,7 +81,7 @@ async fn writer(cluster: &Cluster, i: usize, seed: u64, until: Instant) -> anyho
         }
         tokio::time::sleep(Duration::from_millis(5 + rng.below(15))).await;
     }
-    Ok(done)
+    Ok((done, deposited))
 }
 
 fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
@@ -61,11 +92,20 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_writers_with_frequent_conflicts_converge() -> anyhow::Result<()> {
-    let cluster = Cluster::start("converge", &["r1", "r1", "r2"], SETUP, &["public.kv"]).await?;
+    let mut cluster = Cluster::create("converge", &["r1", "r1", "r2"], SETUP, &["public.kv", "public.accounts"]).await?;
+    cluster.replication_toml = "[replication.table.\"public.accounts\"]\ndelta_columns = [\"balance\"]".into();
+    cluster.write_config()?;
+    cluster.init()?;
     let _services: Vec<_> = (0..2).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;
     let _capture3 = cluster.spawn("capture", 2)?;
     let apply3 = cluster.spawn("apply", 2)?;
 
+    cluster
+        .sql(0)
+        .await?
+        .batch_execute(&format!("INSERT INTO accounts SELECT g, 1000, 'n1' FROM generate_series(1, {ACCOUNTS}) g"))
+        .await?;
+    cluster.wait_converged("accounts", Duration::from_secs(60)).await?;
     let base = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
     eprintln!("writer seeds: {base}, {}, {}", base + 2, base + 4);
     let until = Instant::now() + RUN;
@@ -85,10 +125,17 @@ async fn three_writers_with_frequent_conflicts_converge() -> anyhow::Result<()> 
         anyhow::Ok(())
     };
     let ((w1, w2, w3), ()) = tokio::try_join!(writers, pauses)?;
-    eprintln!("committed writes: n1 {w1}, n2 {w2}, n3 {w3}");
-    assert!(w1 > 100 && w2 > 100 && w3 > 100, "the writers ran");
+    eprintln!("committed writes: n1 {}, n2 {}, n3 {}", w1.0, w2.0, w3.0);
+    assert!(w1.0 > 100 && w2.0 > 100 && w3.0 > 100, "the writers ran");
 
     cluster.wait_converged("kv", Duration::from_secs(240)).await?;
+    cluster.wait_converged("accounts", Duration::from_secs(240)).await?;
+    let deposits = w1.1 + w2.1 + w3.1;
+    let want = format!("{}.{:02}", (ACCOUNTS as i64 * 100_000 + deposits) / 100, deposits % 100);
+    for i in 0..3 {
+        let sum: String = cluster.sql(i).await?.query_one("SELECT sum(balance)::text FROM accounts", &[]).await?.get(0);
+        assert_eq!(sum, want, "node {i}: the sum of balances is the initial sum plus every committed deposit");
+    }
     let mut total = 0;
     for i in 0..3 {
         let c = cluster.sql(i).await?;
