@@ -1,5 +1,7 @@
-//! `pgferry`: the command line of pgferry — cluster set-up and the capture/apply services.
+//! `pgferry`: the command line of pgferry — cluster set-up, the capture/apply services and
+//! conflict review.
 
+mod conflicts_cmd;
 mod init;
 mod supervise;
 
@@ -32,6 +34,11 @@ enum Command {
     Apply(ServiceArgs),
     /// Run capture and apply of a node in one process.
     Run(ServiceArgs),
+    /// Recorded conflicts: list them, show one, resolve a parked one.
+    Conflicts {
+        #[command(subcommand)]
+        command: conflicts_cmd::ConflictsCommand,
+    },
 }
 
 /// What every service command takes.
@@ -88,6 +95,7 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<()> {
     };
     match cli.command {
         Command::Init => init::run(&config).await,
+        Command::Conflicts { command } => conflicts_cmd::run(&config, command).await,
         Command::Capture(args) => {
             let node = node_of(&args.node)?;
             let registry = serve_metrics(&config, &node, args.metrics_listen, &cli.config).await?;

@@ -340,6 +340,16 @@ impl Writer {
                 ),
             });
         };
+        // A change the resolver would park but that leaves the row as it is (a delete of a row
+        // deleted here too, or an image equal to the local row — e.g. the row `pgferry conflicts
+        // resolve` wrote on every node) has nothing to review: it is applied, not recorded.
+        let unchanged = resolution == Resolution::Parked
+            && self
+                .leaves_row_unchanged(sql, ev, &key, local.is_some(), tombstone.is_some())
+                .await?;
+        if unchanged {
+            resolution = Resolution::ApplyRemote;
+        }
         if resolution == Resolution::ApplyRemote {
             let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
             match (conflict, ev.op) {
@@ -372,6 +382,9 @@ impl Writer {
                 }
             }
         }
+        if unchanged {
+            return Ok(None);
+        }
         if resolution != Resolution::ApplyRemote && local.is_some() {
             // The row stays as it is here, but a counter's change is never lost.
             let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
@@ -392,6 +405,36 @@ impl Writer {
     fn stamp(&self, ts_us: Option<i64>, origin: Option<&str>) -> Option<Stamp> {
         let node_id = origin.and_then(|o| self.config.node(o)).map_or(0, |n| n.id);
         ts_us.map(|ts_us| Stamp { ts_us, node_id })
+    }
+
+    /// Whether `ev` would leave the local row as it is: a delete of a row deleted here too (a
+    /// tombstone; a row that never existed here stays worth a review), or an insert or update
+    /// whose image equals the local row (compared as text after casting to the column's type,
+    /// so every type compares, with or without an equality operator).
+    async fn leaves_row_unchanged(
+        &mut self,
+        sql: &PgSession,
+        ev: &DecodedEvent,
+        key: &[&str],
+        local_exists: bool,
+        tombstoned: bool,
+    ) -> Result<bool, ApplyError> {
+        match (ev.op, local_exists) {
+            (Op::Delete, false) => Ok(tombstoned),
+            (Op::Create | Op::Read | Op::Update, true) => {
+                let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+                let (text, params) = same_row(table, ev, key).map_err(|m| write_err(ev, m))?;
+                let stmt = self.prepared(sql, &text, params.len(), ev).await?;
+                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+                let row = sql
+                    .client
+                    .query_one(&stmt, &refs)
+                    .await
+                    .map_err(sql.err(format!("comparing the local row of {}.{}", ev.schema, ev.table)))?;
+                Ok(row.get(0))
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn insert(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<(), ApplyError> {
@@ -635,6 +678,24 @@ fn overwrite<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str]) -> R
         .collect();
     Ok((
         format!("UPDATE {} SET {} WHERE {}", table.qualified, sets.join(", "), where_key(table, 1)),
+        params,
+    ))
+}
+
+/// `SELECT EXISTS` of the row at `key` whose columns equal the after image's (text forms).
+fn same_row<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str]) -> Result<Statement_<'e>, String> {
+    let mut params: Vec<Option<&str>> = key.iter().map(|k| Some(*k)).collect();
+    let same: Vec<String> = assignments(table, ev, &mut params, Delta::Insert, false)?
+        .into_iter()
+        .map(|(c, v)| format!(" AND t.{c}::text IS NOT DISTINCT FROM ({v})::text"))
+        .collect();
+    Ok((
+        format!(
+            "SELECT EXISTS (SELECT 1 FROM {} t WHERE {}{})",
+            table.qualified,
+            where_key(table, 1),
+            same.concat()
+        ),
         params,
     ))
 }

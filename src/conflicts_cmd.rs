@@ -1,0 +1,727 @@
+//! `pgferry conflicts list|show|resolve`: the rows of `pgferry.conflicts` on the nodes, and
+//! settling a parked conflict.
+//!
+//! Resolving settles the key cluster-wide (docs/decisions.md, "Conflicts"): the chosen row is
+//! written on every node that has a parked, unresolved conflict for the same table and key —
+//! the named node and its peers — in one local transaction per node that also marks those
+//! conflicts resolved. All nodes write (holding the row lock) before any commits, so each
+//! node's write reaches the others only after they hold the same row; apply then finds the
+//! incoming row equal to the local one, and a change that leaves the row as it is is never
+//! parked again. Every value is bound as a text parameter cast to the column's type.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use pgferry_connectors::config::Config;
+use pgferry_connectors::postgres::{self, quote_ident, PgSession};
+use serde_json::{json, Map, Value};
+use tokio_postgres::types::{ToSql, Type};
+
+#[derive(Subcommand)]
+pub enum ConflictsCommand {
+    /// Recorded conflicts of the chosen node(s), newest last.
+    List(ListArgs),
+    /// One conflict in full: local and remote rows, origins, commit times, commit LSN.
+    Show(ShowArgs),
+    /// Settle a parked conflict: write the chosen row (it replicates like any local write).
+    Resolve(ResolveArgs),
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Only this node (default: every node in the config).
+    #[arg(long)]
+    node: Option<String>,
+    /// Only parked conflicts that are not resolved yet.
+    #[arg(long)]
+    parked: bool,
+    /// Only this table (`schema.table`, or `table` for `public.table`).
+    #[arg(long, value_name = "TABLE")]
+    table: Option<String>,
+    /// At most this many conflicts per node (the newest).
+    #[arg(long, value_name = "K")]
+    limit: Option<i64>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    /// The node that recorded the conflict.
+    #[arg(long)]
+    node: String,
+    /// The conflict's id on that node.
+    id: i64,
+    /// As one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ResolveArgs {
+    /// The node that recorded the conflict.
+    #[arg(long)]
+    node: String,
+    /// The conflict's id on that node.
+    id: i64,
+    /// Which row wins: the node's current row, the parked remote change, or given values.
+    #[arg(long, value_enum)]
+    take: Take,
+    /// With `--take values`: a JSON object of column → text form (or null), merged over the
+    /// node's current row.
+    #[arg(long, value_name = "JSON", required_if_eq("take", "values"))]
+    values: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Take {
+    Local,
+    Remote,
+    Values,
+}
+
+impl Take {
+    fn name(self) -> &'static str {
+        match self {
+            Take::Local => "local",
+            Take::Remote => "remote",
+            Take::Values => "values",
+        }
+    }
+}
+
+pub async fn run(config: &Config, command: ConflictsCommand) -> Result<()> {
+    match command {
+        ConflictsCommand::List(a) => list(config, a).await,
+        ConflictsCommand::Show(a) => show(config, a).await,
+        ConflictsCommand::Resolve(a) => resolve(config, a).await,
+    }
+}
+
+async fn connect(config: &Config, node: &str) -> Result<PgSession> {
+    let n = config
+        .node(node)
+        .with_context(|| format!("node {node:?} is not in the config"))?;
+    Ok(postgres::connect(&n.dsn, "pgferry-conflicts").await?)
+}
+
+/// `schema.table` as `pgferry.conflicts.tbl` spells it.
+fn qualified_name(table: &str) -> String {
+    if table.contains('.') {
+        table.to_string()
+    } else {
+        format!("public.{table}")
+    }
+}
+
+async fn list(config: &Config, a: ListArgs) -> Result<()> {
+    let nodes: Vec<String> = match &a.node {
+        Some(n) => {
+            config
+                .node(n)
+                .with_context(|| format!("node {n:?} is not in the config"))?;
+            vec![n.clone()]
+        }
+        None => config.nodes.iter().map(|n| n.name.clone()).collect(),
+    };
+    let table = a.table.as_deref().map(qualified_name);
+    let mut rows: Vec<[String; 10]> = Vec::new();
+    for node in &nodes {
+        let sql = connect(config, node).await?;
+        let found = sql
+            .client
+            .query(
+                "SELECT id::text, detected_at::text, tbl, key::text, conflict_type, resolution, remote_origin,
+                        coalesce(resolved_at::text, ''), coalesce(resolved_by, '')
+                 FROM (SELECT * FROM pgferry.conflicts
+                       WHERE ($1::text IS NULL OR tbl = $1::text)
+                         AND (NOT $2::bool OR (resolution = 'parked' AND resolved_at IS NULL))
+                       ORDER BY id DESC LIMIT $3::int8) c
+                 ORDER BY id",
+                &[&table, &a.parked, &a.limit],
+            )
+            .await
+            .map_err(sql.err("reading pgferry.conflicts (has `pgferry init` run?)"))
+            .with_context(|| format!("node {node}"))?;
+        for r in found {
+            rows.push([
+                r.get(0),
+                node.clone(),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+                r.get(7),
+                r.get(8),
+            ]);
+        }
+    }
+    if a.json {
+        for r in &rows {
+            let line = json!({
+                "id": r[0].parse::<i64>().unwrap_or_default(),
+                "node": r[1],
+                "detected_at": r[2],
+                "table": r[3],
+                "key": serde_json::from_str::<Value>(&r[4]).unwrap_or(Value::String(r[4].clone())),
+                "type": r[5],
+                "resolution": r[6],
+                "remote_origin": r[7],
+                "resolved_at": if r[8].is_empty() { Value::Null } else { Value::String(r[8].clone()) },
+                "resolved_by": if r[9].is_empty() { Value::Null } else { Value::String(r[9].clone()) },
+            });
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    let header = [
+        "ID",
+        "NODE",
+        "DETECTED_AT",
+        "TABLE",
+        "KEY",
+        "TYPE",
+        "RESOLUTION",
+        "REMOTE_ORIGIN",
+        "RESOLVED_AT",
+        "RESOLVED_BY",
+    ];
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    if rows.is_empty() {
+        println!("(no conflicts)");
+    }
+    Ok(())
+}
+
+/// One row of `pgferry.conflicts`, every column as text (JSON columns as JSON text).
+struct Conflict {
+    id: i64,
+    detected_at: String,
+    table: String,
+    key: String,
+    /// The key's values in key order, as text.
+    key_values: Vec<Option<String>>,
+    conflict_type: String,
+    resolver: String,
+    resolution: String,
+    local_row: Option<String>,
+    local_origin: Option<String>,
+    local_commit_ts: Option<String>,
+    remote_op: String,
+    remote_row: Option<String>,
+    remote_origin: String,
+    remote_commit_ts: String,
+    remote_commit_lsn: String,
+    resolved_at: Option<String>,
+    resolved_by: Option<String>,
+}
+
+/// Conflict `id` on `node` (locked `FOR UPDATE` when `lock`), or a clear error.
+async fn fetch(sql: &PgSession, node: &str, id: i64, lock: bool) -> Result<Conflict> {
+    let text = format!(
+        "SELECT id, detected_at::text, tbl, key::text,
+                ARRAY(SELECT e FROM jsonb_array_elements_text(key) WITH ORDINALITY AS x(e, n) ORDER BY n),
+                conflict_type, resolver, resolution, local_row::text, local_origin, local_commit_ts::text,
+                remote_op, remote_row::text, remote_origin, remote_commit_ts::text, remote_commit_lsn::text,
+                resolved_at::text, resolved_by
+         FROM pgferry.conflicts WHERE id = $1{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    let row = sql
+        .client
+        .query_opt(&text, &[&id])
+        .await
+        .map_err(sql.err("reading pgferry.conflicts (has `pgferry init` run?)"))
+        .with_context(|| format!("node {node}"))?;
+    let Some(r) = row else {
+        bail!("node {node} has no conflict with id {id}");
+    };
+    Ok(Conflict {
+        id: r.get(0),
+        detected_at: r.get(1),
+        table: r.get(2),
+        key: r.get(3),
+        key_values: r.get(4),
+        conflict_type: r.get(5),
+        resolver: r.get(6),
+        resolution: r.get(7),
+        local_row: r.get(8),
+        local_origin: r.get(9),
+        local_commit_ts: r.get(10),
+        remote_op: r.get(11),
+        remote_row: r.get(12),
+        remote_origin: r.get(13),
+        remote_commit_ts: r.get(14),
+        remote_commit_lsn: r.get(15),
+        resolved_at: r.get(16),
+        resolved_by: r.get(17),
+    })
+}
+
+fn json_or_null(text: &Option<String>) -> Value {
+    text.as_deref()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn op_name(op: &str) -> &str {
+    match op {
+        "c" => "insert",
+        "r" => "insert (snapshot)",
+        "u" => "update",
+        "d" => "delete",
+        other => other,
+    }
+}
+
+async fn show(config: &Config, a: ShowArgs) -> Result<()> {
+    let sql = connect(config, &a.node).await?;
+    let c = fetch(&sql, &a.node, a.id, false).await?;
+    if a.json {
+        let v = json!({
+            "id": c.id,
+            "node": a.node,
+            "detected_at": c.detected_at,
+            "table": c.table,
+            "key": serde_json::from_str::<Value>(&c.key).unwrap_or(Value::Null),
+            "type": c.conflict_type,
+            "resolver": c.resolver,
+            "resolution": c.resolution,
+            "local_row": json_or_null(&c.local_row),
+            "local_origin": c.local_origin,
+            "local_commit_ts": c.local_commit_ts,
+            "remote_op": c.remote_op,
+            "remote_row": json_or_null(&c.remote_row),
+            "remote_origin": c.remote_origin,
+            "remote_commit_ts": c.remote_commit_ts,
+            "remote_commit_lsn": c.remote_commit_lsn,
+            "resolved_at": c.resolved_at,
+            "resolved_by": c.resolved_by,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("conflict {} on node {}", c.id, a.node);
+    println!("  table        {}", c.table);
+    println!("  key          {}", c.key);
+    println!("  type         {}", c.conflict_type);
+    println!("  resolver     {}", c.resolver);
+    println!("  resolution   {}", c.resolution);
+    println!("  detected at  {}", c.detected_at);
+    match (&c.resolved_at, &c.resolved_by) {
+        (Some(at), by) => println!("  resolved     {at} (take {})", by.as_deref().unwrap_or("?")),
+        (None, _) if c.resolution == "parked" => println!("  resolved     no (waiting: pgferry conflicts resolve)"),
+        (None, _) => {}
+    }
+    println!(
+        "local row (origin {}, committed {}):",
+        c.local_origin.as_deref().unwrap_or("-"),
+        c.local_commit_ts.as_deref().unwrap_or("-")
+    );
+    print_row(&c.local_row);
+    println!(
+        "remote {} (origin {}, committed {}, commit LSN {}):",
+        op_name(&c.remote_op),
+        c.remote_origin,
+        c.remote_commit_ts,
+        c.remote_commit_lsn
+    );
+    print_row(&c.remote_row);
+    Ok(())
+}
+
+fn print_row(row: &Option<String>) {
+    match json_or_null(row) {
+        Value::Object(m) => {
+            let width = m.keys().map(|k| k.chars().count()).max().unwrap_or(0);
+            for (k, v) in m {
+                let text = match v {
+                    Value::Null => "NULL".to_string(),
+                    Value::String(s) => format!("{s:?}"),
+                    other => other.to_string(),
+                };
+                println!("  {k:<width$}  {text}");
+            }
+        }
+        _ => println!("  (no row)"),
+    }
+}
+
+/// A table's columns on one node: name → SQL type, key columns in key order, all in order.
+struct TableMeta {
+    qualified: String,
+    columns: Vec<(String, String)>,
+    key: Vec<String>,
+}
+
+impl TableMeta {
+    fn type_of(&self, col: &str) -> Option<&str> {
+        self.columns.iter().find(|(c, _)| c == col).map(|(_, t)| t.as_str())
+    }
+}
+
+async fn table_meta(sql: &PgSession, node: &str, schema: &str, table: &str) -> Result<TableMeta> {
+    let rows = sql
+        .client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    array_position(i.indkey::int2[], a.attnum)
+             FROM pg_attribute a
+             JOIN pg_class c ON c.oid = a.attrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(sql.err(format!("reading columns of {schema}.{table}")))
+        .with_context(|| format!("node {node}"))?;
+    if rows.is_empty() {
+        bail!("node {node}: table {schema}.{table} does not exist");
+    }
+    let mut key: Vec<(i32, String)> = Vec::new();
+    let mut columns = Vec::new();
+    for r in rows {
+        let name: String = r.get(0);
+        if let Some(pos) = r.get::<_, Option<i32>>(2) {
+            key.push((pos, name.clone()));
+        }
+        columns.push((name, r.get::<_, String>(1)));
+    }
+    if key.is_empty() {
+        bail!("node {node}: table {schema}.{table} has no primary key");
+    }
+    key.sort();
+    Ok(TableMeta {
+        qualified: format!("{}.{}", quote_ident(schema), quote_ident(table)),
+        columns,
+        key: key.into_iter().map(|(_, n)| n).collect(),
+    })
+}
+
+/// A row as column → text form (None = NULL), in column order.
+type Row = Vec<(String, Option<String>)>;
+
+/// `k1 = $first::text::<type> AND …`.
+fn where_key(t: &TableMeta, first: usize) -> String {
+    t.key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            format!(
+                "{} = ${}::text::{}",
+                quote_ident(k),
+                first + i,
+                t.type_of(k).unwrap_or("text")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Runs `text` with text parameters; the rows it returned.
+async fn exec(
+    sql: &PgSession,
+    node: &str,
+    what: &str,
+    text: &str,
+    params: &[Option<&str>],
+) -> Result<Vec<tokio_postgres::Row>> {
+    let stmt = sql
+        .client
+        .prepare_typed(text, &vec![Type::TEXT; params.len()])
+        .await
+        .map_err(sql.err(what.to_string()))
+        .with_context(|| format!("node {node}"))?;
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+    Ok(sql
+        .client
+        .query(&stmt, &refs)
+        .await
+        .map_err(sql.err(what.to_string()))
+        .with_context(|| format!("node {node}"))?)
+}
+
+/// The node's current row at `key` (locked), every column as text; None if there is none.
+async fn current_row(sql: &PgSession, node: &str, t: &TableMeta, key: &[Option<&str>]) -> Result<Option<Row>> {
+    let cols: Vec<String> = t
+        .columns
+        .iter()
+        .map(|(c, _)| format!("{}::text", quote_ident(c)))
+        .collect();
+    let text = format!(
+        "SELECT {} FROM {} WHERE {} FOR UPDATE",
+        cols.join(", "),
+        t.qualified,
+        where_key(t, 1)
+    );
+    let rows = exec(sql, node, "reading the current row", &text, key).await?;
+    Ok(rows.first().map(|r| {
+        t.columns
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _))| (c.clone(), r.get::<_, Option<String>>(i)))
+            .collect()
+    }))
+}
+
+/// A JSON value as the text form bound for a column (strings as they are, null as NULL,
+/// anything else — numbers, booleans, JSON for json/jsonb columns — as its JSON text).
+fn text_of(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Writes `row` (None: deletes the key) on one node inside its open transaction.
+async fn write_row(sql: &PgSession, node: &str, t: &TableMeta, key: &[Option<&str>], row: &Option<Row>) -> Result<()> {
+    match row {
+        None => {
+            let text = format!("DELETE FROM {} WHERE {}", t.qualified, where_key(t, 1));
+            exec(sql, node, "deleting the row", &text, key).await?;
+        }
+        Some(row) => {
+            let mut names = Vec::new();
+            let mut values = Vec::new();
+            let mut params: Vec<Option<&str>> = Vec::new();
+            for (c, v) in row {
+                let ty = t
+                    .type_of(c)
+                    .with_context(|| format!("node {node}: column {c:?} does not exist in {}", t.qualified))?;
+                params.push(v.as_deref());
+                names.push(quote_ident(c));
+                values.push(format!("${}::text::{ty}", params.len()));
+            }
+            let keys: Vec<String> = t.key.iter().map(|k| quote_ident(k)).collect();
+            let sets: Vec<String> = names.iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect();
+            let text = format!(
+                "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+                t.qualified,
+                names.join(", "),
+                values.join(", "),
+                keys.join(", "),
+                sets.join(", ")
+            );
+            exec(sql, node, "writing the chosen row", &text, &params).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn resolve(config: &Config, a: ResolveArgs) -> Result<()> {
+    if a.take != Take::Values && a.values.is_some() {
+        bail!("--values goes with --take values");
+    }
+    let values: Option<Map<String, Value>> = match &a.values {
+        None => None,
+        Some(text) => match serde_json::from_str::<Value>(text).context("--values is not valid JSON")? {
+            Value::Object(m) => Some(m),
+            _ => bail!("--values must be a JSON object of column → text form"),
+        },
+    };
+    let node = a.node.as_str();
+    let id = a.id;
+    let sql = connect(config, node).await?;
+    sql.client
+        .batch_execute("BEGIN; SET LOCAL lock_timeout = '10s'")
+        .await
+        .map_err(sql.err("starting a transaction"))?;
+    let c = fetch(&sql, node, id, true).await?;
+    if c.resolution != "parked" {
+        bail!(
+            "conflict {id} on node {node} is not parked (its resolution is {}): only parked conflicts can be resolved",
+            c.resolution
+        );
+    }
+    if let Some(at) = &c.resolved_at {
+        bail!(
+            "conflict {id} on node {node} was already resolved at {at} (take {})",
+            c.resolved_by.as_deref().unwrap_or("?")
+        );
+    }
+    let (schema, table) = config
+        .tables()
+        .into_iter()
+        .find(|(s, t)| format!("{s}.{t}") == c.table)
+        .with_context(|| {
+            format!(
+                "conflict {id} on node {node}: table {} is not replicated by the config",
+                c.table
+            )
+        })?;
+    let meta = table_meta(&sql, node, &schema, &table).await?;
+    if c.key_values.len() != meta.key.len() {
+        bail!(
+            "conflict {id} on node {node}: key {} does not match the primary key ({}) of {}",
+            c.key,
+            meta.key.join(", "),
+            c.table
+        );
+    }
+    let key: Vec<Option<&str>> = c.key_values.iter().map(|k| k.as_deref()).collect();
+    let local = current_row(&sql, node, &meta, &key).await?;
+
+    // The chosen row (None: no row).
+    let chosen: Option<Row> = match a.take {
+        Take::Local => local,
+        Take::Remote if c.remote_op == "d" => None,
+        Take::Remote => match json_or_null(&c.remote_row) {
+            Value::Object(m) => Some(m.iter().map(|(k, v)| (k.clone(), text_of(v))).collect()),
+            _ => bail!("conflict {id} on node {node}: the remote change has no row to take"),
+        },
+        Take::Values => {
+            // Over the current row, or over just the key when the node has no row.
+            let mut row: Row = local.unwrap_or_else(|| {
+                meta.key
+                    .iter()
+                    .zip(&c.key_values)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            });
+            for (col, v) in values.iter().flatten() {
+                if meta.type_of(col).is_none() {
+                    bail!("--values: column {col:?} does not exist in {}", c.table);
+                }
+                if meta.key.contains(col) {
+                    bail!("--values: {col:?} is a key column; a resolution cannot move the row to another key");
+                }
+                match row.iter_mut().find(|(c, _)| c == col) {
+                    Some(slot) => slot.1 = text_of(v),
+                    None => row.push((col.clone(), text_of(v))),
+                }
+            }
+            Some(row)
+        }
+    };
+
+    // Peers: every other node with a parked, unresolved conflict on the same table and key.
+    // Each writes the chosen row and marks those conflicts resolved, in its own transaction;
+    // nothing commits until every node has written (and holds the row).
+    let via = format!("{} ({node} #{id})", a.take.name());
+    let mut peers: Vec<(String, PgSession, Vec<i64>)> = Vec::new();
+    for peer in config.nodes.iter().filter(|n| n.name != node) {
+        let psql = postgres::connect(&peer.dsn, "pgferry-conflicts")
+            .await
+            .with_context(|| {
+                format!(
+                    "node {}: resolving needs every node with the same conflict reachable",
+                    peer.name
+                )
+            })?;
+        psql.client
+            .batch_execute("BEGIN; SET LOCAL lock_timeout = '10s'")
+            .await
+            .map_err(psql.err("starting a transaction"))?;
+        let ids: Vec<i64> = exec(
+            &psql,
+            &peer.name,
+            "marking conflicts resolved",
+            "UPDATE pgferry.conflicts SET resolved_at = now(), resolved_by = $1
+             WHERE tbl = $2 AND key = $3::jsonb AND resolution = 'parked' AND resolved_at IS NULL
+             RETURNING id::text",
+            &[Some(via.as_str()), Some(c.table.as_str()), Some(c.key.as_str())],
+        )
+        .await?
+        .iter()
+        .filter_map(|r| r.get::<_, String>(0).parse().ok())
+        .collect();
+        if ids.is_empty() {
+            // Nothing parked there: leave the node alone (the written row reaches it by replication).
+            psql.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(psql.err("rolling back"))?;
+            continue;
+        }
+        let pmeta = table_meta(&psql, &peer.name, &schema, &table).await?;
+        write_row(&psql, &peer.name, &pmeta, &key, &chosen).await?;
+        peers.push((peer.name.clone(), psql, ids));
+    }
+
+    write_row(&sql, node, &meta, &key, &chosen).await?;
+    exec(
+        &sql,
+        node,
+        "marking the conflict resolved",
+        "UPDATE pgferry.conflicts SET resolved_at = now(), resolved_by = $1 WHERE id = $2::text::int8",
+        &[Some(a.take.name()), Some(id.to_string().as_str())],
+    )
+    .await?;
+    let also: Vec<i64> = exec(
+        &sql,
+        node,
+        "marking conflicts resolved",
+        "UPDATE pgferry.conflicts SET resolved_at = now(), resolved_by = $1
+         WHERE tbl = $2 AND key = $3::jsonb AND resolution = 'parked' AND resolved_at IS NULL
+         RETURNING id::text",
+        &[Some(via.as_str()), Some(c.table.as_str()), Some(c.key.as_str())],
+    )
+    .await?
+    .iter()
+    .filter_map(|r| r.get::<_, String>(0).parse().ok())
+    .collect();
+
+    // Peers first: if the named node's commit then failed, rerunning resolve finishes the job.
+    for (peer, psql, _) in &peers {
+        psql.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(psql.err("committing the resolution"))
+            .with_context(|| format!("node {peer}"))?;
+    }
+    sql.client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(sql.err("committing the resolution"))
+        .with_context(|| format!("node {node}"))?;
+
+    let what = match &chosen {
+        None => "row deleted".to_string(),
+        Some(_) => "row written".to_string(),
+    };
+    let mut extra = String::new();
+    if !also.is_empty() {
+        extra = format!(", also resolved {:?}", also);
+    }
+    println!(
+        "node {node}: conflict {id} resolved (take {}; {what}{extra})",
+        a.take.name()
+    );
+    for (peer, _, ids) in &peers {
+        println!("node {peer}: conflicts {ids:?} on the same key resolved ({what})");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_forms_of_json_values() {
+        assert_eq!(text_of(&json!("a'b")), Some("a'b".into()));
+        assert_eq!(text_of(&Value::Null), None);
+        assert_eq!(text_of(&json!(12)), Some("12".into()));
+        assert_eq!(text_of(&json!({"a": [1]})), Some("{\"a\":[1]}".into()));
+        assert_eq!(qualified_name("t"), "public.t");
+        assert_eq!(qualified_name("s.t"), "s.t");
+    }
+}
