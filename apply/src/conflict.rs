@@ -35,6 +35,16 @@ CREATE TABLE IF NOT EXISTS pgferry.conflicts (
     resolved_at       timestamptz,
     resolved_by       text
 );
+-- The real last writer of a row whose last write (transaction xid) only merged a losing
+-- change's delta columns: conflict checks use this stamp instead of that write's.
+CREATE TABLE IF NOT EXISTS pgferry.row_stamps (
+    tbl    text   NOT NULL,
+    key    jsonb  NOT NULL,
+    xid    bigint NOT NULL,
+    ts_us  bigint,
+    origin text,
+    PRIMARY KEY (tbl, key)
+);
 -- Messages apply could not use, kept whole (they are also in the dead-letter topic).
 CREATE TABLE IF NOT EXISTS pgferry.exceptions (
     id           bigserial   PRIMARY KEY,

@@ -222,6 +222,22 @@ impl Writer {
 
     /// Writes one change inside the caller's open transaction, resolving any conflict.
     pub async fn apply(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Option<Settled>, ApplyError> {
+        // A local writer may insert the key between the lookup and apply's insert; the insert
+        // then does nothing and the change is settled again against the row it finds.
+        for _ in 0..5 {
+            if let Some(done) = self.apply_once(sql, ev).await? {
+                return Ok(done);
+            }
+        }
+        Err(ApplyError::ConflictStop {
+            origin: ev.origin.clone(),
+            table: format!("{}.{}", ev.schema, ev.table),
+            message: "the row kept changing under local writers; retrying the transaction".into(),
+        })
+    }
+
+    /// One attempt of [`Writer::apply`]; `None`: settle it again.
+    async fn apply_once(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Option<Option<Settled>>, ApplyError> {
         self.table(sql, ev).await?;
         let remote_roident = match ev.op {
             Op::Update | Op::Delete => self.roident_of(sql, &ev.origin).await?,
@@ -231,7 +247,7 @@ impl Writer {
         let key_row = match ev.op {
             Op::Create | Op::Read => ev.after.as_ref(),
             Op::Update | Op::Delete => ev.before.as_ref().or(ev.after.as_ref()),
-            Op::Truncate => return Ok(None),
+            Op::Truncate => return Ok(Some(None)),
         }
         .ok_or_else(|| write_err(ev, format!("{} without a row image", ev.op.code())))?;
         let key = key_values(table, key_row).map_err(|m| write_err(ev, m))?;
@@ -241,14 +257,31 @@ impl Writer {
         let roident_text = remote_roident.map(|r| r.to_string());
         let (text, params) = guarded(table, &name, ev, &key, roident_text.as_deref()).map_err(|m| write_err(ev, m))?;
         if !text.is_empty() && self.execute(sql, &text, &params, ev).await? > 0 {
-            return Ok(None);
+            return Ok(Some(None));
         }
 
         // Something to resolve: the local row and its last writer, and the key's tombstone.
         let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+        // A row whose last write only merged a losing change's delta columns keeps the stamp
+        // of the version that won (pgferry.row_stamps), not that write's.
+        // First lock the row, then read it and its stamps in a later statement: under READ
+        // COMMITTED that statement's snapshot includes whatever committed while the lock was
+        // awaited (a locking SELECT would return the new row version but evaluate joins and
+        // subqueries, such as the row's stamp, in its older snapshot). The two are pipelined.
+        let lock = format!("SELECT 1 FROM {} WHERE {} FOR UPDATE", table.qualified, where_key(table, 1));
+        let stamp = |col: &str| {
+            format!(
+                "(SELECT o.{col} FROM pgferry.row_stamps o WHERE o.tbl = ${} AND o.key = {} AND o.xid % 4294967296 = t.xmin::text::int8)",
+                key.len() + 1,
+                key_json(table, 1)
+            )
+        };
         let lookup = format!(
-            "SELECT (extract(epoch FROM c.timestamp) * 1000000)::int8, c.roident::int8, to_jsonb(t)::text
-             FROM {} t, pg_xact_commit_timestamp_origin(t.xmin) c WHERE {} FOR UPDATE OF t",
+            "SELECT coalesce({}, (extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).timestamp) * 1000000)::int8),
+                    (pg_xact_commit_timestamp_origin(t.xmin)).roident::int8, to_jsonb(t)::text, {}
+             FROM {} t WHERE {}",
+            stamp("ts_us"),
+            stamp("origin"),
             table.qualified,
             where_key(table, 1)
         );
@@ -260,15 +293,17 @@ impl Writer {
             key_json(table, 1),
             key.len() + 1
         );
-        let (lookup, tomb) = (
-            self.prepared(sql, &lookup, key.len(), ev).await?,
+        let (lock, lookup, tomb) = (
+            self.prepared(sql, &lock, key.len(), ev).await?,
+            self.prepared(sql, &lookup, key.len() + 1, ev).await?,
             self.prepared(sql, &tomb, key.len() + 1, ev).await?,
         );
         let key_params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
         let mut tomb_params = key_params.clone();
         tomb_params.push(&name);
-        let (local, tomb) = futures::try_join!(
-            sql.client.query_opt(&lookup, &key_params),
+        let (_, local, tomb) = futures::try_join!(
+            sql.client.query_opt(&lock, &key_params),
+            sql.client.query_opt(&lookup, &tomb_params),
             sql.client.query_one(&tomb, &tomb_params)
         )
         .map_err(sql.err(format!("looking up the local row of {name}")))?;
@@ -276,9 +311,10 @@ impl Writer {
         let local = match local {
             None => None,
             Some(r) => {
-                let origin = match r.get::<_, Option<i64>>(1) {
-                    Some(id) => self.origin_of(sql, id).await?,
-                    None => None,
+                let origin = match (r.get::<_, Option<String>>(3), r.get::<_, Option<i64>>(1)) {
+                    (Some(stamped), _) => Some(stamped),
+                    (None, Some(id)) => self.origin_of(sql, id).await?,
+                    (None, None) => None,
                 };
                 Some(LocalVersion {
                     stamp: self.stamp(r.get(0), origin.as_deref()),
@@ -307,14 +343,14 @@ impl Writer {
             (Op::Create | Op::Read, None) => match tombstone {
                 // A delete here that is newer than the insert (arrived out of order).
                 Some(t) if t > remote => (ConflictType::UpdateDeleted, Some(t)),
-                _ => return self.insert(sql, ev).await.map(|_| None),
+                _ => return Ok(self.insert(sql, ev).await?.then_some(None)),
             },
             (Op::Update | Op::Delete, Some(l)) => {
                 if l.stamp.is_none() || l.origin.as_deref() == Some(ev.origin.as_str()) {
                     // Written earlier in this transaction, or by the same origin: no conflict.
                     let (text, params) = plain(table, ev, &key).map_err(|m| write_err(ev, m))?;
                     self.execute(sql, &text, &params, ev).await?;
-                    return Ok(None);
+                    return Ok(Some(None));
                 }
                 let t = if ev.op == Op::Update {
                     ConflictType::UpdateOriginDiffers
@@ -363,7 +399,9 @@ impl Writer {
                 }
                 (ConflictType::UpdateMissing | ConflictType::UpdateDeleted, _) => {
                     if ev.unchanged_toast.is_empty() {
-                        self.insert(sql, ev).await?;
+                        if !self.insert(sql, ev).await? {
+                            return Ok(None);
+                        }
                     } else {
                         // The event lacks the unchanged large values a full row needs.
                         resolution = Resolution::KeepLocal;
@@ -383,21 +421,31 @@ impl Writer {
             }
         }
         if unchanged {
-            return Ok(None);
+            return Ok(Some(None));
         }
         if resolution != Resolution::ApplyRemote && local.is_some() {
             // The row stays as it is here, but a counter's change is never lost.
             let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
             let (text, params) = delta_only(table, ev, &key).map_err(|m| write_err(ev, m))?;
-            if !text.is_empty() {
+            if let (false, Some(l)) = (text.is_empty(), local.as_ref()) {
                 self.execute(sql, &text, &params, ev).await?;
+                let ts = l.stamp.map(|s| s.ts_us.to_string());
+                self.execute(
+                    sql,
+                    "INSERT INTO pgferry.row_stamps (tbl, key, xid, ts_us, origin)
+                     VALUES ($1, $2::text::jsonb, txid_current(), $3::text::int8, $4)
+                     ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid, ts_us = EXCLUDED.ts_us, origin = EXCLUDED.origin",
+                    &[Some(name.as_str()), Some(key_json_text.as_str()), ts.as_deref(), l.origin.as_deref()],
+                    ev,
+                )
+                .await?;
             }
         }
         self.record(sql, ev, &name, &key_json_text, conflict, resolver, resolution, local.as_ref())
             .await?;
         tracing::debug!(origin = %ev.origin, table = %name, key = %key_json_text, conflict = conflict.name(),
             resolution = resolution.name(), "conflict");
-        Ok(Some(Settled { conflict, resolution }))
+        Ok(Some(Some(Settled { conflict, resolution })))
     }
 
     /// The stamp of a local version: its commit time (None: written by the open transaction,
@@ -437,11 +485,11 @@ impl Writer {
         }
     }
 
-    async fn insert(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<(), ApplyError> {
+    /// Inserts the after image unless the key exists by now; whether it inserted.
+    async fn insert(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<bool, ApplyError> {
         let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
         let (text, params) = insert(table, ev).map_err(|m| write_err(ev, m))?;
-        self.execute(sql, &text, &params, ev).await?;
-        Ok(())
+        Ok(self.execute(sql, &text, &params, ev).await? > 0)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -647,7 +695,12 @@ fn insert<'e>(table: &LocalTable, ev: &'e DecodedEvent) -> Result<Statement_<'e>
     let names: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
     let vals: Vec<&str> = cols.iter().map(|(_, v)| v.as_str()).collect();
     Ok((
-        format!("INSERT INTO {} ({}) VALUES ({})", table.qualified, names.join(", "), vals.join(", ")),
+        format!(
+            "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
+            table.qualified,
+            names.join(", "),
+            vals.join(", ")
+        ),
         params,
     ))
 }
@@ -733,7 +786,10 @@ fn guarded<'e>(
             ))
         }
         Op::Update | Op::Delete => {
-            let Some(roident) = remote_roident else {
+            // Tables with delta columns always take the full check: a version that only merged
+            // a losing change's deltas carries that loser's origin in its xmin, and its real
+            // stamp (pgferry.row_stamps) can only be read safely after the row is locked.
+            let (Some(roident), true) = (remote_roident, table.delta.is_empty()) else {
                 return Ok((String::new(), Vec::new()));
             };
             let (text, mut params) = plain(table, ev, key)?;
