@@ -100,13 +100,21 @@ pub fn transactional_producer(
     txn_id: &str,
     produce_latency: Option<Histogram>,
 ) -> Result<TxProducer, KafkaError> {
-    let producer: TxProducer = client_config(cfg)
-        .set("transactional.id", txn_id)
+    let mut c = client_config(cfg);
+    c.set("transactional.id", txn_id)
         .set("enable.idempotence", "true")
-        .set("transaction.timeout.ms", "600000")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("message.max.bytes", "16777216")
+        .set("transaction.timeout.ms", "600000");
+    // Defaults that `[kafka.properties]` may override (they are tuning, not correctness).
+    for (k, v) in [
+        ("linger.ms", "5"),
+        ("compression.type", "lz4"),
+        ("message.max.bytes", "16777216"),
+    ] {
+        if !cfg.properties.contains_key(k) {
+            c.set(k, v);
+        }
+    }
+    let producer: TxProducer = c
         .create_with_context(DeliveryLatency(produce_latency))
         .map_err(client_err(cfg, "creating producer"))?;
     producer

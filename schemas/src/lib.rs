@@ -19,6 +19,6 @@ pub mod pg_time;
 pub mod pg_types;
 pub mod truncate;
 
-pub use codec::{decode_frame, encode_event, encode_frame, CodecError, DecodedEvent, EnvelopeReader};
+pub use codec::{decode_frame, encode_event, encode_event_framed, encode_frame, CodecError, DecodedEvent, EnvelopeReader};
 pub use envelope_schema::TableSchemas;
 pub use event::{ChangeEvent, ColumnDef, Op, SourceInfo, TableDef};
