@@ -11,6 +11,8 @@ PGFERRY_DEPLOY="$PGFERRY_REPO/deploy/local"
 # Downloads (Kafka jars, Apicurio app) kept across runs so a second start is fast.
 : "${PGFERRY_CACHE:=${HOME:-/root}/.cache/pgferry}"
 PGFERRY_LOGS="$PGFERRY_LOCAL/logs"
+# Python venv with confluent-kafka for the analytics-tap test (install.sh builds it).
+: "${PGFERRY_PYTHON_VENV:=$PGFERRY_LOCAL/python-venv}"
 
 # --- versions ----------------------------------------------------------------
 : "${PGFERRY_PG_VERSION:=15}"

@@ -3,6 +3,7 @@
 #   - apt packages (PostgreSQL 15 server/client, build deps for rdkafka/libpq, tools, Java, Maven)
 #   - Apache Kafka broker + tools jars from Maven Central   -> $PGFERRY_CACHE/kafka-<ver>/libs
 #   - Apicurio Registry runnable app zip from Maven Central -> $PGFERRY_CACHE/apicurio-registry-<ver>
+#   - a Python venv with confluent-kafka (PyPI) for the analytics-tap test -> $PGFERRY_LOCAL/python-venv
 # Idempotent: installed packages and cached downloads are skipped.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -10,7 +11,7 @@ PGFERRY_LOG_TAG=install
 
 APT_PACKAGES=(
     "postgresql-$PGFERRY_PG_VERSION" "postgresql-client-$PGFERRY_PG_VERSION"
-    libpq-dev libsasl2-dev libssl-dev libzstd-dev cmake pkg-config curl unzip python3
+    libpq-dev libsasl2-dev libssl-dev libzstd-dev cmake pkg-config curl unzip python3 python3-venv
 )
 # JDK (not only a JRE): smoke.sh runs a Java source file, which needs the compiler module.
 command -v javac >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jdk-headless)
@@ -96,9 +97,31 @@ install_apicurio() {
     log "apicurio registry $v: unpacked into $home"
 }
 
+# Python venv for integration-tests/python (confluent-kafka wheels bundle librdkafka). Rebuilt
+# when integration-tests/python/requirements.txt changes.
+install_python_venv() {
+    local venv="$PGFERRY_PYTHON_VENV" req="$PGFERRY_REPO/integration-tests/python/requirements.txt" want
+    want="$(sha256sum "$req" | cut -d' ' -f1)"
+    if [[ -x "$venv/bin/python" && "$(cat "$venv/.complete" 2>/dev/null)" == "$want" ]]; then
+        log "python venv: up to date in $venv"
+        return
+    fi
+    log "python venv: installing $req into $venv (PyPI)"
+    rm -rf "$venv"
+    if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" &&
+        "$venv/bin/python" -c 'import confluent_kafka.schema_registry.avro'; } >"$PGFERRY_LOGS/install-python.log" 2>&1; then
+        show_log_tail "$PGFERRY_LOGS/install-python.log" 30
+        rm -rf "$venv"
+        die "python venv failed (log: $PGFERRY_LOGS/install-python.log)"
+    fi
+    echo "$want" >"$venv/.complete"
+    log "python venv: confluent-kafka $("$venv/bin/python" -c 'import confluent_kafka; print(confluent_kafka.__version__)')"
+}
+
 install_apt
 mkdir -p "$PGFERRY_CACHE"
 install_kafka
 install_apicurio
+install_python_venv
 [[ -x "$PGFERRY_PG_BIN/initdb" ]] || die "PostgreSQL binaries not found in $PGFERRY_PG_BIN"
 log "done"
