@@ -3,6 +3,8 @@
 #   - apt packages (PostgreSQL 15 server/client, build deps for rdkafka/libpq, tools, Java, Maven)
 #   - Apache Kafka broker + tools jars from Maven Central   -> $PGFERRY_CACHE/kafka-<ver>/libs
 #   - Apicurio Registry runnable app zip from Maven Central -> $PGFERRY_CACHE/apicurio-registry-<ver>
+#   - Kafka Connect plugins (Debezium JDBC sink, Apicurio Avro converter) from Maven Central
+#                                                          -> $PGFERRY_CACHE/connect-plugins-<vers>
 #   - a Python venv with confluent-kafka (PyPI) for the analytics-tap test -> $PGFERRY_LOCAL/python-venv
 # Idempotent: installed packages and cached downloads are skipped.
 set -euo pipefail
@@ -97,6 +99,41 @@ install_apicurio() {
     log "apicurio registry $v: unpacked into $home"
 }
 
+# Kafka Connect plugin directories for the Debezium JDBC sink test: one per plugin, each with
+# its runtime dependencies minus Kafka's and Jackson's (both come from Kafka's libs), then
+# ServiceLoader manifests written by Kafka's own ConnectPluginPath tool, so the worker can use
+# plugin.discovery=service_load instead of scanning every jar (minutes on two cores).
+install_connect_plugins() {
+    local home="$PGFERRY_CONNECT_PLUGINS"
+    if [[ -f "$home/.complete" ]]; then
+        log "connect plugins: cached in $home"
+        return
+    fi
+    log "connect plugins: fetching debezium-connector-jdbc $PGFERRY_DEBEZIUM_JDBC_VERSION and" \
+        "apicurio-registry-utils-converter $PGFERRY_APICURIO_CONVERTER_VERSION from Maven Central"
+    local tmp="$home.tmp.$$" logf="$PGFERRY_LOGS/install-connect.log"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    if ! { (cd "$PGFERRY_DEPLOY/maven/connect-jdbc" &&
+        mvn -B -q dependency:copy-dependencies -DincludeScope=runtime \
+            -Ddebezium.version="$PGFERRY_DEBEZIUM_JDBC_VERSION" -DoutputDirectory="$tmp/debezium-jdbc") &&
+        (cd "$PGFERRY_DEPLOY/maven/connect-apicurio" &&
+            mvn -B -q dependency:copy-dependencies -DincludeScope=runtime \
+                -Dapicurio.version="$PGFERRY_APICURIO_CONVERTER_VERSION" -DoutputDirectory="$tmp/apicurio-converter") &&
+        "$PGFERRY_DEPLOY/kafka.sh" run org.apache.kafka.tools.ConnectPluginPath sync-manifests --plugin-path "$tmp"; } \
+        >"$logf" 2>&1; then
+        show_log_tail "$logf" 30
+        rm -rf "$tmp"
+        die "fetching the Kafka Connect plugins failed (log: $logf)"
+    fi
+    [[ -f "$tmp/debezium-jdbc/debezium-connector-jdbc-$PGFERRY_DEBEZIUM_JDBC_VERSION.jar" ]] ||
+        die "debezium-connector-jdbc-$PGFERRY_DEBEZIUM_JDBC_VERSION.jar missing after download"
+    echo "$PGFERRY_DEBEZIUM_JDBC_VERSION $PGFERRY_APICURIO_CONVERTER_VERSION" >"$tmp/.complete"
+    rm -rf "$home"
+    mv "$tmp" "$home"
+    log "connect plugins: $(find "$home" -name "*.jar" | wc -l) jars in $home"
+}
+
 # Python venv for integration-tests/python (confluent-kafka wheels bundle librdkafka). Rebuilt
 # when integration-tests/python/requirements.txt changes.
 install_python_venv() {
@@ -122,6 +159,7 @@ install_apt
 mkdir -p "$PGFERRY_CACHE"
 install_kafka
 install_apicurio
+install_connect_plugins
 install_python_venv
 [[ -x "$PGFERRY_PG_BIN/initdb" ]] || die "PostgreSQL binaries not found in $PGFERRY_PG_BIN"
 log "done"
