@@ -11,6 +11,8 @@ PGFERRY_DEPLOY="$PGFERRY_REPO/deploy/local"
 # Downloads (Kafka jars, Apicurio app) kept across runs so a second start is fast.
 : "${PGFERRY_CACHE:=${HOME:-/root}/.cache/pgferry}"
 PGFERRY_LOGS="$PGFERRY_LOCAL/logs"
+# Python venv with confluent-kafka for the analytics-tap test (install.sh builds it).
+: "${PGFERRY_PYTHON_VENV:=$PGFERRY_LOCAL/python-venv}"
 
 # --- versions ----------------------------------------------------------------
 : "${PGFERRY_PG_VERSION:=15}"
@@ -21,7 +23,14 @@ PGFERRY_LOGS="$PGFERRY_LOCAL/logs"
 # 3.0.9 is the newest 3.x whose "all" zip Maven Central serves (3.3.2/3.3.3 have no zip).
 : "${PGFERRY_APICURIO_VERSION:=3.0.9}"
 
+# Kafka Connect plugins for the Debezium JDBC sink test (runs in Kafka's own libs, which hold
+# Connect): io.debezium:debezium-connector-jdbc and Apicurio's Avro converter
+# (io.apicurio:apicurio-registry-utils-converter), both from Maven Central.
+: "${PGFERRY_DEBEZIUM_JDBC_VERSION:=3.5.0.Final}"
+: "${PGFERRY_APICURIO_CONVERTER_VERSION:=2.6.13.Final}"
+
 PGFERRY_KAFKA_HOME="$PGFERRY_CACHE/kafka-$PGFERRY_KAFKA_VERSION"
+PGFERRY_CONNECT_PLUGINS="$PGFERRY_CACHE/connect-plugins-$PGFERRY_DEBEZIUM_JDBC_VERSION-$PGFERRY_APICURIO_CONVERTER_VERSION"
 PGFERRY_APICURIO_HOME="$PGFERRY_CACHE/apicurio-registry-$PGFERRY_APICURIO_VERSION"
 
 # --- ports / endpoints -------------------------------------------------------

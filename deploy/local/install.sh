@@ -3,6 +3,9 @@
 #   - apt packages (PostgreSQL 15 server/client, build deps for rdkafka/libpq, tools, Java, Maven)
 #   - Apache Kafka broker + tools jars from Maven Central   -> $PGFERRY_CACHE/kafka-<ver>/libs
 #   - Apicurio Registry runnable app zip from Maven Central -> $PGFERRY_CACHE/apicurio-registry-<ver>
+#   - Kafka Connect plugins (Debezium JDBC sink, Apicurio Avro converter) from Maven Central
+#                                                          -> $PGFERRY_CACHE/connect-plugins-<vers>
+#   - a Python venv with confluent-kafka (PyPI) for the analytics-tap test -> $PGFERRY_LOCAL/python-venv
 # Idempotent: installed packages and cached downloads are skipped.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -10,7 +13,7 @@ PGFERRY_LOG_TAG=install
 
 APT_PACKAGES=(
     "postgresql-$PGFERRY_PG_VERSION" "postgresql-client-$PGFERRY_PG_VERSION"
-    libpq-dev libsasl2-dev libssl-dev libzstd-dev cmake pkg-config curl unzip python3
+    libpq-dev libsasl2-dev libssl-dev libzstd-dev cmake pkg-config curl unzip python3 python3-venv
 )
 # JDK (not only a JRE): smoke.sh runs a Java source file, which needs the compiler module.
 command -v javac >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jdk-headless)
@@ -96,9 +99,67 @@ install_apicurio() {
     log "apicurio registry $v: unpacked into $home"
 }
 
+# Kafka Connect plugin directories for the Debezium JDBC sink test: one per plugin, each with
+# its runtime dependencies minus Kafka's and Jackson's (both come from Kafka's libs), then
+# ServiceLoader manifests written by Kafka's own ConnectPluginPath tool, so the worker can use
+# plugin.discovery=service_load instead of scanning every jar (minutes on two cores).
+install_connect_plugins() {
+    local home="$PGFERRY_CONNECT_PLUGINS"
+    if [[ -f "$home/.complete" ]]; then
+        log "connect plugins: cached in $home"
+        return
+    fi
+    log "connect plugins: fetching debezium-connector-jdbc $PGFERRY_DEBEZIUM_JDBC_VERSION and" \
+        "apicurio-registry-utils-converter $PGFERRY_APICURIO_CONVERTER_VERSION from Maven Central"
+    local tmp="$home.tmp.$$" logf="$PGFERRY_LOGS/install-connect.log"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    if ! { (cd "$PGFERRY_DEPLOY/maven/connect-jdbc" &&
+        mvn -B -q dependency:copy-dependencies -DincludeScope=runtime \
+            -Ddebezium.version="$PGFERRY_DEBEZIUM_JDBC_VERSION" -DoutputDirectory="$tmp/debezium-jdbc") &&
+        (cd "$PGFERRY_DEPLOY/maven/connect-apicurio" &&
+            mvn -B -q dependency:copy-dependencies -DincludeScope=runtime \
+                -Dapicurio.version="$PGFERRY_APICURIO_CONVERTER_VERSION" -DoutputDirectory="$tmp/apicurio-converter") &&
+        "$PGFERRY_DEPLOY/kafka.sh" run org.apache.kafka.tools.ConnectPluginPath sync-manifests --plugin-path "$tmp"; } \
+        >"$logf" 2>&1; then
+        show_log_tail "$logf" 30
+        rm -rf "$tmp"
+        die "fetching the Kafka Connect plugins failed (log: $logf)"
+    fi
+    [[ -f "$tmp/debezium-jdbc/debezium-connector-jdbc-$PGFERRY_DEBEZIUM_JDBC_VERSION.jar" ]] ||
+        die "debezium-connector-jdbc-$PGFERRY_DEBEZIUM_JDBC_VERSION.jar missing after download"
+    echo "$PGFERRY_DEBEZIUM_JDBC_VERSION $PGFERRY_APICURIO_CONVERTER_VERSION" >"$tmp/.complete"
+    rm -rf "$home"
+    mv "$tmp" "$home"
+    log "connect plugins: $(find "$home" -name "*.jar" | wc -l) jars in $home"
+}
+
+# Python venv for integration-tests/python (confluent-kafka wheels bundle librdkafka). Rebuilt
+# when integration-tests/python/requirements.txt changes.
+install_python_venv() {
+    local venv="$PGFERRY_PYTHON_VENV" req="$PGFERRY_REPO/integration-tests/python/requirements.txt" want
+    want="$(sha256sum "$req" | cut -d' ' -f1)"
+    if [[ -x "$venv/bin/python" && "$(cat "$venv/.complete" 2>/dev/null)" == "$want" ]]; then
+        log "python venv: up to date in $venv"
+        return
+    fi
+    log "python venv: installing $req into $venv (PyPI)"
+    rm -rf "$venv"
+    if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" &&
+        "$venv/bin/python" -c 'import confluent_kafka.schema_registry.avro'; } >"$PGFERRY_LOGS/install-python.log" 2>&1; then
+        show_log_tail "$PGFERRY_LOGS/install-python.log" 30
+        rm -rf "$venv"
+        die "python venv failed (log: $PGFERRY_LOGS/install-python.log)"
+    fi
+    echo "$want" >"$venv/.complete"
+    log "python venv: confluent-kafka $("$venv/bin/python" -c 'import confluent_kafka; print(confluent_kafka.__version__)')"
+}
+
 install_apt
 mkdir -p "$PGFERRY_CACHE"
 install_kafka
 install_apicurio
+install_connect_plugins
+install_python_venv
 [[ -x "$PGFERRY_PG_BIN/initdb" ]] || die "PostgreSQL binaries not found in $PGFERRY_PG_BIN"
 log "done"

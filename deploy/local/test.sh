@@ -11,6 +11,10 @@ cd "$PGFERRY_REPO"
 
 "$PGFERRY_DEPLOY/up.sh" 3 >&2
 eval "$("$PGFERRY_DEPLOY/env.sh" 3)"
+# The Python consumer test (integration-tests/tests/python_consumer.rs) runs this interpreter.
+export PGFERRY_PYTHON="$PGFERRY_PYTHON_VENV/bin/python"
+# The Debezium JDBC sink test (integration-tests/tests/jdbc_sink.rs) runs Kafka Connect from these.
+export PGFERRY_KAFKA_LIBS="$PGFERRY_KAFKA_HOME/libs" PGFERRY_CONNECT_PLUGINS
 command -v cargo >/dev/null 2>&1 || { [[ -f "$HOME/.cargo/env" ]] && source "$HOME/.cargo/env"; }
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (rustup) first"
 log "building pgferry"
