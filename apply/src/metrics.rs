@@ -95,6 +95,18 @@ impl ApplyMetrics {
         self.0.lock().last_error = Some(error.to_string());
     }
 
+    /// A message went to the dead-letter topic (and `pgferry.exceptions`).
+    pub fn dead_letter(&self) {
+        self.0
+            .registry
+            .counter(
+                "pgferry_apply_dead_letters_total",
+                "Messages apply could never use, sent to the dead-letter topic and pgferry.exceptions.",
+                &[("node", self.0.node.as_str())],
+            )
+            .inc();
+    }
+
     /// The metrics of `origin`'s stream; from now on apply is unhealthy unless it runs.
     pub fn origin(&self, origin: &str) -> OriginMetrics {
         let s = &self.0;

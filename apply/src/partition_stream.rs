@@ -210,6 +210,7 @@ impl PartitionStream {
                 tracing::warn!(node = %self.node, source = %self.source, topic = %self.topic, partition = self.partition,
                     offset = msg.offset(), error = %e, "message sent to the dead-letter topic");
                 self.dead_letters.send(&self.sql, msg, &e.to_string()).await?;
+                self.metrics.dead_letter();
                 // A dead-lettered last event still ends its transaction.
                 if header(msg, HEADER_TXN_LAST) == Some("1") {
                     if let Some(t) = open.as_ref() {

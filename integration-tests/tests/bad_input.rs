@@ -117,3 +117,16 @@ async fn table_without_primary_key_is_named() -> Result<()> {
     assert!(line.contains("primary key"), "does not say `primary key`: {line}");
     cluster.cleanup().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_columns_without_full_replica_identity_are_refused() -> Result<()> {
+    let mut cluster = Cluster::create("deltanofull", &["r1"], "CREATE TABLE acct (id int PRIMARY KEY, balance numeric)", &["public.acct"]).await?;
+    cluster.replication_toml = "[replication.table.\"public.acct\"]\ndelta_columns = [\"balance\"]".into();
+    cluster.write_config()?;
+    let line = single_error_line(&cluster.pgferry(&["init"])?);
+    assert!(
+        line.contains("public.acct") && line.contains("REPLICA IDENTITY FULL") && line.contains("balance"),
+        "does not name the table, the column and the fix: {line}"
+    );
+    cluster.cleanup().await
+}

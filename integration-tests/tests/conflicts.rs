@@ -211,3 +211,40 @@ async fn manual_parks_the_remote_change() -> anyhow::Result<()> {
     )
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_resolver_stops_the_stream_until_the_operator_acts() -> anyhow::Result<()> {
+    let mut cluster = Cluster::create("cf_error", &["r1", "r1"], &setup(), &["public.ie", "public.marker"]).await?;
+    cluster.replication_toml = "resolver = \"error\"".into();
+    cluster.write_config()?;
+    cluster.init()?;
+    let (n1, n2) = (cluster.sql(0).await?, cluster.sql(1).await?);
+    let _captures = (cluster.spawn("capture", 0)?, cluster.spawn("capture", 1)?);
+    n1.batch_execute("INSERT INTO ie VALUES (1, 'n1')").await?;
+    n2.batch_execute("INSERT INTO ie VALUES (1, 'n2')").await?;
+    n2.batch_execute("INSERT INTO marker VALUES ('n2')").await?;
+    let apply = cluster.spawn("apply", 0)?;
+    // n1 stops at the conflict: the change after it (n2's marker) is not applied, the row stays.
+    wait_until("n1's apply to report the conflict", Duration::from_secs(60), || async {
+        Ok(std::fs::read_to_string(&apply.log)?.contains("resolver error"))
+    })
+    .await?;
+    let markers: i64 = n1.query_one("SELECT count(*) FROM marker", &[]).await?.get(0);
+    assert_eq!(markers, 0, "nothing after the conflict is applied");
+    let v: String = n1.query_one("SELECT v FROM ie WHERE id = 1", &[]).await?.get(0);
+    assert_eq!(v, "n1");
+    // The operator picks a resolver for the table and restarts apply: the stream goes on.
+    drop(apply);
+    cluster.replication_toml = "resolver = \"error\"\n[replication.table.\"public.ie\"]\nresolver = \"last_update_wins\"".into();
+    cluster.write_config()?;
+    let _apply = cluster.spawn("apply", 0)?;
+    wait_until("n2's marker on n1", Duration::from_secs(60), || async {
+        Ok(n1.query_one("SELECT count(*) FROM marker", &[]).await?.get::<_, i64>(0) == 1)
+    })
+    .await?;
+    let v: String = n1.query_one("SELECT v FROM ie WHERE id = 1", &[]).await?.get(0);
+    assert_eq!(v, "n2", "the later insert wins once the table resolves by last update");
+    drop(_apply);
+    drop(_captures);
+    cluster.cleanup().await
+}
