@@ -222,6 +222,19 @@ impl Writer {
 
     /// Writes one change inside the caller's open transaction, resolving any conflict.
     pub async fn apply(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Option<Settled>, ApplyError> {
+        match self.apply_settling(sql, ev).await {
+            // The table may have changed since its columns were read (a column added here to
+            // match the origin): read them again once before calling the change unusable.
+            Err(ApplyError::Write { .. })
+                if self.tables.remove(&(ev.schema.clone(), ev.table.clone())).is_some() =>
+            {
+                self.apply_settling(sql, ev).await
+            }
+            other => other,
+        }
+    }
+
+    async fn apply_settling(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Option<Settled>, ApplyError> {
         // A local writer may insert the key between the lookup and apply's insert; the insert
         // then does nothing and the change is settled again against the row it finds.
         for _ in 0..5 {
