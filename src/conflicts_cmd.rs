@@ -12,7 +12,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use pgferry_connectors::config::Config;
-use pgferry_connectors::postgres::{self, quote_ident, PgSession};
+use pgferry_connectors::postgres::{self, quote_ident, table_columns, PgSession};
 use serde_json::{json, Map, Value};
 use tokio_postgres::types::{ToSql, Type};
 
@@ -376,42 +376,17 @@ impl TableMeta {
 }
 
 async fn table_meta(sql: &PgSession, node: &str, schema: &str, table: &str) -> Result<TableMeta> {
-    let rows = sql
-        .client
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
-                    array_position(i.indkey::int2[], a.attnum)
-             FROM pg_attribute a
-             JOIN pg_class c ON c.oid = a.attrelid
-             JOIN pg_namespace n ON n.oid = c.relnamespace
-             LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
-             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
-             ORDER BY a.attnum",
-            &[&schema, &table],
-        )
+    let cols = table_columns(sql, schema, table)
         .await
-        .map_err(sql.err(format!("reading columns of {schema}.{table}")))
-        .with_context(|| format!("node {node}"))?;
-    if rows.is_empty() {
-        bail!("node {node}: table {schema}.{table} does not exist");
-    }
-    let mut key: Vec<(i32, String)> = Vec::new();
-    let mut columns = Vec::new();
-    for r in rows {
-        let name: String = r.get(0);
-        if let Some(pos) = r.get::<_, Option<i32>>(2) {
-            key.push((pos, name.clone()));
-        }
-        columns.push((name, r.get::<_, String>(1)));
-    }
-    if key.is_empty() {
+        .with_context(|| format!("node {node}"))?
+        .ok_or_else(|| anyhow::anyhow!("node {node}: table {schema}.{table} does not exist"))?;
+    if cols.key.is_empty() {
         bail!("node {node}: table {schema}.{table} has no primary key");
     }
-    key.sort();
     Ok(TableMeta {
         qualified: format!("{}.{}", quote_ident(schema), quote_ident(table)),
-        columns,
-        key: key.into_iter().map(|(_, n)| n).collect(),
+        columns: cols.columns,
+        key: cols.key,
     })
 }
 
@@ -436,6 +411,23 @@ fn where_key(t: &TableMeta, first: usize) -> String {
 }
 
 /// Runs `text` with text parameters; the rows it returned.
+/// Marks every parked, unresolved conflict of `table`/`key` on this node resolved `by`; their ids.
+async fn resolve_parked(sql: &PgSession, node: &str, by: &str, table: &str, key: &str) -> Result<Vec<i64>> {
+    Ok(exec(
+        sql,
+        node,
+        "marking conflicts resolved",
+        "UPDATE pgferry.conflicts SET resolved_at = now(), resolved_by = $1
+         WHERE tbl = $2 AND key = $3::jsonb AND resolution = 'parked' AND resolved_at IS NULL
+         RETURNING id::text",
+        &[Some(by), Some(table), Some(key)],
+    )
+    .await?
+    .iter()
+    .filter_map(|r| r.get::<_, String>(0).parse().ok())
+    .collect())
+}
+
 async fn exec(
     sql: &PgSession,
     node: &str,
@@ -630,19 +622,7 @@ async fn resolve(config: &Config, a: ResolveArgs) -> Result<()> {
             .batch_execute("BEGIN; SET LOCAL lock_timeout = '10s'")
             .await
             .map_err(psql.err("starting a transaction"))?;
-        let ids: Vec<i64> = exec(
-            &psql,
-            &peer.name,
-            "marking conflicts resolved",
-            "UPDATE pgferry.conflicts SET resolved_at = now(), resolved_by = $1
-             WHERE tbl = $2 AND key = $3::jsonb AND resolution = 'parked' AND resolved_at IS NULL
-             RETURNING id::text",
-            &[Some(via.as_str()), Some(c.table.as_str()), Some(c.key.as_str())],
-        )
-        .await?
-        .iter()
-        .filter_map(|r| r.get::<_, String>(0).parse().ok())
-        .collect();
+        let ids = resolve_parked(&psql, &peer.name, &via, &c.table, &c.key).await?;
         if ids.is_empty() {
             // Nothing parked there: leave the node alone (the written row reaches it by replication).
             psql.client
@@ -665,19 +645,7 @@ async fn resolve(config: &Config, a: ResolveArgs) -> Result<()> {
         &[Some(a.take.name()), Some(id.to_string().as_str())],
     )
     .await?;
-    let also: Vec<i64> = exec(
-        &sql,
-        node,
-        "marking conflicts resolved",
-        "UPDATE pgferry.conflicts SET resolved_at = now(), resolved_by = $1
-         WHERE tbl = $2 AND key = $3::jsonb AND resolution = 'parked' AND resolved_at IS NULL
-         RETURNING id::text",
-        &[Some(via.as_str()), Some(c.table.as_str()), Some(c.key.as_str())],
-    )
-    .await?
-    .iter()
-    .filter_map(|r| r.get::<_, String>(0).parse().ok())
-    .collect();
+    let also = resolve_parked(&sql, node, &via, &c.table, &c.key).await?;
 
     // Peers first: if the named node's commit then failed, rerunning resolve finishes the job.
     for (peer, psql, _) in &peers {

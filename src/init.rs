@@ -107,21 +107,10 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         .map_err(sql.err("installing pgferry's conflict tables"))?;
     for (schema, table) in config.tables() {
         // Deletes leave tombstones (DESIGN.md, "Conflicts"); the trigger needs the key columns.
-        let key: Vec<String> = sql
-            .client
-            .query(
-                "SELECT a.attname::text FROM pg_index i
-                 JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-                 JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) ON true
-                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-                 WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary ORDER BY k.ord",
-                &[&schema, &table],
-            )
-            .await
-            .map_err(sql.err(format!("reading the primary key of {schema}.{table}")))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let key = postgres::table_columns(sql, &schema, &table)
+            .await?
+            .map(|t| t.key)
+            .unwrap_or_default();
         let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
         sql.client
             .batch_execute(&pgferry_apply::tombstone_trigger_sql(&qualified, &key))

@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 
 use pgferry_connectors::config::{Config, Resolver};
-use pgferry_connectors::postgres::{quote_ident, PgSession};
+use pgferry_connectors::postgres::{quote_ident, table_columns, PgSession};
 use pgferry_schemas::truncate::Truncate;
 use pgferry_schemas::{DecodedEvent, Op};
 use tokio_postgres::types::{ToSql, Type};
@@ -89,44 +89,19 @@ impl Writer {
             if !self.allowed.contains(&id) {
                 return Err(write_err(ev, "not in this node's replication set".into()));
             }
-            let rows = sql
-                .client
-                .query(
-                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
-                            array_position(i.indkey::int2[], a.attnum)
-                     FROM pg_attribute a
-                     JOIN pg_class c ON c.oid = a.attrelid
-                     JOIN pg_namespace n ON n.oid = c.relnamespace
-                     LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
-                     WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
-                     ORDER BY a.attnum",
-                    &[&ev.schema, &ev.table],
-                )
-                .await
-                .map_err(sql.err(format!("reading columns of {}.{}", ev.schema, ev.table)))?;
-            if rows.is_empty() {
+            let Some(cols) = table_columns(sql, &ev.schema, &ev.table).await? else {
                 return Err(write_err(ev, format!("table does not exist at {}", sql.endpoint)));
-            }
-            let mut key: Vec<(i32, String)> = Vec::new();
-            let mut types = HashMap::new();
-            for r in rows {
-                let name: String = r.get(0);
-                if let Some(pos) = r.get::<_, Option<i32>>(2) {
-                    key.push((pos, name.clone()));
-                }
-                types.insert(name, r.get::<_, String>(1));
-            }
-            if key.is_empty() {
+            };
+            if cols.key.is_empty() {
                 return Err(write_err(ev, format!("has no primary key at {}", sql.endpoint)));
             }
-            key.sort();
             self.tables.insert(
                 id.clone(),
                 LocalTable {
                     name: format!("{}.{}", ev.schema, ev.table),
                     qualified: format!("{}.{}", quote_ident(&ev.schema), quote_ident(&ev.table)),
-                    types,
-                    key: key.into_iter().map(|(_, n)| n).collect(),
+                    types: cols.columns.into_iter().collect(),
+                    key: cols.key,
                     resolver: self.config.resolver(&ev.schema, &ev.table),
                     delta: self.config.delta_columns(&ev.schema, &ev.table).into_iter().collect(),
                 },
@@ -252,11 +227,12 @@ impl Writer {
     /// One attempt of [`Writer::apply`]; `None`: settle it again.
     async fn apply_once(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Option<Option<Settled>>, ApplyError> {
         self.table(sql, ev).await?;
+        let id = (ev.schema.clone(), ev.table.clone());
         let remote_roident = match ev.op {
             Op::Update | Op::Delete => self.roident_of(sql, &ev.origin).await?,
             _ => None,
         };
-        let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+        let table = &self.tables[&id];
         let key_row = match ev.op {
             Op::Create | Op::Read => ev.after.as_ref(),
             Op::Update | Op::Delete => ev.before.as_ref().or(ev.after.as_ref()),
@@ -274,7 +250,7 @@ impl Writer {
         }
 
         // Something to resolve: the local row and its last writer, and the key's tombstone.
-        let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+        let table = &self.tables[&id];
         // A row whose last write only merged a losing change's delta columns keeps the stamp
         // of the version that won (pgferry.row_stamps), not that write's.
         // First lock the row, then read it and its stamps in a later statement: under READ
@@ -347,7 +323,7 @@ impl Writer {
             ts_us: ev.commit_ts_us,
             node_id: self.config.node(&ev.origin).map_or(0, |n| n.id),
         };
-        let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+        let table = &self.tables[&id];
         let resolver = table.resolver;
 
         // Classify.
@@ -400,7 +376,7 @@ impl Writer {
             resolution = Resolution::ApplyRemote;
         }
         if resolution == Resolution::ApplyRemote {
-            let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+            let table = &self.tables[&id];
             match (conflict, ev.op) {
                 (ConflictType::InsertExists, _) => {
                     let (text, params) = overwrite(table, ev, &key).map_err(|m| write_err(ev, m))?;
@@ -438,7 +414,7 @@ impl Writer {
         }
         if resolution != Resolution::ApplyRemote && local.is_some() {
             // The row stays as it is here, but a counter's change is never lost.
-            let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+            let table = &self.tables[&id];
             let (text, params) = delta_only(table, ev, &key).map_err(|m| write_err(ev, m))?;
             if let (false, Some(l)) = (text.is_empty(), local.as_ref()) {
                 self.execute(sql, &text, &params, ev).await?;

@@ -106,3 +106,48 @@ pub fn quote_ident(name: &str) -> String {
 pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
+
+/// A table's columns as the server describes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableColumns {
+    /// `(name, SQL type as format_type gives it)` in attribute order.
+    pub columns: Vec<(String, String)>,
+    /// Primary-key columns in key order (empty: no primary key).
+    pub key: Vec<String>,
+}
+
+/// The columns and primary key of `schema.table`; `None` when the table does not exist.
+pub async fn table_columns(sql: &PgSession, schema: &str, table: &str) -> Result<Option<TableColumns>, PgError> {
+    let rows = sql
+        .client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    array_position(i.indkey::int2[], a.attnum)
+             FROM pg_attribute a
+             JOIN pg_class c ON c.oid = a.attrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(sql.err(format!("reading columns of {schema}.{table}")))?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let mut key: Vec<(i32, String)> = Vec::new();
+    let mut columns = Vec::with_capacity(rows.len());
+    for r in rows {
+        let name: String = r.get(0);
+        if let Some(pos) = r.get::<_, Option<i32>>(2) {
+            key.push((pos, name.clone()));
+        }
+        columns.push((name, r.get::<_, String>(1)));
+    }
+    key.sort();
+    Ok(Some(TableColumns {
+        columns,
+        key: key.into_iter().map(|(_, n)| n).collect(),
+    }))
+}
