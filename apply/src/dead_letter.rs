@@ -6,7 +6,13 @@
 
 use std::time::Duration;
 
-use pgferry_connectors::kafka::{KafkaError, HEADER_DLQ_NODE, HEADER_DLQ_REASON, HEADER_DLQ_SOURCE, HEADER_ORIGIN};
+use pgferry_connectors::config::KafkaConfig;
+use pgferry_connectors::kafka::{
+    header, read_committed_config, KafkaError, HEADER_COMMIT_LSN, HEADER_DLQ_NODE, HEADER_DLQ_REASON, HEADER_DLQ_SOURCE,
+    HEADER_ORIGIN,
+};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
 use pgferry_connectors::postgres::PgSession;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -60,12 +66,7 @@ impl DeadLetters {
                 topic: self.topic.clone(),
                 message: format!("dead-lettering {source}: {e}"),
             })?;
-        let origin = msg.headers().and_then(|h| {
-            h.iter()
-                .find(|h| h.key == HEADER_ORIGIN)
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        });
+        let origin = header(msg, HEADER_ORIGIN);
         let (topic, partition, offset) = (msg.topic(), msg.partition(), msg.offset());
         sql.client
             .execute(
@@ -76,5 +77,49 @@ impl DeadLetters {
             .await
             .map_err(sql.err("recording pgferry.exceptions"))?;
         Ok(())
+    }
+
+    /// Re-reads `upto`'s partition from offset `from` up to `upto` (not included) and sends
+    /// every message of `upto`'s source transaction there to the dead-letter topic: the part of a
+    /// skipped transaction that was already consumed. Returns how many it sent.
+    pub async fn send_range(
+        &self,
+        kafka: &KafkaConfig,
+        sql: &PgSession,
+        upto: &BorrowedMessage<'_>,
+        from: i64,
+        reason: &str,
+    ) -> Result<u64, ApplyError> {
+        let (topic, partition, until) = (upto.topic(), upto.partition(), upto.offset());
+        let txn = (header(upto, HEADER_ORIGIN), header(upto, HEADER_COMMIT_LSN));
+        let what = format!("re-reading {topic}/{partition} offsets {from}..{until} of a skipped transaction");
+        let kafka_err = |message: String| KafkaError::Topic {
+            topic: topic.to_string(),
+            message: format!("{what}: {message}"),
+        };
+        let consumer: StreamConsumer = read_committed_config(kafka, &format!("pgferry-{}-dlq-reread", self.node))
+            .create()
+            .map_err(|e| kafka_err(e.to_string()))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(from))
+            .map_err(|e| kafka_err(e.to_string()))?;
+        consumer.assign(&tpl).map_err(|e| kafka_err(e.to_string()))?;
+        let mut sent = 0;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+                .await
+                .map_err(|_| kafka_err("no message within 60 s".into()))?
+                .map_err(|e| kafka_err(e.to_string()))?;
+            if m.offset() >= until {
+                return Ok(sent);
+            }
+            if (header(&m, HEADER_ORIGIN), header(&m, HEADER_COMMIT_LSN)) == txn {
+                self.send(sql, &m, reason).await?;
+                sent += 1;
+            }
+            if m.offset() + 1 == until {
+                return Ok(sent);
+            }
+        }
     }
 }

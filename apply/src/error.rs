@@ -1,5 +1,6 @@
 //! Apply's error type.
 
+use pgferry_connectors::config::OnError;
 use pgferry_connectors::kafka::KafkaError;
 use pgferry_connectors::postgres::PgError;
 use pgferry_connectors::registry::RegistryError;
@@ -53,6 +54,14 @@ pub enum ApplyError {
         origin: String,
         table: String,
         message: String,
+    },
+    /// PostgreSQL rejected a change for its data; the table's `on_error` says what happens.
+    #[error("origin {origin}: table {table}: change rejected (on_error = {}): {source}", .on_error.name())]
+    Rejected {
+        origin: String,
+        table: String,
+        on_error: OnError,
+        source: PgError,
     },
     /// The stream broke the transaction framing (e.g. a new transaction before the last ended).
     #[error("{topic}/{partition} (partition of {source_node}) offset {offset}: {message}")]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use pgferry_connectors::config::Config;
+use pgferry_connectors::config::{Config, OnError};
 use pgferry_connectors::kafka::{header, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN, HEADER_TXN_LAST};
 use pgferry_connectors::postgres::PgSession;
 use pgferry_connectors::registry::Registry;
@@ -59,6 +59,17 @@ pub struct PartitionStream {
     pub dead_letters: Arc<DeadLetters>,
     /// Origin → its metrics handle (made on first use).
     pub origin_metrics: HashMap<String, OriginMetrics>,
+    /// A source transaction being skipped (`on_error = skip_transaction`): its remaining
+    /// messages go to the dead-letter topic.
+    pub skipping: Option<SkippedTxn>,
+}
+
+/// A source transaction skipped as a whole, until its last message has gone by.
+pub struct SkippedTxn {
+    origin: String,
+    commit_lsn: u64,
+    commit_ts_us: i64,
+    reason: String,
 }
 
 /// Statements every transaction runs, prepared once per session.
@@ -77,6 +88,8 @@ enum Item {
 /// The source transaction being applied.
 struct OpenTxn {
     origin: String,
+    /// Offset of its first message.
+    first_offset: i64,
     commit_lsn: u64,
     commit_ts_us: i64,
 }
@@ -206,6 +219,40 @@ impl PartitionStream {
     /// goes on.
     async fn handle(&mut self, msg: &BorrowedMessage<'_>, open: &mut Option<OpenTxn>) -> Result<(), ApplyError> {
         match self.process(msg, open).await {
+            Err(e @ ApplyError::Rejected { on_error: OnError::SkipTransaction, .. }) => {
+                let Some(t) = open.take() else { return Err(e) };
+                self.sql
+                    .client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(self.sql.err("rolling back a skipped transaction"))?;
+                let reason = format!("skipped with its whole transaction: {e}");
+                tracing::warn!(node = %self.node, origin = %t.origin, lsn = %format_lsn(t.commit_lsn), topic = %self.topic,
+                    partition = self.partition, offset = msg.offset(), error = %e,
+                    "source transaction skipped (on_error = skip_transaction); its messages go to the dead-letter topic");
+                // The messages already read go to the dead-letter topic as well (read again:
+                // a transaction is never held in memory).
+                let sent = self
+                    .dead_letters
+                    .send_range(&self.config.kafka, &self.sql, msg, t.first_offset, &reason)
+                    .await?;
+                self.dead_letters.send(&self.sql, msg, &reason).await?;
+                for _ in 0..=sent {
+                    self.metrics.dead_letter();
+                }
+                let skipped = SkippedTxn {
+                    origin: t.origin,
+                    commit_lsn: t.commit_lsn,
+                    commit_ts_us: t.commit_ts_us,
+                    reason,
+                };
+                if header(msg, HEADER_TXN_LAST) == Some("1") {
+                    self.finish_skip(open, skipped, msg.offset()).await
+                } else {
+                    self.skipping = Some(skipped);
+                    Ok(())
+                }
+            }
             Err(e) if e.dead_letter() => {
                 tracing::warn!(node = %self.node, source = %self.source, topic = %self.topic, partition = self.partition,
                     offset = msg.offset(), error = %e, "message sent to the dead-letter topic");
@@ -269,6 +316,26 @@ impl PartitionStream {
         let commit_lsn: u64 = header(msg, HEADER_COMMIT_LSN)
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| self.stream_err(offset, "missing or bad pgferry-commit-lsn header".into()))?;
+        if let Some(s) = self.skipping.take() {
+            if s.origin != origin || s.commit_lsn != commit_lsn {
+                return Err(self.stream_err(
+                    offset,
+                    format!(
+                        "skipped transaction {} of {} ended without its last event; next is {} of {origin}",
+                        format_lsn(s.commit_lsn),
+                        s.origin,
+                        format_lsn(commit_lsn)
+                    ),
+                ));
+            }
+            self.dead_letters.send(&self.sql, msg, &s.reason).await?;
+            self.metrics.dead_letter();
+            if header(msg, HEADER_TXN_LAST) == Some("1") {
+                return self.finish_skip(open, s, offset).await;
+            }
+            self.skipping = Some(s);
+            return Ok(());
+        }
         if open.is_none() {
             // The session owns the origin from here (PostgreSQL lets one session at a time set
             // it up), so the progress it reads is final: a previous apply process that was
@@ -339,33 +406,48 @@ impl PartitionStream {
             Item::Message(m) => (m.ts_us, m.txn_last),
         };
         if open.is_none() {
-            let origin = origin.to_string();
-            // BEGIN and the origin set-up go out together (tokio-postgres pipelines futures
-            // polled together); one round trip instead of two.
-            // Prepared statements only: an unprepared one would send its Parse, wait, and let
-            // the next request overtake it.
-            let lsn = format_lsn(commit_lsn);
-            let stmts = self
-                .statements
-                .as_ref()
-                .ok_or_else(|| self.stream_err(offset, "session not prepared".into()))?;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&lsn, &commit_ts_us];
-            let setup = self.sql.client.execute(&stmts.xact_setup, &params);
-            futures::try_join!(self.sql.client.batch_execute("BEGIN"), setup)
-                .map_err(self.sql.err("beginning a transaction under the replication origin"))?;
-            *open = Some(OpenTxn {
-                origin,
-                commit_lsn,
-                commit_ts_us,
-            });
+            self.begin(open, origin, offset, commit_lsn, commit_ts_us).await?;
         }
         match &item {
             Item::Change(ev) => {
-                let settled = self.writer.apply(&self.sql, ev).await?;
-                let m = self.origin_metrics(&ev.origin);
-                m.row();
-                if let Some(s) = settled {
-                    m.conflict(s.conflict.name(), s.resolution.name());
+                // A table that skips single changes gets a savepoint around each (one more
+                // round trip per change there, and none elsewhere).
+                let savepoint = self.config.on_error(&ev.schema, &ev.table) == OnError::SkipChange;
+                if savepoint {
+                    self.sql
+                        .client
+                        .batch_execute("SAVEPOINT pgferry_change")
+                        .await
+                        .map_err(self.sql.err("setting a savepoint"))?;
+                }
+                match self.writer.apply(&self.sql, ev).await {
+                    Ok(settled) => {
+                        if savepoint {
+                            self.sql
+                                .client
+                                .batch_execute("RELEASE SAVEPOINT pgferry_change")
+                                .await
+                                .map_err(self.sql.err("releasing a savepoint"))?;
+                        }
+                        let m = self.origin_metrics(&ev.origin);
+                        m.row();
+                        if let Some(s) = settled {
+                            m.conflict(s.conflict.name(), s.resolution.name());
+                        }
+                    }
+                    Err(e @ ApplyError::Rejected { on_error: OnError::SkipChange, .. }) if savepoint => {
+                        self.sql
+                            .client
+                            .batch_execute("ROLLBACK TO SAVEPOINT pgferry_change; RELEASE SAVEPOINT pgferry_change")
+                            .await
+                            .map_err(self.sql.err("rolling back to a savepoint"))?;
+                        tracing::warn!(node = %self.node, origin = %ev.origin, lsn = %format_lsn(ev.commit_lsn),
+                            topic = %self.topic, partition = self.partition, offset, error = %e,
+                            "change skipped (on_error = skip_change); it goes to the dead-letter topic");
+                        self.dead_letters.send(&self.sql, msg, &format!("skipped change: {e}")).await?;
+                        self.metrics.dead_letter();
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             Item::Truncate(t) => {
@@ -386,6 +468,37 @@ impl PartitionStream {
             self.commit(open, offset, commit_lsn, commit_ts_us).await?;
         }
         Ok(())
+    }
+
+    /// Opens the local transaction of a source transaction under the session's origin.
+    async fn begin(&mut self, open: &mut Option<OpenTxn>, origin: &str, offset: i64, commit_lsn: u64, commit_ts_us: i64) -> Result<(), ApplyError> {
+        // BEGIN and the origin set-up go out together (tokio-postgres pipelines futures
+        // polled together); one round trip instead of two.
+        // Prepared statements only: an unprepared one would send its Parse, wait, and let
+        // the next request overtake it.
+        let lsn = format_lsn(commit_lsn);
+        let stmts = self
+            .statements
+            .as_ref()
+            .ok_or_else(|| self.stream_err(offset, "session not prepared".into()))?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&lsn, &commit_ts_us];
+        let setup = self.sql.client.execute(&stmts.xact_setup, &params);
+        futures::try_join!(self.sql.client.batch_execute("BEGIN"), setup)
+            .map_err(self.sql.err("beginning a transaction under the replication origin"))?;
+        *open = Some(OpenTxn {
+            origin: origin.to_string(),
+            first_offset: offset,
+            commit_lsn,
+            commit_ts_us,
+        });
+        Ok(())
+    }
+
+    /// Ends a skipped transaction (its last message at `offset`): records its progress under
+    /// its origin, with no changes, so it counts as done and is never retried.
+    async fn finish_skip(&mut self, open: &mut Option<OpenTxn>, s: SkippedTxn, offset: i64) -> Result<(), ApplyError> {
+        self.begin(open, &s.origin, offset, s.commit_lsn, s.commit_ts_us).await?;
+        self.commit(open, offset, s.commit_lsn, s.commit_ts_us).await
     }
 
     /// Records progress and commits the open transaction (ended by the message at `offset`).

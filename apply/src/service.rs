@@ -70,6 +70,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             metrics: options.metrics.clone(),
             dead_letters: dead_letters.clone(),
             origin_metrics: Default::default(),
+            skipping: None,
             source: remote.name.clone(),
             topic,
             partition,

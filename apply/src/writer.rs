@@ -196,8 +196,10 @@ impl Writer {
     }
 
     /// Writes one change inside the caller's open transaction, resolving any conflict.
+    /// A change PostgreSQL refuses for its data comes back as [`ApplyError::Rejected`] with the
+    /// table's `on_error`.
     pub async fn apply(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Option<Settled>, ApplyError> {
-        match self.apply_settling(sql, ev).await {
+        let result = match self.apply_settling(sql, ev).await {
             // The table may have changed since its columns were read (a column added here to
             // match the origin): read them again once before calling the change unusable.
             Err(ApplyError::Write { .. })
@@ -206,7 +208,16 @@ impl Writer {
                 self.apply_settling(sql, ev).await
             }
             other => other,
-        }
+        };
+        result.map_err(|e| match e {
+            ApplyError::Pg(source) if source.rejects_data() => ApplyError::Rejected {
+                origin: ev.origin.clone(),
+                table: format!("{}.{}", ev.schema, ev.table),
+                on_error: self.config.on_error(&ev.schema, &ev.table),
+                source,
+            },
+            other => other,
+        })
     }
 
     async fn apply_settling(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Option<Settled>, ApplyError> {

@@ -123,6 +123,9 @@ pub struct ReplicationConfig {
     /// How conflicts are resolved unless a table says otherwise.
     #[serde(default)]
     pub resolver: Resolver,
+    /// What apply does with a change PostgreSQL rejects, unless a table says otherwise.
+    #[serde(default)]
+    pub on_error: OnError,
     /// Per-table settings, keyed by `schema.table` (or `table`).
     #[serde(default)]
     pub table: std::collections::BTreeMap<String, TableOptions>,
@@ -134,6 +137,9 @@ pub struct ReplicationConfig {
 pub struct TableOptions {
     /// This table's conflict resolver (default: `replication.resolver`).
     pub resolver: Option<Resolver>,
+    /// What apply does with a change of this table PostgreSQL rejects (default:
+    /// `replication.on_error`).
+    pub on_error: Option<OnError>,
     /// Numeric columns (counters, balances) that merge instead of being overwritten: every
     /// node adds each remote change's `new − old`. Needs REPLICA IDENTITY FULL.
     #[serde(default)]
@@ -157,6 +163,33 @@ pub enum Resolver {
     Manual,
     /// The origin's stream stops at the conflict until an operator acts.
     Error,
+}
+
+/// What apply does with a change PostgreSQL rejects (a constraint no resolver covers, a value
+/// the local type refuses, a trigger that raises): DESIGN.md, "Errors". Whatever is skipped is
+/// kept whole in `pgferry.exceptions` and the dead-letter topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// The origin's stream stops at the change and retries it with backoff until the cause is
+    /// fixed (the default: nothing is skipped without an operator's say-so).
+    #[default]
+    Stop,
+    /// The whole source transaction is skipped (none of its changes are applied here).
+    SkipTransaction,
+    /// Only the rejected change is skipped; the rest of its transaction is applied.
+    SkipChange,
+}
+
+impl OnError {
+    /// The name used in config.
+    pub fn name(self) -> &'static str {
+        match self {
+            OnError::Stop => "stop",
+            OnError::SkipTransaction => "skip_transaction",
+            OnError::SkipChange => "skip_change",
+        }
+    }
 }
 
 impl Resolver {
@@ -413,6 +446,13 @@ impl Config {
             .unwrap_or(self.replication.resolver)
     }
 
+    /// What apply does with a rejected change of `schema.table`.
+    pub fn on_error(&self, schema: &str, table: &str) -> OnError {
+        self.table_options(schema, table)
+            .and_then(|o| o.on_error)
+            .unwrap_or(self.replication.on_error)
+    }
+
     /// Every secret in the configuration (DSN passwords), for scrubbing output.
     pub fn secrets(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -564,6 +604,11 @@ tables = ["public.accounts", "items"]
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.resolver("public", "items"), Resolver::Manual);
         assert_eq!(c.resolver("public", "accounts"), Resolver::LastUpdateWins);
+        assert_eq!(c.on_error("public", "items"), OnError::Stop);
+        let text = format!("{GOOD}on_error = \"skip_change\"\n[replication.table.items]\non_error = \"skip_transaction\"\n");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert_eq!(c.on_error("public", "items"), OnError::SkipTransaction);
+        assert_eq!(c.on_error("public", "accounts"), OnError::SkipChange);
     }
 
     /// n1 (region a) → hub n2 (forwards n1) → n3 (reads only the hub).

@@ -29,6 +29,30 @@ pub enum PgError {
     },
 }
 
+impl PgError {
+    /// The server's SQLSTATE, when the server refused a statement.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            PgError::Query { source, .. } | PgError::Connect { source, .. } => {
+                source.as_db_error().map(|d| d.code().code())
+            }
+            PgError::Dsn { .. } => None,
+        }
+    }
+
+    /// Whether the server refused the statement because of the data it carried (a constraint,
+    /// a value the type refuses, a trigger that raised, a column or type missing), as opposed
+    /// to a transient or environmental failure (connection, deadlock, lock timeout, disk full,
+    /// shutdown, permissions) that a retry can get past.
+    pub fn rejects_data(&self) -> bool {
+        match self.sqlstate() {
+            Some(s) if s == "42501" => false,
+            Some(s) => ["22", "23", "42", "44", "P0"].iter().any(|class| s.starts_with(class)),
+            None => false,
+        }
+    }
+}
+
 /// A tokio-postgres error with the server's message and SQLSTATE when there is one (its own
 /// `Display` says only "db error").
 fn detail(e: &tokio_postgres::Error) -> String {
