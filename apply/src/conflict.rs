@@ -33,8 +33,13 @@ CREATE TABLE IF NOT EXISTS pgferry.conflicts (
     remote_commit_ts  timestamptz NOT NULL,
     remote_commit_lsn pg_lsn      NOT NULL,
     resolved_at       timestamptz,
-    resolved_by       text
+    resolved_by       text,
+    published_at      timestamptz
 );
+-- Before published_at existed (an earlier pgferry init).
+ALTER TABLE pgferry.conflicts ADD COLUMN IF NOT EXISTS published_at timestamptz;
+-- The outbox of <cluster>.conflicts.
+CREATE INDEX IF NOT EXISTS conflicts_unpublished ON pgferry.conflicts (id) WHERE published_at IS NULL;
 -- The real last writer of a row whose last write (transaction xid) only merged a losing
 -- change's delta columns: conflict checks use this stamp instead of that write's.
 CREATE TABLE IF NOT EXISTS pgferry.row_stamps (

@@ -10,14 +10,18 @@
 //! the last commit left off and anything at or below the recorded commit LSN is a duplicate.
 //! [`metrics`] counts what each origin's committed transactions wrote and tracks each origin's
 //! lag and whether its stream runs.
+//! Beside the streams, [`conflict_publisher`] publishes `pgferry.conflicts` to
+//! `<cluster>.conflicts` and [`tombstone_gc`] drops tombstones every origin has passed.
 
 mod conflict;
+pub mod conflict_publisher;
 mod dead_letter;
 mod error;
 pub mod metrics;
 mod partition_stream;
 mod progress;
 mod service;
+pub mod tombstone_gc;
 mod writer;
 
 pub use conflict::{tombstone_trigger_sql, SCHEMA_SQL as CONFLICT_SCHEMA_SQL};

@@ -95,6 +95,18 @@ impl ApplyMetrics {
         self.0.lock().last_error = Some(error.to_string());
     }
 
+    /// Tombstones dropped by garbage collection.
+    pub fn tombstones_dropped(&self, n: u64) {
+        self.0
+            .registry
+            .counter(
+                "pgferry_apply_tombstones_dropped_total",
+                "Tombstones dropped once every origin's progress had passed them.",
+                &[("node", self.0.node.as_str())],
+            )
+            .inc_by(n);
+    }
+
     /// A message went to the dead-letter topic (and `pgferry.exceptions`).
     pub fn dead_letter(&self) {
         self.0
@@ -105,6 +117,14 @@ impl ApplyMetrics {
                 &[("node", self.0.node.as_str())],
             )
             .inc();
+    }
+
+    /// The origin commit time (µs) up to which `origin`'s stream is known complete here: of
+    /// its last applied transaction or, when idle, its last heartbeat. None before either.
+    pub fn caught_up_to(&self, origin: &str) -> Option<i64> {
+        let state = self.0.lock();
+        let t = state.origins.get(origin)?.1.load(Ordering::Relaxed);
+        (t != 0).then_some(t)
     }
 
     /// The metrics of `origin`'s stream; from now on apply is unhealthy unless it runs.

@@ -93,6 +93,18 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
     })?;
 
     let mut tasks = tokio::task::JoinSet::new();
+    // Beside the streams: the conflicts outbox and tombstone collection (they retry on their own
+    // and never end, so they never stop apply).
+    let (c, n, dsn, m) = (config.clone(), node.name.clone(), node.dsn.clone(), options.metrics.clone());
+    tasks.spawn(async move {
+        crate::conflict_publisher::run(c, n, dsn).await;
+        Ok(())
+    });
+    let (c, n, dsn) = (config.clone(), node.name.clone(), node.dsn.clone());
+    tasks.spawn(async move {
+        crate::tombstone_gc::run(c, n, dsn, m).await;
+        Ok(())
+    });
     for o in streams {
         let queue = consumer
             .split_partition_queue(&o.topic, o.partition)

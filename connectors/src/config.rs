@@ -126,9 +126,17 @@ pub struct ReplicationConfig {
     /// What apply does with a change PostgreSQL rejects, unless a table says otherwise.
     #[serde(default)]
     pub on_error: OnError,
+    /// Tombstones are kept this long (ms of origin time) after every origin's progress has
+    /// passed them, for commit times that are not quite in commit order.
+    #[serde(default = "default_tombstone_margin_ms")]
+    pub tombstone_margin_ms: u64,
     /// Per-table settings, keyed by `schema.table` (or `table`).
     #[serde(default)]
     pub table: std::collections::BTreeMap<String, TableOptions>,
+}
+
+fn default_tombstone_margin_ms() -> u64 {
+    60_000
 }
 
 /// `[replication.table."schema.table"]`.

@@ -1,7 +1,8 @@
 //! Conflicts built on real nodes, for every conflict type apply detects and every resolver:
 //! concurrent writes to the same key on n1 and then n2 (so n2's commit is the later one) while
 //! apply is stopped, then apply runs and each node settles what it receives. The test checks
-//! the final row on both nodes and the conflict each node recorded in `pgferry.conflicts`.
+//! the final row on both nodes and the conflict each node recorded in `pgferry.conflicts`, and
+//! that each recorded conflict reached the `<cluster>.conflicts` topic.
 //!
 //! Scenarios (one table each; "later" = n2's write):
 //! - `ie`: both insert key 1 → `insert_exists` on both nodes.
@@ -13,7 +14,10 @@
 
 use std::time::Duration;
 
-use pgferry_integration_tests::{wait_until, Cluster};
+use std::collections::BTreeSet;
+
+use pgferry_integration_tests::{read_topic, wait_until, Cluster};
+use pgferry_schemas::conflict_report::ConflictReport;
 
 const TABLES: [&str; 6] = ["ie", "uod", "dl", "ul", "um", "dm"];
 
@@ -112,9 +116,37 @@ async fn run(resolver: &str, expect: &[Expect]) -> anyhow::Result<()> {
             }
         }
     }
+    check_conflicts_topic(&cluster, &[&n1, &n2]).await?;
     drop(_applies);
     drop(_captures);
     cluster.cleanup().await
+}
+
+/// Every conflict each node recorded reaches `<cluster>.conflicts` as a `pgferry.ConflictReport`
+/// with the same table, type, resolution and remote origin.
+async fn check_conflicts_topic(cluster: &Cluster, nodes: &[&tokio_postgres::Client]) -> anyhow::Result<()> {
+    type Report = (String, i64, String, String, String, String);
+    let mut want: BTreeSet<Report> = BTreeSet::new();
+    for (i, c) in nodes.iter().enumerate() {
+        let rows = c
+            .query("SELECT id, tbl, conflict_type, resolution, remote_origin FROM pgferry.conflicts", &[])
+            .await?;
+        for r in rows {
+            want.insert((cluster.nodes[i].name.clone(), r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)));
+        }
+    }
+    let schema = ConflictReport::schema()?;
+    let topic = format!("{}.conflicts", cluster.name);
+    wait_until("every recorded conflict in the conflicts topic", Duration::from_secs(60), || async {
+        let mut got: BTreeSet<Report> = BTreeSet::new();
+        for m in read_topic(&cluster.endpoints.kafka, &topic)? {
+            let r = ConflictReport::decode(&schema, &m.value[5..])?;
+            anyhow::ensure!(m.key == format!("{}/{}", r.node, r.id).into_bytes(), "report keyed by node/id");
+            got.insert((r.node, r.id, r.table, r.conflict_type, r.resolution, r.remote_origin));
+        }
+        Ok(got == want)
+    })
+    .await
 }
 
 const IE: &str = "insert_exists";

@@ -127,6 +127,30 @@ impl RecordFields {
         }
     }
 
+    /// A `["null", "string"]` field.
+    pub fn opt_string(&self, name: &str) -> Result<Option<String>, CodecError> {
+        match self.get(name) {
+            Some(Value::Union(_, v)) => match v.as_ref() {
+                Value::Null => Ok(None),
+                Value::String(s) => Ok(Some(s.clone())),
+                _ => Err(self.missing(name)),
+            },
+            _ => Err(self.missing(name)),
+        }
+    }
+
+    /// A `["null", "long"]` field.
+    pub fn opt_long(&self, name: &str) -> Result<Option<i64>, CodecError> {
+        match self.get(name) {
+            Some(Value::Union(_, v)) => match v.as_ref() {
+                Value::Null => Ok(None),
+                Value::Long(l) => Ok(Some(*l)),
+                _ => Err(self.missing(name)),
+            },
+            _ => Err(self.missing(name)),
+        }
+    }
+
     /// The `node_id` field (an `int` in 0–65535).
     pub fn node_id(&self) -> Result<u16, CodecError> {
         match self.get("node_id") {

@@ -10,6 +10,7 @@
 //!   id, Avro binary datum). Nothing here does I/O: schema ids come from the caller.
 
 pub mod codec;
+pub mod conflict_report;
 pub mod envelope_schema;
 pub mod event;
 pub mod heartbeat;
