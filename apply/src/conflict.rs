@@ -106,10 +106,13 @@ pub struct Stamp {
 /// The conflict types (PostgreSQL 18's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConflictType {
-    /// An insert whose key exists locally.
+    /// An insert whose key exists locally, or whose values collide with another local row on a
+    /// secondary unique key.
     InsertExists,
     /// An update of a row last written by another origin.
     UpdateOriginDiffers,
+    /// An update whose new values collide with another local row on a secondary unique key.
+    UpdateExists,
     /// An update whose row is gone locally and whose key has no tombstone.
     UpdateMissing,
     /// An insert or update whose row was deleted locally (a tombstone exists).
@@ -126,6 +129,7 @@ impl ConflictType {
         match self {
             ConflictType::InsertExists => "insert_exists",
             ConflictType::UpdateOriginDiffers => "update_origin_differs",
+            ConflictType::UpdateExists => "update_exists",
             ConflictType::UpdateMissing => "update_missing",
             ConflictType::UpdateDeleted => "update_deleted",
             ConflictType::DeleteOriginDiffers => "delete_origin_differs",

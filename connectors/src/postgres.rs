@@ -138,6 +138,9 @@ pub struct TableColumns {
     pub columns: Vec<(String, String)>,
     /// Primary-key columns in key order (empty: no primary key).
     pub key: Vec<String>,
+    /// The columns of each other unique constraint or index that can collide (immediate, on
+    /// plain columns, not partial), in index order.
+    pub unique_keys: Vec<Vec<String>>,
 }
 
 /// The columns and primary key of `schema.table`; `None` when the table does not exist.
@@ -170,8 +173,28 @@ pub async fn table_columns(sql: &PgSession, schema: &str, table: &str) -> Result
         columns.push((name, r.get::<_, String>(1)));
     }
     key.sort();
+    let unique_keys = sql
+        .client
+        .query(
+            "SELECT array_agg(a.attname::text ORDER BY k.ord)
+             FROM pg_index i
+             JOIN pg_class c ON c.oid = i.indrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+             WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND NOT i.indisprimary
+               AND i.indimmediate AND i.indexprs IS NULL AND i.indpred IS NULL AND k.ord <= i.indnkeyatts
+             GROUP BY i.indexrelid ORDER BY i.indexrelid",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(sql.err(format!("reading unique indexes of {schema}.{table}")))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     Ok(Some(TableColumns {
         columns,
         key: key.into_iter().map(|(_, n)| n).collect(),
+        unique_keys,
     }))
 }

@@ -11,6 +11,11 @@
 //! - `ul`: n1 deletes, n2 updates later → n1 `update_deleted`, n2 `delete_origin_differs`.
 //! - `um`: a row only n1 has is updated on n1 → n2 `update_missing`.
 //! - `dm`: a row only n1 has is deleted on n1 → n2 `delete_missing`.
+//! - `ue`: `v` is UNIQUE; n1 sets row 1's `v` to 'same', n2 later sets row 2's `v` to 'same'
+//!   → `update_exists` on both (the losing row ends absent under last/first update wins).
+//!
+//! Under the two resolvers that weigh stamps (last and first update wins) every table must
+//! also end identical on both nodes.
 
 use std::time::Duration;
 
@@ -19,12 +24,15 @@ use std::collections::BTreeSet;
 use pgferry_integration_tests::{read_topic, wait_until, Cluster};
 use pgferry_schemas::conflict_report::ConflictReport;
 
-const TABLES: [&str; 6] = ["ie", "uod", "dl", "ul", "um", "dm"];
+const TABLES: [&str; 7] = ["ie", "uod", "dl", "ul", "um", "dm", "ue"];
 
 fn setup() -> String {
     let mut sql: String = TABLES
         .iter()
-        .map(|t| format!("CREATE TABLE {t} (id int PRIMARY KEY, v text NOT NULL);"))
+        .map(|t| {
+            let unique = if *t == "ue" { " UNIQUE" } else { "" };
+            format!("CREATE TABLE {t} (id int PRIMARY KEY, v text NOT NULL{unique});")
+        })
         .collect();
     sql += "CREATE TABLE marker (node text PRIMARY KEY);";
     sql
@@ -55,9 +63,14 @@ async fn run(resolver: &str, expect: &[Expect]) -> anyhow::Result<()> {
     cluster.init()?;
     let _captures = (cluster.spawn("capture", 0)?, cluster.spawn("capture", 1)?);
     let applies = (cluster.spawn("apply", 0)?, cluster.spawn("apply", 1)?);
-    n1.batch_execute("INSERT INTO uod VALUES (1, 'base'); INSERT INTO dl VALUES (1, 'base'); INSERT INTO ul VALUES (1, 'base');")
-        .await?;
-    for t in ["uod", "dl", "ul"] {
+    n1.batch_execute(
+        "INSERT INTO uod VALUES (1, 'base'); INSERT INTO dl VALUES (1, 'base'); INSERT INTO ul VALUES (1, 'base');
+         INSERT INTO ue VALUES (1, 'base1');",
+    )
+    .await?;
+    // Each row of `ue` last written by the node that later updates it (no origin_differs).
+    n2.batch_execute("INSERT INTO ue VALUES (2, 'base2')").await?;
+    for t in ["uod", "dl", "ul", "ue"] {
         cluster.wait_converged(t, Duration::from_secs(60)).await?;
     }
     drop(applies);
@@ -70,6 +83,7 @@ async fn run(resolver: &str, expect: &[Expect]) -> anyhow::Result<()> {
          DELETE FROM ul;
          UPDATE um SET v = 'n1';
          DELETE FROM dm;
+         UPDATE ue SET v = 'same' WHERE id = 1;
          INSERT INTO marker VALUES ('n1');",
     )
     .await?;
@@ -78,6 +92,7 @@ async fn run(resolver: &str, expect: &[Expect]) -> anyhow::Result<()> {
          UPDATE uod SET v = 'n2';
          DELETE FROM dl;
          UPDATE ul SET v = 'n2';
+         UPDATE ue SET v = 'same' WHERE id = 2;
          INSERT INTO marker VALUES ('n2');",
     )
     .await?;
@@ -114,6 +129,12 @@ async fn run(resolver: &str, expect: &[Expect]) -> anyhow::Result<()> {
                 assert_eq!(r.get::<_, String>(2), resolver);
                 assert!(r.get::<_, bool>(3), "remote origin and LSN recorded");
             }
+        }
+    }
+    if resolver == "last_update_wins" || resolver == "first_update_wins" {
+        for t in TABLES {
+            let (a, b) = (cluster.fingerprint(0, t).await?, cluster.fingerprint(1, t).await?);
+            assert_eq!(a, b, "{resolver}: table {t} differs between the nodes");
         }
     }
     check_conflicts_topic(&cluster, &[&n1, &n2]).await?;
@@ -155,6 +176,7 @@ const UD: &str = "update_deleted";
 const DOD: &str = "delete_origin_differs";
 const UM: &str = "update_missing";
 const DM: &str = "delete_missing";
+const UE: &str = "update_exists";
 const REMOTE: &str = "apply_remote";
 const LOCAL: &str = "keep_local";
 
@@ -171,6 +193,7 @@ async fn last_update_wins() -> anyhow::Result<()> {
             Expect { table: "ul", n1: (Some("n2"), Some((UD, REMOTE))), n2: (Some("n2"), Some((DOD, LOCAL))) },
             Expect { table: "um", n1: (Some("n1"), None), n2: (Some("n1"), Some((UM, REMOTE))) },
             Expect { table: "dm", n1: (None, None), n2: (None, Some((DM, REMOTE))) },
+            Expect { table: "ue", n1: (None, Some((UE, REMOTE))), n2: (None, Some((UE, LOCAL))) },
         ],
     )
     .await
@@ -189,6 +212,7 @@ async fn first_update_wins() -> anyhow::Result<()> {
             Expect { table: "ul", n1: (None, Some((UD, LOCAL))), n2: (None, Some((DOD, REMOTE))) },
             Expect { table: "um", n1: (Some("n1"), None), n2: (Some("n1"), Some((UM, REMOTE))) },
             Expect { table: "dm", n1: (None, None), n2: (None, Some((DM, REMOTE))) },
+            Expect { table: "ue", n1: (Some("same"), Some((UE, LOCAL))), n2: (Some("same"), Some((UE, REMOTE))) },
         ],
     )
     .await
@@ -206,6 +230,7 @@ async fn apply_remote() -> anyhow::Result<()> {
             Expect { table: "ul", n1: (Some("n2"), Some((UD, REMOTE))), n2: (None, Some((DOD, REMOTE))) },
             Expect { table: "um", n1: (Some("n1"), None), n2: (Some("n1"), Some((UM, REMOTE))) },
             Expect { table: "dm", n1: (None, None), n2: (None, Some((DM, REMOTE))) },
+            Expect { table: "ue", n1: (None, Some((UE, REMOTE))), n2: (Some("same"), Some((UE, REMOTE))) },
         ],
     )
     .await
@@ -222,6 +247,7 @@ async fn keep_local() -> anyhow::Result<()> {
             Expect { table: "ul", n1: (None, Some((UD, LOCAL))), n2: (Some("n2"), Some((DOD, LOCAL))) },
             Expect { table: "um", n1: (Some("n1"), None), n2: (None, Some((UM, LOCAL))) },
             Expect { table: "dm", n1: (None, None), n2: (None, Some((DM, LOCAL))) },
+            Expect { table: "ue", n1: (Some("same"), Some((UE, LOCAL))), n2: (Some("base1"), Some((UE, LOCAL))) },
         ],
     )
     .await
@@ -239,6 +265,7 @@ async fn manual_parks_the_remote_change() -> anyhow::Result<()> {
             Expect { table: "ul", n1: (None, Some((UD, PARKED))), n2: (Some("n2"), Some((DOD, PARKED))) },
             Expect { table: "um", n1: (Some("n1"), None), n2: (None, Some((UM, PARKED))) },
             Expect { table: "dm", n1: (None, None), n2: (None, Some((DM, PARKED))) },
+            Expect { table: "ue", n1: (Some("same"), Some((UE, PARKED))), n2: (Some("base1"), Some((UE, PARKED))) },
         ],
     )
     .await
