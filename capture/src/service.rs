@@ -285,7 +285,14 @@ async fn emit_heartbeats(node: NodeConfig, interval: Duration) {
         if let Some(s) = &session {
             if let Err(e) = s
                 .client
-                .execute("SELECT pg_logical_emit_message(false, $1, '')", &[&HEARTBEAT_PREFIX])
+                .execute(
+                    // The content is the emission time (µs since the Unix epoch): every
+                    // transaction that commits after the message was stamped at about that time
+                    // or later, which is what apply's tombstone collection relies on.
+                    "SELECT pg_logical_emit_message(false, $1,
+                        ((extract(epoch FROM clock_timestamp()) * 1000000)::int8)::text)",
+                    &[&HEARTBEAT_PREFIX],
+                )
                 .await
             {
                 tracing::warn!(node = %node.name, error = %e, "heartbeat failed");
@@ -472,10 +479,15 @@ impl Capture {
                     self.confirmer.confirm(end_lsn);
                 }
             }
-            LogicalReplicationMessage::Message { ref prefix, lsn, .. }
-                if prefix == HEARTBEAT_PREFIX && self.txn.is_none() =>
-            {
-                self.heartbeat(lsn, msg.wal_end)?;
+            LogicalReplicationMessage::Message {
+                ref prefix,
+                lsn,
+                ref content,
+                ..
+            } if prefix == HEARTBEAT_PREFIX && self.txn.is_none() => {
+                // Emitted with its emission time; an empty one (an older pgferry) is dated now.
+                let emitted_us = std::str::from_utf8(content).ok().and_then(|t| t.parse::<i64>().ok());
+                self.heartbeat(lsn, msg.wal_end, emitted_us.unwrap_or_else(|| now_ms() * 1000))?;
             }
             LogicalReplicationMessage::Message {
                 flags,
@@ -668,14 +680,15 @@ impl Capture {
         Ok(())
     }
 
-    /// Produces a heartbeat for the non-transactional message at `lsn` (ending at `end_lsn`).
-    /// Every transaction committed before it has been read, so `lsn` counts as produced.
-    fn heartbeat(&mut self, lsn: u64, end_lsn: u64) -> Result<(), CaptureError> {
+    /// Produces a heartbeat for the non-transactional message at `lsn` (ending at `end_lsn`),
+    /// emitted at `ts_us`. Every transaction committed before it has been read, so `lsn` counts
+    /// as produced.
+    fn heartbeat(&mut self, lsn: u64, end_lsn: u64, ts_us: i64) -> Result<(), CaptureError> {
         let hb = Heartbeat {
             origin: self.node.name.clone(),
             node_id: self.node.id,
             region: self.node.region.clone(),
-            ts_us: now_ms() * 1000,
+            ts_us,
             lsn,
         };
         let value = hb
@@ -685,16 +698,21 @@ impl Capture {
                 source,
             })?;
         let value = encode_frame(self.heartbeat_id, &value);
+        // A message's LSN is the END of its WAL record, which is where the next record starts:
+        // a transaction whose commit record directly follows the heartbeat has a commit LSN
+        // equal to it. "Produced up to" must therefore stop just before it, or that transaction
+        // would be skipped as already produced (here and, through the header, after a restart).
+        let produced_up_to = lsn.saturating_sub(1);
         let route = Route {
             origin: self.own.0.clone(),
             node_id: self.node.id,
             region: self.own.1.clone(),
-            commit_lsn: lsn,
+            commit_lsn: produced_up_to,
             forwarded_local_lsn: None,
         };
         self.send(None, &value, "heartbeat", &route, false)?;
         self.options.metrics.heartbeat(hb.ts_us);
-        self.last_lsn = self.last_lsn.max(lsn);
+        self.last_lsn = self.last_lsn.max(produced_up_to);
         self.batch_end_lsn = end_lsn;
         Ok(())
     }
