@@ -105,6 +105,10 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         .batch_execute(pgferry_apply::CONFLICT_SCHEMA_SQL)
         .await
         .map_err(sql.err("installing pgferry's conflict tables"))?;
+    sql.client
+        .batch_execute(&crate::snowflake::install_sql(node.id))
+        .await
+        .map_err(sql.err("installing the snowflake id functions"))?;
     for (schema, table) in config.tables() {
         // Deletes leave tombstones (DESIGN.md, "Conflicts"); the trigger needs the key columns.
         let key = postgres::table_columns(sql, &schema, &table)

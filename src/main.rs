@@ -3,6 +3,7 @@
 
 mod conflicts_cmd;
 mod init;
+mod snowflake;
 mod supervise;
 
 use std::net::SocketAddr;

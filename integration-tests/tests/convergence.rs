@@ -4,8 +4,7 @@
 //! and resumed a few times. After quiescing every node holds exactly the same tables, the sum
 //! of balances equals the initial sum plus every committed deposit, and the conflicts each node
 //! settled are recorded in its `pgferry.conflicts`. Tombstones are collected with a 2 s margin
-//! throughout, so collection must never drop one a late change still needed. (The delta-column variant is ignored in the
-//! test run for now; see `three_writers_with_delta_columns_converge`.)
+//! throughout, so collection must never drop one a late change still needed.
 
 use std::time::{Duration, Instant};
 
@@ -33,7 +32,7 @@ impl Rng {
 
 /// Random writes on node `i` until `until`; returns how many statements committed and the sum
 /// of the deposits (in cents) that committed.
-async fn writer(cluster: &Cluster, i: usize, seed: u64, until: Instant, with_accounts: bool) -> anyhow::Result<(u64, i64)> {
+async fn writer(cluster: &Cluster, i: usize, seed: u64, until: Instant) -> anyhow::Result<(u64, i64)> {
     let mut c = cluster.sql(i).await?;
     let mut rng = Rng(seed);
     let (mut done, mut deposited) = (0, 0i64);
@@ -44,7 +43,7 @@ async fn writer(cluster: &Cluster, i: usize, seed: u64, until: Instant, with_acc
         let (a, b) = (rng.below(ACCOUNTS) as i32 + 1, rng.below(ACCOUNTS) as i32 + 1);
         let cents = rng.below(10_000) as i64 + 1;
         let amount = format!("{}.{:02}", cents / 100, cents % 100);
-        let r = match rng.below(if with_accounts { 14 } else { 10 }) {
+        let r = match rng.below(14) {
             10 | 11 => {
                 // A transfer: two delta updates in one transaction (the sum does not change).
                 let t = c.transaction().await?;
@@ -92,22 +91,15 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// (This test once diverged about one run in four: a transfer committed on one node never
+/// reached its topic. Capture skipped a transaction whose commit record directly followed a
+/// heartbeat; `idle.rs` now builds that case on purpose.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_writers_with_frequent_conflicts_converge() -> anyhow::Result<()> {
-    converge(false).await
-}
-
-/// The same with transfers and deposits on a delta-column table. Ignored in the test run: in
-/// about one run in four a transfer ends applied differently on one node (sums still agree),
-/// after deadlock restarts of apply; the cause is not found yet (issue 4 note). Run it with
-/// `cargo test -p pgferry-integration-tests --test convergence -- --ignored`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known rare divergence of delta columns, under investigation"]
 async fn three_writers_with_delta_columns_converge() -> anyhow::Result<()> {
-    converge(true).await
+    converge().await
 }
 
-async fn converge(with_accounts: bool) -> anyhow::Result<()> {
+async fn converge() -> anyhow::Result<()> {
     let mut cluster = Cluster::create("converge", &["r1", "r1", "r2"], SETUP, &["public.kv", "public.accounts"]).await?;
     // Tombstones are collected 2 s after every origin passed them: collection runs all along.
     cluster.replication_toml =
@@ -128,9 +120,9 @@ async fn converge(with_accounts: bool) -> anyhow::Result<()> {
     eprintln!("writer seeds: {base}, {}, {}", base + 2, base + 4);
     let until = Instant::now() + RUN;
     let writers = futures::future::try_join3(
-        writer(&cluster, 0, base, until, with_accounts),
-        writer(&cluster, 1, base + 2, until, with_accounts),
-        writer(&cluster, 2, base + 4, until, with_accounts),
+        writer(&cluster, 0, base, until),
+        writer(&cluster, 1, base + 2, until),
+        writer(&cluster, 2, base + 4, until),
     );
     // n3's apply stops for a few seconds, three times, while everyone writes.
     let pauses = async {
@@ -156,10 +148,6 @@ async fn converge(with_accounts: bool) -> anyhow::Result<()> {
             }
             return Err(e);
         }
-    }
-    if !with_accounts {
-        // No transfers ran: the balances are the initial ones everywhere.
-        assert_eq!((w1.1, w2.1, w3.1), (0, 0, 0));
     }
     let deposits = w1.1 + w2.1 + w3.1;
     let want = format!("{}.{:02}", (ACCOUNTS as i64 * 100_000 + deposits) / 100, deposits % 100);
