@@ -4,6 +4,7 @@
 mod conflicts_cmd;
 mod init;
 mod snowflake;
+mod status;
 mod supervise;
 
 use std::net::SocketAddr;
@@ -35,6 +36,14 @@ enum Command {
     Apply(ServiceArgs),
     /// Run capture and apply of a node in one process.
     Run(ServiceArgs),
+    /// Every node's capture and apply state, the lag matrix (origin → target), slot WAL,
+    /// retention headroom, conflicts and dead letters. Exit status 1 when a node is down or a
+    /// service reports unhealthy.
+    Status {
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Recorded conflicts: list them, show one, resolve a parked one.
     Conflicts {
         #[command(subcommand)]
@@ -97,6 +106,18 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<()> {
     match cli.command {
         Command::Init => init::run(&config).await,
         Command::Conflicts { command } => conflicts_cmd::run(&config, command).await,
+        Command::Status { json } => {
+            let status = status::gather(&config).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
+            if !status.healthy() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Capture(args) => {
             let node = node_of(&args.node)?;
             let registry = serve_metrics(&config, &node, args.metrics_listen, &cli.config).await?;

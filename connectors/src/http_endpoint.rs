@@ -39,6 +39,31 @@ pub async fn bind(addr: SocketAddr, source_key: &str) -> Result<TcpListener, End
     })
 }
 
+/// `GET http://<addr><path>` with a deadline: the status code and body (for `pgferry status`
+/// reading a node's endpoint; the same minimal HTTP/1.0 this module answers).
+pub async fn get(addr: SocketAddr, path: &str, deadline: Duration) -> std::io::Result<(u16, String)> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        stream.take(16 << 20).read_to_end(&mut raw).await?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an HTTP answer from {addr}"));
+        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(bad)?;
+        Ok((code, body.to_string()))
+    };
+    tokio::time::timeout(deadline, exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer from {addr} within {deadline:?}")))?
+}
+
 /// Serves `registry` on `listener` forever.
 pub async fn serve(listener: TcpListener, registry: MetricsRegistry) {
     loop {

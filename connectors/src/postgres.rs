@@ -55,7 +55,7 @@ impl PgError {
 
 /// A tokio-postgres error with the server's message and SQLSTATE when there is one (its own
 /// `Display` says only "db error").
-fn detail(e: &tokio_postgres::Error) -> String {
+pub fn detail(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
         None => match std::error::Error::source(e) {

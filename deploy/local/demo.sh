@@ -47,9 +47,19 @@ status() { # prints the per-node view; returns 0 when all nodes agree
     [[ "${sums[0]}" == "${sums[1]}" && "${sums[1]}" == "${sums[2]}" ]]
 }
 
+pgferry_status() { # pgferry's own view: services, slots, the lag matrix, conflicts, dead letters
+    [[ -x "$BIN" && -f "$CONFIG" ]] || return 0
+    echo
+    PGFERRY_PG_PASSWORD="$PGFERRY_PG_PASSWORD" "$BIN" --config "$CONFIG" status || true
+}
+
 case "${1:-run}" in
 stop) stop_services; log "pgferry stopped (services: deploy/local/down.sh)"; exit 0 ;;
-status) status && echo "all nodes agree" || echo "nodes differ (replication in progress?)"; exit 0 ;;
+status)
+    status && echo "all nodes agree" || echo "nodes differ (replication in progress?)"
+    pgferry_status
+    exit 0
+    ;;
 run) ;;
 *) die "usage: demo.sh [run|status|stop]" ;;
 esac
@@ -86,18 +96,21 @@ name = "n1"
 id = 1
 region = "local"
 dsn = "postgres://$PGFERRY_PG_USER:\${PGFERRY_PG_PASSWORD}@127.0.0.1:$(pg_port 1)/demo"
+metrics_listen = "127.0.0.1:$((19180 + 1))"
 
 [[nodes]]
 name = "n2"
 id = 2
 region = "local"
 dsn = "postgres://$PGFERRY_PG_USER:\${PGFERRY_PG_PASSWORD}@127.0.0.1:$(pg_port 2)/demo"
+metrics_listen = "127.0.0.1:$((19180 + 2))"
 
 [[nodes]]
 name = "n3"
 id = 3
 region = "local"
 dsn = "postgres://$PGFERRY_PG_USER:\${PGFERRY_PG_PASSWORD}@127.0.0.1:$(pg_port 3)/demo"
+metrics_listen = "127.0.0.1:$((19180 + 3))"
 
 [replication]
 tables = ["public.accounts"]
@@ -134,6 +147,7 @@ until status; do
     ((SECONDS < deadline)) || die "nodes still differ after 120s; see $PGFERRY_LOGS/demo-n*.log"
     sleep 2
 done
+pgferry_status
 echo
 echo "all three nodes hold the same rows. pgferry keeps running:"
 echo "  write on any node:  PGPASSWORD=$PGFERRY_PG_PASSWORD psql -h 127.0.0.1 -p $(pg_port 1) -U postgres demo"
