@@ -80,7 +80,7 @@ pub async fn capture(config: Arc<Config>, node: String, registry: MetricsRegistr
 
 /// Runs apply of `node` forever, with its metrics in `registry`.
 pub async fn apply(config: Arc<Config>, node: String, registry: MetricsRegistry) {
-    let metrics = ApplyMetrics::new(&registry, &node);
+    let metrics = ApplyMetrics::with_max_lag(&registry, &node, config.health.max_apply_lag_ms);
     let options = ApplyOptions {
         metrics: metrics.clone(),
     };

@@ -55,8 +55,14 @@ impl Default for ApplyMetrics {
 }
 
 impl ApplyMetrics {
-    /// Registers apply's health check for `node` in `registry`.
+    /// Registers apply's health check for `node` in `registry`: unhealthy while an origin's
+    /// stream is not running or, with `max_lag_ms`, while an origin lags more than that.
     pub fn new(registry: &MetricsRegistry, node: &str) -> ApplyMetrics {
+        ApplyMetrics::with_max_lag(registry, node, None)
+    }
+
+    /// [`ApplyMetrics::new`] with a lag limit for the health check.
+    pub fn with_max_lag(registry: &MetricsRegistry, node: &str, max_lag_ms: Option<u64>) -> ApplyMetrics {
         let shared = Arc::new(Shared {
             registry: registry.clone(),
             node: node.to_string(),
@@ -74,10 +80,25 @@ impl ApplyMetrics {
                     .filter(|(_, (running, _))| !running)
                     .map(|(o, _)| o.as_str())
                     .collect();
+                let now = now_us();
+                let lagging: Vec<String> = match max_lag_ms {
+                    Some(max) => state
+                        .origins
+                        .iter()
+                        .filter_map(|(o, (_, t))| {
+                            let t = t.load(Ordering::Relaxed);
+                            let lag_ms = (now - t) / 1000;
+                            (t != 0 && lag_ms > max as i64).then(|| format!("{o} lags {lag_ms} ms (max_apply_lag_ms = {max})"))
+                        })
+                        .collect(),
+                    None => Vec::new(),
+                };
                 let problem = if state.origins.is_empty() {
                     "not started".to_string()
-                } else if idle.is_empty() {
+                } else if idle.is_empty() && lagging.is_empty() {
                     return Ok(());
+                } else if idle.is_empty() {
+                    lagging.join(", ")
                 } else {
                     format!("origin stream not running: {}", idle.join(", "))
                 };
@@ -326,5 +347,19 @@ mod tests {
             text.contains("pgferry_healthy{node=\"n2\",service=\"apply\"} 1\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn unhealthy_while_an_origin_lags_past_the_limit() {
+        let registry = MetricsRegistry::new();
+        let apply = ApplyMetrics::with_max_lag(&registry, "n2", Some(1000));
+        let mut m = apply.origin("n1");
+        let _running = m.running();
+        assert!(registry.health().is_ok(), "no figure yet: not judged");
+        m.txn_applied(now_us() - 5_000_000);
+        let e = registry.health().unwrap_err();
+        assert!(e.contains("n1 lags") && e.contains("max_apply_lag_ms = 1000"), "{e}");
+        m.txn_applied(now_us());
+        assert!(registry.health().is_ok());
     }
 }

@@ -40,6 +40,18 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
     /// What replicates.
     pub replication: ReplicationConfig,
+    /// When the services report unhealthy on `/healthz`.
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Apply reports unhealthy while any origin lags more than this (ms of origin time behind
+    /// now). Default: no limit (unhealthy only when a stream is down).
+    pub max_apply_lag_ms: Option<u64>,
 }
 
 /// `[cluster]`.
