@@ -14,6 +14,7 @@ PGFERRY_LOG_TAG=install
 APT_PACKAGES=(
     "postgresql-$PGFERRY_PG_VERSION" "postgresql-client-$PGFERRY_PG_VERSION"
     libpq-dev libsasl2-dev libssl-dev libzstd-dev cmake pkg-config curl unzip python3 python3-venv
+    haproxy # the failover test routes clients by /healthz (deploy/haproxy)
 )
 # JDK (not only a JRE): smoke.sh runs a Java source file, which needs the compiler module.
 command -v javac >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jdk-headless)

@@ -21,6 +21,7 @@ use tokio_postgres::{Client, NoTls};
 pub const PG_PASSWORD: &str = "pgferry";
 
 /// Where the services are.
+#[derive(Debug, Clone)]
 pub struct Endpoints {
     /// DSN of each PostgreSQL server's `postgres` database.
     pub pg: Vec<String>,
@@ -109,7 +110,8 @@ pub struct Node {
     /// takes effect at the next [`Cluster::write_config`].
     pub extra_toml: String,
     admin_dsn: String,
-    db: String,
+    /// The node's database.
+    pub db: String,
 }
 
 /// A running `pgferry` process, SIGKILLed when dropped.
@@ -168,7 +170,17 @@ impl Cluster {
     /// Creates databases for `regions.len()` nodes (node i on server i, at most 3), runs
     /// `setup_sql` in each, writes the config replicating `tables`, but does not run init.
     pub async fn create(test: &str, regions: &[&str], setup_sql: &str, tables: &[&str]) -> Result<Cluster> {
-        let endpoints = Endpoints::from_env();
+        Cluster::create_on(Endpoints::from_env(), test, regions, setup_sql, tables).await
+    }
+
+    /// [`Cluster::create`] on the given servers.
+    pub async fn create_on(
+        endpoints: Endpoints,
+        test: &str,
+        regions: &[&str],
+        setup_sql: &str,
+        tables: &[&str],
+    ) -> Result<Cluster> {
         if regions.len() > endpoints.pg.len() {
             bail!("at most {} nodes", endpoints.pg.len());
         }
@@ -517,4 +529,57 @@ pub fn produce(bootstrap: &str, topic: &str, partition: i32, key: Option<&[u8]>,
     producer.send(record).map_err(|(e, _)| anyhow!("producing to {topic}: {e}"))?;
     producer.flush(Duration::from_secs(30))?;
     Ok(())
+}
+
+/// PostgreSQL servers of one test alone (`deploy/local/pg.sh` under their own state directory
+/// and ports), for tests that stop and start servers; stopped when dropped.
+pub struct OwnServers {
+    root: PathBuf,
+    base_port: u16,
+    /// Their endpoints (Kafka and the registry are the shared ones).
+    pub endpoints: Endpoints,
+}
+
+impl OwnServers {
+    /// Creates (initdb) and starts `n` servers on `base_port + 1 ..= base_port + n`.
+    pub fn start(name: &str, n: usize, base_port: u16) -> Result<OwnServers> {
+        let root = std::env::temp_dir().join(format!("pgferry-servers-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root)?;
+        let servers = OwnServers {
+            endpoints: Endpoints {
+                pg: (1..=n)
+                    .map(|i| format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/postgres", base_port as usize + i))
+                    .collect(),
+                ..Endpoints::from_env()
+            },
+            root,
+            base_port,
+        };
+        servers.pg_sh(&["start", &n.to_string()])?;
+        Ok(servers)
+    }
+
+    /// Runs `deploy/local/pg.sh ARGS` for these servers.
+    pub fn pg_sh(&self, args: &[&str]) -> Result<()> {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/pg.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .env("PGFERRY_LOCAL", &self.root)
+            .env("PGFERRY_PG_BASE_PORT", self.base_port.to_string())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !out.status.success() {
+            bail!("pg.sh {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OwnServers {
+    fn drop(&mut self) {
+        let _ = self.pg_sh(&["stop"]);
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
 }
