@@ -130,3 +130,28 @@ async fn delta_columns_without_full_replica_identity_are_refused() -> Result<()>
     );
     cluster.cleanup().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_named_without_the_password() -> Result<()> {
+    let cluster = Cluster::create("badpw", &["r1", "r1"], TABLE, &["public.items"]).await?;
+    let wrong = "Not-The-Password-91";
+    edit_config(&cluster, |t| {
+        t.replacen(&format!(":{PG_PASSWORD}@"), &format!(":{wrong}@"), 1)
+    })?;
+    let out = cluster.pgferry(&["init"])?;
+    let line = single_error_line(&out);
+    assert!(!line.contains(wrong), "the password leaks: {line}");
+    assert!(line.contains("password authentication failed"), "does not say why: {line}");
+    let (_, rest) = cluster.nodes[0].dsn.rsplit_once('@').expect("DSN has user@host");
+    let endpoint = rest.split('?').next().unwrap_or(rest);
+    assert!(line.contains(endpoint), "does not name {endpoint}: {line}");
+    cluster.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_table_is_named() -> Result<()> {
+    let cluster = Cluster::create("notable", &["r1"], TABLE, &["public.items", "public.nowhere"]).await?;
+    let line = single_error_line(&cluster.pgferry(&["init"])?);
+    assert!(line.contains("public.nowhere"), "does not name public.nowhere: {line}");
+    cluster.cleanup().await
+}
