@@ -71,7 +71,7 @@ async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Resu
             );
         }
     }
-    for (schema, table) in config.tables() {
+    for (schema, table) in config.node_tables(node) {
         let row = sql
             .client
             .query_opt(
@@ -109,7 +109,7 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         .batch_execute(&crate::snowflake::install_sql(node.id))
         .await
         .map_err(sql.err("installing the snowflake id functions"))?;
-    for (schema, table) in config.tables() {
+    for (schema, table) in config.node_tables(node) {
         // Deletes leave tombstones (DESIGN.md, "Conflicts"); the trigger needs the key columns.
         let key = postgres::table_columns(sql, &schema, &table)
             .await?
@@ -121,10 +121,12 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
             .await
             .map_err(sql.err(format!("installing the tombstone trigger on {schema}.{table}")))?;
     }
+    // Column lists and row filters go into the publication (PostgreSQL 15 filters them out of
+    // the change stream itself); tables local to another region are not published here.
     let tables: Vec<String> = config
-        .tables()
+        .node_tables(node)
         .iter()
-        .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+        .map(|(s, t)| config.publication_entry(s, t))
         .collect();
     let publication = pgferry_capture::publication_name();
     let exists = sql

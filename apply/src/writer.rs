@@ -86,7 +86,7 @@ impl Writer {
     pub fn new(config: std::sync::Arc<Config>, local: &str) -> Writer {
         let local_id = config.node(local).map_or(0, |n| n.id);
         Writer {
-            allowed: config.tables().into_iter().collect(),
+            allowed: config.node(local).map(|n| config.node_tables(n)).unwrap_or_default().into_iter().collect(),
             config,
             local: (local.to_string(), local_id),
             tables: HashMap::new(),
@@ -123,10 +123,20 @@ impl Writer {
         Ok(&self.tables[&id])
     }
 
+    /// Whether `schema.table` is local to a region other than this node's.
+    fn local_elsewhere(&self, schema: &str, table: &str) -> bool {
+        self.config
+            .node(&self.local.0)
+            .is_some_and(|n| self.config.local_elsewhere(n, schema, table))
+    }
+
     /// Truncates a table inside the caller's open transaction. Tables the origin truncated by
     /// CASCADE arrive as their own events, so the local statement never cascades: it cannot
     /// reach tables outside the replication set.
     pub async fn truncate(&mut self, sql: &PgSession, t: &Truncate) -> Result<(), ApplyError> {
+        if self.local_elsewhere(&t.schema, &t.table) {
+            return Ok(());
+        }
         let id = (t.schema.clone(), t.table.clone());
         if !self.allowed.contains(&id) {
             return Err(ApplyError::Write {
@@ -212,6 +222,10 @@ impl Writer {
     /// A change PostgreSQL refuses for its data comes back as [`ApplyError::Rejected`] with the
     /// table's `on_error`.
     pub async fn apply(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Option<Settled>, ApplyError> {
+        if self.local_elsewhere(&ev.schema, &ev.table) {
+            // Region-local to another region (data residency): never held on this node.
+            return Ok(None);
+        }
         let result = match self.apply_settling(sql, ev).await {
             // The table may have changed since its columns were read (a column added here to
             // match the origin): read them again once before calling the change unusable.

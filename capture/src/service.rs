@@ -221,7 +221,8 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
 /// needs each update's old value to compute `new − old`, and only a full replica identity makes
 /// PostgreSQL log it.
 pub async fn check_delta_tables(config: &Config, node: &str, sql: &PgSession) -> Result<(), CaptureError> {
-    for (schema, table) in config.tables() {
+    let tables = config.node(node).map(|n| config.node_tables(n)).unwrap_or_default();
+    for (schema, table) in tables {
         let delta = config.delta_columns(&schema, &table);
         if delta.is_empty() {
             continue;

@@ -164,6 +164,14 @@ pub struct TableOptions {
     /// node adds each remote change's `new − old`. Needs REPLICA IDENTITY FULL.
     #[serde(default)]
     pub delta_columns: Vec<String>,
+    /// Only rows matching this SQL condition replicate (a PostgreSQL publication row filter;
+    /// for updates and deletes it may use only replica identity columns).
+    pub row_filter: Option<String>,
+    /// Only these columns replicate (a publication column list; must include the key).
+    pub columns: Option<Vec<String>>,
+    /// Region-local (data residency): only the nodes of this region capture and apply the table,
+    /// so its rows never reach another region's nodes or topic.
+    pub region: Option<String>,
 }
 
 /// How apply settles a conflict (DESIGN.md, "Conflicts"). Every node must pick the same winner.
@@ -357,12 +365,29 @@ impl Config {
             }
         }
         let tables = self.tables();
-        for name in self.replication.table.keys() {
+        for (name, options) in &self.replication.table {
             if !tables.contains(&qualify(name)) {
                 return Err(invalid(
                     format!("replication.table.{name:?}"),
                     format!("{name:?} is not in replication.tables"),
                 ));
+            }
+            if let Some(r) = &options.region {
+                if !self.regions().contains(r) {
+                    return Err(invalid(
+                        format!("replication.table.{name:?}.region"),
+                        format!("{r:?} is not the region of any node"),
+                    ));
+                }
+            }
+            if options.columns.as_ref().is_some_and(|c| c.is_empty() || c.iter().any(|c| c.is_empty())) {
+                return Err(invalid(
+                    format!("replication.table.{name:?}.columns"),
+                    "lists no column, or an empty name".into(),
+                ));
+            }
+            if options.row_filter.as_ref().is_some_and(|f| f.trim().is_empty()) {
+                return Err(invalid(format!("replication.table.{name:?}.row_filter"), "is empty".into()));
             }
         }
         if self.replication.tables.is_empty() {
@@ -444,6 +469,38 @@ impl Config {
     /// Replicated tables as `(schema, table)`.
     pub fn tables(&self) -> Vec<(String, String)> {
         self.replication.tables.iter().map(|t| qualify(t)).collect()
+    }
+
+    /// The replicated tables `node` captures and applies: all but those local to another
+    /// region.
+    pub fn node_tables(&self, node: &NodeConfig) -> Vec<(String, String)> {
+        self.tables()
+            .into_iter()
+            .filter(|(s, t)| !self.local_elsewhere(node, s, t))
+            .collect()
+    }
+
+    /// Whether `schema.table` is region-local to a region other than `node`'s.
+    pub fn local_elsewhere(&self, node: &NodeConfig, schema: &str, table: &str) -> bool {
+        self.table_options(schema, table)
+            .and_then(|o| o.region.as_deref())
+            .is_some_and(|r| r != node.region)
+    }
+
+    /// The publication's entry for `schema.table`: the quoted name, its column list and row
+    /// filter (`"s"."t" ("a", "b") WHERE (…)`).
+    pub fn publication_entry(&self, schema: &str, table: &str) -> String {
+        let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+        let mut entry = format!("{}.{}", q(schema), q(table));
+        if let Some(o) = self.table_options(schema, table) {
+            if let Some(cols) = &o.columns {
+                entry += &format!(" ({})", cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", "));
+            }
+            if let Some(f) = &o.row_filter {
+                entry += &format!(" WHERE ({f})");
+            }
+        }
+        entry
     }
 
     /// The delta columns of `schema.table`.
