@@ -204,6 +204,19 @@ impl PartitionStream {
         }
     }
 
+    /// A transaction (`what`) whose last event never came: the message at `offset` belongs to
+    /// the next one.
+    fn unended(&self, offset: i64, what: &str, (origin, lsn): (&str, u64), (next_origin, next_lsn): (&str, u64)) -> ApplyError {
+        self.stream_err(
+            offset,
+            format!(
+                "{what} {} of {origin} ended without its last event; next is {} of {next_origin}",
+                format_lsn(lsn),
+                format_lsn(next_lsn)
+            ),
+        )
+    }
+
     fn unusable(&self, offset: i64, message: String) -> ApplyError {
         ApplyError::Unusable {
             source_node: self.source.clone(),
@@ -318,15 +331,7 @@ impl PartitionStream {
             .ok_or_else(|| self.stream_err(offset, "missing or bad pgferry-commit-lsn header".into()))?;
         if let Some(s) = self.skipping.take() {
             if s.origin != origin || s.commit_lsn != commit_lsn {
-                return Err(self.stream_err(
-                    offset,
-                    format!(
-                        "skipped transaction {} of {} ended without its last event; next is {} of {origin}",
-                        format_lsn(s.commit_lsn),
-                        s.origin,
-                        format_lsn(commit_lsn)
-                    ),
-                ));
+                return Err(self.unended(offset, "skipped transaction", (&s.origin, s.commit_lsn), (origin, commit_lsn)));
             }
             self.dead_letters.send(&self.sql, msg, &s.reason).await?;
             self.metrics.dead_letter();
@@ -348,15 +353,7 @@ impl PartitionStream {
         }
         if let Some(t) = open.as_ref() {
             if t.commit_lsn != commit_lsn || t.origin != origin {
-                return Err(self.stream_err(
-                    offset,
-                    format!(
-                        "transaction {} of {} ended without its last event; next is {} of {origin}",
-                        format_lsn(t.commit_lsn),
-                        t.origin,
-                        format_lsn(commit_lsn)
-                    ),
-                ));
+                return Err(self.unended(offset, "transaction", (&t.origin, t.commit_lsn), (origin, commit_lsn)));
             }
         }
         let payload = msg.payload().unwrap_or_default();
