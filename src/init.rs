@@ -106,6 +106,10 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         .await
         .map_err(sql.err("installing pgferry's conflict tables"))?;
     sql.client
+        .batch_execute(&pgferry_apply::ddl::trigger_sql(&config.node_tables(node)))
+        .await
+        .map_err(sql.err("installing the DDL replication event trigger"))?;
+    sql.client
         .batch_execute(&crate::snowflake::install_sql(node.id))
         .await
         .map_err(sql.err("installing the snowflake id functions"))?;

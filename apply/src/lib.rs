@@ -16,6 +16,7 @@
 mod conflict;
 pub mod conflict_publisher;
 mod dead_letter;
+pub mod ddl;
 mod error;
 pub mod metrics;
 mod partition_stream;

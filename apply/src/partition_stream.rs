@@ -452,6 +452,12 @@ impl PartitionStream {
                 self.origin_metrics(&t.origin).truncate();
             }
             Item::Message(m) => {
+                if let Some(ddl) = crate::ddl::parse(&m.prefix, &m.content) {
+                    let ddl = ddl.map_err(|message| self.unusable(offset, message))?;
+                    if !self.run_ddl(msg, &ddl).await? {
+                        return Ok(());
+                    }
+                }
                 // Written again in its place, so that a node forwarding this origin passes it on
                 // (this node's capture skips it otherwise: the transaction carries an origin).
                 self.sql
@@ -465,6 +471,54 @@ impl PartitionStream {
             self.commit(open, offset, commit_lsn, commit_ts_us).await?;
         }
         Ok(())
+    }
+
+    /// Runs replicated DDL in the open transaction, inside a savepoint so that a statement the
+    /// node refuses follows the cluster's `on_error` like a change: `skip_change` skips it
+    /// (dead-lettered, and the rest of the transaction is applied), the others stop or skip
+    /// the transaction. Returns whether it ran (false: skipped).
+    async fn run_ddl(&mut self, msg: &BorrowedMessage<'_>, ddl: &crate::ddl::DdlMessage) -> Result<bool, ApplyError> {
+        let on_error = self.config.replication.on_error;
+        self.sql
+            .client
+            .batch_execute("SAVEPOINT pgferry_ddl")
+            .await
+            .map_err(self.sql.err("setting a savepoint"))?;
+        match crate::ddl::apply(&self.sql, ddl).await {
+            Ok(()) => {
+                self.sql
+                    .client
+                    .batch_execute("RELEASE SAVEPOINT pgferry_ddl")
+                    .await
+                    .map_err(self.sql.err("releasing a savepoint"))?;
+                // Tables may have new columns or types: read them again.
+                self.writer.forget_tables();
+                tracing::info!(node = %self.node, source = %self.source, offset = msg.offset(), sql = %ddl.sql, "replicated DDL applied");
+                Ok(true)
+            }
+            Err(ApplyError::Pg(source)) if source.rejects_data() => {
+                let e = ApplyError::Rejected {
+                    origin: header(msg, HEADER_ORIGIN).unwrap_or_default().to_string(),
+                    table: "(DDL)".into(),
+                    on_error,
+                    source,
+                };
+                if on_error != OnError::SkipChange {
+                    return Err(e);
+                }
+                self.sql
+                    .client
+                    .batch_execute("ROLLBACK TO SAVEPOINT pgferry_ddl; RELEASE SAVEPOINT pgferry_ddl")
+                    .await
+                    .map_err(self.sql.err("rolling back to a savepoint"))?;
+                tracing::warn!(node = %self.node, source = %self.source, offset = msg.offset(), error = %e,
+                    "replicated DDL skipped (on_error = skip_change); it goes to the dead-letter topic");
+                self.dead_letters.send(&self.sql, msg, &format!("skipped DDL: {e}")).await?;
+                self.metrics.dead_letter();
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Opens the local transaction of a source transaction under the session's origin.

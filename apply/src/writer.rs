@@ -123,6 +123,12 @@ impl Writer {
         Ok(&self.tables[&id])
     }
 
+    /// Forgets every table's columns and every prepared statement (after DDL changed tables).
+    pub fn forget_tables(&mut self) {
+        self.tables.clear();
+        self.statements.clear();
+    }
+
     /// Whether `schema.table` is local to a region other than this node's.
     fn local_elsewhere(&self, schema: &str, table: &str) -> bool {
         self.config

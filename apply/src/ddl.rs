@@ -1,0 +1,124 @@
+//! DDL replication (DESIGN.md, "DDL").
+//!
+//! On every node an event trigger (installed by `pgferry init`, [`trigger_sql`]) turns a DDL
+//! statement that touches a replicated table — `ALTER TABLE`, `CREATE INDEX` on it, and
+//! `ALTER TYPE`/`CREATE TYPE` in a schema of a replicated table — into a transactional logical
+//! message with prefix [`PREFIX`] carrying the statement text and the session's `search_path`.
+//! Capture publishes it in order with the transaction's rows; apply runs it ([`apply`]) in the
+//! applying transaction before that origin's next change. The trigger does nothing in a session
+//! that has a replication origin set up (apply's), so nothing loops.
+//!
+//! Known limits: the whole query string of the statement is sent, so a string that mixes DDL
+//! with other statements (`ALTER …; INSERT …` in one simple query) would run those again on the
+//! other nodes — send DDL on its own. `DROP TABLE`/`DROP INDEX` and `CREATE TABLE` are not
+//! replicated (a new table joins replication through the config and `pgferry init`).
+
+use pgferry_connectors::postgres::{quote_literal, PgSession};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApplyError;
+
+/// Prefix of DDL messages.
+pub const PREFIX: &str = "pgferry.ddl";
+
+/// One replicated DDL statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DdlMessage {
+    /// The `search_path` it ran with.
+    pub search_path: String,
+    /// The statement text (the query string of the top-level statement).
+    pub sql: String,
+}
+
+/// The event trigger that emits DDL messages, for a node replicating `tables` (`(schema,
+/// table)`). Idempotent.
+pub fn trigger_sql(tables: &[(String, String)]) -> String {
+    let qualified: Vec<String> = tables
+        .iter()
+        .map(|(s, t)| quote_literal(&format!("\"{}\".\"{}\"", s.replace('"', "\"\""), t.replace('"', "\"\""))))
+        .collect();
+    let mut schemas: Vec<String> = tables.iter().map(|(s, _)| quote_literal(s)).collect();
+    schemas.sort();
+    schemas.dedup();
+    format!(
+        "CREATE OR REPLACE FUNCTION pgferry.replicate_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+         DECLARE
+             r record;
+             q text := current_query();
+             tables oid[] := ARRAY(SELECT to_regclass(n)::oid FROM unnest(ARRAY[{tables}]::text[]) n);
+             replicate boolean := false;
+         BEGIN
+             -- apply's own session (a replication origin is set up): never sent again
+             IF pg_replication_origin_session_is_setup() THEN RETURN; END IF;
+             -- several commands of one query string: sent once
+             IF current_setting('pgferry.ddl_sent', true) = md5(q) THEN RETURN; END IF;
+             FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+                 CONTINUE WHEN r.in_extension;
+                 IF (r.object_type = 'table' AND r.objid = ANY (tables))
+                    OR (r.object_type = 'index' AND (SELECT indrelid FROM pg_index WHERE indexrelid = r.objid) = ANY (tables))
+                    OR (r.object_type = 'type' AND r.schema_name = ANY (ARRAY[{schemas}]::text[])) THEN
+                     replicate := true;
+                 END IF;
+             END LOOP;
+             IF replicate THEN
+                 PERFORM pg_logical_emit_message(true, '{PREFIX}',
+                     json_build_object('search_path', current_setting('search_path'), 'sql', q)::text);
+                 PERFORM set_config('pgferry.ddl_sent', md5(q), true);
+             END IF;
+         END $fn$;
+         DROP EVENT TRIGGER IF EXISTS pgferry_ddl;
+         CREATE EVENT TRIGGER pgferry_ddl ON ddl_command_end EXECUTE FUNCTION pgferry.replicate_ddl();",
+        tables = if qualified.is_empty() { "NULL".into() } else { qualified.join(", ") },
+        schemas = if schemas.is_empty() { "NULL".into() } else { schemas.join(", ") },
+    )
+}
+
+/// The DDL a message carries, if it is one.
+pub fn parse(prefix: &str, content: &[u8]) -> Option<Result<DdlMessage, String>> {
+    (prefix == PREFIX).then(|| serde_json::from_slice(content).map_err(|e| format!("DDL message that does not parse: {e}")))
+}
+
+/// Runs `ddl` inside the caller's open transaction with the `search_path` it ran with on its
+/// origin, then restores the session's own.
+pub async fn apply(sql: &PgSession, ddl: &DdlMessage) -> Result<(), ApplyError> {
+    let own: String = sql
+        .client
+        .query_one("SELECT current_setting('search_path')", &[])
+        .await
+        .map_err(sql.err("reading search_path"))?
+        .get(0);
+    sql.client
+        .execute("SELECT set_config('search_path', $1, true)", &[&ddl.search_path])
+        .await
+        .map_err(sql.err("setting the DDL's search_path"))?;
+    sql.client
+        .batch_execute(&ddl.sql)
+        .await
+        .map_err(sql.err(format!("running replicated DDL {:?}", ddl.sql)))?;
+    sql.client
+        .execute("SELECT set_config('search_path', $1, true)", &[&own])
+        .await
+        .map_err(sql.err("restoring search_path"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trigger_names_the_tables_and_their_schemas() {
+        let sql = trigger_sql(&[("public".into(), "t".into()), ("app".into(), "it's".into())]);
+        assert!(sql.contains(r#"'"public"."t"'"#), "{sql}");
+        assert!(sql.contains(r#"'"app"."it''s"'"#), "{sql}");
+        assert!(sql.contains("ARRAY['app', 'public']"), "{sql}");
+    }
+
+    #[test]
+    fn parses_only_its_prefix() {
+        let m = parse(PREFIX, br#"{"search_path": "public", "sql": "ALTER TABLE t ADD c int"}"#);
+        assert_eq!(m.unwrap().unwrap().sql, "ALTER TABLE t ADD c int");
+        assert!(parse("app.audit", b"{}").is_none());
+        assert!(parse(PREFIX, b"not json").unwrap().is_err());
+    }
+}

@@ -1,0 +1,91 @@
+//! DDL replication: `ALTER TABLE … ADD COLUMN` and `CREATE INDEX` run on n2 while n1 and n3 write
+//! to the table reach every node in order with the rows around them: afterwards the column and
+//! the index exist everywhere, rows written after the change carry their values on all nodes,
+//! and the registry holds the table's new schema version. A statement a node refuses follows
+//! the cluster's `on_error` like a change.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgferry_integration_tests::{wait_until, Cluster};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_column_while_others_write_reaches_every_node() -> anyhow::Result<()> {
+    let cluster = Cluster::start("ddl", &["r1", "r1", "r2"], "CREATE TABLE t (id int PRIMARY KEY, v text, node text);", &["public.t"]).await?;
+    let _services: Vec<_> = (0..3).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    // n1 and n3 write all along; once they see the column they fill it too.
+    let writer = |i: usize, base: i32| {
+        let (cluster, stop) = (&cluster, stop.clone());
+        async move {
+            let c = cluster.sql(i).await?;
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) {
+                k += 1;
+                let has_extra: bool = c
+                    .query_one("SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'extra')", &[])
+                    .await?
+                    .get(0);
+                let sql = if has_extra {
+                    "INSERT INTO t (id, v, node, extra) VALUES ($1, 'x', $2, 'set-' || $2)"
+                } else {
+                    "INSERT INTO t (id, v, node) VALUES ($1, 'x', $2)"
+                };
+                c.execute(sql, &[&(base + k), &format!("n{}", i + 1)]).await?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok(k)
+        }
+    };
+    let writes = futures::future::try_join(writer(0, 1_000_000), writer(2, 3_000_000));
+    let change = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let n2 = cluster.sql(1).await?;
+        n2.batch_execute("ALTER TABLE t ADD COLUMN extra text DEFAULT 'default'").await?;
+        n2.batch_execute("CREATE INDEX t_extra ON t (extra)").await?;
+        n2.batch_execute("INSERT INTO t (id, v, node, extra) VALUES (2000001, 'x', 'n2', 'set-n2')").await?;
+        // Every node has the column before the writers stop, so both sides wrote with it.
+        for i in [0, 2] {
+            let c = cluster.sql(i).await?;
+            wait_until("the column on every node", Duration::from_secs(60), || async {
+                Ok(c.query_one("SELECT count(*) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'extra'", &[])
+                    .await?
+                    .get::<_, i64>(0)
+                    == 1)
+            })
+            .await?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, Ordering::Relaxed);
+        anyhow::Ok(())
+    };
+    let ((w1, w3), ()) = tokio::try_join!(writes, change)?;
+    eprintln!("rows written: n1 {w1}, n3 {w3}");
+    let (_, rows) = cluster.wait_converged("t", Duration::from_secs(120)).await?;
+    assert_eq!(rows, (w1 + w3 + 1) as i64);
+    for i in 0..3 {
+        let c = cluster.sql(i).await?;
+        let set: i64 = c.query_one("SELECT count(*) FROM t WHERE extra LIKE 'set-%'", &[]).await?.get(0);
+        let per_node: i64 = c
+            .query_one("SELECT count(DISTINCT node) FROM t WHERE extra = 'set-' || node", &[])
+            .await?
+            .get(0);
+        assert!(set > 3 && per_node == 3, "node {i}: rows written after the change carry values from every node ({set}, {per_node})");
+        let index: i64 = c.query_one("SELECT count(*) FROM pg_indexes WHERE indexname = 't_extra'", &[]).await?.get(0);
+        assert_eq!(index, 1, "node {i}: the index was replicated");
+    }
+    // The registry holds a second version of the table's value schema.
+    let subjects: Vec<String> = reqwest::get(format!("{}/subjects", cluster.endpoints.registry)).await?.json().await?;
+    let subject = subjects
+        .iter()
+        .find(|s| s.starts_with(&cluster.name) && s.contains(".t.Envelope"))
+        .ok_or_else(|| anyhow::anyhow!("no envelope subject of t in {subjects:?}"))?;
+    let versions: Vec<i64> = reqwest::get(format!("{}/subjects/{subject}/versions", cluster.endpoints.registry))
+        .await?
+        .json()
+        .await?;
+    assert!(versions.len() >= 2, "{subject}: {versions:?}");
+    drop(_services);
+    cluster.cleanup().await
+}
