@@ -13,6 +13,7 @@ pub mod codec;
 pub mod conflict_report;
 pub mod envelope_schema;
 pub mod event;
+pub mod fuzzing;
 pub mod heartbeat;
 pub mod logical_message;
 pub mod naming;
