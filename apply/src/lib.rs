@@ -17,6 +17,7 @@ mod error;
 pub mod metrics;
 mod partition_stream;
 mod progress;
+pub mod replay;
 mod service;
 mod writer;
 

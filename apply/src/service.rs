@@ -7,7 +7,6 @@ use std::time::Duration;
 use pgferry_connectors::config::Config;
 use pgferry_connectors::kafka::{self, KafkaError};
 use pgferry_connectors::postgres;
-use pgferry_connectors::registry::Registry;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -16,7 +15,6 @@ use crate::dead_letter::DeadLetters;
 use crate::metrics::ApplyMetrics;
 use crate::partition_stream::PartitionStream;
 use crate::progress;
-use crate::writer::Writer;
 
 /// Tuning of apply.
 #[derive(Debug, Clone, Default)]
@@ -31,7 +29,6 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
         node: node_name.into(),
         message: "not in the config's [[nodes]]".into(),
     })?;
-    let registry = Registry::new(&config.registry.url);
     let group = format!("pgferry-{}-{}-apply", config.cluster.name, node.name);
     let consumer: StreamConsumer = kafka::read_committed_config(&config.kafka, &group)
         .create()
@@ -41,11 +38,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             source,
         })?;
     let consumer = Arc::new(consumer);
-    let dead_letters = Arc::new(DeadLetters {
-        producer: kafka::plain_producer(&config.kafka)?,
-        topic: format!("{}.dlq", config.cluster.name),
-        node: node.name.clone(),
-    });
+    let dead_letters = Arc::new(DeadLetters::new(&config, &node.name)?);
 
     // The partition of every node this node reads (DESIGN.md; `read_regions`), resumed after
     // its last applied message.
@@ -66,24 +59,17 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
                 what: format!("assigning {topic}/{partition}"),
                 source,
             })?;
-        streams.push(PartitionStream {
-            metrics: options.metrics.clone(),
-            dead_letters: dead_letters.clone(),
-            origin_metrics: Default::default(),
-            source: remote.name.clone(),
+        streams.push(PartitionStream::new(
+            config.clone(),
+            &node.name,
+            &remote.name,
             topic,
             partition,
-            config: config.clone(),
-            applied: resume.origins,
             sql,
-            session_origin: None,
-            writer: Writer::new(config.clone(), &node.name),
-            registry: registry.clone(),
-            readers: Default::default(),
-            fixed_schemas: Default::default(),
-            node: node.name.clone(),
-            statements: None,
-        });
+            resume.origins,
+            options.metrics.clone(),
+            dead_letters.clone(),
+        ));
     }
     consumer.assign(&tpl).map_err(|source| KafkaError::Client {
         bootstrap: config.kafka.bootstrap_servers.clone(),
