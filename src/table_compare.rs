@@ -75,6 +75,7 @@ pub struct Progress {
     done: i64,
     differing: usize,
     last: Option<Instant>,
+    finished: bool,
 }
 
 impl Progress {
@@ -87,6 +88,7 @@ impl Progress {
             done: 0,
             differing: 0,
             last: None,
+            finished: false,
         }
     }
 
@@ -99,7 +101,9 @@ impl Progress {
         self.done += rows;
         self.differing += differing;
         let due = self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-        if due || self.done >= self.total {
+        let finishing = self.done >= self.total && !self.finished;
+        self.finished |= finishing;
+        if due || finishing {
             self.print();
         }
     }
