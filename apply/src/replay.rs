@@ -218,7 +218,7 @@ pub async fn run(
     if plan.start >= plan.end {
         return Ok(report);
     }
-    let sql = postgres::connect(dsn, &format!("pgferry-replay-{node}-from-{}", plan.origin)).await?;
+    let sql = postgres::connect(dsn, "pgferry-replay").await?;
     if req.force {
         reset_progress(&sql, plan, req.after_lsn.unwrap_or(0)).await?;
     }
