@@ -5,6 +5,7 @@ mod catch_up;
 mod conflicts_cmd;
 mod diff;
 mod init;
+mod node_rebuild;
 mod repair;
 mod replay;
 mod row_sql;
@@ -53,6 +54,11 @@ enum Command {
     Repair(repair::RepairArgs),
     /// Re-read a range of the topics into a node (a no-op for what it applied, unless --force).
     Replay(replay::ReplayArgs),
+    /// Node administration: rebuild a damaged node from a peer.
+    Node {
+        #[command(subcommand)]
+        command: node_rebuild::NodeCommand,
+    },
 }
 
 impl Command {
@@ -129,6 +135,7 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<i32> {
         Command::Conflicts { command } => conflicts_cmd::run(&config, command).await?,
         Command::Repair(args) => repair::run(&config, args).await?,
         Command::Replay(args) => replay::run(config.clone(), args).await?,
+        Command::Node { command } => node_rebuild::run(config.clone(), command).await?,
         Command::Capture(args) => {
             let node = node_of(&args.node)?;
             let registry = serve_metrics(&config, &node, args.metrics_listen, &cli.config).await?;

@@ -65,14 +65,8 @@ fn parse_time_ms(text: &str) -> Result<i64, String> {
 
 /// An LSN in PostgreSQL's `X/Y` form.
 fn parse_lsn(text: &str) -> Result<u64, String> {
-    let bad = || format!("{text:?} is not an LSN (X/Y in hex, e.g. 0/16B3748)");
-    let (hi, lo) = text.split_once('/').ok_or_else(bad)?;
-    let hi = u64::from_str_radix(hi, 16).map_err(|_| bad())?;
-    let lo = u64::from_str_radix(lo, 16).map_err(|_| bad())?;
-    if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
-        return Err(bad());
-    }
-    Ok(hi << 32 | lo)
+    pgferry_connectors::replication::parse_lsn(text)
+        .ok_or_else(|| format!("{text:?} is not an LSN (X/Y in hex, e.g. 0/16B3748)"))
 }
 
 pub async fn run(config: Arc<Config>, a: ReplayArgs) -> Result<()> {

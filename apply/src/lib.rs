@@ -24,5 +24,5 @@ mod writer;
 pub use conflict::{tombstone_trigger_sql, SCHEMA_SQL as CONFLICT_SCHEMA_SQL};
 pub use error::ApplyError;
 pub use metrics::ApplyMetrics;
-pub use progress::origin_name;
+pub use progress::{format_lsn, origin_name};
 pub use service::{run, ApplyOptions};

@@ -217,3 +217,82 @@ async fn restore_from_dump_and_replay_rolls_the_node_forward_exactly() -> anyhow
     drop(services);
     cluster.cleanup().await
 }
+
+/// `pgferry node rebuild n2 --copy-from n3` while n1 keeps writing: n2 is damaged (rows
+/// deleted and changed locally, unpublished), and n3 had not applied n2's last transactions
+/// (its pgferry was down), so the rebuild must copy n3's snapshot, resume every origin from
+/// it, and replay n2's own transactions that n3 lacked. Afterwards every node has every row
+/// and every counter is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_rebuild_from_a_peer_while_others_write() -> anyhow::Result<()> {
+    let cluster = cluster("rebuild", &["r1", "r1", "r2"]).await?;
+    let mut services: Vec<_> = (0..3).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    for i in 0..3 {
+        bump(&cluster, i, 1, 20).await?;
+    }
+    cluster.wait_converged("log", Duration::from_secs(90)).await?;
+
+    // n3 stops; n2 writes 5 more (published, not applied on n3); then n2 stops and is damaged.
+    services[2].kill();
+    bump(&cluster, 1, 21, 5).await?;
+    cluster.wait_published(1, Duration::from_secs(60)).await?;
+    services[1].kill();
+    wait_apply_gone(&cluster, 1).await?;
+    cluster
+        .write_unpublished(1, "damage", "DELETE FROM log WHERE id % 3 = 0; UPDATE counters SET n = 999 WHERE id = 1")
+        .await?;
+
+    // n1 writes all along; n3 writes too (published once it runs again).
+    let writers = {
+        let c1 = cluster.sql(0).await?;
+        let c3 = cluster.sql(2).await?;
+        let one = async move {
+            for k in 21..61 {
+                c1.batch_execute(&format!(
+                    "BEGIN; UPDATE counters SET n = n + 1 WHERE id = 1; INSERT INTO log VALUES ({}, 1, 'txn {k}'); COMMIT;",
+                    1_000_000 + k
+                ))
+                .await?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok(())
+        };
+        let three = async move {
+            for k in 21..41 {
+                c3.batch_execute(&format!(
+                    "BEGIN; UPDATE counters SET n = n + 1 WHERE id = 3; INSERT INTO log VALUES ({}, 3, 'txn {k}'); COMMIT;",
+                    3_000_000 + k
+                ))
+                .await?;
+            }
+            anyhow::Ok(())
+        };
+        tokio::spawn(async move { tokio::try_join!(one, three).map(|_| ()) })
+    };
+
+    let out = cluster.pgferry(&["node", "rebuild", &names[1], "--copy-from", &names[2]])?;
+    eprintln!(
+        "pgferry node rebuild:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "rebuild failed");
+    services[1] = cluster.spawn("run", 1)?;
+    services[2] = cluster.spawn("run", 2)?;
+    writers.await??;
+    cluster.wait_converged("log", Duration::from_secs(120)).await?;
+    cluster.wait_converged("counters", Duration::from_secs(60)).await?;
+    for i in 0..3 {
+        assert_eq!(
+            counters(&cluster, i).await?,
+            vec![(1, 60), (2, 25), (3, 40)],
+            "node {i}: every transaction exactly once"
+        );
+    }
+    let log = cluster.sql(1).await?;
+    let rows: i64 = log.query_one("SELECT count(*) FROM log", &[]).await?.get(0);
+    assert_eq!(rows, 60 + 25 + 40);
+    drop(services);
+    cluster.cleanup().await
+}
