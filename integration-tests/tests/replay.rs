@@ -10,6 +10,8 @@
 //!   `pgferry.apply_progress` (dedup skips whatever the dump already holds), n2's own changes
 //!   since the dump with `--force --after-lsn <LSN of the dump>`. Then n2 equals the others and
 //!   every counter is exact.
+//! - `pgferry node rebuild` of a damaged node from a peer while another node writes (replay is
+//!   how the rebuild gets the node's own transactions the peer lacked).
 
 use std::process::Command;
 use std::time::Duration;
