@@ -113,7 +113,8 @@ struct OpenTxn {
 
 impl PartitionStream {
     /// A stream of `source`'s partition `topic`/`partition` into `node`, on session `sql`, that
-    /// resumes with `applied` (origin → commit LSN of its last applied transaction).
+    /// resumes with `applied` (origin → commit LSN of its last applied transaction); `registry`
+    /// is shared with the node's other streams (its cache).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
@@ -125,6 +126,7 @@ impl PartitionStream {
         applied: HashMap<String, u64>,
         metrics: ApplyMetrics,
         dead_letters: Arc<DeadLetters>,
+        registry: Registry,
     ) -> PartitionStream {
         PartitionStream {
             metrics,
@@ -134,7 +136,7 @@ impl PartitionStream {
             topic,
             partition,
             writer: Writer::new(config.clone(), node),
-            registry: Registry::new(&config.registry.url),
+            registry,
             config,
             applied,
             sql,

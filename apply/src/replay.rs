@@ -21,6 +21,7 @@ use std::time::Duration;
 use pgferry_connectors::config::Config;
 use pgferry_connectors::kafka::{self, KafkaError, QuietEof};
 use pgferry_connectors::postgres::{self, PgSession};
+use pgferry_connectors::registry::Registry;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -252,6 +253,7 @@ pub async fn run(
         applied,
         ApplyMetrics::default(),
         Arc::new(DeadLetters::new(&config, node)?),
+        Registry::new(&config.registry.url),
     );
     stream.only_origin = Some(plan.origin.clone());
     stream.apply_own = plan.origin == node;

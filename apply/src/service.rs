@@ -7,6 +7,7 @@ use std::time::Duration;
 use pgferry_connectors::config::Config;
 use pgferry_connectors::kafka::{self, KafkaError};
 use pgferry_connectors::postgres;
+use pgferry_connectors::registry::Registry;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -29,6 +30,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
         node: node_name.into(),
         message: "not in the config's [[nodes]]".into(),
     })?;
+    let registry = Registry::new(&config.registry.url);
     let group = format!("pgferry-{}-{}-apply", config.cluster.name, node.name);
     let consumer: StreamConsumer = kafka::read_committed_config(&config.kafka, &group)
         .create()
@@ -69,6 +71,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             resume.origins,
             options.metrics.clone(),
             dead_letters.clone(),
+            registry.clone(),
         ));
     }
     consumer.assign(&tpl).map_err(|source| KafkaError::Client {
