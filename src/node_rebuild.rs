@@ -28,7 +28,6 @@ use clap::{Args, Subcommand};
 use futures::{SinkExt, StreamExt};
 use pgferry_apply::replay::{self, ReplayRequest, ReplayStart};
 use pgferry_connectors::config::Config;
-use pgferry_connectors::kafka;
 use pgferry_connectors::postgres::{self, quote_ident, quote_literal, PgSession};
 use pgferry_connectors::replication;
 
@@ -227,34 +226,19 @@ async fn rebuild(config: Arc<Config>, a: RebuildArgs) -> Result<()> {
 async fn copy_table(psql: &PgSession, nsql: &PgSession, meta: &TableMeta) -> Result<u64> {
     let cols: Vec<String> = meta.columns.iter().map(|(c, _)| quote_ident(c)).collect();
     let cols = cols.join(", ");
-    let out = psql
-        .client
-        .copy_out(&format!("COPY (SELECT {cols} FROM {}) TO STDOUT", meta.qualified))
-        .await
-        .map_err(psql.err(format!("reading {}", meta.qualified)))?;
-    let sink = nsql
-        .client
-        .copy_in(&format!("COPY {} ({cols}) FROM STDIN", meta.qualified))
-        .await
-        .map_err(nsql.err(format!("writing {}", meta.qualified)))?;
-    let mut out = std::pin::pin!(out);
-    let mut sink = std::pin::pin!(sink);
-    while let Some(chunk) = out.next().await {
-        let chunk = chunk.map_err(psql.err(format!("reading {}", meta.qualified)))?;
-        sink.send(chunk)
-            .await
-            .map_err(nsql.err(format!("writing {}", meta.qualified)))?;
-    }
-    Ok(sink
-        .as_mut()
-        .finish()
-        .await
-        .map_err(nsql.err(format!("writing {}", meta.qualified)))?)
+    copy(
+        psql,
+        &format!("COPY (SELECT {cols} FROM {}) TO STDOUT", meta.qualified),
+        nsql,
+        &format!("COPY {} ({cols}) FROM STDIN", meta.qualified),
+        &format!("copying {}", meta.qualified),
+    )
+    .await
 }
 
 /// Streams each row's stamp on the peer (commit time and origin of its version there, or the
 /// peer's own `pgferry.row_stamps` entry for it) into the node's staging table.
-async fn copy_stamps(psql: &PgSession, nsql: &PgSession, peer: &str, name: &str, meta: &TableMeta) -> Result<()> {
+async fn copy_stamps(psql: &PgSession, nsql: &PgSession, peer: &str, name: &str, meta: &TableMeta) -> Result<u64> {
     let key: Vec<String> = meta.key.iter().map(|k| format!("r.{}", quote_ident(k))).collect();
     let key = format!("jsonb_build_array({})", key.join(", "));
     let text = format!(
@@ -271,24 +255,20 @@ async fn copy_stamps(psql: &PgSession, nsql: &PgSession, peer: &str, name: &str,
         peer = quote_literal(peer),
         table = meta.qualified,
     );
-    let out = psql
-        .client
-        .copy_out(&text)
-        .await
-        .map_err(psql.err(format!("reading the row stamps of {name}")))?;
-    let sink = nsql
-        .client
-        .copy_in("COPY pgferry_rebuild_stamps FROM STDIN")
-        .await
-        .map_err(nsql.err("staging row stamps"))?;
+    copy(psql, &text, nsql, "COPY pgferry_rebuild_stamps FROM STDIN", &format!("copying the row stamps of {name}")).await
+}
+
+/// Streams the output of `copy_out` on `from` into `copy_in` on `to`, chunk by chunk; the rows.
+async fn copy(from: &PgSession, copy_out: &str, to: &PgSession, copy_in: &str, what: &str) -> Result<u64> {
+    let out = from.client.copy_out(copy_out).await.map_err(from.err(what))?;
+    let sink = to.client.copy_in(copy_in).await.map_err(to.err(what))?;
     let mut out = std::pin::pin!(out);
     let mut sink = std::pin::pin!(sink);
     while let Some(chunk) = out.next().await {
-        let chunk = chunk.map_err(psql.err(format!("reading the row stamps of {name}")))?;
-        sink.send(chunk).await.map_err(nsql.err("staging row stamps"))?;
+        let chunk = chunk.map_err(from.err(what))?;
+        sink.send(chunk).await.map_err(to.err(what))?;
     }
-    sink.as_mut().finish().await.map_err(nsql.err("staging row stamps"))?;
-    Ok(())
+    Ok(sink.as_mut().finish().await.map_err(to.err(what))?)
 }
 
 /// Writes the node's `pgferry.apply_progress` from the peer's (read in the snapshot): the peer
@@ -318,23 +298,18 @@ async fn set_progress(
             .await
             .map_err(nsql.err("setting pgferry.apply_progress"))
     };
-    // The peer's own changes: from a minute before the snapshot (Kafka timestamps are produce
-    // times, after the commit); dedup skips what the snapshot holds.
-    if let Some(pc) = config.node(peer) {
-        let (topic, partition) = (config.region_topic(&pc.region), config.node_partition(pc));
-        let (k, t) = (config.kafka.clone(), topic.clone());
-        let at = tokio::task::spawn_blocking(move || kafka::offset_for_time(&k, &t, partition, snapshot_ms - 60_000))
-            .await
-            .context("looking up an offset by time")??;
-        let (_, high) = {
-            let (k, t) = (config.kafka.clone(), topic.clone());
-            tokio::task::spawn_blocking(move || kafka::watermarks(&k, &t, partition))
-                .await
-                .context("reading watermarks")??
-        };
-        let resume = at.unwrap_or(high) - 1;
-        insert(peer.to_string(), topic, partition, resume, pgferry_apply::format_lsn(snapshot_lsn)).await?;
-    }
+    // The peer's own changes, through the partition that carries them to the node, from a
+    // minute before the snapshot (Kafka timestamps are produce times, after the commit); dedup
+    // skips what the snapshot holds.
+    let from_peer = ReplayRequest {
+        origin: peer.to_string(),
+        start: ReplayStart::TimeMs(snapshot_ms - 60_000),
+        to_time_ms: None,
+        force: false,
+        after_lsn: None,
+    };
+    let at = replay::plan(config, node, &from_peer).await?;
+    insert(peer.to_string(), at.topic, at.partition, at.start - 1, pgferry_apply::format_lsn(snapshot_lsn)).await?;
     let mut own = None;
     for pr in progress {
         if pr.origin == peer {

@@ -34,8 +34,11 @@ async fn cluster(test: &str, regions: &[&str]) -> anyhow::Result<Cluster> {
 
 /// `count` transactions on node `i`, numbered from `first`: bump its counter, log a row.
 async fn bump(cluster: &Cluster, i: usize, first: i64, count: i64) -> anyhow::Result<()> {
-    let c = cluster.sql(i).await?;
-    let node = i as i64 + 1;
+    bump_on(cluster.sql(i).await?, i as i64 + 1, first, count, Duration::ZERO).await
+}
+
+/// [`bump`] on a session of node number `node` (1-based), pausing `pause` between transactions.
+async fn bump_on(c: tokio_postgres::Client, node: i64, first: i64, count: i64, pause: Duration) -> anyhow::Result<()> {
     for k in first..first + count {
         c.batch_execute(&format!(
             "BEGIN; UPDATE counters SET n = n + 1 WHERE id = {node};
@@ -43,6 +46,7 @@ async fn bump(cluster: &Cluster, i: usize, first: i64, count: i64) -> anyhow::Re
             node * 1_000_000 + k
         ))
         .await?;
+        tokio::time::sleep(pause).await;
     }
     Ok(())
 }
@@ -247,29 +251,8 @@ async fn node_rebuild_from_a_peer_while_others_write() -> anyhow::Result<()> {
 
     // n1 writes all along; n3 writes too (published once it runs again).
     let writers = {
-        let c1 = cluster.sql(0).await?;
-        let c3 = cluster.sql(2).await?;
-        let one = async move {
-            for k in 21..61 {
-                c1.batch_execute(&format!(
-                    "BEGIN; UPDATE counters SET n = n + 1 WHERE id = 1; INSERT INTO log VALUES ({}, 1, 'txn {k}'); COMMIT;",
-                    1_000_000 + k
-                ))
-                .await?;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            anyhow::Ok(())
-        };
-        let three = async move {
-            for k in 21..41 {
-                c3.batch_execute(&format!(
-                    "BEGIN; UPDATE counters SET n = n + 1 WHERE id = 3; INSERT INTO log VALUES ({}, 3, 'txn {k}'); COMMIT;",
-                    3_000_000 + k
-                ))
-                .await?;
-            }
-            anyhow::Ok(())
-        };
+        let one = bump_on(cluster.sql(0).await?, 1, 21, 40, Duration::from_millis(20));
+        let three = bump_on(cluster.sql(2).await?, 3, 21, 20, Duration::ZERO);
         tokio::spawn(async move { tokio::try_join!(one, three).map(|_| ()) })
     };
 
