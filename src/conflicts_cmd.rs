@@ -15,7 +15,7 @@ use pgferry_connectors::config::Config;
 use pgferry_connectors::postgres::{self, PgSession};
 use serde_json::{json, Map, Value};
 
-use crate::row_sql::{current_row, exec, table_meta, write_row, Row};
+use crate::row_sql::{current_row, exec, qualified_name, table_meta, write_row, Row};
 
 #[derive(Subcommand)]
 pub enum ConflictsCommand {
@@ -106,14 +106,6 @@ async fn connect(config: &Config, node: &str) -> Result<PgSession> {
     Ok(postgres::connect(&n.dsn, "pgferry-conflicts").await?)
 }
 
-/// `schema.table` as `pgferry.conflicts.tbl` spells it.
-pub(crate) fn qualified_name(table: &str) -> String {
-    if table.contains('.') {
-        table.to_string()
-    } else {
-        format!("public.{table}")
-    }
-}
 
 async fn list(config: &Config, a: ListArgs) -> Result<()> {
     let nodes: Vec<String> = match &a.node {

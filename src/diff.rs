@@ -12,7 +12,7 @@ use pgferry_connectors::postgres;
 use serde_json::{json, Value};
 
 use crate::catch_up;
-use crate::conflicts_cmd::qualified_name;
+use crate::row_sql::split_table;
 use crate::table_compare::{NodeSession, Progress, RowDiff, TableCompare};
 
 /// Exit status when the nodes differ.
@@ -38,15 +38,6 @@ pub struct DiffArgs {
     /// No progress lines on stderr.
     #[arg(long, short)]
     pub quiet: bool,
-}
-
-/// `schema.table` split.
-pub fn split_table(table: &str) -> (String, String) {
-    let q = qualified_name(table);
-    match q.split_once('.') {
-        Some((s, t)) => (s.to_string(), t.to_string()),
-        None => ("public".to_string(), q),
-    }
 }
 
 /// Sessions to `names` (every node when empty), in that order.

@@ -23,8 +23,8 @@ use pgferry_connectors::config::Config;
 use pgferry_connectors::postgres::{self, PgSession};
 use serde_json::Value;
 
-use crate::diff::{self, connect_nodes, split_table};
-use crate::row_sql::{current_row, exec, table_meta, where_key, write_row, Row, TableMeta};
+use crate::diff::{self, connect_nodes};
+use crate::row_sql::{current_row, exec, split_table, table_meta, where_key, write_row, Row, TableMeta};
 use crate::table_compare::{Key, NodeRow, NodeSession, Progress, TableCompare};
 
 #[derive(Args)]

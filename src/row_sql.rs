@@ -6,6 +6,24 @@ use anyhow::{bail, Context, Result};
 use pgferry_connectors::postgres::{quote_ident, table_columns, PgSession};
 use tokio_postgres::types::{ToSql, Type};
 
+/// `schema.table` as pgferry spells it (`table` alone is `public.table`).
+pub fn qualified_name(table: &str) -> String {
+    if table.contains('.') {
+        table.to_string()
+    } else {
+        format!("public.{table}")
+    }
+}
+
+/// `table` (`schema.table` or `table`) as `(schema, table)`.
+pub fn split_table(table: &str) -> (String, String) {
+    let q = qualified_name(table);
+    match q.split_once('.') {
+        Some((s, t)) => (s.to_string(), t.to_string()),
+        None => ("public".to_string(), q),
+    }
+}
+
 /// A table's columns on one node: name → SQL type, key columns in key order, all in order.
 pub struct TableMeta {
     /// `"schema"."table"`, quoted.

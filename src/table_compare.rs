@@ -269,7 +269,7 @@ impl<'a> TableCompare<'a> {
     }
 
     fn row_select(&self) -> String {
-        format!("SELECT {}, {}, to_jsonb(r)::text", self.key_array(), self.row_text())
+        format!("SELECT {}, {}, to_jsonb(r.*)::text", self.key_array(), self.row_text())
     }
 
     fn collect(rows: Vec<tokio_postgres::Row>) -> Vec<(Key, NodeRow)> {
