@@ -87,6 +87,15 @@ fn replay(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String> {
     Ok(stdout)
 }
 
+/// A PostgreSQL client program: from `PGFERRY_PG_BIN` (deploy/local's directory of the
+/// server's programs, so pg_dump matches the server), else from the PATH.
+fn pg_program(name: &str) -> Command {
+    match std::env::var_os("PGFERRY_PG_BIN") {
+        Some(dir) => Command::new(std::path::Path::new(&dir).join(name)),
+        None => Command::new(name),
+    }
+}
+
 fn run_tool(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output()?;
     anyhow::ensure!(
@@ -150,7 +159,7 @@ async fn restore_from_dump_and_replay_rolls_the_node_forward_exactly() -> anyhow
     let n2 = cluster.sql(1).await?;
     let dump_lsn: String = n2.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
     let dump = cluster.dir.join("n2.dump");
-    run_tool(Command::new("pg_dump").arg("-Fc").arg("-f").arg(&dump).arg(&cluster.nodes[1].dsn))?;
+    run_tool(pg_program("pg_dump").arg("-Fc").arg("-f").arg(&dump).arg(&cluster.nodes[1].dsn))?;
 
     for i in 0..3 {
         bump(&cluster, i, k1 + 1, k2).await?;
@@ -183,7 +192,7 @@ async fn restore_from_dump_and_replay_rolls_the_node_forward_exactly() -> anyhow
     .await?;
     admin.batch_execute(&format!("DROP DATABASE \"{db}\" WITH (FORCE)")).await?;
     admin.batch_execute(&format!("CREATE DATABASE \"{db}\"")).await?;
-    run_tool(Command::new("pg_restore").arg("-d").arg(&cluster.nodes[1].dsn).arg(&dump))?;
+    run_tool(pg_program("pg_restore").arg("-d").arg(&cluster.nodes[1].dsn).arg(&dump))?;
     assert_eq!(
         counters(&cluster, 1).await?,
         vec![(1, k1), (2, k1), (3, k1)],
