@@ -12,9 +12,10 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use pgferry_connectors::config::Config;
-use pgferry_connectors::postgres::{self, quote_ident, table_columns, PgSession};
+use pgferry_connectors::postgres::{self, PgSession};
 use serde_json::{json, Map, Value};
-use tokio_postgres::types::{ToSql, Type};
+
+use crate::row_sql::{current_row, exec, qualified_name, table_meta, write_row, Row};
 
 #[derive(Subcommand)]
 pub enum ConflictsCommand {
@@ -105,14 +106,6 @@ async fn connect(config: &Config, node: &str) -> Result<PgSession> {
     Ok(postgres::connect(&n.dsn, "pgferry-conflicts").await?)
 }
 
-/// `schema.table` as `pgferry.conflicts.tbl` spells it.
-fn qualified_name(table: &str) -> String {
-    if table.contains('.') {
-        table.to_string()
-    } else {
-        format!("public.{table}")
-    }
-}
 
 async fn list(config: &Config, a: ListArgs) -> Result<()> {
     let nodes: Vec<String> = match &a.node {
@@ -362,55 +355,6 @@ fn print_row(row: &Option<String>) {
     }
 }
 
-/// A table's columns on one node: name → SQL type, key columns in key order, all in order.
-struct TableMeta {
-    qualified: String,
-    columns: Vec<(String, String)>,
-    key: Vec<String>,
-}
-
-impl TableMeta {
-    fn type_of(&self, col: &str) -> Option<&str> {
-        self.columns.iter().find(|(c, _)| c == col).map(|(_, t)| t.as_str())
-    }
-}
-
-async fn table_meta(sql: &PgSession, node: &str, schema: &str, table: &str) -> Result<TableMeta> {
-    let cols = table_columns(sql, schema, table)
-        .await
-        .with_context(|| format!("node {node}"))?
-        .ok_or_else(|| anyhow::anyhow!("node {node}: table {schema}.{table} does not exist"))?;
-    if cols.key.is_empty() {
-        bail!("node {node}: table {schema}.{table} has no primary key");
-    }
-    Ok(TableMeta {
-        qualified: format!("{}.{}", quote_ident(schema), quote_ident(table)),
-        columns: cols.columns,
-        key: cols.key,
-    })
-}
-
-/// A row as column → text form (None = NULL), in column order.
-type Row = Vec<(String, Option<String>)>;
-
-/// `k1 = $first::text::<type> AND …`.
-fn where_key(t: &TableMeta, first: usize) -> String {
-    t.key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            format!(
-                "{} = ${}::text::{}",
-                quote_ident(k),
-                first + i,
-                t.type_of(k).unwrap_or("text")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" AND ")
-}
-
-/// Runs `text` with text parameters; the rows it returned.
 /// Marks every parked, unresolved conflict of `table`/`key` on this node resolved `by`; their ids.
 async fn resolve_parked(sql: &PgSession, node: &str, by: &str, table: &str, key: &str) -> Result<Vec<i64>> {
     Ok(exec(
@@ -428,51 +372,6 @@ async fn resolve_parked(sql: &PgSession, node: &str, by: &str, table: &str, key:
     .collect())
 }
 
-async fn exec(
-    sql: &PgSession,
-    node: &str,
-    what: &str,
-    text: &str,
-    params: &[Option<&str>],
-) -> Result<Vec<tokio_postgres::Row>> {
-    let stmt = sql
-        .client
-        .prepare_typed(text, &vec![Type::TEXT; params.len()])
-        .await
-        .map_err(sql.err(what.to_string()))
-        .with_context(|| format!("node {node}"))?;
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-    Ok(sql
-        .client
-        .query(&stmt, &refs)
-        .await
-        .map_err(sql.err(what.to_string()))
-        .with_context(|| format!("node {node}"))?)
-}
-
-/// The node's current row at `key` (locked), every column as text; None if there is none.
-async fn current_row(sql: &PgSession, node: &str, t: &TableMeta, key: &[Option<&str>]) -> Result<Option<Row>> {
-    let cols: Vec<String> = t
-        .columns
-        .iter()
-        .map(|(c, _)| format!("{}::text", quote_ident(c)))
-        .collect();
-    let text = format!(
-        "SELECT {} FROM {} WHERE {} FOR UPDATE",
-        cols.join(", "),
-        t.qualified,
-        where_key(t, 1)
-    );
-    let rows = exec(sql, node, "reading the current row", &text, key).await?;
-    Ok(rows.first().map(|r| {
-        t.columns
-            .iter()
-            .enumerate()
-            .map(|(i, (c, _))| (c.clone(), r.get::<_, Option<String>>(i)))
-            .collect()
-    }))
-}
-
 /// A JSON value as the text form bound for a column (strings as they are, null as NULL,
 /// anything else — numbers, booleans, JSON for json/jsonb columns — as its JSON text).
 fn text_of(v: &Value) -> Option<String> {
@@ -481,41 +380,6 @@ fn text_of(v: &Value) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         other => Some(other.to_string()),
     }
-}
-
-/// Writes `row` (None: deletes the key) on one node inside its open transaction.
-async fn write_row(sql: &PgSession, node: &str, t: &TableMeta, key: &[Option<&str>], row: &Option<Row>) -> Result<()> {
-    match row {
-        None => {
-            let text = format!("DELETE FROM {} WHERE {}", t.qualified, where_key(t, 1));
-            exec(sql, node, "deleting the row", &text, key).await?;
-        }
-        Some(row) => {
-            let mut names = Vec::new();
-            let mut values = Vec::new();
-            let mut params: Vec<Option<&str>> = Vec::new();
-            for (c, v) in row {
-                let ty = t
-                    .type_of(c)
-                    .with_context(|| format!("node {node}: column {c:?} does not exist in {}", t.qualified))?;
-                params.push(v.as_deref());
-                names.push(quote_ident(c));
-                values.push(format!("${}::text::{ty}", params.len()));
-            }
-            let keys: Vec<String> = t.key.iter().map(|k| quote_ident(k)).collect();
-            let sets: Vec<String> = names.iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect();
-            let text = format!(
-                "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
-                t.qualified,
-                names.join(", "),
-                values.join(", "),
-                keys.join(", "),
-                sets.join(", ")
-            );
-            exec(sql, node, "writing the chosen row", &text, &params).await?;
-        }
-    }
-    Ok(())
 }
 
 async fn resolve(config: &Config, a: ResolveArgs) -> Result<()> {
@@ -569,7 +433,7 @@ async fn resolve(config: &Config, a: ResolveArgs) -> Result<()> {
         );
     }
     let key: Vec<Option<&str>> = c.key_values.iter().map(|k| k.as_deref()).collect();
-    let local = current_row(&sql, node, &meta, &key).await?;
+    let local = current_row(&sql, node, &meta, &key, true).await?;
 
     // The chosen row (None: no row).
     let chosen: Option<Row> = match a.take {

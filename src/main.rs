@@ -1,11 +1,18 @@
-//! `pgferry`: the command line of pgferry — cluster set-up, the capture/apply services and
-//! conflict review.
+//! `pgferry`: the command line of pgferry — cluster set-up, the capture/apply services,
+//! conflict review, and recovery (diff, repair, replay).
 
+mod catch_up;
 mod conflicts_cmd;
+mod diff;
 mod init;
 mod snowflake;
 mod status;
+mod node_rebuild;
+mod repair;
+mod replay;
+mod row_sql;
 mod supervise;
+mod table_compare;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,6 +56,29 @@ enum Command {
         #[command(subcommand)]
         command: conflicts_cmd::ConflictsCommand,
     },
+    /// Compare a table across nodes (hashes of key ranges on each server); exit status 0 when
+    /// they agree, 1 when rows differ, 2 when the comparison failed.
+    Diff(diff::DiffArgs),
+    /// Make the other nodes' rows of a table match a source of truth (writes are not
+    /// replicated).
+    Repair(repair::RepairArgs),
+    /// Re-read a range of the topics into a node (a no-op for what it applied, unless --force).
+    Replay(replay::ReplayArgs),
+    /// Node administration: rebuild a damaged node from a peer.
+    Node {
+        #[command(subcommand)]
+        command: node_rebuild::NodeCommand,
+    },
+}
+
+impl Command {
+    /// The exit status when the command fails.
+    fn error_status(&self) -> i32 {
+        match self {
+            Command::Diff(_) => diff::EXIT_ERROR,
+            _ => 1,
+        }
+    }
 }
 
 /// What every service command takes.
@@ -72,21 +102,27 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let error_status = cli.command.error_status();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(1);
+            std::process::exit(error_status);
         }
     };
-    if let Err(e) = runtime.block_on(run(cli)) {
-        // One line: what failed and where (every error names its key, endpoint or table).
-        eprintln!("error: {}", one_line(&e));
-        std::process::exit(1);
+    match runtime.block_on(run(cli)) {
+        Ok(0) => {}
+        Ok(status) => std::process::exit(status),
+        Err(e) => {
+            // One line: what failed and where (every error names its key, endpoint or table).
+            eprintln!("error: {}", one_line(&e));
+            std::process::exit(error_status);
+        }
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// Runs the command; the exit status.
+async fn run(cli: Cli) -> Result<i32> {
     let config = Arc::new(Config::load(&cli.config)?);
     let secrets = config.secrets();
     run_command(cli, config).await.map_err(|e| {
@@ -96,7 +132,7 @@ async fn run(cli: Cli) -> Result<()> {
     })
 }
 
-async fn run_command(cli: Cli, config: Arc<Config>) -> Result<()> {
+async fn run_command(cli: Cli, config: Arc<Config>) -> Result<i32> {
     let node_of = |name: &str| -> Result<String> {
         config
             .node(name)
@@ -104,8 +140,12 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<()> {
             .with_context(|| format!("node {name:?} is not in {}", cli.config.display()))
     };
     match cli.command {
-        Command::Init => init::run(&config).await,
-        Command::Conflicts { command } => conflicts_cmd::run(&config, command).await,
+        Command::Diff(args) => return diff::run(&config, args).await,
+        Command::Init => init::run(&config).await?,
+        Command::Conflicts { command } => conflicts_cmd::run(&config, command).await?,
+        Command::Repair(args) => repair::run(&config, args).await?,
+        Command::Replay(args) => replay::run(config.clone(), args).await?,
+        Command::Node { command } => node_rebuild::run(config.clone(), command).await?,
         Command::Status { json } => {
             let status = status::gather(&config).await;
             if json {
@@ -113,22 +153,17 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<()> {
             } else {
                 print!("{}", status.render());
             }
-            if !status.healthy() {
-                std::process::exit(1);
-            }
-            Ok(())
+            return Ok(if status.healthy() { 0 } else { 1 });
         }
         Command::Capture(args) => {
             let node = node_of(&args.node)?;
             let registry = serve_metrics(&config, &node, args.metrics_listen, &cli.config).await?;
             supervise::capture(config.clone(), node, registry).await;
-            Ok(())
         }
         Command::Apply(args) => {
             let node = node_of(&args.node)?;
             let registry = serve_metrics(&config, &node, args.metrics_listen, &cli.config).await?;
             supervise::apply(config.clone(), node, registry).await;
-            Ok(())
         }
         Command::Run(args) => {
             let node = node_of(&args.node)?;
@@ -137,9 +172,9 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<()> {
                 supervise::capture(config.clone(), node.clone(), registry.clone()),
                 supervise::apply(config.clone(), node, registry)
             );
-            Ok(())
         }
     }
+    Ok(0)
 }
 
 /// The process's metrics registry, served on `--metrics-listen` or else the node's

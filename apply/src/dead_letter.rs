@@ -30,6 +30,15 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
+    /// The dead-letter topic of `config`'s cluster, for messages node `node` gives up on.
+    pub fn new(config: &pgferry_connectors::config::Config, node: &str) -> Result<DeadLetters, KafkaError> {
+        Ok(DeadLetters {
+            producer: pgferry_connectors::kafka::plain_producer(&config.kafka)?,
+            topic: format!("{}.dlq", config.cluster.name),
+            node: node.to_string(),
+        })
+    }
+
     /// Sends `msg` to the dead-letter topic and records it in `pgferry.exceptions`.
     pub async fn send(&self, sql: &PgSession, msg: &BorrowedMessage<'_>, reason: &str) -> Result<(), ApplyError> {
         let source = format!("{}/{}@{}", msg.topic(), msg.partition(), msg.offset());

@@ -3,9 +3,10 @@
 //! the node forwards, those of the origins it forwards, each under its own origin's name.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use pgferry_connectors::config::{Config, OnError};
 use pgferry_connectors::kafka::{header, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN, HEADER_TXN_LAST};
 use pgferry_connectors::postgres::PgSession;
@@ -16,6 +17,7 @@ use pgferry_schemas::truncate::Truncate;
 use pgferry_schemas::CodecError;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::DefaultConsumerContext;
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use crate::error::ApplyError;
@@ -62,6 +64,34 @@ pub struct PartitionStream {
     /// A source transaction being skipped (`on_error = skip_transaction`): its remaining
     /// messages go to the dead-letter topic.
     pub skipping: Option<SkippedTxn>,
+    /// Apply only this origin's transactions (a replay of one origin); None: every origin.
+    pub only_origin: Option<String>,
+    /// Apply transactions of this node's own origin too (a replay of a node's own changes
+    /// into a restored copy of it); never set by the apply service.
+    pub apply_own: bool,
+    /// What the stream has done so far (read by replay's progress output).
+    pub progress: Arc<StreamProgress>,
+}
+
+/// Counts of one stream, updated as it goes.
+#[derive(Debug, Default)]
+pub struct StreamProgress {
+    /// Offset of the last message handled (-1: none yet).
+    pub offset: AtomicI64,
+    /// Source transactions applied (committed locally).
+    pub applied: AtomicU64,
+    /// Source transactions skipped because they were already applied.
+    pub skipped: AtomicU64,
+}
+
+/// Where a stream stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// Never (the apply service).
+    Forever,
+    /// At the first message at or past this offset that begins a new transaction, or at the
+    /// end of the partition outside a transaction (a replay).
+    Offset(i64),
 }
 
 /// A source transaction skipped as a whole, until its last message has gone by.
@@ -95,6 +125,49 @@ struct OpenTxn {
 }
 
 impl PartitionStream {
+    /// A stream of `source`'s partition `topic`/`partition` into `node`, on session `sql`, that
+    /// resumes with `applied` (origin → commit LSN of its last applied transaction); `registry`
+    /// is shared with the node's other streams (its cache).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<Config>,
+        node: &str,
+        source: &str,
+        topic: String,
+        partition: i32,
+        sql: PgSession,
+        applied: HashMap<String, u64>,
+        metrics: ApplyMetrics,
+        dead_letters: Arc<DeadLetters>,
+        registry: Registry,
+    ) -> PartitionStream {
+        PartitionStream {
+            metrics,
+            dead_letters,
+            origin_metrics: Default::default(),
+            skipping: None,
+            source: source.to_string(),
+            topic,
+            partition,
+            writer: Writer::new(config.clone(), node),
+            registry,
+            config,
+            applied,
+            sql,
+            session_origin: None,
+            readers: Default::default(),
+            fixed_schemas: Default::default(),
+            node: node.to_string(),
+            statements: None,
+            only_origin: None,
+            apply_own: false,
+            progress: Arc::new(StreamProgress {
+                offset: AtomicI64::new(-1),
+                ..Default::default()
+            }),
+        }
+    }
+
     /// Makes `origin`'s replication origin the session's (outside any transaction), creating
     /// it if needed. A no-op when it already is.
     async fn use_origin(&mut self, origin: &str) -> Result<(), ApplyError> {
@@ -109,15 +182,7 @@ impl PartitionStream {
                 .await
                 .map_err(self.sql.err("resetting the session's replication origin"))?;
         }
-        self.sql
-            .client
-            .execute(
-                "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS
-                   (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
-                &[&name],
-            )
-            .await
-            .map_err(self.sql.err(format!("creating replication origin {name}")))?;
+        pgferry_connectors::postgres::create_replication_origin(&self.sql, &name).await?;
         self.sql
             .client
             .execute("SELECT pg_replication_origin_session_setup($1)", &[&name])
@@ -164,25 +229,45 @@ impl PartitionStream {
 
     /// Applies messages until the stream or a write fails.
     pub async fn run(mut self, queue: StreamPartitionQueue<DefaultConsumerContext>) -> Result<(), ApplyError> {
+        self.run_stream(queue.stream(), Until::Forever).await
+    }
+
+    /// Applies the messages of `stream` (this partition's) until `until`, or until the stream
+    /// or a write fails.
+    pub async fn run_stream<'m, S>(&mut self, stream: S, until: Until) -> Result<(), ApplyError>
+    where
+        S: Stream<Item = KafkaResult<BorrowedMessage<'m>>>,
+    {
         self.prepare().await?;
         let _running = self.metrics.origin(&self.source).running();
         tracing::info!(node = %self.node, source = %self.source, topic = %self.topic, partition = self.partition,
             "applying partition");
-        let mut stream = queue.stream();
+        let mut stream = std::pin::pin!(stream);
         let mut open: Option<OpenTxn> = None;
         while let Some(msg) = stream.next().await {
-            let msg = msg.map_err(|e| {
-                ApplyError::Kafka(pgferry_connectors::kafka::KafkaError::Topic {
-                    topic: self.topic.clone(),
-                    message: format!("partition {}: {e}", self.partition),
-                })
-            })?;
+            let msg = match msg {
+                Err(rdkafka::error::KafkaError::PartitionEOF(_)) if until != Until::Forever && open.is_none() => {
+                    return Ok(());
+                }
+                Err(rdkafka::error::KafkaError::PartitionEOF(_)) => continue,
+                Err(e) => {
+                    return Err(ApplyError::Kafka(pgferry_connectors::kafka::KafkaError::Topic {
+                        topic: self.topic.clone(),
+                        message: format!("partition {}: {e}", self.partition),
+                    }))
+                }
+                Ok(m) => m,
+            };
+            if matches!(until, Until::Offset(end) if msg.offset() >= end) && open.is_none() {
+                return Ok(());
+            }
             if let Err(e) = self.handle(&msg, &mut open).await {
                 if open.take().is_some() {
                     let _ = self.sql.client.batch_execute("ROLLBACK").await;
                 }
                 return Err(e);
             }
+            self.progress.offset.store(msg.offset(), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -289,8 +374,12 @@ impl PartitionStream {
         let Some(origin) = header(msg, HEADER_ORIGIN) else {
             return Err(self.unusable(offset, "message without a pgferry-origin header".into()));
         };
-        if origin == self.node {
+        if origin == self.node && !self.apply_own {
             // This node's own change, forwarded back by a hub: never re-applied.
+            return Ok(());
+        }
+        if self.only_origin.as_deref().is_some_and(|o| o != origin) {
+            // A replay of another origin carried by the same partition.
             return Ok(());
         }
         let kind = header(msg, HEADER_KIND);
@@ -348,6 +437,9 @@ impl PartitionStream {
             self.use_origin(origin).await?;
             if commit_lsn <= self.applied.get(origin).copied().unwrap_or(0) {
                 // Already applied (a replay or a re-read after restart): dedup by origin progress.
+                if header(msg, HEADER_TXN_LAST) == Some("1") {
+                    self.progress.skipped.fetch_add(1, Ordering::Relaxed);
+                }
                 return Ok(());
             }
         }
@@ -571,6 +663,7 @@ impl PartitionStream {
             *open = None;
             self.origin_metrics(&origin).txn_applied(commit_ts_us);
             self.applied.insert(origin, commit_lsn);
+            self.progress.applied.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }

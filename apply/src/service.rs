@@ -16,7 +16,6 @@ use crate::dead_letter::DeadLetters;
 use crate::metrics::ApplyMetrics;
 use crate::partition_stream::PartitionStream;
 use crate::progress;
-use crate::writer::Writer;
 
 /// Tuning of apply.
 #[derive(Debug, Clone, Default)]
@@ -41,11 +40,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             source,
         })?;
     let consumer = Arc::new(consumer);
-    let dead_letters = Arc::new(DeadLetters {
-        producer: kafka::plain_producer(&config.kafka)?,
-        topic: format!("{}.dlq", config.cluster.name),
-        node: node.name.clone(),
-    });
+    let dead_letters = Arc::new(DeadLetters::new(&config, &node.name)?);
 
     // The partition of every node this node reads (DESIGN.md; `read_regions`), resumed after
     // its last applied message.
@@ -66,25 +61,18 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
                 what: format!("assigning {topic}/{partition}"),
                 source,
             })?;
-        streams.push(PartitionStream {
-            metrics: options.metrics.clone(),
-            dead_letters: dead_letters.clone(),
-            origin_metrics: Default::default(),
-            skipping: None,
-            source: remote.name.clone(),
+        streams.push(PartitionStream::new(
+            config.clone(),
+            &node.name,
+            &remote.name,
             topic,
             partition,
-            config: config.clone(),
-            applied: resume.origins,
             sql,
-            session_origin: None,
-            writer: Writer::new(config.clone(), &node.name),
-            registry: registry.clone(),
-            readers: Default::default(),
-            fixed_schemas: Default::default(),
-            node: node.name.clone(),
-            statements: None,
-        });
+            resume.origins,
+            options.metrics.clone(),
+            dead_letters.clone(),
+            registry.clone(),
+        ));
     }
     consumer.assign(&tpl).map_err(|source| KafkaError::Client {
         bootstrap: config.kafka.bootstrap_servers.clone(),

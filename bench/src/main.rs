@@ -14,11 +14,14 @@
 //!   capture; events/s of both and their ratio (target ≥ 70%).
 //! - `large-txn`: one transaction of 2,000,000 row changes; capture's peak RSS (target
 //!   < 256 MB) and time to capture.
+//! - `table-diff`: `pgferry diff` of a 1,000,000-row table with planted differences; time and
+//!   peak RSS of the diff process, then repair and a second diff.
 
 mod large_txn;
 mod measure;
 mod partition;
 mod rss;
+mod table_diff;
 mod throughput;
 
 use std::path::PathBuf;
@@ -48,6 +51,8 @@ enum Command {
     CaptureThroughput(throughput::ThroughputArgs),
     /// One large transaction through pgferry capture: peak RSS and time.
     LargeTxn(large_txn::LargeTxnArgs),
+    /// `pgferry diff` of a large table with planted differences: time and peak RSS.
+    TableDiff(table_diff::TableDiffArgs),
 }
 
 fn main() {
@@ -69,6 +74,7 @@ async fn run(cli: Cli) -> Result<()> {
     let section = match &cli.command {
         Command::CaptureThroughput(args) => throughput::run(args, &cli.pg_bin).await?,
         Command::LargeTxn(args) => large_txn::run(args).await?,
+        Command::TableDiff(args) => table_diff::run(args).await?,
     };
     println!("{section}");
     Ok(())

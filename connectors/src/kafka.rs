@@ -140,8 +140,6 @@ fn unreachable_or(cfg: &KafkaConfig, what: &str, e: RdError) -> KafkaError {
     }
 }
 
-/// A consumer that reads only committed transactions and never commits offsets to Kafka
-/// (positions live in PostgreSQL, in `pgferry.apply_progress`).
 /// An idempotent, non-transactional producer (for the dead-letter and conflict topics, where
 /// each message is awaited before the stream moves on).
 pub fn plain_producer(cfg: &KafkaConfig) -> Result<rdkafka::producer::FutureProducer, KafkaError> {
@@ -159,6 +157,8 @@ pub const HEADER_DLQ_SOURCE: &str = "pgferry-dlq-source";
 /// See [`HEADER_DLQ_REASON`].
 pub const HEADER_DLQ_NODE: &str = "pgferry-dlq-node";
 
+/// A consumer that reads only committed transactions and never commits offsets to Kafka
+/// (positions live in PostgreSQL, in `pgferry.apply_progress`).
 pub fn read_committed_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
     let mut c = client_config(cfg);
     c.set("group.id", group_id)
@@ -284,6 +284,40 @@ pub fn last_committed_commit_lsn(
     topic: &str,
     partition: i32,
 ) -> Result<Option<u64>, KafkaError> {
+    last_committed_matching(cfg, group_id, topic, partition, |m| {
+        header(m, HEADER_LOCAL_LSN)
+            .or_else(|| header(m, HEADER_COMMIT_LSN))
+            .and_then(|v| v.parse::<u64>().ok())
+    })
+}
+
+/// The commit LSN of the last committed transaction of `origin` in `topic`/`partition`
+/// (heartbeats left out), if any. Blocking.
+pub fn last_committed_transaction_lsn(
+    cfg: &KafkaConfig,
+    group_id: &str,
+    topic: &str,
+    partition: i32,
+    origin: &str,
+) -> Result<Option<u64>, KafkaError> {
+    last_committed_matching(cfg, group_id, topic, partition, |m| {
+        if header(m, HEADER_ORIGIN) != Some(origin) || header(m, HEADER_KIND) == Some("heartbeat") {
+            return None;
+        }
+        header(m, HEADER_COMMIT_LSN).and_then(|v| v.parse::<u64>().ok())
+    })
+}
+
+/// `pick` of the last committed message of `topic`/`partition` for which it gives a value:
+/// reads the tail in growing windows (256 messages, then ×4) until one matches or the whole
+/// partition was read. Blocking.
+fn last_committed_matching(
+    cfg: &KafkaConfig,
+    group_id: &str,
+    topic: &str,
+    partition: i32,
+    pick: impl Fn(&BorrowedMessage<'_>) -> Option<u64>,
+) -> Result<Option<u64>, KafkaError> {
     let consumer: BaseConsumer<QuietEof> = read_committed_config(cfg, group_id)
         .set("enable.partition.eof", "true")
         .create_with_context(QuietEof)
@@ -315,9 +349,8 @@ pub fn last_committed_commit_lsn(
                 Some(Err(RdError::PartitionEOF(_))) => break,
                 Some(Err(e)) => return Err(unreachable_or(cfg, &format!("reading {topic}/{partition}"), e)),
                 Some(Ok(m)) => {
-                    let lsn = header(&m, HEADER_LOCAL_LSN).or_else(|| header(&m, HEADER_COMMIT_LSN));
-                    if let Some(lsn) = lsn.and_then(|v| v.parse::<u64>().ok()) {
-                        last = Some(lsn);
+                    if let Some(v) = pick(&m) {
+                        last = Some(v);
                     }
                 }
             }
@@ -327,4 +360,36 @@ pub fn last_committed_commit_lsn(
         }
         window *= 4;
     }
+}
+
+/// The offsets of `topic`/`partition`: `(low, high)` watermarks. Blocking.
+pub fn watermarks(cfg: &KafkaConfig, topic: &str, partition: i32) -> Result<(i64, i64), KafkaError> {
+    let consumer: BaseConsumer = client_config(cfg)
+        .create()
+        .map_err(client_err(cfg, "creating client"))?;
+    consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(15))
+        .map_err(|e| unreachable_or(cfg, &format!("reading watermarks of {topic}/{partition}"), e))
+}
+
+/// The offset of the first message of `topic`/`partition` whose timestamp is at or after
+/// `time_ms` (ms since 1970), or None when there is none yet. Blocking.
+pub fn offset_for_time(cfg: &KafkaConfig, topic: &str, partition: i32, time_ms: i64) -> Result<Option<i64>, KafkaError> {
+    let consumer: BaseConsumer = client_config(cfg)
+        .create()
+        .map_err(client_err(cfg, "creating client"))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(time_ms))
+        .map_err(client_err(cfg, "looking up an offset by time"))?;
+    let found = consumer
+        .offsets_for_times(tpl, Duration::from_secs(15))
+        .map_err(|e| unreachable_or(cfg, &format!("looking up offsets of {topic}/{partition} by time"), e))?;
+    let offset = found
+        .find_partition(topic, partition)
+        .map(|p| p.offset())
+        .unwrap_or(Offset::End);
+    Ok(match offset {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    })
 }

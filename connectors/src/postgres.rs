@@ -198,3 +198,16 @@ pub async fn table_columns(sql: &PgSession, schema: &str, table: &str) -> Result
         unique_keys,
     }))
 }
+
+/// Creates the replication origin `name` unless it exists (origins are server-wide).
+pub async fn create_replication_origin(sql: &PgSession, name: &str) -> Result<(), PgError> {
+    sql.client
+        .execute(
+            "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS
+               (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+            &[&name],
+        )
+        .await
+        .map_err(sql.err(format!("creating replication origin {name}")))?;
+    Ok(())
+}

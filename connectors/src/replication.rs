@@ -164,3 +164,89 @@ impl Confirmer {
         self.0.update_applied_lsn(lsn);
     }
 }
+
+/// A snapshot exported by a temporary logical replication slot: every transaction that
+/// committed before `lsn` is visible in it and none after. It stays importable (`SET
+/// TRANSACTION SNAPSHOT`) until this value is dropped, which closes the replication session
+/// and with it the temporary slot.
+pub struct ExportedSnapshot {
+    /// The snapshot's name.
+    pub name: String,
+    /// The slot's consistent point.
+    pub lsn: u64,
+    release: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Drop for ExportedSnapshot {
+    fn drop(&mut self) {
+        if let Some(tx) = self.release.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Exports a snapshot of `dsn`'s database together with its exact LSN, through a temporary
+/// logical slot `slot` (pgoutput) created with `EXPORT_SNAPSHOT`. The replication session runs
+/// on a thread of its own until the result is dropped.
+pub async fn export_snapshot(dsn: &str, slot: &str) -> Result<ExportedSnapshot, ReplicationError> {
+    let endpoint = dsn_endpoint(dsn);
+    let err = {
+        let (endpoint, slot) = (endpoint.clone(), slot.to_string());
+        move |message: String| ReplicationError {
+            endpoint: endpoint.clone(),
+            slot: slot.clone(),
+            message,
+        }
+    };
+    let (found_tx, found_rx) = tokio::sync::oneshot::channel::<Result<(String, String), String>>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (conninfo, slot_name) = (replication_dsn(dsn), slot.to_string());
+    std::thread::spawn(move || {
+        let created = pg_walstream::PgReplicationConnection::connect(&conninfo).and_then(|mut conn| {
+            let options = pg_walstream::ReplicationSlotOptions {
+                temporary: true,
+                snapshot: Some("export".into()),
+                ..Default::default()
+            };
+            let result = conn.create_replication_slot_with_options(
+                &slot_name,
+                pg_walstream::SlotType::Logical,
+                Some("pgoutput"),
+                &options,
+            )?;
+            Ok((conn, result.get_value(0, 1), result.get_value(0, 2)))
+        });
+        match created {
+            Ok((conn, Some(lsn), Some(name))) => {
+                let _ = found_tx.send(Ok((lsn, name)));
+                // Held until the snapshot is no longer needed.
+                let _ = release_rx.recv();
+                drop(conn);
+            }
+            Ok(_) => {
+                let _ = found_tx.send(Err("CREATE_REPLICATION_SLOT returned no snapshot".into()));
+            }
+            Err(e) => {
+                let _ = found_tx.send(Err(e.to_string()));
+            }
+        }
+    });
+    let (lsn, name) = found_rx
+        .await
+        .map_err(|_| err("the replication session ended".into()))?
+        .map_err(&err)?;
+    let lsn = parse_lsn(&lsn).ok_or_else(|| err(format!("bad consistent point {lsn:?}")))?;
+    Ok(ExportedSnapshot {
+        name,
+        lsn,
+        release: Some(release_tx),
+    })
+}
+
+/// An LSN in PostgreSQL's `X/Y` form (hex).
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    let hi = u32::from_str_radix(hi, 16).ok()?;
+    let lo = u32::from_str_radix(lo, 16).ok()?;
+    Some((hi as u64) << 32 | lo as u64)
+}

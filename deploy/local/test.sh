@@ -15,6 +15,8 @@ eval "$("$PGFERRY_DEPLOY/env.sh" 3)"
 export PGFERRY_PYTHON="$PGFERRY_PYTHON_VENV/bin/python"
 # The Debezium JDBC sink test (integration-tests/tests/jdbc_sink.rs) runs Kafka Connect from these.
 export PGFERRY_KAFKA_LIBS="$PGFERRY_KAFKA_HOME/libs" PGFERRY_CONNECT_PLUGINS
+# The restore test (integration-tests/tests/replay.rs) runs pg_dump and pg_restore from here.
+export PGFERRY_PG_BIN
 command -v cargo >/dev/null 2>&1 || { [[ -f "$HOME/.cargo/env" ]] && source "$HOME/.cargo/env"; }
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (rustup) first"
 log "building pgferry"

@@ -385,17 +385,62 @@ impl Cluster {
                 .batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", n.db))
                 .await?;
             // Replication origins are server-wide and hold one of the server's
-            // max_replication_slots progress slots until dropped.
+            // max_replication_slots progress slots until dropped: the nodes' own
+            // (`pgferry_<node>`) and those named `pgferry-<purpose>-<node>` (repair's, tests').
             let origins: Vec<String> = self.nodes.iter().map(|o| format!("pgferry_{}", o.name)).collect();
+            let names: Vec<String> = self.nodes.iter().map(|o| o.name.clone()).collect();
             admin
                 .execute(
-                    "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = ANY($1)",
-                    &[&origins],
+                    "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin
+                     WHERE roname = ANY($1)
+                        OR (roname LIKE 'pgferry-%'
+                            AND EXISTS (SELECT 1 FROM unnest($2::text[]) n WHERE right(roname, length(n) + 1) = '-' || n))",
+                    &[&origins, &names],
                 )
                 .await?;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
+    }
+}
+
+/// Recovery tests: writes that capture does not publish, and waiting for capture.
+impl Cluster {
+    /// Runs `sql` on node `i` under the replication origin `pgferry-<purpose>-<node>`, which no
+    /// node forwards: capture skips it, so the change stays on that node (how tests plant a
+    /// divergence). The harness drops the origin at cleanup.
+    pub async fn write_unpublished(&self, i: usize, purpose: &str, sql: &str) -> Result<()> {
+        let c = self.sql(i).await?;
+        let origin = format!("pgferry-{purpose}-{}", self.nodes[i].name);
+        c.execute(
+            "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+            &[&origin],
+        )
+        .await?;
+        c.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin]).await?;
+        c.batch_execute(&format!("BEGIN; {sql}; COMMIT"))
+            .await
+            .with_context(|| format!("writing under origin {origin}"))?;
+        c.batch_execute("SELECT pg_replication_origin_session_reset()").await?;
+        Ok(())
+    }
+
+    /// Waits until node `i`'s capture has confirmed everything written on the node so far
+    /// (its slot's confirmed flush position passed the current WAL position).
+    pub async fn wait_published(&self, i: usize, timeout: Duration) -> Result<()> {
+        let c = self.sql(i).await?;
+        let slot = format!("pgferry_{}", self.nodes[i].name);
+        let wal: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        wait_until(&format!("capture of {} to publish up to {wal}", self.nodes[i].name), timeout, || async {
+            let row = c
+                .query_one(
+                    "SELECT coalesce((SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1), false)",
+                    &[&slot, &wal],
+                )
+                .await?;
+            Ok(row.get::<_, bool>(0))
+        })
+        .await
     }
 }
 
