@@ -64,7 +64,7 @@ enum Command {
     Repair(repair::RepairArgs),
     /// Re-read a range of the topics into a node (a no-op for what it applied, unless --force).
     Replay(replay::ReplayArgs),
-    /// Node administration: rebuild a damaged node from a peer.
+    /// Node administration: add a node, rebuild a damaged node from a peer.
     Node {
         #[command(subcommand)]
         command: node_rebuild::NodeCommand,

@@ -38,6 +38,11 @@ pub enum NodeCommand {
     /// Wipe a node's replicated tables and rebuild them from a peer's consistent snapshot
     /// (the node's own pgferry must be stopped; the other nodes keep running).
     Rebuild(RebuildArgs),
+    /// Bring a node newly added to the config (its database holds the tables, empty) into the
+    /// cluster: set it up like `init` does (its slot and publication, its origin on every node),
+    /// then copy a peer's consistent snapshot into it as `rebuild` does. The other nodes keep
+    /// taking writes; restart their apply afterwards so they read the new node's partition.
+    Add(RebuildArgs),
 }
 
 #[derive(Args)]
@@ -52,6 +57,15 @@ pub struct RebuildArgs {
 pub async fn run(config: Arc<Config>, command: NodeCommand) -> Result<()> {
     match command {
         NodeCommand::Rebuild(a) => rebuild(config, a).await,
+        NodeCommand::Add(a) => {
+            crate::init::run(&config).await.context("setting up the new node (as `pgferry init`)")?;
+            let node = a.node.clone();
+            rebuild(config, a).await?;
+            eprintln!(
+                "node {node} added: start its pgferry, and restart the other nodes' apply so they read its partition"
+            );
+            Ok(())
+        }
     }
 }
 
@@ -160,7 +174,9 @@ async fn rebuild(config: Arc<Config>, a: RebuildArgs) -> Result<()> {
         ))
         .await
         .map_err(nsql.err("starting the rebuild transaction"))?;
-    let tables = config.tables();
+    // The tables both hold (a region-local table of another region is on neither or one).
+    let theirs = config.node_tables(&p);
+    let tables: Vec<(String, String)> = config.node_tables(&n).into_iter().filter(|t| theirs.contains(t)).collect();
     let names: Vec<String> = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
     // The node's own history of these tables goes with their rows.
     nsql.client

@@ -146,6 +146,7 @@ impl Drop for Service {
 }
 
 /// An isolated pgferry cluster for one test.
+#[derive(Clone)]
 pub struct Cluster {
     /// Cluster name (also the prefix of its topics).
     pub name: String,
