@@ -97,6 +97,11 @@ async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Resu
 }
 
 async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<()> {
+    // pgferry's own DDL (its tables, triggers) is set up on every node by init: not replicated.
+    sql.client
+        .batch_execute("SET pgferry.local_ddl = on")
+        .await
+        .map_err(sql.err("marking the session's DDL local"))?;
     sql.client
         .batch_execute(SCHEMA_SQL)
         .await

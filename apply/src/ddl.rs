@@ -8,6 +8,8 @@
 //! applying transaction before that origin's next change. The trigger does nothing in a session
 //! that has a replication origin set up (apply's), so nothing loops.
 //!
+//! A session that sets `pgferry.local_ddl = on` (pgferry's own `init`) is not replicated.
+//!
 //! Known limits: the whole query string of the statement is sent, so a string that mixes DDL
 //! with other statements (`ALTER …; INSERT …` in one simple query) would run those again on the
 //! other nodes — send DDL on its own. `DROP TABLE`/`DROP INDEX` and `CREATE TABLE` are not
@@ -48,8 +50,10 @@ pub fn trigger_sql(tables: &[(String, String)]) -> String {
              tables oid[] := ARRAY(SELECT to_regclass(n)::oid FROM unnest(ARRAY[{tables}]::text[]) n);
              replicate boolean := false;
          BEGIN
-             -- apply's own session (a replication origin is set up): never sent again
-             IF pg_replication_origin_session_is_setup() THEN RETURN; END IF;
+             -- apply's own session (a replication origin is set up): never sent again;
+             -- pgferry's own set-up (`init` re-creating its triggers): not replicated
+             IF pg_replication_origin_session_is_setup()
+                OR current_setting('pgferry.local_ddl', true) = 'on' THEN RETURN; END IF;
              -- several commands of one query string: sent once
              IF current_setting('pgferry.ddl_sent', true) = md5(q) THEN RETURN; END IF;
              FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
