@@ -54,6 +54,27 @@ pub async fn run(config: &Config) -> Result<()> {
     Ok(())
 }
 
+/// The tables `node` replicates now: those listed for it, and every table of the schemas
+/// replicated whole.
+async fn replicated_tables(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<Vec<(String, String)>> {
+    let mut tables = config.node_tables(node);
+    let rows = sql
+        .client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_tables WHERE schemaname = ANY($1) ORDER BY 1, 2",
+            &[&config.replication.schemas],
+        )
+        .await
+        .map_err(sql.err("listing the tables of the replicated schemas"))?;
+    for r in rows {
+        let t = (r.get(0), r.get(1));
+        if !tables.contains(&t) {
+            tables.push(t);
+        }
+    }
+    Ok(tables)
+}
+
 /// Settings and tables that must be right before anything is installed.
 async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<()> {
     for (setting, want) in [("wal_level", "logical"), ("track_commit_timestamp", "on")] {
@@ -71,7 +92,7 @@ async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Resu
             );
         }
     }
-    for (schema, table) in config.node_tables(node) {
+    for (schema, table) in replicated_tables(config, node, sql).await? {
         let row = sql
             .client
             .query_opt(
@@ -111,14 +132,14 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         .await
         .map_err(sql.err("installing pgferry's conflict tables"))?;
     sql.client
-        .batch_execute(&pgferry_apply::ddl::trigger_sql(&config.node_tables(node)))
+        .batch_execute(&pgferry_apply::ddl::trigger_sql(&config.node_tables(node), &config.replication.schemas))
         .await
         .map_err(sql.err("installing the DDL replication event trigger"))?;
     sql.client
         .batch_execute(&crate::snowflake::install_sql(node.id))
         .await
         .map_err(sql.err("installing the snowflake id functions"))?;
-    for (schema, table) in config.node_tables(node) {
+    for (schema, table) in replicated_tables(config, node, sql).await? {
         // Deletes leave tombstones (DESIGN.md, "Conflicts"); the trigger needs the key columns.
         let key = postgres::table_columns(sql, &schema, &table)
             .await?
@@ -132,11 +153,22 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
     }
     // Column lists and row filters go into the publication (PostgreSQL 15 filters them out of
     // the change stream itself); tables local to another region are not published here.
+    // Schemas replicated whole are published as such, so tables created in them later are too.
     let tables: Vec<String> = config
         .node_tables(node)
         .iter()
+        .filter(|(s, _)| !config.replicates_schema(s))
         .map(|(s, t)| config.publication_entry(s, t))
         .collect();
+    let mut objects = Vec::new();
+    if !tables.is_empty() {
+        objects.push(format!("TABLE {}", tables.join(", ")));
+    }
+    if !config.replication.schemas.is_empty() {
+        let schemas: Vec<String> = config.replication.schemas.iter().map(|s| quote_ident(s)).collect();
+        objects.push(format!("TABLES IN SCHEMA {}", schemas.join(", ")));
+    }
+    let objects = objects.join(", ");
     let publication = pgferry_capture::publication_name();
     let exists = sql
         .client
@@ -145,17 +177,9 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         .map_err(sql.err("looking up the publication"))?
         .is_some();
     let stmt = if exists {
-        format!(
-            "ALTER PUBLICATION {} SET TABLE {}",
-            quote_ident(publication),
-            tables.join(", ")
-        )
+        format!("ALTER PUBLICATION {} SET {objects}", quote_ident(publication))
     } else {
-        format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
-            quote_ident(publication),
-            tables.join(", ")
-        )
+        format!("CREATE PUBLICATION {} FOR {objects}", quote_ident(publication))
     };
     sql.client
         .batch_execute(&stmt)

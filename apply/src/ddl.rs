@@ -2,7 +2,8 @@
 //!
 //! On every node an event trigger (installed by `pgferry init`, [`trigger_sql`]) turns a DDL
 //! statement that touches a replicated table — `ALTER TABLE`, `CREATE INDEX` on it, and
-//! `ALTER TYPE`/`CREATE TYPE` in a schema of a replicated table — into a transactional logical
+//! `ALTER TYPE`/`CREATE TYPE` in a schema of a replicated table; `CREATE TABLE` in a schema
+//! replicated whole — into a transactional logical
 //! message with prefix [`PREFIX`] carrying the statement text and the session's `search_path`.
 //! Capture publishes it in order with the transaction's rows; apply runs it ([`apply`]) in the
 //! applying transaction before that origin's next change. The trigger does nothing in a session
@@ -12,8 +13,9 @@
 //!
 //! Known limits: the whole query string of the statement is sent, so a string that mixes DDL
 //! with other statements (`ALTER …; INSERT …` in one simple query) would run those again on the
-//! other nodes — send DDL on its own. `DROP TABLE`/`DROP INDEX` and `CREATE TABLE` are not
-//! replicated (a new table joins replication through the config and `pgferry init`).
+//! other nodes — send DDL on its own. `DROP TABLE`/`DROP INDEX` are not replicated, and
+//! `CREATE TABLE` only in a schema replicated whole (`replication.schemas`): there the new
+//! table replicates from its first row, with its tombstone trigger set up on every node.
 
 use pgferry_connectors::postgres::{quote_literal, PgSession};
 use serde::{Deserialize, Serialize};
@@ -33,33 +35,62 @@ pub struct DdlMessage {
 }
 
 /// The event trigger that emits DDL messages, for a node replicating `tables` (`(schema,
-/// table)`). Idempotent.
-pub fn trigger_sql(tables: &[(String, String)]) -> String {
+/// table)`) and the schemas `whole` (every table in them, including new ones). Idempotent.
+pub fn trigger_sql(tables: &[(String, String)], whole: &[String]) -> String {
+    let array = |items: Vec<String>| {
+        if items.is_empty() {
+            "NULL".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
     let qualified: Vec<String> = tables
         .iter()
         .map(|(s, t)| quote_literal(&format!("\"{}\".\"{}\"", s.replace('"', "\"\""), t.replace('"', "\"\""))))
         .collect();
-    let mut schemas: Vec<String> = tables.iter().map(|(s, _)| quote_literal(s)).collect();
+    let mut schemas: Vec<String> = tables.iter().map(|(s, _)| quote_literal(s)).chain(whole.iter().map(|s| quote_literal(s))).collect();
     schemas.sort();
     schemas.dedup();
+    let whole: Vec<String> = whole.iter().map(|s| quote_literal(s)).collect();
     format!(
         "CREATE OR REPLACE FUNCTION pgferry.replicate_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
          DECLARE
              r record;
              q text := current_query();
              tables oid[] := ARRAY(SELECT to_regclass(n)::oid FROM unnest(ARRAY[{tables}]::text[]) n);
+             whole text[] := ARRAY[{whole}]::text[];
+             keys text;
              replicate boolean := false;
          BEGIN
-             -- apply's own session (a replication origin is set up): never sent again;
              -- pgferry's own set-up (`init` re-creating its triggers): not replicated
-             IF pg_replication_origin_session_is_setup()
-                OR current_setting('pgferry.local_ddl', true) = 'on' THEN RETURN; END IF;
+             IF current_setting('pgferry.local_ddl', true) = 'on' THEN RETURN; END IF;
+             -- a new table of a schema replicated whole gets its tombstone trigger, on every node
+             -- (apply runs the CREATE TABLE too)
+             FOR r IN SELECT * FROM pg_event_trigger_ddl_commands()
+                      WHERE command_tag = 'CREATE TABLE' AND object_type = 'table' AND NOT in_extension
+                        AND schema_name = ANY (whole) LOOP
+                 SELECT string_agg(quote_literal(a.attname), ', ' ORDER BY k.ord) INTO keys
+                 FROM pg_index i
+                 CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE i.indrelid = r.objid AND i.indisprimary;
+                 IF keys IS NOT NULL THEN
+                     PERFORM set_config('pgferry.local_ddl', 'on', true);
+                     EXECUTE format('CREATE TRIGGER pgferry_tombstone AFTER DELETE ON %s FOR EACH ROW
+                                     EXECUTE FUNCTION pgferry.record_tombstone(%s)', r.objid::regclass, keys);
+                     EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgferry_tombstone', r.objid::regclass);
+                     PERFORM set_config('pgferry.local_ddl', 'off', true);
+                 END IF;
+             END LOOP;
+             -- apply's own session (a replication origin is set up): never sent again
+             IF pg_replication_origin_session_is_setup() THEN RETURN; END IF;
              -- several commands of one query string: sent once
              IF current_setting('pgferry.ddl_sent', true) = md5(q) THEN RETURN; END IF;
              FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
                  CONTINUE WHEN r.in_extension;
-                 IF (r.object_type = 'table' AND r.objid = ANY (tables))
-                    OR (r.object_type = 'index' AND (SELECT indrelid FROM pg_index WHERE indexrelid = r.objid) = ANY (tables))
+                 IF (r.object_type = 'table' AND (r.objid = ANY (tables) OR r.schema_name = ANY (whole)))
+                    OR (r.object_type = 'index' AND ((SELECT indrelid FROM pg_index WHERE indexrelid = r.objid) = ANY (tables)
+                                                     OR r.schema_name = ANY (whole)))
                     OR (r.object_type = 'type' AND r.schema_name = ANY (ARRAY[{schemas}]::text[])) THEN
                      replicate := true;
                  END IF;
@@ -72,8 +103,9 @@ pub fn trigger_sql(tables: &[(String, String)]) -> String {
          END $fn$;
          DROP EVENT TRIGGER IF EXISTS pgferry_ddl;
          CREATE EVENT TRIGGER pgferry_ddl ON ddl_command_end EXECUTE FUNCTION pgferry.replicate_ddl();",
-        tables = if qualified.is_empty() { "NULL".into() } else { qualified.join(", ") },
-        schemas = if schemas.is_empty() { "NULL".into() } else { schemas.join(", ") },
+        tables = array(qualified),
+        whole = array(whole),
+        schemas = array(schemas),
     )
 }
 
@@ -112,10 +144,10 @@ mod tests {
 
     #[test]
     fn trigger_names_the_tables_and_their_schemas() {
-        let sql = trigger_sql(&[("public".into(), "t".into()), ("app".into(), "it's".into())]);
+        let sql = trigger_sql(&[("public".into(), "t".into()), ("app".into(), "it's".into())], &["whole".into()]);
         assert!(sql.contains(r#"'"public"."t"'"#), "{sql}");
         assert!(sql.contains(r#"'"app"."it''s"'"#), "{sql}");
-        assert!(sql.contains("ARRAY['app', 'public']"), "{sql}");
+        assert!(sql.contains("ARRAY['app', 'public', 'whole']"), "{sql}");
     }
 
     #[test]

@@ -98,7 +98,7 @@ impl Writer {
     async fn table(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<&LocalTable, ApplyError> {
         let id = (ev.schema.clone(), ev.table.clone());
         if !self.tables.contains_key(&id) {
-            if !self.allowed.contains(&id) {
+            if !self.allowed.contains(&id) && !self.config.replicates_schema(&ev.schema) {
                 return Err(write_err(ev, "not in this node's replication set".into()));
             }
             let Some(cols) = table_columns(sql, &ev.schema, &ev.table).await? else {
@@ -144,7 +144,7 @@ impl Writer {
             return Ok(());
         }
         let id = (t.schema.clone(), t.table.clone());
-        if !self.allowed.contains(&id) {
+        if !self.allowed.contains(&id) && !self.config.replicates_schema(&t.schema) {
             return Err(ApplyError::Write {
                 origin: t.origin.clone(),
                 table: format!("{}.{}", t.schema, t.table),

@@ -131,7 +131,12 @@ impl NodeConfig {
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
     /// Replicated tables as `schema.table` (or `table`, meaning `public.table`).
+    #[serde(default)]
     pub tables: Vec<String>,
+    /// Schemas replicated whole: every table in them, including tables created later (their
+    /// `CREATE TABLE` replicates and they join by themselves).
+    #[serde(default)]
+    pub schemas: Vec<String>,
     /// How conflicts are resolved unless a table says otherwise.
     #[serde(default)]
     pub resolver: Resolver,
@@ -390,8 +395,16 @@ impl Config {
                 return Err(invalid(format!("replication.table.{name:?}.row_filter"), "is empty".into()));
             }
         }
-        if self.replication.tables.is_empty() {
-            return Err(invalid("replication.tables".into(), "lists no table".into()));
+        if self.replication.tables.is_empty() && self.replication.schemas.is_empty() {
+            return Err(invalid(
+                "replication.tables".into(),
+                "lists no table (and replication.schemas no schema)".into(),
+            ));
+        }
+        for (i, s) in self.replication.schemas.iter().enumerate() {
+            if s.is_empty() || s.contains('.') {
+                return Err(invalid(format!("replication.schemas[{i}]"), format!("{s:?} is not a schema name")));
+            }
         }
         for (i, t) in self.replication.tables.iter().enumerate() {
             if t.is_empty() || t.split('.').count() > 2 || t.split('.').any(str::is_empty) {
@@ -478,6 +491,11 @@ impl Config {
             .into_iter()
             .filter(|(s, t)| !self.local_elsewhere(node, s, t))
             .collect()
+    }
+
+    /// Whether `schema` is replicated whole (`replication.schemas`).
+    pub fn replicates_schema(&self, schema: &str) -> bool {
+        self.replication.schemas.iter().any(|s| s == schema)
     }
 
     /// Whether `schema.table` is region-local to a region other than `node`'s.
