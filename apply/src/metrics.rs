@@ -23,7 +23,12 @@ struct State {
     origins: BTreeMap<String, (bool, Arc<AtomicI64>)>,
     /// The last error apply stopped with (already scrubbed of secrets).
     last_error: Option<String>,
+    /// Whether an origin's partition holds messages not applied yet (None: unknown).
+    pending: Option<PendingProbe>,
 }
+
+/// Tells whether `origin`'s partition holds messages this node has not applied yet.
+pub type PendingProbe = Arc<dyn Fn(&str) -> Option<bool> + Send + Sync>;
 
 struct Shared {
     registry: MetricsRegistry,
@@ -88,7 +93,11 @@ impl ApplyMetrics {
                         .filter_map(|(o, (_, t))| {
                             let t = t.load(Ordering::Relaxed);
                             let lag_ms = (now - t) / 1000;
-                            (t != 0 && lag_ms > max as i64).then(|| format!("{o} lags {lag_ms} ms (max_apply_lag_ms = {max})"))
+                            // An origin that sends nothing (down, or idle without heartbeats)
+                            // is not this node lagging: only count it while messages wait.
+                            let waiting = state.pending.as_ref().and_then(|p| p(o)) != Some(false);
+                            (t != 0 && lag_ms > max as i64 && waiting)
+                                .then(|| format!("{o} lags {lag_ms} ms (max_apply_lag_ms = {max})"))
                         })
                         .collect(),
                     None => Vec::new(),
@@ -109,6 +118,12 @@ impl ApplyMetrics {
             }),
         );
         ApplyMetrics(shared)
+    }
+
+    /// Sets how the health check learns whether an origin has messages waiting (apply's
+    /// consumer knows its partitions' watermarks).
+    pub fn set_pending_probe(&self, probe: PendingProbe) {
+        self.0.lock().pending = Some(probe);
     }
 
     /// Records why apply stopped (shown by `/healthz` while it is unhealthy).
@@ -361,5 +376,13 @@ mod tests {
         assert!(e.contains("n1 lags") && e.contains("max_apply_lag_ms = 1000"), "{e}");
         m.txn_applied(now_us());
         assert!(registry.health().is_ok());
+        // Behind, but its stream receives nothing (the origin is down): not this node's lag.
+        let mut m3 = apply.origin("n3");
+        let _running3 = m3.running();
+        m3.txn_applied(now_us() - 5_000_000);
+        apply.set_pending_probe(Arc::new(|_| Some(false)));
+        assert!(registry.health().is_ok());
+        apply.set_pending_probe(Arc::new(|_| Some(true)));
+        assert!(registry.health().is_err());
     }
 }

@@ -82,6 +82,19 @@ pub struct StreamProgress {
     pub applied: AtomicU64,
     /// Source transactions skipped because they were already applied.
     pub skipped: AtomicU64,
+    /// Wall-clock time (ms since the Unix epoch) the last message arrived (0: none yet).
+    pub last_received_ms: AtomicI64,
+    /// Whether a message is being handled right now.
+    pub busy: std::sync::atomic::AtomicBool,
+}
+
+impl StreamProgress {
+    /// Whether the stream has work: a message in hand, or one arrived within `window_ms`
+    /// (a partition whose origin is down, or has nothing to send, receives nothing).
+    pub fn working(&self, window_ms: i64) -> bool {
+        let last = self.last_received_ms.load(Ordering::Relaxed);
+        self.busy.load(Ordering::Relaxed) || (last != 0 && chrono::Utc::now().timestamp_millis() - last < window_ms)
+    }
 }
 
 /// Where a stream stops.
@@ -261,7 +274,11 @@ impl PartitionStream {
             if matches!(until, Until::Offset(end) if msg.offset() >= end) && open.is_none() {
                 return Ok(());
             }
-            if let Err(e) = self.handle(&msg, &mut open).await {
+            self.progress.last_received_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+            self.progress.busy.store(true, Ordering::Relaxed);
+            let handled = self.handle(&msg, &mut open).await;
+            self.progress.busy.store(false, Ordering::Relaxed);
+            if let Err(e) = handled {
                 if open.take().is_some() {
                     let _ = self.sql.client.batch_execute("ROLLBACK").await;
                 }

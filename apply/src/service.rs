@@ -79,6 +79,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
         what: "assigning partitions".into(),
         source,
     })?;
+    options.metrics.set_pending_probe(pending_probe(&config, &node, &streams));
 
     let mut tasks = tokio::task::JoinSet::new();
     // Beside the streams: the conflicts outbox and tombstone collection (they retry on their own
@@ -127,3 +128,18 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
 }
 
 use rdkafka::message::Message;
+
+/// For each other node: whether the stream of the partition that carries its changes here has
+/// work (a message in hand, or one within the last 10 s). A down or silent origin's stream
+/// receives nothing, so its growing lag is not this node falling behind.
+fn pending_probe(config: &Config, node: &pgferry_connectors::config::NodeConfig, streams: &[PartitionStream]) -> crate::metrics::PendingProbe {
+    let mut by_origin = std::collections::HashMap::new();
+    for origin in config.nodes.iter().filter(|o| o.name != node.name) {
+        let Some(carrier) = config.carriers(node, &origin.name).first().copied() else { continue };
+        let (topic, partition) = (config.region_topic(&carrier.region), config.node_partition(carrier));
+        if let Some(s) = streams.iter().find(|s| s.topic == topic && s.partition == partition) {
+            by_origin.insert(origin.name.clone(), s.progress.clone());
+        }
+    }
+    Arc::new(move |origin: &str| Some(by_origin.get(origin)?.working(10_000)))
+}

@@ -1,8 +1,9 @@
 //! Failover through HAProxy (deploy/haproxy/haproxy.cfg, with this test's ports): three nodes on
 //! PostgreSQL servers of this test alone, HAProxy in front routing by each node's `/healthz`, and
-//! a client writing through it. Stopping n1's PostgreSQL: the client's writes continue on
-//! another node within a few seconds, every acknowledged write is on every surviving node, and
-//! once n1 is back it catches up and equals the others.
+//! a client writing through it. Stopping the PostgreSQL of the node it writes to: the client's
+//! writes continue on another node within a few seconds and for longer than the lag limit,
+//! every acknowledged write is on every surviving node, and once the node is back it catches up
+//! and equals the others.
 
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -71,6 +72,9 @@ async fn writes_continue_on_the_other_nodes_and_nothing_acknowledged_is_lost() -
     for (n, m) in cluster.nodes.iter_mut().zip(&metrics) {
         n.extra_toml = format!("metrics_listen = \"{m}\"");
     }
+    // A node whose apply falls behind leaves the pool; a node that is down does not make the
+    // others look behind (their streams from it receive nothing).
+    cluster.replication_toml = "[health]\nmax_apply_lag_ms = 5000".into();
     cluster.write_config()?;
     cluster.init()?;
     let _services: Vec<_> = (0..3).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;
@@ -98,17 +102,28 @@ async fn writes_continue_on_the_other_nodes_and_nothing_acknowledged_is_lost() -
     let acks: Acks = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = tokio::spawn(client(front.clone(), acks.clone(), stop.clone(), cluster.nodes[0].db.clone()));
-    let n1_port: i32 = port(&servers.endpoints.pg[0].rsplit('@').next().and_then(|h| h.split('/').next()).unwrap_or_default()).parse()?;
-    wait_until("the client writing through HAProxy to n1", Duration::from_secs(60), || async {
-        Ok(acks.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|a| a.1 == n1_port).count() >= 50)
+    let ports: Vec<i32> = servers
+        .endpoints
+        .pg
+        .iter()
+        .map(|dsn| port(dsn.rsplit('@').next().and_then(|h| h.split('/').next()).unwrap_or_default()).parse())
+        .collect::<Result<_, _>>()?;
+    wait_until("the client writing through HAProxy", Duration::from_secs(60), || async {
+        Ok(acks.lock().unwrap_or_else(|p| p.into_inner()).len() >= 50)
     })
     .await?;
-
-    // n1's PostgreSQL stops (a clean shutdown: its walsender hands capture all committed WAL).
+    // The node the client writes to (HAProxy's first healthy server) goes down: a clean
+    // PostgreSQL shutdown, whose walsender hands capture every committed transaction.
+    let down_port = acks.lock().unwrap_or_else(|p| p.into_inner()).last().map(|a| a.1).unwrap_or_default();
+    let down = ports.iter().position(|p| *p == down_port).ok_or_else(|| anyhow::anyhow!("acked by an unknown port"))?;
+    eprintln!("the client writes to node {}; stopping it", down + 1);
     let stopped = Instant::now();
-    servers.pg_sh(&["stop-node", "1"])?;
-    wait_until("writes acknowledged by another node", Duration::from_secs(30), || async {
-        Ok(acks.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|a| a.1 != n1_port && a.2 > stopped).count() >= 50)
+    servers.pg_sh(&["stop-node", &(down + 1).to_string()])?;
+    // Writes go on for longer than the lag limit (5 s): the stopped node must not take the others
+    // out of the pool as its silence makes their lag for it grow.
+    wait_until("writes acknowledged by another node 8 s after the stop", Duration::from_secs(40), || async {
+        let late = stopped + Duration::from_secs(8);
+        Ok(acks.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|a| a.1 != down_port && a.2 > late))
     })
     .await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -116,16 +131,16 @@ async fn writes_continue_on_the_other_nodes_and_nothing_acknowledged_is_lost() -
     let acked = acks.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let resumed = acked
         .iter()
-        .filter(|a| a.1 != n1_port && a.2 > stopped)
+        .filter(|a| a.1 != down_port && a.2 > stopped)
         .map(|a| a.2 - stopped)
         .min()
         .unwrap_or_default();
-    eprintln!("acknowledged: {} writes; first write on another node {resumed:?} after n1 stopped", acked.len());
+    eprintln!("acknowledged: {} writes; first write on another node {resumed:?} after the node stopped", acked.len());
     assert!(resumed < Duration::from_secs(10), "writes resumed within a few seconds ({resumed:?})");
 
     // Every acknowledged write is on both surviving nodes.
     let ids: Vec<i64> = acked.iter().map(|a| a.0).collect();
-    for i in 1..3 {
+    for i in (0..3).filter(|i| *i != down) {
         let c = cluster.sql(i).await?;
         wait_until(&format!("every acknowledged write on node {}", i + 1), Duration::from_secs(90), || async {
             let n: i64 = c.query_one("SELECT count(*) FROM t WHERE id = ANY($1)", &[&ids]).await?.get(0);
@@ -134,8 +149,8 @@ async fn writes_continue_on_the_other_nodes_and_nothing_acknowledged_is_lost() -
         .await?;
     }
 
-    // n1 returns, catches up and equals the others.
-    servers.pg_sh(&["start-node", "1"])?;
+    // The node returns, catches up and equals the others.
+    servers.pg_sh(&["start-node", &(down + 1).to_string()])?;
     let (_, rows) = cluster.wait_converged("t", Duration::from_secs(180)).await?;
     assert!(rows >= ids.len() as i64);
     let _ = haproxy.kill();
