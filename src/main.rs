@@ -1,6 +1,7 @@
 //! `pgferry`: the command line of pgferry — cluster set-up, the capture/apply services and
 //! conflict review.
 
+mod bench_cmd;
 mod conflicts_cmd;
 mod init;
 mod supervise;
@@ -34,6 +35,14 @@ enum Command {
     Apply(ServiceArgs),
     /// Run capture and apply of a node in one process.
     Run(ServiceArgs),
+    /// Benchmarks: pgferry side by side with PostgreSQL native logical replication and pglogical
+    /// (`pgferry bench --help`; deploy/local/bench.sh starts what they need and runs them).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments of the benchmarks (`pgferry bench --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Recorded conflicts: list them, show one, resolve a parked one.
     Conflicts {
         #[command(subcommand)]
@@ -62,6 +71,13 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // The benchmarks need no config or runtime here: they run in their own binary.
+    if let Command::Bench { args } = &cli.command {
+        if let Err(e) = bench_cmd::exec(args) {
+            eprintln!("error: {}", one_line(&e));
+        }
+        std::process::exit(1);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -95,6 +111,7 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<()> {
     };
     match cli.command {
         Command::Init => init::run(&config).await,
+        Command::Bench { .. } => anyhow::bail!("pgferry bench is run before the config is read"),
         Command::Conflicts { command } => conflicts_cmd::run(&config, command).await,
         Command::Capture(args) => {
             let node = node_of(&args.node)?;

@@ -1,6 +1,7 @@
-//! `pgferry-bench`: capture benchmarks against the real local services (deploy/local/up.sh:
-//! PostgreSQL, Kafka, schema registry; endpoints from `eval "$(deploy/local/env.sh)"`) and the
-//! real `pgferry` binary.
+//! `pgferry-bench` (run as `pgferry bench`): benchmarks against the real local services
+//! (PostgreSQL, Kafka, schema registry; endpoints from `eval "$(deploy/local/env.sh)"`, which
+//! deploy/local/bench.sh points at the benchmark's own PostgreSQL servers) and the real
+//! `pgferry` binary.
 //!
 //! Contract: each subcommand sets up its own isolated cluster through the integration-test
 //! harness (own database, slot, topics), measures, removes what it made (unless `--keep`), and
@@ -10,25 +11,38 @@
 //! The `pgferry` binary is `PGFERRY_BIN`, else the `pgferry` next to this binary (build both
 //! with `cargo build --release -p pgferry -p pgferry-bench`).
 //!
+//! - no subcommand: the comparison of pgferry, PostgreSQL native logical replication and
+//!   pglogical (backlog drain, latency, wide rows, three nodes, cost); writes
+//!   docs/benchmarks/comparison.{md,json,png}. Its outputs are the files, the table also on stdout.
 //! - `capture-throughput`: a pgbench TPC-B backlog decoded by `pg_recvlogical` and by pgferry
 //!   capture; events/s of both and their ratio (target ≥ 70%).
 //! - `large-txn`: one transaction of 2,000,000 row changes; capture's peak RSS (target
 //!   < 256 MB) and time to capture.
 
+mod backlog;
+mod compare;
+mod cost;
+mod cpu;
 mod large_txn;
+mod latency;
 mod measure;
+mod mesh;
 mod partition;
+mod replication;
+mod report;
 mod rss;
 mod throughput;
+mod workload;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-/// Capture benchmarks of pgferry.
+/// Benchmarks of pgferry. Without a subcommand: pgferry, PostgreSQL native logical replication
+/// and pglogical side by side (run it through deploy/local/bench.sh, which starts the servers).
 #[derive(Parser)]
-#[command(name = "pgferry-bench", version, about)]
+#[command(name = "pgferry bench", bin_name = "pgferry bench", version, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// Directory of the PostgreSQL client programs (pgbench, pg_recvlogical).
     #[arg(
@@ -39,7 +53,9 @@ struct Cli {
     )]
     pg_bin: PathBuf,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    compare: compare::CompareArgs,
 }
 
 #[derive(Subcommand)]
@@ -67,8 +83,9 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     let section = match &cli.command {
-        Command::CaptureThroughput(args) => throughput::run(args, &cli.pg_bin).await?,
-        Command::LargeTxn(args) => large_txn::run(args).await?,
+        None => compare::run(&cli.compare, &cli.pg_bin).await?,
+        Some(Command::CaptureThroughput(args)) => throughput::run(args, &cli.pg_bin).await?,
+        Some(Command::LargeTxn(args)) => large_txn::run(args).await?,
     };
     println!("{section}");
     Ok(())
