@@ -19,26 +19,27 @@ use crate::workload::{self, Pgbench, Workload};
 /// Options of the comparison (`pgferry bench`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct CompareArgs {
-    /// Small and short: 2,000-transaction backlogs, 5 s latency runs at 100 and 200 tps, 500
-    /// transactions per node on three nodes; writes to .local/logs/bench-quick unless --out.
+    /// Small and short (checks the command, as CI does; the figures mean little): 1,000-transaction
+    /// backlogs, 3 s latency runs at 50 and 100 tps, 300 transactions per node on three nodes;
+    /// writes to .local/logs/bench-quick unless --out.
     #[arg(long)]
     pub quick: bool,
-    /// TPC-B transactions in the backlog [default: 100000; --quick 2000].
+    /// TPC-B transactions in the backlog [default: 100000; --quick 1000].
     #[arg(long)]
     pub transactions: Option<u64>,
-    /// Wide-row transactions in the backlog [default: 20000; --quick 1000].
+    /// Wide-row transactions in the backlog [default: 20000; --quick 300].
     #[arg(long)]
     pub wide_transactions: Option<u64>,
-    /// Fixed rates (tps) of the TPC-B latency runs [default: 1000,2000; --quick 100,200].
+    /// Fixed rates (tps) of the TPC-B latency runs [default: 1000,2000; --quick 50,100].
     #[arg(long, value_delimiter = ',')]
     pub rates: Option<Vec<u64>>,
-    /// Fixed rate (tps) of the wide-row latency run [default: 1000; --quick 100].
+    /// Fixed rate (tps) of the wide-row latency run [default: 1000; --quick 50].
     #[arg(long)]
     pub wide_rate: Option<u64>,
-    /// Length of each latency run in seconds [default: 30; --quick 5].
+    /// Length of each latency run in seconds [default: 30; --quick 3].
     #[arg(long)]
     pub seconds: Option<u64>,
-    /// TPC-B transactions per node in the three-node run [default: 20000; --quick 500].
+    /// TPC-B transactions per node in the three-node run [default: 20000; --quick 300].
     #[arg(long)]
     pub mesh_transactions: Option<u64>,
     /// pgbench scale of the two-node runs (100,000 accounts per unit) [default: 10; --quick 1].
@@ -90,15 +91,15 @@ impl CompareArgs {
         let pick = |v: Option<u64>, full: u64, quick: u64| v.unwrap_or(if q { quick } else { full });
         Plan {
             quick: q,
-            transactions: pick(self.transactions, 100_000, 2_000),
-            wide_transactions: pick(self.wide_transactions, 20_000, 1_000),
+            transactions: pick(self.transactions, 100_000, 1_000),
+            wide_transactions: pick(self.wide_transactions, 20_000, 500),
             rates: self
                 .rates
                 .clone()
-                .unwrap_or_else(|| if q { vec![100, 200] } else { vec![1000, 2000] }),
-            wide_rate: pick(self.wide_rate, 1000, 100),
-            seconds: pick(self.seconds, 30, 5),
-            mesh_transactions: pick(self.mesh_transactions, 20_000, 500),
+                .unwrap_or_else(|| if q { vec![50, 100] } else { vec![1000, 2000] }),
+            wide_rate: pick(self.wide_rate, 1000, 50),
+            seconds: pick(self.seconds, 30, 3),
+            mesh_transactions: pick(self.mesh_transactions, 20_000, 300),
             scale: pick(self.scale, 10, 1),
             clients: self.clients.max(1),
             systems: self.systems.clone(),

@@ -13,6 +13,8 @@ PGFERRY_DEPLOY="$PGFERRY_REPO/deploy/local"
 PGFERRY_LOGS="$PGFERRY_LOCAL/logs"
 # Python venv with confluent-kafka for the analytics-tap test (install.sh builds it).
 : "${PGFERRY_PYTHON_VENV:=$PGFERRY_LOCAL/python-venv}"
+# Python venv with matplotlib for the benchmark chart (install.sh with PGFERRY_INSTALL_BENCH=1).
+: "${PGFERRY_BENCH_VENV:=$PGFERRY_LOCAL/bench-venv}"
 
 # --- versions ----------------------------------------------------------------
 : "${PGFERRY_PG_VERSION:=15}"
