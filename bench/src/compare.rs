@@ -24,10 +24,10 @@ pub struct CompareArgs {
     /// writes to .local/logs/bench-quick unless --out.
     #[arg(long)]
     pub quick: bool,
-    /// TPC-B transactions in the backlog [default: 100000; --quick 1000].
+    /// TPC-B transactions in the backlog [default: 50000; --quick 1000].
     #[arg(long)]
     pub transactions: Option<u64>,
-    /// Wide-row transactions in the backlog [default: 20000; --quick 300].
+    /// Wide-row transactions in the backlog [default: 10000; --quick 300].
     #[arg(long)]
     pub wide_transactions: Option<u64>,
     /// Fixed rates (tps) of the TPC-B latency runs [default: 1000,2000; --quick 50,100].
@@ -39,7 +39,7 @@ pub struct CompareArgs {
     /// Length of each latency run in seconds [default: 30; --quick 3].
     #[arg(long)]
     pub seconds: Option<u64>,
-    /// TPC-B transactions per node in the three-node run [default: 20000; --quick 300].
+    /// TPC-B transactions per node in the three-node run [default: 10000; --quick 300].
     #[arg(long)]
     pub mesh_transactions: Option<u64>,
     /// pgbench scale of the two-node runs (100,000 accounts per unit) [default: 10; --quick 1].
@@ -91,7 +91,7 @@ impl CompareArgs {
         let pick = |v: Option<u64>, full: u64, quick: u64| v.unwrap_or(if q { quick } else { full });
         Plan {
             quick: q,
-            transactions: pick(self.transactions, 100_000, 1_000),
+            transactions: pick(self.transactions, 50_000, 1_000),
             wide_transactions: pick(self.wide_transactions, 20_000, 500),
             rates: self
                 .rates
@@ -99,7 +99,7 @@ impl CompareArgs {
                 .unwrap_or_else(|| if q { vec![50, 100] } else { vec![1000, 2000] }),
             wide_rate: pick(self.wide_rate, 1000, 50),
             seconds: pick(self.seconds, 30, 3),
-            mesh_transactions: pick(self.mesh_transactions, 20_000, 300),
+            mesh_transactions: pick(self.mesh_transactions, 10_000, 300),
             scale: pick(self.scale, 10, 1),
             clients: self.clients.max(1),
             systems: self.systems.clone(),

@@ -218,26 +218,13 @@ impl Replication {
                     }
                 }
             }
-            System::Native => {
-                for (s, p) in self.links.clone() {
-                    self.sql(s)
-                        .await?
-                        .batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", self.subscription(s, p)))
-                        .await
-                        .context("enabling the subscription")?;
-                }
-            }
-            System::Pglogical => {
-                for (s, p) in self.links.clone() {
-                    self.sql(s)
-                        .await?
-                        .execute(
-                            "SELECT pglogical.alter_subscription_enable($1, true)",
-                            &[&self.subscription(s, p)],
-                        )
-                        .await
-                        .context("enabling the pglogical subscription")?;
-                }
+            System::Native | System::Pglogical => {
+                self.each_subscription(
+                    "ALTER SUBSCRIPTION {sub} ENABLE",
+                    "SELECT pglogical.alter_subscription_enable($1, true)",
+                    "enabling subscription",
+                )
+                .await?
             }
         }
         self.running = true;
@@ -252,22 +239,12 @@ impl Replication {
         for (_, mut service) in self.services.drain(..) {
             service.kill();
         }
-        for (s, p) in self.links.clone() {
-            let c = self.sql(s).await?;
-            let name = self.subscription(s, p);
-            match self.system {
-                System::Pgferry => {}
-                System::Native => c
-                    .batch_execute(&format!("ALTER SUBSCRIPTION {name} DISABLE"))
-                    .await
-                    .context("disabling the subscription")?,
-                System::Pglogical => {
-                    c.execute("SELECT pglogical.alter_subscription_disable($1, true)", &[&name])
-                        .await
-                        .context("disabling the pglogical subscription")?;
-                }
-            }
-        }
+        self.each_subscription(
+            "ALTER SUBSCRIPTION {sub} DISABLE",
+            "SELECT pglogical.alter_subscription_disable($1, true)",
+            "disabling subscription",
+        )
+        .await?;
         for p in self.providers() {
             let c = self.sql(p).await?;
             poll(&format!("the slots on n{} to be released", p + 1), || async {
@@ -282,6 +259,26 @@ impl Replication {
             .await?;
         }
         self.running = false;
+        Ok(())
+    }
+
+    /// Runs a statement on every link's subscription: `native` (with `{sub}` replaced by the
+    /// subscription's name) on native subscriptions, `pglogical` (the name as `$1`) on
+    /// pglogical's. Nothing for pgferry.
+    async fn each_subscription(&self, native: &str, pglogical: &str, what: &str) -> Result<()> {
+        if self.system == System::Pgferry {
+            return Ok(());
+        }
+        for (s, p) in self.links.clone() {
+            let c = self.sql(s).await?;
+            let name = self.subscription(s, p);
+            if self.system == System::Native {
+                c.batch_execute(&native.replace("{sub}", &name)).await.map(|_| ())
+            } else {
+                c.execute(pglogical, &[&name]).await.map(|_| ())
+            }
+            .with_context(|| format!("{what} {name} on n{}", s + 1))?;
+        }
         Ok(())
     }
 
@@ -333,23 +330,13 @@ impl Replication {
     /// see there).
     pub async fn finish(mut self) -> Result<Cluster> {
         let stopped = self.stop().await;
-        for (s, p) in self.links.clone() {
-            let name = self.subscription(s, p);
-            let c = self.sql(s).await?;
-            // Dropping a subscription also drops its slot on the provider.
-            match self.system {
-                System::Pgferry => {}
-                System::Native => c
-                    .batch_execute(&format!("DROP SUBSCRIPTION IF EXISTS {name}"))
-                    .await
-                    .context("dropping the subscription")?,
-                System::Pglogical => {
-                    c.execute("SELECT pglogical.drop_subscription($1, true)", &[&name])
-                        .await
-                        .context("dropping the pglogical subscription")?;
-                }
-            }
-        }
+        // Dropping a subscription also drops its slot on the provider.
+        self.each_subscription(
+            "DROP SUBSCRIPTION IF EXISTS {sub}",
+            "SELECT pglogical.drop_subscription($1, true)",
+            "dropping subscription",
+        )
+        .await?;
         for i in 0..self.cluster.nodes.len() {
             self.sql(i)
                 .await?
