@@ -67,9 +67,11 @@ if not r["mesh"]:
 mesh = {m["system"]: m["txn_per_s"] for m in r["mesh"]}
 if r["mesh"]:
     grouped(ax, ["3 nodes"], lambda g, s: mesh.get(s), lambda y: f"{y:,.0f}")
-for si, system in enumerate(systems):
-    if system in mesh and mesh[system] is None:
-        ax.text((si - (len(systems) - 1) / 2) * width, 0, "n/a", ha="center", va="bottom", fontsize=8, rotation=90)
+    ax.set_xlim(-0.5, 0.5)
+    for si, system in enumerate(systems):
+        if system in mesh and mesh[system] is None:
+            x = (si - (len(systems) - 1) / 2) * width
+            ax.text(x, 0, f" {system}: no figure (see table)", ha="center", va="bottom", fontsize=7, rotation=90)
 ax.set_title("3 nodes all writing: aggregate", fontsize=10)
 ax.set_ylabel("transactions / s")
 

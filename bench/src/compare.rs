@@ -54,6 +54,12 @@ pub struct CompareArgs {
     /// Skip the three-node run.
     #[arg(long)]
     pub no_mesh: bool,
+    /// Skip the two-node runs (backlog drain, latency, cost).
+    #[arg(long)]
+    pub no_pair: bool,
+    /// Keep the benchmark databases and topics (replication stopped, slots dropped) to look at.
+    #[arg(long)]
+    pub keep: bool,
     /// Directory the table (<name>.md), results (<name>.json) and chart (<name>.png) go to
     /// [default: docs/benchmarks; --quick .local/logs/bench-quick].
     #[arg(long)]
@@ -82,6 +88,7 @@ pub struct Plan {
     pub scale: u64,
     pub clients: u64,
     pub systems: Vec<System>,
+    pub pair: bool,
     pub mesh: bool,
 }
 
@@ -103,6 +110,7 @@ impl CompareArgs {
             scale: pick(self.scale, 10, 1),
             clients: self.clients.max(1),
             systems: self.systems.clone(),
+            pair: !self.no_pair,
             mesh: !self.no_mesh,
         }
     }
@@ -136,7 +144,7 @@ pub async fn run(args: &CompareArgs, pg_bin: &std::path::Path) -> Result<String>
     let timeout = Duration::from_secs(args.timeout_secs);
     let mut clusters = Vec::new();
     let mut pairs = Vec::new();
-    for &system in &plan.systems {
+    for &system in plan.systems.iter().filter(|_| plan.pair) {
         let (results, cluster) = pair(system, &plan, &pgbench, timeout).await;
         pairs.push(results);
         clusters.extend(cluster);
@@ -161,10 +169,17 @@ pub async fn run(args: &CompareArgs, pg_bin: &std::path::Path) -> Result<String>
             meshes.push((system, outcome));
         }
     }
-    eprintln!("[bench] dropping the benchmark databases and topics");
-    for cluster in clusters {
-        if let Err(e) = crate::measure::remove(cluster).await {
-            eprintln!("[bench] warning: removing a benchmark cluster: {e:#}");
+    if args.keep {
+        for cluster in &clusters {
+            let dbs: Vec<String> = cluster.nodes.iter().map(|n| pgferry_integration_tests::without_password(&n.dsn)).collect();
+            eprintln!("[bench] kept cluster {}: {}", cluster.name, dbs.join(" "));
+        }
+    } else {
+        eprintln!("[bench] dropping the benchmark databases and topics");
+        for cluster in clusters {
+            if let Err(e) = crate::measure::remove(cluster).await {
+                eprintln!("[bench] warning: removing a benchmark cluster: {e:#}");
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&scripts);
@@ -181,7 +196,8 @@ pub async fn run(args: &CompareArgs, pg_bin: &std::path::Path) -> Result<String>
     let out = args.out_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let table = report::tables(&results);
-    let doc = report::document(&results, &table, &args.name);
+    let notes = out.join(format!("{}-notes.md", args.name)).is_file();
+    let doc = report::document(&results, &table, &args.name, notes);
     let md = out.join(format!("{}.md", args.name));
     std::fs::write(&md, doc).with_context(|| format!("writing {}", md.display()))?;
     let json = out.join(format!("{}.json", args.name));

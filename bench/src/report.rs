@@ -328,8 +328,8 @@ pub fn tables(r: &Results) -> String {
     md
 }
 
-/// The whole document for docs/benchmarks/.
-pub fn document(r: &Results, tables: &str, name: &str) -> String {
+/// The whole document for docs/benchmarks/ (`notes`: link `<name>-notes.md` beside it).
+pub fn document(r: &Results, tables: &str, name: &str, notes: bool) -> String {
     let m = &r.machine;
     let env = |k: &str| std::env::var(k).unwrap_or_else(|_| "unknown".into());
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -350,7 +350,7 @@ pub fn document(r: &Results, tables: &str, name: &str) -> String {
     if let Ok(wrapper) = std::env::var("PGFERRY_BENCH_COMMAND") {
         d += &format!("{wrapper}\n# which runs, against the benchmark's own PostgreSQL servers and the local Kafka and registry:\n");
     }
-    d += &format!("pgferry bench {}\n```\n\n", argv.join(" "));
+    d += &format!("{}\n```\n\n", format!("pgferry bench {}", argv.join(" ")).trim_end());
     d += &format!(
         "Machine: {} cores ({}), {:.1} GiB memory, Linux {}. {}; pglogical {}; Apache Kafka {} (one \
          KRaft broker) and Apicurio Registry {}; everything on loopback on the same machine; pgferry \
@@ -388,6 +388,12 @@ pub fn document(r: &Results, tables: &str, name: &str) -> String {
           synchronize_data := false, forward_origins := '{}')`. pgbench's own commits are \
           asynchronous (`synchronous_commit=off` for the load generator only); the probes commit \
           synchronously. pgbench_history has a bigserial primary key.\n\n";
+    if notes {
+        d += &format!(
+            "What the figures mean, where a target is missed by how much, and what the profile shows \
+             as the cause: [{name}-notes.md]({name}-notes.md) (written by hand for the run it names).\n\n"
+        );
+    }
     d += tables;
     d += &format!("\n![backlog drain, latency and three-node throughput by system]({name}.png)\n");
     d
