@@ -32,17 +32,27 @@ def grouped(ax, groups, value, label_fmt):
     ax.set_xticklabels([g if isinstance(g, str) else g[0] for g in groups], fontsize=8)
 
 
+def not_run(ax, what):
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{what}: not run", ha="center", va="center", fontsize=9, transform=ax.transAxes)
+
+
 fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [2, 3, 1.3]})
 
 ax = axes[0]
+if not r["drains"]:
+    not_run(ax, "backlog drain")
 workloads = list(dict.fromkeys(d["workload"] for d in r["drains"]))
 drain = {(d["workload"], d["system"]): d["txn_per_s"] for d in r["drains"]}
 grouped(ax, workloads, lambda g, s: drain.get((g, s)), lambda y: f"{y:,.0f}")
 ax.set_title("Backlog drain n1 → n2 (higher is better)", fontsize=10)
 ax.set_ylabel("transactions / s")
-ax.legend(fontsize=8)
+if r["drains"]:
+    ax.legend(fontsize=8)
 
 ax = axes[1]
+if not r["latencies"]:
+    not_run(ax, "latency")
 runs = []
 for l in r["latencies"]:
     key = f'{l["workload"]}\n@ {l["rate"]:,} tps'
@@ -55,15 +65,15 @@ for si, system in enumerate(systems):
         if (g, system) in lat:
             x = gi + (si - (len(systems) - 1) / 2) * width
             ax.plot([x - width / 2, x + width / 2], [lat[(g, system)]["p50_ms"]] * 2, color="black", lw=1.5)
-ax.axhline(100, color="grey", ls="--", lw=0.8)
-ax.set_yscale("log")
+if r["latencies"]:
+    ax.axhline(100, color="grey", ls="--", lw=0.8)
+    ax.set_yscale("log")
 ax.set_title("Latency commit n1 → visible n2: bar p99, line p50 (lower is better)", fontsize=10)
 ax.set_ylabel("milliseconds (log)")
 
 ax = axes[2]
 if not r["mesh"]:
-    ax.axis("off")
-    ax.text(0.5, 0.5, "three-node run not made", ha="center", va="center", fontsize=9)
+    not_run(ax, "three nodes")
 mesh = {m["system"]: m["txn_per_s"] for m in r["mesh"]}
 if r["mesh"]:
     grouped(ax, ["3 nodes"], lambda g, s: mesh.get(s), lambda y: f"{y:,.0f}")

@@ -57,7 +57,10 @@ pub struct CompareArgs {
     /// Skip the two-node runs (backlog drain, latency, cost).
     #[arg(long)]
     pub no_pair: bool,
-    /// Keep the benchmark databases and topics (replication stopped, slots dropped) to look at.
+    /// Keep the benchmark databases and topics (replication stopped, slots dropped) to look at
+    /// (bench.sh stops its servers at the end; their data stays in .local/bench until its next
+    /// run: `PGFERRY_LOCAL=.local/bench PGFERRY_PG_BASE_PORT=55530 PGFERRY_PG_PRELOAD=pglogical
+    /// deploy/local/pg.sh start 3`).
     #[arg(long)]
     pub keep: bool,
     /// Directory the table (<name>.md), results (<name>.json) and chart (<name>.png) go to
@@ -158,13 +161,11 @@ pub async fn run(args: &CompareArgs, pg_bin: &std::path::Path) -> Result<String>
                      before PostgreSQL 16), so three nodes subscribing to each other loop"
                         .into(),
                 ),
-                _ => match mesh::measure(system, &pgbench, plan.mesh_transactions, 2, timeout).await {
-                    Ok((run, cluster)) => {
-                        clusters.push(cluster);
-                        Outcome::Measured(run)
-                    }
-                    Err(e) => failed(system, "three nodes", e),
-                },
+                _ => {
+                    let (run, cluster) = mesh::measure(system, &pgbench, plan.mesh_transactions, 2, timeout).await;
+                    clusters.extend(cluster);
+                    run.map_or_else(|e| failed(system, "three nodes", e), Outcome::Measured)
+                }
             };
             meshes.push((system, outcome));
         }

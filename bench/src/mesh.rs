@@ -40,19 +40,25 @@ pub fn setup_sql() -> String {
 
 /// Sets `system` up on three nodes, checks that a row from each node reaches the others,
 /// runs `per_node` transactions on every node at once with `clients` connections each, and
-/// times it until everything is everywhere.
+/// times it until everything is everywhere. Also returns the cluster (for removal at the end),
+/// whenever it was made.
 pub async fn measure(
     system: System,
     pgbench: &Pgbench,
     per_node: u64,
     clients: u64,
     timeout: Duration,
-) -> Result<(MeshRun, pgferry_integration_tests::Cluster)> {
+) -> (Result<MeshRun>, Option<pgferry_integration_tests::Cluster>) {
     let tables = workload::PGBENCH_TABLES;
-    let mut mesh = Replication::mesh(system, NODES, &setup_sql(), tables).await?;
+    let mut mesh = match Replication::mesh(system, NODES, &setup_sql(), tables).await {
+        Ok(m) => m,
+        Err(e) => return (Err(e), None),
+    };
     let run = run(&mut mesh, pgbench, per_node, clients, timeout).await;
-    let cluster = mesh.finish().await?;
-    Ok((run?, cluster))
+    match mesh.finish().await {
+        Ok(cluster) => (run, Some(cluster)),
+        Err(e) => (run.and(Err(e)), None),
+    }
 }
 
 async fn run(mesh: &mut Replication, pgbench: &Pgbench, per_node: u64, clients: u64, timeout: Duration) -> Result<MeshRun> {
