@@ -2,6 +2,7 @@
 //! conflict review, and recovery (diff, repair, replay).
 
 mod catch_up;
+mod bench_cmd;
 mod conflicts_cmd;
 mod diff;
 mod init;
@@ -50,6 +51,14 @@ enum Command {
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// Benchmarks: pgferry side by side with PostgreSQL native logical replication and pglogical
+    /// (`pgferry bench --help`; deploy/local/bench.sh starts what they need and runs them).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments of the benchmarks (`pgferry bench --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
     /// Recorded conflicts: list them, show one, resolve a parked one.
     Conflicts {
@@ -102,6 +111,13 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // The benchmarks need no config or runtime here: they run in their own binary.
+    if let Command::Bench { args } = &cli.command {
+        if let Err(e) = bench_cmd::exec(args) {
+            eprintln!("error: {}", one_line(&e));
+        }
+        std::process::exit(1);
+    }
     let error_status = cli.command.error_status();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -155,6 +171,7 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<i32> {
             }
             return Ok(if status.healthy() { 0 } else { 1 });
         }
+        Command::Bench { .. } => anyhow::bail!("pgferry bench is run before the config is read"),
         Command::Capture(args) => {
             let node = node_of(&args.node)?;
             let registry = serve_metrics(&config, &node, args.metrics_listen, &cli.config).await?;

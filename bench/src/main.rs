@@ -1,15 +1,20 @@
-//! `pgferry-bench`: capture benchmarks against the real local services (deploy/local/up.sh:
-//! PostgreSQL, Kafka, schema registry; endpoints from `eval "$(deploy/local/env.sh)"`) and the
-//! real `pgferry` binary.
+//! `pgferry-bench` (run as `pgferry bench`): benchmarks against the real local services
+//! (PostgreSQL, Kafka, schema registry; endpoints from `eval "$(deploy/local/env.sh)"`, which
+//! deploy/local/bench.sh points at the benchmark's own PostgreSQL servers) and the real
+//! `pgferry` binary.
 //!
-//! Contract: each subcommand sets up its own isolated cluster through the integration-test
-//! harness (own database, slot, topics), measures, removes what it made (unless `--keep`), and
-//! prints one markdown section with its figures and targets on stdout; progress goes to stderr.
-//! A missed target is a figure, never a failure: the exit status is non-zero only when the
-//! benchmark could not measure (a service down, pgferry exited, a count that does not match).
+//! Contract: each benchmark sets up its own isolated clusters through the integration-test
+//! harness (own databases, slots, topics), measures, removes what it made (unless `--keep`),
+//! and prints markdown with its figures and targets on stdout; progress goes to stderr. A
+//! missed target is a figure, never a failure. The capture benchmarks exit non-zero when they
+//! could not measure (a service down, pgferry exited, a count that does not match); the
+//! comparison puts such a failure in the system's cells and goes on with the others.
 //! The `pgferry` binary is `PGFERRY_BIN`, else the `pgferry` next to this binary (build both
 //! with `cargo build --release -p pgferry -p pgferry-bench`).
 //!
+//! - no subcommand: the comparison of pgferry, PostgreSQL native logical replication and
+//!   pglogical (backlog drain, latency, wide rows, three nodes, cost); writes
+//!   docs/benchmarks/comparison.{md,json,png}. Its outputs are the files, the table also on stdout.
 //! - `capture-throughput`: a pgbench TPC-B backlog decoded by `pg_recvlogical` and by pgferry
 //!   capture; events/s of both and their ratio (target ≥ 70%).
 //! - `large-txn`: one transaction of 2,000,000 row changes; capture's peak RSS (target
@@ -17,21 +22,31 @@
 //! - `table-diff`: `pgferry diff` of a 1,000,000-row table with planted differences; time and
 //!   peak RSS of the diff process, then repair and a second diff.
 
+mod backlog;
+mod compare;
+mod cost;
+mod cpu;
 mod large_txn;
+mod latency;
 mod measure;
+mod mesh;
 mod partition;
+mod replication;
+mod report;
 mod rss;
 mod table_diff;
 mod throughput;
+mod workload;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-/// Capture benchmarks of pgferry.
+/// Benchmarks of pgferry. Without a subcommand: pgferry, PostgreSQL native logical replication
+/// and pglogical side by side (run it through deploy/local/bench.sh, which starts the servers).
 #[derive(Parser)]
-#[command(name = "pgferry-bench", version, about)]
+#[command(name = "pgferry bench", bin_name = "pgferry bench", version, args_conflicts_with_subcommands = true)]
 struct Cli {
     /// Directory of the PostgreSQL client programs (pgbench, pg_recvlogical).
     #[arg(
@@ -42,7 +57,9 @@ struct Cli {
     )]
     pg_bin: PathBuf,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    compare: compare::CompareArgs,
 }
 
 #[derive(Subcommand)]
@@ -72,9 +89,10 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     let section = match &cli.command {
-        Command::CaptureThroughput(args) => throughput::run(args, &cli.pg_bin).await?,
-        Command::LargeTxn(args) => large_txn::run(args).await?,
-        Command::TableDiff(args) => table_diff::run(args).await?,
+        None => compare::run(&cli.compare, &cli.pg_bin).await?,
+        Some(Command::CaptureThroughput(args)) => throughput::run(args, &cli.pg_bin).await?,
+        Some(Command::LargeTxn(args)) => large_txn::run(args).await?,
+        Some(Command::TableDiff(args)) => table_diff::run(args).await?,
     };
     println!("{section}");
     Ok(())

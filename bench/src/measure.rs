@@ -83,6 +83,34 @@ pub async fn wait_slot_active(cluster: &Cluster, slot: &str, timeout: Duration) 
 
 /// Drops the cluster's databases and slots (harness) and its topics (they can hold gigabytes).
 pub async fn remove(cluster: Cluster) -> Result<()> {
+    let reaper = tokio::spawn(end_pglogical_supervisors(cluster.endpoints.pg.clone()));
+    let removed = remove_cluster(cluster).await;
+    reaper.abort();
+    removed
+}
+
+/// pglogical 2.4.2's supervisor never accepts the signal barrier that DROP DATABASE waits for
+/// on PostgreSQL 15 (pglogical issues #399 and #418), so on a server that preloads pglogical
+/// (the comparison's) DROP DATABASE hangs while the supervisor runs. This ends it every second
+/// while the databases are dropped; the postmaster starts it again, and a supervisor started
+/// after the barrier does not hold it up. Nothing to do on servers without pglogical.
+async fn end_pglogical_supervisors(servers: Vec<String>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for dsn in &servers {
+            if let Ok(c) = pgferry_integration_tests::connect(dsn).await {
+                let _ = c
+                    .batch_execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pglogical supervisor'",
+                    )
+                    .await;
+            }
+        }
+    }
+}
+
+async fn remove_cluster(cluster: Cluster) -> Result<()> {
     let bootstrap = cluster.endpoints.kafka.clone();
     let topics: Vec<String> = ["changes", "conflicts", "dlq"]
         .iter()

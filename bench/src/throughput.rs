@@ -12,6 +12,7 @@ use pgferry_integration_tests::Cluster;
 
 use crate::measure::{self, lsn_text, thousands};
 use crate::partition::PartitionProbe;
+use crate::workload;
 
 /// Options of `capture-throughput`.
 #[derive(Debug, Clone, clap::Args)]
@@ -33,28 +34,8 @@ pub struct ThroughputArgs {
     pub keep: bool,
 }
 
-/// pgbench's tables; pgbench_history gets a primary key (pgferry needs one on every table),
-/// which pgbench's built-in script fills by default as it names its columns.
-fn setup_sql(scale: u64) -> String {
-    format!(
-        "CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler char(88));
-         CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler char(84));
-         CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler char(84));
-         CREATE TABLE pgbench_history (hid bigserial PRIMARY KEY, tid int, bid int, aid int, delta int,
-                                       mtime timestamp, filler char(22));
-         INSERT INTO pgbench_branches SELECT b, 0, NULL FROM generate_series(1, {scale}) b;
-         INSERT INTO pgbench_tellers SELECT t, (t - 1) / 10 + 1, 0, NULL FROM generate_series(1, 10 * {scale}) t;
-         INSERT INTO pgbench_accounts SELECT a, (a - 1) / 100000 + 1, 0, '' FROM generate_series(1, 100000 * {scale}) a;
-         ANALYZE pgbench_branches, pgbench_tellers, pgbench_accounts;"
-    )
-}
-
-const TABLES: [&str; 4] = [
-    "public.pgbench_branches",
-    "public.pgbench_tellers",
-    "public.pgbench_accounts",
-    "public.pgbench_history",
-];
+/// pgbench's tables (the comparison's set-up; only these are replicated).
+const TABLES: &[&str] = workload::PGBENCH_TABLES;
 
 /// Row events per pgbench TPC-B transaction: 3 updates and 1 insert.
 const EVENTS_PER_TXN: u64 = 4;
@@ -73,7 +54,7 @@ pub async fn run(args: &ThroughputArgs, pg_bin: &std::path::Path) -> Result<Stri
     }
     let timeout = Duration::from_secs(args.timeout_secs);
     eprintln!("[bench] setting up node 1 (pgbench scale {})", args.scale);
-    let cluster = Cluster::start("bench_tp", &["r1"], &setup_sql(args.scale), &TABLES).await?;
+    let cluster = Cluster::start("bench_tp", &["r1"], &workload::setup_sql(args.scale), TABLES).await?;
     let node = cluster.nodes[0].clone();
     let n1 = cluster.sql(0).await?;
     let capture_slot = format!("pgferry_{}", node.name);

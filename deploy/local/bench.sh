@@ -1,57 +1,111 @@
 #!/usr/bin/env bash
-# The benchmark command: start the local services (3 PostgreSQL nodes, Kafka, Apicurio
-# Registry), build pgferry and pgferry-bench in release mode, run the capture benchmarks
-# (throughput against pg_recvlogical; one large transaction's memory and time), print the
-# tables and write them, with a description of the machine, to docs/benchmarks/capture.md.
-# Figures are reported, never judged: a missed target does not fail the script.
-#   deploy/local/bench.sh [--transactions N] [--rows N]
-# (--transactions: pgbench transactions in the throughput backlog, default 50000;
-#  --rows: row changes in the large transaction, default 2000000.)
+# The benchmark command. Installs what is missing (PGFERRY_SKIP_INSTALL=1 skips it), uses the
+# local Kafka and registry (starting them if they do not answer), starts the benchmark's own
+# three PostgreSQL servers (fresh data directories under $PGFERRY_LOCAL/bench, ports
+# $PGFERRY_BENCH_PG_BASE_PORT+1..3, the test nodes' settings plus pglogical preloaded, so every
+# system runs on identical servers and the shared test nodes are left alone), builds pgferry and
+# pgferry-bench, and runs `pgferry bench` against them. The servers are stopped afterwards.
+#
+#   deploy/local/bench.sh [--debug] [pgferry bench options…]
+#       The comparison of pgferry, PostgreSQL native logical replication and pglogical: prints
+#       the tables and writes docs/benchmarks/comparison.{md,json,png} (with --quick, a small
+#       and short run, to .local/logs/bench-quick/). `pgferry bench --help` lists the options.
+#   deploy/local/bench.sh [--debug] capture [--transactions N] [--rows N]
+#       The capture benchmarks (throughput against pg_recvlogical; one large transaction's
+#       memory and time): writes docs/benchmarks/capture.md.
+#
+# --debug uses debug binaries (faster to build, much slower to run: for checking the command,
+# as CI does with --quick). Figures are reported, never judged: a missed target does not fail it.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PGFERRY_LOG_TAG=bench
 cd "$PGFERRY_REPO"
 
+profile=release
+if [[ "${1:-}" == --debug ]]; then
+    profile=debug
+    shift
+fi
+mode=compare
 transactions=50000
 rows=2000000
-while (($#)); do
-    case "$1" in
-    --transactions) transactions="${2:?--transactions needs a number}"; shift 2 ;;
-    --rows) rows="${2:?--rows needs a number}"; shift 2 ;;
-    *) die "unknown argument '$1' (usage: bench.sh [--transactions N] [--rows N])" ;;
-    esac
-done
-[[ "$transactions" =~ ^[1-9][0-9]*$ ]] || die "--transactions must be a positive integer"
-[[ "$rows" =~ ^[1-9][0-9]*$ ]] || die "--rows must be a positive integer"
-
-# Services already answering on every port (e.g. started from another checkout, whose
-# $PGFERRY_LOCAL holds their pid files) are used as they are; otherwise up.sh starts them.
-services_answer() {
-    local i
-    for i in 1 2 3; do tcp_open 127.0.0.1 "$(pg_port "$i")" || return 1; done
-    tcp_open "$PGFERRY_KAFKA_HOST" "$PGFERRY_KAFKA_PORT" &&
-        tcp_open "$PGFERRY_REGISTRY_HOST" "$PGFERRY_REGISTRY_PORT"
-}
-if services_answer; then
-    log "services already answer on their ports; using them"
-else
-    "$PGFERRY_DEPLOY/up.sh" 3 >&2
+if [[ "${1:-}" == capture ]]; then
+    mode=capture
+    shift
+    while (($#)); do
+        case "$1" in
+        --transactions) transactions="${2:?--transactions needs a number}"; shift 2 ;;
+        --rows) rows="${2:?--rows needs a number}"; shift 2 ;;
+        *) die "unknown argument '$1' (usage: bench.sh [--debug] capture [--transactions N] [--rows N])" ;;
+        esac
+    done
+    [[ "$transactions" =~ ^[1-9][0-9]*$ ]] || die "--transactions must be a positive integer"
+    [[ "$rows" =~ ^[1-9][0-9]*$ ]] || die "--rows must be a positive integer"
 fi
-eval "$("$PGFERRY_DEPLOY/env.sh" 3)"
+invocation="deploy/local/bench.sh"
+[[ "$profile" == release ]] || invocation+=" --debug"
+if [[ "$mode" == capture ]]; then
+    invocation+=" capture --transactions $transactions --rows $rows"
+elif (($#)); then
+    invocation+=" $*"
+fi
+
+if [[ "${PGFERRY_SKIP_INSTALL:-0}" != 1 ]]; then
+    PGFERRY_INSTALL_BENCH=1 "$PGFERRY_DEPLOY/install.sh"
+fi
+
+# Kafka and the registry: shared with the tests (every benchmark cluster has its own topics).
+# Services already answering (e.g. started from another checkout) are used as they are.
+pids=()
+tcp_open "$PGFERRY_KAFKA_HOST" "$PGFERRY_KAFKA_PORT" || {
+    "$PGFERRY_DEPLOY/kafka.sh" start >&2 &
+    pids+=($!)
+}
+tcp_open "$PGFERRY_REGISTRY_HOST" "$PGFERRY_REGISTRY_PORT" || {
+    "$PGFERRY_DEPLOY/registry.sh" start >&2 &
+    pids+=($!)
+}
+
+# The benchmark's PostgreSQL servers, fresh each run (pglogical's supervisor does not survive
+# the benchmark's DROP DATABASE on PostgreSQL 15; see bench/src/measure.rs).
+BENCH_LOCAL="$PGFERRY_LOCAL/bench"
+bench_pg() {
+    PGFERRY_LOCAL="$BENCH_LOCAL" PGFERRY_PG_BASE_PORT="$PGFERRY_BENCH_PG_BASE_PORT" \
+        PGFERRY_PG_PRELOAD=pglogical "$PGFERRY_DEPLOY/pg.sh" "$@"
+}
+bench_pg stop >&2
+rm -rf "$BENCH_LOCAL/pg"
+trap 'bench_pg stop >&2 || true' EXIT
+bench_pg start 3 >&2
+for pid in "${pids[@]}"; do
+    wait "$pid" || die "starting Kafka or the registry failed (logs in $PGFERRY_LOGS)"
+done
+eval "$(PGFERRY_LOCAL="$BENCH_LOCAL" PGFERRY_PG_BASE_PORT="$PGFERRY_BENCH_PG_BASE_PORT" "$PGFERRY_DEPLOY/env.sh" 3)"
+
 command -v cargo >/dev/null 2>&1 || { [[ -f "$HOME/.cargo/env" ]] && source "$HOME/.cargo/env"; }
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (rustup) first"
-log "building pgferry and pgferry-bench (release)"
-cargo build --release --locked -p pgferry -p pgferry-bench
-export PGFERRY_BIN="$PGFERRY_REPO/target/release/pgferry"
-export PGFERRY_PG_BIN
-bench="$PGFERRY_REPO/target/release/pgferry-bench"
+log "building pgferry and pgferry-bench ($profile)"
+build=(cargo build --locked -p pgferry -p pgferry-bench)
+[[ "$profile" == debug ]] || build+=(--release)
+"${build[@]}" >&2
+bin="$PGFERRY_REPO/target/$profile"
+export PGFERRY_BIN="$bin/pgferry" PGFERRY_PG_BIN PGFERRY_KAFKA_VERSION PGFERRY_APICURIO_VERSION
+export PGFERRY_BENCH_PYTHON="$PGFERRY_BENCH_VENV/bin/python"
+export PGFERRY_BENCH_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+export PGFERRY_BENCH_COMMAND="$invocation" PGFERRY_BENCH_PROFILE="$profile"
+export PGFERRY_BENCH_RUSTC="$(rustc --version)"
+
+if [[ "$mode" == compare ]]; then
+    "$bin/pgferry" bench "$@"
+    exit 0
+fi
 
 out="$PGFERRY_LOGS/bench"
 mkdir -p "$out"
 log "capture throughput ($transactions pgbench transactions)"
-"$bench" capture-throughput --transactions "$transactions" >"$out/throughput.md"
+"$bin/pgferry" bench capture-throughput --transactions "$transactions" >"$out/throughput.md"
 log "large transaction ($rows rows)"
-"$bench" large-txn --rows "$rows" >"$out/large-txn.md"
+"$bin/pgferry" bench large-txn --rows "$rows" >"$out/large-txn.md"
 
 # The machine and versions the figures come from.
 cores="$(nproc)"
@@ -59,26 +113,25 @@ cpu="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
 mem_gb="$(awk '/^MemTotal:/ {printf "%.1f", $2 / 1048576}' /proc/meminfo)"
 pg_version="$(PGPASSWORD="$PGFERRY_PG_PASSWORD" "$PGFERRY_PG_BIN/psql" "$PGFERRY_PG_DSN_1" -Atc 'SHOW server_version')"
 kernel="$(uname -sr)"
-rustc_version="$(rustc --version)"
 doc="$PGFERRY_REPO/docs/benchmarks/capture.md"
 mkdir -p "$(dirname "$doc")"
 {
     echo "# Capture benchmarks"
     echo
-    echo "Written by \`deploy/local/bench.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC') (commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))."
+    echo "Written by \`deploy/local/bench.sh capture\` on $(date -u '+%Y-%m-%d %H:%M UTC') (commit $PGFERRY_BENCH_COMMIT)."
     echo
     echo "Command:"
     echo
     echo '```sh'
-    echo "deploy/local/bench.sh --transactions $transactions --rows $rows"
-    echo "# which runs, against the local services:"
-    echo "target/release/pgferry-bench capture-throughput --transactions $transactions"
-    echo "target/release/pgferry-bench large-txn --rows $rows"
+    echo "$invocation"
+    echo "# which runs, against the benchmark's own PostgreSQL servers and the local Kafka and registry:"
+    echo "target/$profile/pgferry bench capture-throughput --transactions $transactions"
+    echo "target/$profile/pgferry bench large-txn --rows $rows"
     echo '```'
     echo
     echo "Machine: $cores cores ($cpu), $mem_gb GiB memory, $kernel. PostgreSQL $pg_version,"
     echo "Apache Kafka $PGFERRY_KAFKA_VERSION (one KRaft broker), Apicurio Registry $PGFERRY_APICURIO_VERSION,"
-    echo "all on loopback on the same machine as pgferry and the benchmark; $rustc_version."
+    echo "all on loopback on the same machine as pgferry and the benchmark; $PGFERRY_BENCH_RUSTC."
     echo "Load average when the run ended: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine"
     echo "shares the cores and moves the figures)."
     echo

@@ -13,6 +13,8 @@ PGFERRY_DEPLOY="$PGFERRY_REPO/deploy/local"
 PGFERRY_LOGS="$PGFERRY_LOCAL/logs"
 # Python venv with confluent-kafka for the analytics-tap test (install.sh builds it).
 : "${PGFERRY_PYTHON_VENV:=$PGFERRY_LOCAL/python-venv}"
+# Python venv with matplotlib for the benchmark chart (install.sh with PGFERRY_INSTALL_BENCH=1).
+: "${PGFERRY_BENCH_VENV:=$PGFERRY_LOCAL/bench-venv}"
 
 # --- versions ----------------------------------------------------------------
 : "${PGFERRY_PG_VERSION:=15}"
@@ -38,6 +40,12 @@ PGFERRY_APICURIO_HOME="$PGFERRY_CACHE/apicurio-registry-$PGFERRY_APICURIO_VERSIO
 : "${PGFERRY_PG_BASE_PORT:=55430}"
 : "${PGFERRY_PG_USER:=postgres}"
 : "${PGFERRY_PG_PASSWORD:=pgferry}"
+# shared_preload_libraries of the nodes pg.sh starts (empty: none).
+: "${PGFERRY_PG_PRELOAD:=}"
+# The benchmark's own PostgreSQL instances (bench.sh): state under $PGFERRY_LOCAL/bench, node i
+# on 127.0.0.1:$((PGFERRY_BENCH_PG_BASE_PORT + i)), pglogical preloaded; the test nodes above
+# are left alone.
+: "${PGFERRY_BENCH_PG_BASE_PORT:=55530}"
 : "${PGFERRY_KAFKA_HOST:=127.0.0.1}"
 : "${PGFERRY_KAFKA_PORT:=19092}"
 : "${PGFERRY_KAFKA_CONTROLLER_PORT:=19093}"

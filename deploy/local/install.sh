@@ -6,6 +6,8 @@
 #   - Kafka Connect plugins (Debezium JDBC sink, Apicurio Avro converter) from Maven Central
 #                                                          -> $PGFERRY_CACHE/connect-plugins-<vers>
 #   - a Python venv with confluent-kafka (PyPI) for the analytics-tap test -> $PGFERRY_LOCAL/python-venv
+#   - with PGFERRY_INSTALL_BENCH=1 (bench.sh): a Python venv with matplotlib (PyPI) for the
+#     benchmark chart -> $PGFERRY_LOCAL/bench-venv
 # Idempotent: installed packages and cached downloads are skipped.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -13,6 +15,7 @@ PGFERRY_LOG_TAG=install
 
 APT_PACKAGES=(
     "postgresql-$PGFERRY_PG_VERSION" "postgresql-client-$PGFERRY_PG_VERSION"
+    "postgresql-$PGFERRY_PG_VERSION-pglogical" # the comparison in bench.sh
     libpq-dev libsasl2-dev libssl-dev libzstd-dev cmake pkg-config curl unzip python3 python3-venv
     haproxy # the failover test routes clients by /healthz (deploy/haproxy)
 )
@@ -135,25 +138,26 @@ install_connect_plugins() {
     log "connect plugins: $(find "$home" -name "*.jar" | wc -l) jars in $home"
 }
 
-# Python venv for integration-tests/python (confluent-kafka wheels bundle librdkafka). Rebuilt
-# when integration-tests/python/requirements.txt changes.
-install_python_venv() {
-    local venv="$PGFERRY_PYTHON_VENV" req="$PGFERRY_REPO/integration-tests/python/requirements.txt" want
+# A Python venv from a requirements file (PyPI), rebuilt when that file changes.
+#   install_venv WHAT VENV REQUIREMENTS CHECK-IMPORT
+install_venv() {
+    local what="$1" venv="$2" req="$3" check="$4" want logf
     want="$(sha256sum "$req" | cut -d' ' -f1)"
+    logf="$PGFERRY_LOGS/install-$what.log"
     if [[ -x "$venv/bin/python" && "$(cat "$venv/.complete" 2>/dev/null)" == "$want" ]]; then
-        log "python venv: up to date in $venv"
+        log "$what venv: up to date in $venv"
         return
     fi
-    log "python venv: installing $req into $venv (PyPI)"
+    log "$what venv: installing $req into $venv (PyPI)"
     rm -rf "$venv"
     if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" &&
-        "$venv/bin/python" -c 'import confluent_kafka.schema_registry.avro'; } >"$PGFERRY_LOGS/install-python.log" 2>&1; then
-        show_log_tail "$PGFERRY_LOGS/install-python.log" 30
+        "$venv/bin/python" -c "import $check"; } >"$logf" 2>&1; then
+        show_log_tail "$logf" 30
         rm -rf "$venv"
-        die "python venv failed (log: $PGFERRY_LOGS/install-python.log)"
+        die "$what venv failed (log: $logf)"
     fi
     echo "$want" >"$venv/.complete"
-    log "python venv: confluent-kafka $("$venv/bin/python" -c 'import confluent_kafka; print(confluent_kafka.__version__)')"
+    log "$what venv: ready in $venv"
 }
 
 install_apt
@@ -161,6 +165,12 @@ mkdir -p "$PGFERRY_CACHE"
 install_kafka
 install_apicurio
 install_connect_plugins
-install_python_venv
+# Python venv for integration-tests/python (confluent-kafka wheels bundle librdkafka).
+install_venv python "$PGFERRY_PYTHON_VENV" "$PGFERRY_REPO/integration-tests/python/requirements.txt" \
+    confluent_kafka.schema_registry.avro
+# Python venv with matplotlib for the chart of the benchmark comparison.
+if [[ "${PGFERRY_INSTALL_BENCH:-0}" == 1 ]]; then
+    install_venv bench "$PGFERRY_BENCH_VENV" "$PGFERRY_REPO/bench/requirements.txt" matplotlib.pyplot
+fi
 [[ -x "$PGFERRY_PG_BIN/initdb" ]] || die "PostgreSQL binaries not found in $PGFERRY_PG_BIN"
 log "done"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Local PostgreSQL test nodes, each its own cluster (initdb once) in $PGFERRY_LOCAL/pg/n<i>,
 # listening on 127.0.0.1:$((PGFERRY_PG_BASE_PORT + i)), superuser postgres / pgferry.
+# PGFERRY_PG_PRELOAD sets shared_preload_libraries (bench.sh: pglogical on its own instances,
+# which it starts with PGFERRY_LOCAL and PGFERRY_PG_BASE_PORT of their own).
 #
 #   pg.sh start [N]        create (once) and start nodes 1..N (default 3); waits until each answers
 #   pg.sh stop [N]         stop every node found under $PGFERRY_LOCAL/pg (N is ignored)
@@ -106,6 +108,9 @@ password_encryption = 'scram-sha-256'
 cluster_name = 'pgferry-n$i'
 log_line_prefix = '%m [%p] %q%u@%d '
 EOF
+    if [[ -n "$PGFERRY_PG_PRELOAD" ]]; then
+        echo "shared_preload_libraries = '$PGFERRY_PG_PRELOAD'" >>"$dir/pgferry.conf"
+    fi
     cat >"$dir/pg_hba.conf" <<EOF
 # written by deploy/local/pg.sh on every start; edits are lost
 # TYPE  DATABASE     USER  ADDRESS        METHOD

@@ -81,11 +81,23 @@ where
 pub async fn connect(dsn: &str) -> Result<Client> {
     let (client, conn) = tokio_postgres::connect(dsn, NoTls)
         .await
-        .with_context(|| format!("connecting to {dsn}"))?;
+        .with_context(|| format!("connecting to {}", without_password(dsn)))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
     Ok(client)
+}
+
+/// A URL DSN with its password replaced by `***` (for messages: secrets are never printed).
+pub fn without_password(dsn: &str) -> String {
+    if let Some((scheme, rest)) = dsn.split_once("://") {
+        if let Some((userinfo, host)) = rest.rsplit_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+    }
+    dsn.to_string()
 }
 
 fn with_db(dsn: &str, db: &str) -> String {
@@ -627,5 +639,20 @@ impl Drop for OwnServers {
     fn drop(&mut self) {
         let _ = self.pg_sh(&["stop"]);
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hides_the_password() {
+        assert_eq!(
+            without_password("postgres://postgres:secret@127.0.0.1:5432/db"),
+            "postgres://postgres:***@127.0.0.1:5432/db"
+        );
+        assert_eq!(without_password("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(without_password("host=h dbname=d"), "host=h dbname=d");
     }
 }

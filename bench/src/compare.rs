@@ -1,0 +1,298 @@
+//! `pgferry bench`: pgferry, PostgreSQL 15's native logical replication and pglogical 2 side by
+//! side on the same PostgreSQL servers (the benchmark's own, with identical settings): backlog
+//! drain and steady-state latency for TPC-B and wide rows (node 1 → node 2), three nodes all
+//! writing, and what capture and apply cost. Every figure is reported, none is judged fatal: a
+//! system that fails a scenario gets the failure in its cell and the run goes on.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::backlog::{self, Drain};
+use crate::latency::{self, Latency};
+use crate::mesh;
+use crate::replication::{Replication, System};
+use crate::report::{self, Outcome, Results};
+use crate::workload::{self, Pgbench, Workload};
+
+/// Options of the comparison (`pgferry bench`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompareArgs {
+    /// Small and short (checks the command, as CI does; the figures mean little): 1,000-transaction
+    /// backlogs, 3 s latency runs at 50 and 100 tps, 300 transactions per node on three nodes;
+    /// writes to .local/logs/bench-quick unless --out.
+    #[arg(long)]
+    pub quick: bool,
+    /// TPC-B transactions in the backlog [default: 50000; --quick 1000].
+    #[arg(long)]
+    pub transactions: Option<u64>,
+    /// Wide-row transactions in the backlog [default: 10000; --quick 300].
+    #[arg(long)]
+    pub wide_transactions: Option<u64>,
+    /// Fixed rates (tps) of the TPC-B latency runs [default: 1000,2000; --quick 50,100].
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Option<Vec<u64>>,
+    /// Fixed rate (tps) of the wide-row latency run [default: 1000; --quick 50].
+    #[arg(long)]
+    pub wide_rate: Option<u64>,
+    /// Length of each latency run in seconds [default: 30; --quick 3].
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// TPC-B transactions per node in the three-node run [default: 10000; --quick 300].
+    #[arg(long)]
+    pub mesh_transactions: Option<u64>,
+    /// pgbench scale of the two-node runs (100,000 accounts per unit) [default: 10; --quick 1].
+    #[arg(long)]
+    pub scale: Option<u64>,
+    /// pgbench connections writing.
+    #[arg(long, default_value_t = 4)]
+    pub clients: u64,
+    /// Systems to measure.
+    #[arg(long, value_delimiter = ',', value_parser = System::parse, default_value = "pgferry,native,pglogical")]
+    pub systems: Vec<System>,
+    /// Skip the three-node run.
+    #[arg(long)]
+    pub no_mesh: bool,
+    /// Skip the two-node runs (backlog drain, latency, cost).
+    #[arg(long)]
+    pub no_pair: bool,
+    /// Keep the benchmark databases and topics (replication stopped, slots dropped) to look at
+    /// (bench.sh stops its servers at the end; their data stays in .local/bench until its next
+    /// run: `PGFERRY_LOCAL=.local/bench PGFERRY_PG_BASE_PORT=55530 PGFERRY_PG_PRELOAD=pglogical
+    /// deploy/local/pg.sh start 3`).
+    #[arg(long)]
+    pub keep: bool,
+    /// Directory the table (<name>.md), results (<name>.json) and chart (<name>.png) go to
+    /// [default: docs/benchmarks; --quick .local/logs/bench-quick].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// File name of the outputs, without extension.
+    #[arg(long, default_value = "comparison")]
+    pub name: String,
+    /// Python with matplotlib, which draws the chart (no chart without it).
+    #[arg(long, env = "PGFERRY_BENCH_PYTHON")]
+    pub python: Option<PathBuf>,
+    /// Give up waiting for a drain or a catch-up after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub timeout_secs: u64,
+}
+
+/// The resolved sizes of a run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub quick: bool,
+    pub transactions: u64,
+    pub wide_transactions: u64,
+    pub rates: Vec<u64>,
+    pub wide_rate: u64,
+    pub seconds: u64,
+    pub mesh_transactions: u64,
+    pub scale: u64,
+    pub clients: u64,
+    pub systems: Vec<System>,
+    pub pair: bool,
+    pub mesh: bool,
+}
+
+impl CompareArgs {
+    fn plan(&self) -> Plan {
+        let q = self.quick;
+        let pick = |v: Option<u64>, full: u64, quick: u64| v.unwrap_or(if q { quick } else { full });
+        Plan {
+            quick: q,
+            transactions: pick(self.transactions, 50_000, 1_000),
+            wide_transactions: pick(self.wide_transactions, 20_000, 500),
+            rates: self
+                .rates
+                .clone()
+                .unwrap_or_else(|| if q { vec![50, 100] } else { vec![1000, 2000] }),
+            wide_rate: pick(self.wide_rate, 1000, 50),
+            seconds: pick(self.seconds, 30, 3),
+            mesh_transactions: pick(self.mesh_transactions, 10_000, 300),
+            scale: pick(self.scale, 10, 1),
+            clients: self.clients.max(1),
+            systems: self.systems.clone(),
+            pair: !self.no_pair,
+            mesh: !self.no_mesh,
+        }
+    }
+
+    fn out_dir(&self) -> PathBuf {
+        match (&self.out, self.quick) {
+            (Some(dir), _) => dir.clone(),
+            (None, false) => PathBuf::from("docs/benchmarks"),
+            (None, true) => PathBuf::from(".local/logs/bench-quick"),
+        }
+    }
+}
+
+/// What one system measured on the two-node pair.
+#[derive(Debug)]
+pub struct PairResults {
+    pub system: System,
+    /// Backlog drains by workload.
+    pub drains: Vec<(Workload, Outcome<Drain>)>,
+    /// Latency runs by workload.
+    pub latencies: Vec<(Workload, u64, Outcome<Latency>)>,
+}
+
+/// Runs the comparison, writes the outputs and returns the markdown table.
+pub async fn run(args: &CompareArgs, pg_bin: &std::path::Path) -> Result<String> {
+    let plan = args.plan();
+    let started = report::utc_now();
+    let load_before = report::load_average();
+    let scripts = std::env::temp_dir().join(format!("pgferry-bench-{}", std::process::id()));
+    let pgbench = Pgbench::new(pg_bin, &scripts)?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let mut clusters = Vec::new();
+    let mut pairs = Vec::new();
+    for &system in plan.systems.iter().filter(|_| plan.pair) {
+        let (results, cluster) = pair(system, &plan, &pgbench, timeout).await;
+        pairs.push(results);
+        clusters.extend(cluster);
+    }
+    let mut meshes = Vec::new();
+    if plan.mesh {
+        for &system in &plan.systems {
+            let outcome = match system {
+                System::Native => Outcome::NotPossible(
+                    "PostgreSQL 15 subscriptions re-send what they applied (no `origin = none` \
+                     before PostgreSQL 16), so three nodes subscribing to each other loop"
+                        .into(),
+                ),
+                _ => {
+                    let (run, cluster) = mesh::measure(system, &pgbench, plan.mesh_transactions, 2, timeout).await;
+                    clusters.extend(cluster);
+                    run.map_or_else(|e| failed(system, "three nodes", e), Outcome::Measured)
+                }
+            };
+            meshes.push((system, outcome));
+        }
+    }
+    if args.keep {
+        for cluster in &clusters {
+            let dbs: Vec<String> = cluster.nodes.iter().map(|n| pgferry_integration_tests::without_password(&n.dsn)).collect();
+            eprintln!("[bench] kept cluster {}: {}", cluster.name, dbs.join(" "));
+        }
+    } else {
+        eprintln!("[bench] dropping the benchmark databases and topics");
+        for cluster in clusters {
+            if let Err(e) = crate::measure::remove(cluster).await {
+                eprintln!("[bench] warning: removing a benchmark cluster: {e:#}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scripts);
+
+    let results = Results {
+        plan,
+        pairs,
+        meshes,
+        started,
+        load_before,
+        load_after: report::load_average(),
+        machine: report::Machine::read().await,
+    };
+    let out = args.out_dir();
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let table = report::tables(&results);
+    let notes = out.join(format!("{}-notes.md", args.name)).is_file();
+    let doc = report::document(&results, &table, &args.name, notes);
+    let md = out.join(format!("{}.md", args.name));
+    std::fs::write(&md, doc).with_context(|| format!("writing {}", md.display()))?;
+    let json = out.join(format!("{}.json", args.name));
+    std::fs::write(&json, report::json(&results).to_string()).with_context(|| format!("writing {}", json.display()))?;
+    let png = out.join(format!("{}.png", args.name));
+    match &args.python {
+        Some(python) => match report::chart(python, &json, &png) {
+            Ok(()) => eprintln!("[bench] chart: {}", png.display()),
+            Err(e) => eprintln!("[bench] no chart: {e:#}"),
+        },
+        None => eprintln!("[bench] no chart: give --python (or PGFERRY_BENCH_PYTHON) a Python with matplotlib"),
+    }
+    eprintln!("[bench] written: {}", md.display());
+    Ok(table)
+}
+
+/// Node 1 → node 2 with one system: TPC-B backlog, TPC-B latency at each rate, wide-row
+/// backlog, wide-row latency. Returns the cluster for removal at the end.
+async fn pair(
+    system: System,
+    plan: &Plan,
+    pgbench: &Pgbench,
+    timeout: Duration,
+) -> (PairResults, Option<pgferry_integration_tests::Cluster>) {
+    let mut results = PairResults {
+        system,
+        drains: Vec::new(),
+        latencies: Vec::new(),
+    };
+    eprintln!("[bench] {}: setting up n1 -> n2 (pgbench scale {})", system.label(), plan.scale);
+    let mut replication = match Replication::pair(system, &workload::setup_sql(plan.scale), workload::TABLES).await {
+        Ok(r) => r,
+        Err(e) => {
+            let why = failed_text(system, "set-up", &e);
+            for w in [Workload::TpcB, Workload::Wide] {
+                results.drains.push((w, Outcome::Failed(why.clone())));
+            }
+            return (results, None);
+        }
+    };
+    let runs: Vec<(Workload, u64, Vec<u64>)> = vec![
+        (Workload::TpcB, plan.transactions, plan.rates.clone()),
+        (Workload::Wide, plan.wide_transactions, vec![plan.wide_rate]),
+    ];
+    for (workload, transactions, rates) in runs {
+        let drain = backlog::measure(&mut replication, pgbench, workload, transactions, plan.clients, timeout).await;
+        let drained = drain.is_ok();
+        results
+            .drains
+            .push((workload, drain.map_or_else(|e| failed(system, "backlog", e), Outcome::Measured)));
+        for rate in rates {
+            let outcome = if drained {
+                eprintln!(
+                    "[bench] {}: {} at {rate} tps for {} s with the latency probe",
+                    system.label(),
+                    workload.label(),
+                    plan.seconds
+                );
+                let measured = latency::measure(&mut replication, pgbench, workload, 8, rate, plan.seconds).await;
+                match measured {
+                    Ok(l) => {
+                        eprintln!(
+                            "[bench] {}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                            system.label(),
+                            l.p50_ms,
+                            l.p99_ms,
+                            l.max_ms
+                        );
+                        Outcome::Measured(l)
+                    }
+                    Err(e) => failed(system, "latency", e),
+                }
+            } else {
+                Outcome::Failed("backlog run failed".into())
+            };
+            results.latencies.push((workload, rate, outcome));
+        }
+    }
+    let cluster = match replication.finish().await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("[bench] warning: {}: stopping: {e:#}", system.label());
+            None
+        }
+    };
+    (results, cluster)
+}
+
+fn failed_text(system: System, what: &str, e: &anyhow::Error) -> String {
+    eprintln!("[bench] {} {what} failed: {e:#}", system.label());
+    // The first line: the cell of a table (the logs are in the message printed above).
+    format!("{e:#}").lines().next().unwrap_or("failed").to_string()
+}
+
+fn failed<T>(system: System, what: &str, e: anyhow::Error) -> Outcome<T> {
+    Outcome::Failed(failed_text(system, what, &e))
+}
