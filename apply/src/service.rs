@@ -50,6 +50,14 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
         let topic = config.region_topic(&remote.region);
         let partition = config.node_partition(remote);
         let sql = postgres::connect(&node.dsn, &format!("pgferry-apply-{}-from-{}", node.name, remote.name)).await?;
+        // As PostgreSQL's own subscriptions do: an applied transaction need not wait for its WAL
+        // flush. Its rows, its progress and its origin position commit together, so a crash
+        // that loses the commit loses all three and the transaction is applied again from Kafka
+        // (the benchmark measured 3x the drain rate; the flush was half of the session's CPU).
+        sql.client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .map_err(sql.err("setting synchronous_commit for apply"))?;
         let resume = progress::read(&sql, &topic, partition).await?;
         let offset = match resume.kafka_offset {
             Some(o) => Offset::Offset(o + 1),
