@@ -189,11 +189,7 @@ impl PartitionStream {
         }
         let name = progress::origin_name(origin);
         if self.session_origin.take().is_some() {
-            self.sql
-                .client
-                .batch_execute("SELECT pg_replication_origin_session_reset()")
-                .await
-                .map_err(self.sql.err("resetting the session's replication origin"))?;
+            self.exec("SELECT pg_replication_origin_session_reset()", "resetting the session's replication origin").await?;
         }
         pgferry_connectors::postgres::create_replication_origin(&self.sql, &name).await?;
         self.sql
@@ -336,11 +332,7 @@ impl PartitionStream {
         match self.process(msg, open).await {
             Err(e @ ApplyError::Rejected { on_error: OnError::SkipTransaction, .. }) => {
                 let Some(t) = open.take() else { return Err(e) };
-                self.sql
-                    .client
-                    .batch_execute("ROLLBACK")
-                    .await
-                    .map_err(self.sql.err("rolling back a skipped transaction"))?;
+                self.exec("ROLLBACK", "rolling back a skipped transaction").await?;
                 let reason = format!("skipped with its whole transaction: {e}");
                 tracing::warn!(node = %self.node, origin = %t.origin, lsn = %format_lsn(t.commit_lsn), topic = %self.topic,
                     partition = self.partition, offset = msg.offset(), error = %e,
@@ -520,20 +512,12 @@ impl PartitionStream {
                 // round trip per change there, and none elsewhere).
                 let savepoint = self.config.on_error(&ev.schema, &ev.table) == OnError::SkipChange;
                 if savepoint {
-                    self.sql
-                        .client
-                        .batch_execute("SAVEPOINT pgferry_change")
-                        .await
-                        .map_err(self.sql.err("setting a savepoint"))?;
+                    self.exec("SAVEPOINT pgferry_change", "setting a savepoint").await?;
                 }
                 match self.writer.apply(&self.sql, ev).await {
                     Ok(settled) => {
                         if savepoint {
-                            self.sql
-                                .client
-                                .batch_execute("RELEASE SAVEPOINT pgferry_change")
-                                .await
-                                .map_err(self.sql.err("releasing a savepoint"))?;
+                            self.exec("RELEASE SAVEPOINT pgferry_change", "releasing a savepoint").await?;
                         }
                         let m = self.origin_metrics(&ev.origin);
                         m.row();
@@ -542,11 +526,7 @@ impl PartitionStream {
                         }
                     }
                     Err(e @ ApplyError::Rejected { on_error: OnError::SkipChange, .. }) if savepoint => {
-                        self.sql
-                            .client
-                            .batch_execute("ROLLBACK TO SAVEPOINT pgferry_change; RELEASE SAVEPOINT pgferry_change")
-                            .await
-                            .map_err(self.sql.err("rolling back to a savepoint"))?;
+                        self.exec("ROLLBACK TO SAVEPOINT pgferry_change; RELEASE SAVEPOINT pgferry_change", "rolling back to a savepoint").await?;
                         tracing::warn!(node = %self.node, origin = %ev.origin, lsn = %format_lsn(ev.commit_lsn),
                             topic = %self.topic, partition = self.partition, offset, error = %e,
                             "change skipped (on_error = skip_change); it goes to the dead-letter topic");
@@ -588,18 +568,10 @@ impl PartitionStream {
     /// the transaction. Returns whether it ran (false: skipped).
     async fn run_ddl(&mut self, msg: &BorrowedMessage<'_>, ddl: &crate::ddl::DdlMessage) -> Result<bool, ApplyError> {
         let on_error = self.config.replication.on_error;
-        self.sql
-            .client
-            .batch_execute("SAVEPOINT pgferry_ddl")
-            .await
-            .map_err(self.sql.err("setting a savepoint"))?;
+        self.exec("SAVEPOINT pgferry_ddl", "setting a savepoint").await?;
         match crate::ddl::apply(&self.sql, ddl).await {
             Ok(()) => {
-                self.sql
-                    .client
-                    .batch_execute("RELEASE SAVEPOINT pgferry_ddl")
-                    .await
-                    .map_err(self.sql.err("releasing a savepoint"))?;
+                self.exec("RELEASE SAVEPOINT pgferry_ddl", "releasing a savepoint").await?;
                 // Tables may have new columns or types: read them again.
                 self.writer.forget_tables();
                 tracing::info!(node = %self.node, source = %self.source, offset = msg.offset(), sql = %ddl.sql, "replicated DDL applied");
@@ -615,11 +587,7 @@ impl PartitionStream {
                 if on_error != OnError::SkipChange {
                     return Err(e);
                 }
-                self.sql
-                    .client
-                    .batch_execute("ROLLBACK TO SAVEPOINT pgferry_ddl; RELEASE SAVEPOINT pgferry_ddl")
-                    .await
-                    .map_err(self.sql.err("rolling back to a savepoint"))?;
+                self.exec("ROLLBACK TO SAVEPOINT pgferry_ddl; RELEASE SAVEPOINT pgferry_ddl", "rolling back to a savepoint").await?;
                 tracing::warn!(node = %self.node, source = %self.source, offset = msg.offset(), error = %e,
                     "replicated DDL skipped (on_error = skip_change); it goes to the dead-letter topic");
                 self.dead_letters.send(&self.sql, msg, &format!("skipped DDL: {e}")).await?;
@@ -628,6 +596,16 @@ impl PartitionStream {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Runs `statements` on the session; `what` names them in an error.
+    async fn exec(&self, statements: &str, what: &str) -> Result<(), ApplyError> {
+        self.sql
+            .client
+            .batch_execute(statements)
+            .await
+            .map_err(self.sql.err(what))
+            .map_err(ApplyError::from)
     }
 
     /// Opens the local transaction of a source transaction under the session's origin.
