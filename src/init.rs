@@ -146,6 +146,23 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
             .map(|t| t.key)
             .unwrap_or_default();
         let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+        // Already there as it should be (init run again, e.g. by `node add` while the nodes
+        // take writes): leave it, instead of locking a busy table to re-create it.
+        let args: Vec<u8> = key.iter().flat_map(|k| k.bytes().chain([0])).collect();
+        let present: bool = sql
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger
+                                WHERE tgrelid = to_regclass($1) AND tgname = 'pgferry_tombstone'
+                                  AND tgenabled = 'A' AND tgargs = $2)",
+                &[&qualified, &args],
+            )
+            .await
+            .map_err(sql.err(format!("looking up the tombstone trigger of {schema}.{table}")))?
+            .get(0);
+        if present {
+            continue;
+        }
         sql.client
             .batch_execute(&pgferry_apply::tombstone_trigger_sql(&qualified, &key))
             .await

@@ -54,7 +54,10 @@ async fn node_add_under_load() -> anyhow::Result<()> {
         let mut cluster2 = cluster.clone();
         cluster2.nodes.push(n3.clone());
         cluster2.write_config()?;
-        let out = cluster2.pgferry(&["node", "add", &n3.name, "--copy-from", &names[0]])?;
+        // Off the test's own threads: the writers must keep committing meanwhile (a writer
+        // stalled inside its transaction would hold its locks against the set-up).
+        let (c2, n3_name, peer) = (cluster2.clone(), n3.name.clone(), names[0].clone());
+        let out = tokio::task::spawn_blocking(move || c2.pgferry(&["node", "add", &n3_name, "--copy-from", &peer])).await??;
         anyhow::ensure!(
             out.status.success(),
             "node add failed: {}{}",
