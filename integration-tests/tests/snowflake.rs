@@ -18,7 +18,10 @@ async fn concurrent_nodes_never_issue_the_same_id() -> anyhow::Result<()> {
             .sql(i)
             .await?
             .batch_execute(
-                "CREATE SEQUENCE t_seq; ALTER TABLE t ALTER COLUMN id SET DEFAULT pgferry.snowflake_nextval('t_seq');",
+                // On each node by hand, so kept local (not replicated as DDL).
+                "SET pgferry.local_ddl = on;
+                 CREATE SEQUENCE t_seq; ALTER TABLE t ALTER COLUMN id SET DEFAULT pgferry.snowflake_nextval('t_seq');
+                 RESET pgferry.local_ddl;",
             )
             .await?;
     }
