@@ -11,9 +11,9 @@
 //!
 //! A session that sets `pgferry.local_ddl = on` (pgferry's own `init`) is not replicated.
 //!
-//! Known limits: the whole query string of the statement is sent, so a string that mixes DDL
-//! with other statements (`ALTER …; INSERT …` in one simple query) would run those again on the
-//! other nodes — send DDL on its own. `DROP TABLE`/`DROP INDEX` are not replicated, and
+//! The whole query string of the statement is what is sent, so a string holding more statements
+//! than the DDL (`ALTER …; INSERT …` in one simple query) is refused with an error: the others
+//! would run again on every node. `DROP TABLE`/`DROP INDEX` are not replicated, and
 //! `CREATE TABLE` only in a schema replicated whole (`replication.schemas`): there the new
 //! table replicates from its first row, with its tombstone trigger set up on every node.
 
@@ -60,6 +60,7 @@ pub fn trigger_sql(tables: &[(String, String)], whole: &[String]) -> String {
              tables oid[] := ARRAY(SELECT to_regclass(n)::oid FROM unnest(ARRAY[{tables}]::text[]) n);
              whole text[] := ARRAY[{whole}]::text[];
              keys text;
+             rest text;
              replicate boolean := false;
          BEGIN
              -- pgferry's own set-up (`init` re-creating its triggers): not replicated
@@ -96,6 +97,19 @@ pub fn trigger_sql(tables: &[(String, String)], whole: &[String]) -> String {
                  END IF;
              END LOOP;
              IF replicate THEN
+                 -- The whole query string is what replicates: refuse one that holds more than this
+                 -- statement (DML in it would run again on every node). Quoted text and
+                 -- comments may hold semicolons; they are taken out before looking.
+                 rest := regexp_replace(q, '''(''''|[^''])*''', '', 'g');
+                 rest := regexp_replace(rest, '\"(\"\"|[^\"])*\"', '', 'g');
+                 rest := regexp_replace(rest, '\\$([A-Za-z_]*)\\$.*?\\$\\1\\$', '', 'g');
+                 rest := regexp_replace(rest, '--[^\\n]*', '', 'g');
+                 rest := regexp_replace(rest, '/\\*.*?\\*/', '', 'g');
+                 rest := regexp_replace(rest, ';\\s*$', '');
+                 IF position(';' IN rest) > 0 THEN
+                     RAISE EXCEPTION 'pgferry: DDL on a replicated table must be sent as a statement of its own, not in a query string with others: %', left(q, 200)
+                         USING HINT = 'send it alone (it then replicates), or SET pgferry.local_ddl = on to run it on this node only';
+                 END IF;
                  PERFORM pg_logical_emit_message(true, '{PREFIX}',
                      json_build_object('search_path', current_setting('search_path'), 'sql', q)::text);
                  PERFORM set_config('pgferry.ddl_sent', md5(q), true);

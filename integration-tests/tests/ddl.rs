@@ -1,8 +1,8 @@
 //! DDL replication: `ALTER TABLE … ADD COLUMN` and `CREATE INDEX` run on n2 while n1 and n3 write
 //! to the table reach every node in order with the rows around them: afterwards the column and
 //! the index exist everywhere, rows written after the change carry their values on all nodes,
-//! and the registry holds the table's new schema version. A statement a node refuses follows
-//! the cluster's `on_error` like a change.
+//! and the registry holds the table's new schema version. DDL sent in one query string with
+//! other statements is refused.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -75,6 +75,21 @@ async fn add_column_while_others_write_reaches_every_node() -> anyhow::Result<()
         let index: i64 = c.query_one("SELECT count(*) FROM pg_indexes WHERE indexname = 't_extra'", &[]).await?.get(0);
         assert_eq!(index, 1, "node {i}: the index was replicated");
     }
+    // DDL in a query string with other statements is refused (they would run again on every
+    // node), and nothing of it happens.
+    let n2 = cluster.sql(1).await?;
+    let err = n2
+        .batch_execute("ALTER TABLE t ADD COLUMN bad int; INSERT INTO t (id, v, node) VALUES (9000001, 'x', 'n2')")
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("a multi-statement DDL string was accepted"))?;
+    let message = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(message.contains("statement of its own"), "{message}");
+    let bad: i64 = n2
+        .query_one("SELECT count(*) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'bad'", &[])
+        .await?
+        .get(0);
+    assert_eq!(bad, 0);
     // The registry holds a second version of the table's value schema.
     let subjects: Vec<String> = reqwest::get(format!("{}/subjects", cluster.endpoints.registry)).await?.json().await?;
     let subject = subjects
