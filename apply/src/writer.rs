@@ -544,7 +544,7 @@ impl Writer {
             let table = &self.tables[&id];
             match (conflict, ev.op) {
                 (ConflictType::InsertExists, _) => {
-                    let (text, params) = overwrite(table, ev, &key).map_err(|m| write_err(ev, m))?;
+                    let (text, params) = update_by_key(table, ev, &key, false).map_err(|m| write_err(ev, m))?;
                     self.execute(sql, &text, &params, ev).await?;
                 }
                 (ConflictType::UpdateOriginDiffers | ConflictType::DeleteOriginDiffers, _) => {
@@ -845,8 +845,14 @@ fn delta_only<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str]) -> 
     if table.delta.is_empty() || !matches!(ev.op, Op::Update | Op::Create | Op::Read) {
         return Ok((String::new(), Vec::new()));
     }
+    update_by_key(table, ev, key, true)
+}
+
+/// `UPDATE` of the row at `key` to the after image (delta columns merged); with `only_delta`,
+/// of its delta columns alone. Empty text when there is nothing to set.
+fn update_by_key<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str], only_delta: bool) -> Result<Statement_<'e>, String> {
     let mut params: Vec<Option<&str>> = key.iter().map(|k| Some(*k)).collect();
-    let sets: Vec<String> = assignments(table, ev, &mut params, Delta::Merge, true)?
+    let sets: Vec<String> = assignments(table, ev, &mut params, Delta::Merge, only_delta)?
         .into_iter()
         .map(|(c, v)| format!("{c} = {v}"))
         .collect();
@@ -881,32 +887,14 @@ fn insert<'e>(table: &LocalTable, ev: &'e DecodedEvent) -> Result<Statement_<'e>
 
 /// The unconditional statement of an update or delete, found by `key`.
 fn plain<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str]) -> Result<Statement_<'e>, String> {
-    let mut params: Vec<Option<&str>> = key.iter().map(|k| Some(*k)).collect();
-    let text = match ev.op {
-        Op::Update => {
-            let sets: Vec<String> = assignments(table, ev, &mut params, Delta::Merge, false)?
-                .into_iter()
-                .map(|(c, v)| format!("{c} = {v}"))
-                .collect();
-            format!("UPDATE {} SET {} WHERE {}", table.qualified, sets.join(", "), where_key(table, 1))
-        }
-        Op::Delete => format!("DELETE FROM {} WHERE {}", table.qualified, where_key(table, 1)),
-        _ => return Err(format!("{} is not an update or delete", ev.op.code())),
-    };
-    Ok((text, params))
-}
-
-/// An insert that lost to an existing row… or won: the row becomes the after image.
-fn overwrite<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str]) -> Result<Statement_<'e>, String> {
-    let mut params: Vec<Option<&str>> = key.iter().map(|k| Some(*k)).collect();
-    let sets: Vec<String> = assignments(table, ev, &mut params, Delta::Merge, false)?
-        .into_iter()
-        .map(|(c, v)| format!("{c} = {v}"))
-        .collect();
-    Ok((
-        format!("UPDATE {} SET {} WHERE {}", table.qualified, sets.join(", "), where_key(table, 1)),
-        params,
-    ))
+    match ev.op {
+        Op::Update => update_by_key(table, ev, key, false),
+        Op::Delete => Ok((
+            format!("DELETE FROM {} WHERE {}", table.qualified, where_key(table, 1)),
+            key.iter().map(|k| Some(*k)).collect(),
+        )),
+        _ => Err(format!("{} is not an update or delete", ev.op.code())),
+    }
 }
 
 /// `SELECT EXISTS` of the row at `key` whose columns equal the after image's (text forms).

@@ -405,6 +405,12 @@ impl Config {
             if s.is_empty() || s.contains('.') {
                 return Err(invalid(format!("replication.schemas[{i}]"), format!("{s:?} is not a schema name")));
             }
+            if ["pgferry", "pg_catalog", "information_schema"].contains(&s.as_str()) || s.starts_with("pg_") {
+                return Err(invalid(
+                    format!("replication.schemas[{i}]"),
+                    format!("{s:?} is a system or pgferry's own schema; it cannot be replicated"),
+                ));
+            }
         }
         for (i, t) in self.replication.tables.iter().enumerate() {
             if t.is_empty() || t.split('.').count() > 2 || t.split('.').any(str::is_empty) {
@@ -704,6 +710,20 @@ tables = ["public.accounts", "items"]
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.on_error("public", "items"), OnError::SkipTransaction);
         assert_eq!(c.on_error("public", "accounts"), OnError::SkipChange);
+    }
+
+    #[test]
+    fn replicated_schemas_are_checked() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        let text = GOOD.replace("tables = [\"public.accounts\", \"items\"]", "schemas = [\"app\"]");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert!(c.replicates_schema("app") && !c.replicates_schema("public"));
+        let own = GOOD.replace("tables = [\"public.accounts\", \"items\"]", "schemas = [\"pgferry\"]");
+        let e = Config::parse(&own, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("replication.schemas[0]") && e.contains("pgferry"), "{e}");
+        let none = GOOD.replace("tables = [\"public.accounts\", \"items\"]", "");
+        let e = Config::parse(&none, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("replication.tables"), "{e}");
     }
 
     /// n1 (region a) → hub n2 (forwards n1) → n3 (reads only the hub).
