@@ -131,10 +131,15 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         .batch_execute(pgferry_apply::CONFLICT_SCHEMA_SQL)
         .await
         .map_err(sql.err("installing pgferry's conflict tables"))?;
+    let ddl_trigger = if config.replication.ddl {
+        pgferry_apply::ddl::trigger_sql(&config.node_tables(node), &config.replication.schemas)
+    } else {
+        "DROP EVENT TRIGGER IF EXISTS pgferry_ddl".to_string()
+    };
     sql.client
-        .batch_execute(&pgferry_apply::ddl::trigger_sql(&config.node_tables(node), &config.replication.schemas))
+        .batch_execute(&ddl_trigger)
         .await
-        .map_err(sql.err("installing the DDL replication event trigger"))?;
+        .map_err(sql.err("setting up the DDL replication event trigger"))?;
     sql.client
         .batch_execute(&crate::snowflake::install_sql(node.id))
         .await

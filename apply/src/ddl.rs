@@ -1,4 +1,6 @@
-//! DDL replication (DESIGN.md, "DDL").
+//! DDL replication (DESIGN.md, "DDL"), when `[replication] ddl = true` (off by default: apply
+//! runs statement text read from the topics, so only clusters whose topics only their nodes can
+//! write should turn it on; with it off, a DDL message is dead-lettered, never run).
 //!
 //! On every node an event trigger (installed by `pgferry init`, [`trigger_sql`]) turns a DDL
 //! statement that touches a replicated table — `ALTER TABLE`, `CREATE INDEX` on it, and

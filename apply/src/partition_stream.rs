@@ -541,19 +541,29 @@ impl PartitionStream {
                 self.origin_metrics(&t.origin).truncate();
             }
             Item::Message(m) => {
-                if let Some(ddl) = crate::ddl::parse(&m.prefix, &m.content) {
-                    let ddl = ddl.map_err(|message| self.unusable(offset, message))?;
-                    if !self.run_ddl(msg, &ddl).await? {
-                        return Ok(());
+                let ran = match crate::ddl::parse(&m.prefix, &m.content) {
+                    Some(_) if !self.config.replication.ddl => {
+                        return Err(self.unusable(
+                            offset,
+                            "a replicated DDL statement, but DDL replication is off here ([replication] ddl = false)".into(),
+                        ));
                     }
+                    Some(ddl) => {
+                        let ddl = ddl.map_err(|message| self.unusable(offset, message))?;
+                        self.run_ddl(msg, &ddl).await?
+                    }
+                    None => true,
+                };
+                if ran {
+                    // Written again in its place, so that a node forwarding this origin passes it
+                    // on (this node's capture skips it otherwise: the transaction carries an
+                    // origin). A skipped DDL statement is not passed on.
+                    self.sql
+                        .client
+                        .execute("SELECT pg_logical_emit_message(true, $1, $2::bytea)", &[&m.prefix, &m.content])
+                        .await
+                        .map_err(self.sql.err(format!("re-emitting logical message {}", m.prefix)))?;
                 }
-                // Written again in its place, so that a node forwarding this origin passes it on
-                // (this node's capture skips it otherwise: the transaction carries an origin).
-                self.sql
-                    .client
-                    .execute("SELECT pg_logical_emit_message(true, $1, $2::bytea)", &[&m.prefix, &m.content])
-                    .await
-                    .map_err(self.sql.err(format!("re-emitting logical message {}", m.prefix)))?;
             }
         }
         if txn_last {

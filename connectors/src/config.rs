@@ -137,6 +137,10 @@ pub struct ReplicationConfig {
     /// `CREATE TABLE` replicates and they join by themselves).
     #[serde(default)]
     pub schemas: Vec<String>,
+    /// Replicate DDL on replicated tables (and `CREATE TABLE` in `schemas`): apply then runs
+    /// statement text it reads from the topics, so it is off unless asked for.
+    #[serde(default)]
+    pub ddl: bool,
     /// How conflicts are resolved unless a table says otherwise.
     #[serde(default)]
     pub resolver: Resolver,
@@ -399,6 +403,12 @@ impl Config {
             return Err(invalid(
                 "replication.tables".into(),
                 "lists no table (and replication.schemas no schema)".into(),
+            ));
+        }
+        if !self.replication.schemas.is_empty() && !self.replication.ddl {
+            return Err(invalid(
+                "replication.schemas".into(),
+                "needs `ddl = true` in [replication]: a table created in such a schema reaches the other nodes as replicated DDL".into(),
             ));
         }
         for (i, s) in self.replication.schemas.iter().enumerate() {
@@ -716,9 +726,12 @@ tables = ["public.accounts", "items"]
     fn replicated_schemas_are_checked() {
         std::env::set_var("PGFERRY_TEST_PW", "pw1");
         let text = GOOD.replace("tables = [\"public.accounts\", \"items\"]", "schemas = [\"app\"]");
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("replication.schemas") && e.contains("ddl = true"), "{e}");
+        let text = text.replace("schemas = [\"app\"]", "schemas = [\"app\"]\nddl = true");
         let c = Config::parse(&text, "t.toml").unwrap();
         assert!(c.replicates_schema("app") && !c.replicates_schema("public"));
-        let own = GOOD.replace("tables = [\"public.accounts\", \"items\"]", "schemas = [\"pgferry\"]");
+        let own = GOOD.replace("tables = [\"public.accounts\", \"items\"]", "schemas = [\"pgferry\"]\nddl = true");
         let e = Config::parse(&own, "t.toml").unwrap_err().to_string();
         assert!(e.contains("replication.schemas[0]") && e.contains("pgferry"), "{e}");
         let none = GOOD.replace("tables = [\"public.accounts\", \"items\"]", "");

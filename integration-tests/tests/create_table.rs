@@ -16,7 +16,7 @@ async fn a_new_table_in_a_replicated_schema_replicates_by_itself() -> anyhow::Re
         &[],
     )
     .await?;
-    cluster.replication_toml = "schemas = [\"app\"]".into();
+    cluster.replication_toml = "schemas = [\"app\"]\nddl = true".into();
     cluster.write_config()?;
     cluster.init()?;
     let _services: Vec<_> = (0..3).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;

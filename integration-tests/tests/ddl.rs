@@ -12,7 +12,10 @@ use pgferry_integration_tests::{wait_until, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_column_while_others_write_reaches_every_node() -> anyhow::Result<()> {
-    let cluster = Cluster::start("ddl", &["r1", "r1", "r2"], "CREATE TABLE t (id int PRIMARY KEY, v text, node text);", &["public.t"]).await?;
+    let mut cluster = Cluster::create("ddl", &["r1", "r1", "r2"], "CREATE TABLE t (id int PRIMARY KEY, v text, node text);", &["public.t"]).await?;
+    cluster.replication_toml = "ddl = true".into();
+    cluster.write_config()?;
+    cluster.init()?;
     let _services: Vec<_> = (0..3).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;
     let stop = Arc::new(AtomicBool::new(false));
     // n1 and n3 write all along; once they see the column they fill it too.

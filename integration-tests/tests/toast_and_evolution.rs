@@ -90,10 +90,12 @@ async fn added_column_gets_a_new_schema_version() -> anyhow::Result<()> {
     let n1 = cluster.sql(0).await?;
     n1.batch_execute("INSERT INTO doc VALUES (1, 'before', 'b')").await?;
     cluster.wait_converged("doc", Duration::from_secs(60)).await?;
-    // The column is added on the origin (DDL replication adds it on the target, in order).
-    n1.batch_execute("ALTER TABLE doc ADD COLUMN tags text[]").await?;
+    // DDL replication is off (the default): the column is added on the target first, then on
+    // the origin (ddl.rs covers replicated DDL).
+    cluster.sql(1).await?.batch_execute("ALTER TABLE doc ADD COLUMN tags text[]").await?;
     n1.batch_execute(
-        "INSERT INTO doc VALUES (2, 'after', 'b', '{x,y}');
+        "ALTER TABLE doc ADD COLUMN tags text[];
+         INSERT INTO doc VALUES (2, 'after', 'b', '{x,y}');
          UPDATE doc SET tags = '{z}' WHERE id = 1;",
     )
     .await?;
