@@ -59,7 +59,7 @@ pub struct CompareArgs {
     pub no_pair: bool,
     /// Keep the benchmark databases and topics (replication stopped, slots dropped) to look at
     /// (bench.sh stops its servers at the end; their data stays in .local/bench until its next
-    /// run: `PGFERRY_LOCAL=.local/bench PGFERRY_PG_BASE_PORT=55530 PGFERRY_PG_PRELOAD=pglogical
+    /// run: `PGFERRY_LOCAL=.local/bench PGFERRY_PG_BASE_PORT=25530 PGFERRY_PG_PRELOAD=pglogical
     /// deploy/local/pg.sh start 3`).
     #[arg(long)]
     pub keep: bool,

@@ -37,7 +37,7 @@ PGFERRY_APICURIO_HOME="$PGFERRY_CACHE/apicurio-registry-$PGFERRY_APICURIO_VERSIO
 
 # --- ports / endpoints -------------------------------------------------------
 # PostgreSQL node i (1-based) listens on 127.0.0.1:$((PGFERRY_PG_BASE_PORT + i)).
-: "${PGFERRY_PG_BASE_PORT:=55430}"
+: "${PGFERRY_PG_BASE_PORT:=25430}"
 : "${PGFERRY_PG_USER:=postgres}"
 : "${PGFERRY_PG_PASSWORD:=pgferry}"
 # shared_preload_libraries of the nodes pg.sh starts (empty: none).
@@ -45,7 +45,7 @@ PGFERRY_APICURIO_HOME="$PGFERRY_CACHE/apicurio-registry-$PGFERRY_APICURIO_VERSIO
 # The benchmark's own PostgreSQL instances (bench.sh): state under $PGFERRY_LOCAL/bench, node i
 # on 127.0.0.1:$((PGFERRY_BENCH_PG_BASE_PORT + i)), pglogical preloaded; the test nodes above
 # are left alone.
-: "${PGFERRY_BENCH_PG_BASE_PORT:=55530}"
+: "${PGFERRY_BENCH_PG_BASE_PORT:=25530}"
 : "${PGFERRY_KAFKA_HOST:=127.0.0.1}"
 : "${PGFERRY_KAFKA_PORT:=19092}"
 : "${PGFERRY_KAFKA_CONTROLLER_PORT:=19093}"

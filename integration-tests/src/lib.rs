@@ -37,7 +37,7 @@ impl Endpoints {
         let pg = (1..=3)
             .map(|i| {
                 std::env::var(format!("PGFERRY_PG_DSN_{i}"))
-                    .unwrap_or_else(|_| format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/postgres", 55430 + i))
+                    .unwrap_or_else(|_| format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/postgres", 25430 + i))
             })
             .collect();
         Endpoints {
