@@ -9,6 +9,7 @@ mod init;
 mod snowflake;
 mod status;
 mod node_rebuild;
+mod node_remove;
 mod repair;
 mod replay;
 mod row_sql;
@@ -73,7 +74,7 @@ enum Command {
     Repair(repair::RepairArgs),
     /// Re-read a range of the topics into a node (a no-op for what it applied, unless --force).
     Replay(replay::ReplayArgs),
-    /// Node administration: add a node, rebuild a damaged node from a peer.
+    /// Node administration: add or remove a node, rebuild a damaged node from a peer.
     Node {
         #[command(subcommand)]
         command: node_rebuild::NodeCommand,
@@ -161,7 +162,7 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<i32> {
         Command::Conflicts { command } => conflicts_cmd::run(&config, command).await?,
         Command::Repair(args) => repair::run(&config, args).await?,
         Command::Replay(args) => replay::run(config.clone(), args).await?,
-        Command::Node { command } => node_rebuild::run(config.clone(), command).await?,
+        Command::Node { command } => node_rebuild::run(config.clone(), &cli.config, command).await?,
         Command::Status { json } => {
             let status = status::gather(&config).await;
             if json {

@@ -43,6 +43,10 @@ pub enum NodeCommand {
     /// then copy a peer's consistent snapshot into it as `rebuild` does. The other nodes keep
     /// taking writes; restart their apply afterwards so they read the new node's partition.
     Add(RebuildArgs),
+    /// Take a node out of the cluster: drop its slot, publication and origins everywhere and
+    /// remove it from the config file; the others keep replicating (restart their apply when
+    /// asked). The node's services must be stopped first.
+    Remove(crate::node_remove::RemoveArgs),
 }
 
 #[derive(Args)]
@@ -54,8 +58,9 @@ pub struct RebuildArgs {
     copy_from: String,
 }
 
-pub async fn run(config: Arc<Config>, command: NodeCommand) -> Result<()> {
+pub async fn run(config: Arc<Config>, config_path: &std::path::Path, command: NodeCommand) -> Result<()> {
     match command {
+        NodeCommand::Remove(a) => crate::node_remove::run(config, config_path, a).await,
         NodeCommand::Rebuild(a) => rebuild(config, a).await,
         NodeCommand::Add(a) => {
             crate::init::run(&config).await.context("setting up the new node (as `pgferry init`)")?;

@@ -145,12 +145,12 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     // records are registered, concurrently: the benchmark counts from process start, and
     // capture's start-up was 0.6–1.2 s of a 2.6–4.5 s `capture-throughput` run.
     let kafka_startup = {
-        let (kcfg, txn_id, topic) = (kcfg.clone(), txn_id.clone(), topic.clone());
+        let (kcfg, txn_id, topic, me) = (kcfg.clone(), txn_id.clone(), topic.clone(), node.name.clone());
         let produce_latency = options.metrics.produce_latency();
         let group = format!("pgferry-{}-{}-capture", config.cluster.name, node.name);
         tokio::task::spawn_blocking(move || -> Result<(TxProducer, Option<u64>), CaptureError> {
             let producer = kafka::transactional_producer(&kcfg, &txn_id, Some(produce_latency))?;
-            let last = kafka::last_committed_commit_lsn(&kcfg, &group, &topic, partition)?;
+            let last = kafka::last_committed_commit_lsn(&kcfg, &group, &topic, partition, &me)?;
             Ok((producer, last))
         })
     };

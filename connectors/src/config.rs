@@ -117,6 +117,11 @@ pub struct NodeConfig {
     /// Regions whose topics this node's apply reads. Default: every region.
     #[serde(default)]
     pub read_regions: Option<Vec<String>>,
+    /// Partition of its region's topic that this node's capture writes. Default: the node's
+    /// position among its region's nodes in this file. `pgferry node remove` pins it on the
+    /// nodes after a removed one, so theirs do not move.
+    #[serde(default)]
+    pub partition: Option<i32>,
 }
 
 impl NodeConfig {
@@ -361,14 +366,30 @@ impl Config {
                 return Err(invalid(format!("nodes[{i}].read_regions"), message));
             }
         }
-        for region in regions {
-            let count = self.nodes.iter().filter(|n| n.region == region).count() as i32;
-            if self.kafka.partitions < count {
+        let mut taken: HashSet<(&str, i32)> = HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let p = self.node_partition(n);
+            if !(0..self.kafka.partitions).contains(&p) {
+                let (key, what) = match n.partition {
+                    Some(_) => (format!("nodes[{i}].partition"), format!("{p}")),
+                    None => ("kafka.partitions".to_string(), format!("{}", self.kafka.partitions)),
+                };
                 return Err(invalid(
-                    "kafka.partitions".into(),
+                    key,
                     format!(
-                        "{} is fewer than the {count} nodes of region {region:?}",
-                        self.kafka.partitions
+                        "{what}: node {} needs partition {p} of region {:?}'s topic, which has partitions 0–{}",
+                        n.name,
+                        n.region,
+                        self.kafka.partitions - 1
+                    ),
+                ));
+            }
+            if !taken.insert((n.region.as_str(), p)) {
+                return Err(invalid(
+                    format!("nodes[{i}].partition"),
+                    format!(
+                        "node {} would write partition {p} of region {:?}, which another node of the region writes; set `partition` to a free one",
+                        n.name, n.region
                     ),
                 ));
             }
@@ -478,21 +499,23 @@ impl Config {
         pgferry_schemas::naming::region_topic(&self.cluster.name, region)
     }
 
-    /// The partition a node writes: its index among its region's nodes.
+    /// The partition a node writes: its `partition` if set, else its index among its region's
+    /// nodes.
     pub fn node_partition(&self, node: &NodeConfig) -> i32 {
-        self.nodes
-            .iter()
-            .filter(|n| n.region == node.region)
-            .position(|n| n.name == node.name)
-            .unwrap_or(0) as i32
+        node.partition.unwrap_or_else(|| {
+            self.nodes
+                .iter()
+                .filter(|n| n.region == node.region)
+                .position(|n| n.name == node.name)
+                .unwrap_or(0) as i32
+        })
     }
 
     /// The node that writes `partition` of `region`'s topic.
     pub fn partition_node(&self, region: &str, partition: i32) -> Option<&NodeConfig> {
         self.nodes
             .iter()
-            .filter(|n| n.region == region)
-            .nth(usize::try_from(partition).ok()?)
+            .find(|n| n.region == region && self.node_partition(n) == partition)
     }
 
     /// Replicated tables as `(schema, table)`.
@@ -706,6 +729,25 @@ tables = ["public.accounts", "items"]
         let stray = format!("{GOOD}[replication.table.\"public.nope\"]\nresolver = \"manual\"\n");
         let e = Config::parse(&stray, "t.toml").unwrap_err().to_string();
         assert!(e.contains("replication.table.\"public.nope\""), "{e}");
+    }
+
+    #[test]
+    fn partitions_can_be_pinned() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        let pinned = GOOD.replace("id = 2\n", "id = 2\npartition = 5\n");
+        let c = Config::parse(&pinned, "t.toml").unwrap();
+        assert_eq!(c.node_partition(&c.nodes[1]), 5);
+        assert_eq!(c.partition_node("eu", 5).map(|n| n.name.as_str()), Some("n2"));
+        assert!(c.partition_node("eu", 1).is_none());
+        let clash = GOOD.replace("id = 2\n", "id = 2\npartition = 0\n");
+        let e = Config::parse(&clash, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("nodes[1].partition") && e.contains("partition 0"), "{e}");
+        let outside = GOOD.replace("id = 2\n", "id = 2\npartition = 8\n");
+        let e = Config::parse(&outside, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("nodes[1].partition") && e.contains("0–7"), "{e}");
+        let few = GOOD.replace("[kafka]\n", "[kafka]\npartitions = 1\n");
+        let e = Config::parse(&few, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("kafka.partitions") && e.contains("n2"), "{e}");
     }
 
     #[test]

@@ -275,19 +275,25 @@ impl rdkafka::ClientContext for QuietEof {
 
 impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
-/// The capturing node's own commit LSN of the last committed message in `topic`/`partition`
-/// (the local-commit-LSN header of a forwarded message, else the commit LSN header), if any.
-/// Used by capture after a restart to learn what it already produced. Blocking.
+/// `producer`'s own commit LSN of the last committed message it wrote to `topic`/`partition`
+/// (the local-commit-LSN header of a message it forwarded, else the commit LSN header of its
+/// own), if any. Used by capture after a restart to learn what it already produced. Messages
+/// of any other producer are passed over: a partition can hold a removed node's messages
+/// (`pgferry node remove`), whose LSNs say nothing about this node's WAL. Blocking.
 pub fn last_committed_commit_lsn(
     cfg: &KafkaConfig,
     group_id: &str,
     topic: &str,
     partition: i32,
+    producer: &str,
 ) -> Result<Option<u64>, KafkaError> {
     last_committed_matching(cfg, group_id, topic, partition, |m| {
-        header(m, HEADER_LOCAL_LSN)
-            .or_else(|| header(m, HEADER_COMMIT_LSN))
-            .and_then(|v| v.parse::<u64>().ok())
+        let lsn = match header(m, HEADER_VIA) {
+            Some(via) if via == producer => header(m, HEADER_LOCAL_LSN),
+            None if header(m, HEADER_ORIGIN) == Some(producer) => header(m, HEADER_COMMIT_LSN),
+            _ => None,
+        };
+        lsn.and_then(|v| v.parse::<u64>().ok())
     })
 }
 
