@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgferry_connectors::config::{Config, NodeConfig};
+use pgferry_connectors::config::{Config, NodeConfig, Operation};
 use pgferry_connectors::kafka::{
     self, TxProducer, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_LOCAL_LSN, HEADER_ORIGIN, HEADER_TXN_LAST, HEADER_VIA,
 };
@@ -185,6 +185,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     let _heartbeats = AbortOnDrop(tokio::spawn(emit_heartbeats(node.clone(), options.heartbeat_interval)));
     let mut capture = Capture {
         relations: Relations::new(&config.cluster.name, &topic, registry),
+        operations: std::collections::HashMap::new(),
         heartbeat_id,
         heartbeat_schema,
         truncate_id,
@@ -332,6 +333,9 @@ struct Capture {
     producer: TxProducer,
     confirmer: Confirmer,
     relations: Relations,
+    /// Relation id → the operations of `replication.table.<t>.operations` it replicates
+    /// (looked up once per relation; forgotten when PostgreSQL describes the relation again).
+    operations: std::collections::HashMap<u32, [bool; 4]>,
     /// Highest commit LSN known to be in Kafka.
     last_lsn: u64,
     options: CaptureOptions,
@@ -440,7 +444,8 @@ impl Capture {
                     }
                 }
             }
-            LogicalReplicationMessage::Relation { .. } => {
+            LogicalReplicationMessage::Relation { relation_id, .. } => {
+                self.operations.remove(&relation_id);
                 self.relations.update(&self.sql, &msg.message).await?;
             }
             LogicalReplicationMessage::Insert { relation_id, tuple } => {
@@ -529,6 +534,18 @@ impl Capture {
         if txn.skip {
             return Ok(());
         }
+        let operation = match op {
+            Op::Create | Op::Read => Operation::Insert,
+            Op::Update => Operation::Update,
+            Op::Delete => Operation::Delete,
+            Op::Truncate => Operation::Truncate,
+        };
+        if !self.replicates(relation_id, operation)? {
+            return Ok(());
+        }
+        let Some(txn) = self.txn.as_mut() else {
+            return Ok(());
+        };
         let rel = self.relations.get(relation_id)?;
         let width = rel.schemas.table.columns.len();
         let before = old.as_ref().map(|t| tuple_row(t, width)).transpose()?;
@@ -655,6 +672,19 @@ impl Capture {
     }
 
     /// Queues one truncate event per truncated table (pgoutput lists them in one message).
+    /// Whether the table of `relation_id` replicates changes of kind `op`.
+    fn replicates(&mut self, relation_id: u32, op: Operation) -> Result<bool, CaptureError> {
+        let index = op as usize;
+        if let Some(ops) = self.operations.get(&relation_id) {
+            return Ok(ops[index]);
+        }
+        let table = &self.relations.get(relation_id)?.schemas.table;
+        let ops = [Operation::Insert, Operation::Update, Operation::Delete, Operation::Truncate]
+            .map(|o| self.config.replicates_operation(&table.schema, &table.name, o));
+        self.operations.insert(relation_id, ops);
+        Ok(ops[index])
+    }
+
     fn truncate(&mut self, relation_ids: &[u32], flags: u8) -> Result<(), CaptureError> {
         for &relation_id in relation_ids {
             let Some(txn) = self.txn.as_ref() else {
@@ -663,6 +693,12 @@ impl Capture {
             if txn.skip {
                 return Ok(());
             }
+            if !self.replicates(relation_id, Operation::Truncate)? {
+                continue;
+            }
+            let Some(txn) = self.txn.as_ref() else {
+                return Ok(());
+            };
             let table = &self.relations.get(relation_id)?.schemas.table;
             let t = Truncate {
                 origin: txn.route.origin.to_string(),

@@ -186,6 +186,24 @@ pub struct TableOptions {
     /// Region-local (data residency): only the nodes of this region capture and apply the table,
     /// so its rows never reach another region's nodes or topic.
     pub region: Option<String>,
+    /// Which operations replicate (default: all four). Capture leaves the others out of the
+    /// topics, so e.g. `["insert"]` makes an append-only table whose local updates and deletes
+    /// stay local.
+    pub operations: Option<Vec<Operation>>,
+}
+
+/// A kind of row change, for [`TableOptions::operations`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// `INSERT`.
+    Insert,
+    /// `UPDATE`.
+    Update,
+    /// `DELETE`.
+    Delete,
+    /// `TRUNCATE`.
+    Truncate,
 }
 
 /// How apply settles a conflict (DESIGN.md, "Conflicts"). Every node must pick the same winner.
@@ -416,6 +434,12 @@ impl Config {
                     "lists no column, or an empty name".into(),
                 ));
             }
+            if options.operations.as_ref().is_some_and(Vec::is_empty) {
+                return Err(invalid(
+                    format!("replication.table.{name:?}.operations"),
+                    "lists no operation (remove the table from replication.tables instead)".into(),
+                ));
+            }
             if options.row_filter.as_ref().is_some_and(|f| f.trim().is_empty()) {
                 return Err(invalid(format!("replication.table.{name:?}.row_filter"), "is empty".into()));
             }
@@ -571,6 +595,13 @@ impl Config {
             .iter()
             .find(|(name, _)| qualify(name) == (schema.to_string(), table.to_string()))
             .map(|(_, o)| o)
+    }
+
+    /// Whether changes of kind `op` to `schema.table` replicate.
+    pub fn replicates_operation(&self, schema: &str, table: &str, op: Operation) -> bool {
+        self.table_options(schema, table)
+            .and_then(|o| o.operations.as_ref())
+            .is_none_or(|ops| ops.contains(&op))
     }
 
     /// The conflict resolver of `schema.table`.
@@ -762,6 +793,13 @@ tables = ["public.accounts", "items"]
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.on_error("public", "items"), OnError::SkipTransaction);
         assert_eq!(c.on_error("public", "accounts"), OnError::SkipChange);
+        let text = format!("{GOOD}[replication.table.items]\noperations = [\"insert\", \"update\"]\n");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert!(c.replicates_operation("public", "items", Operation::Update));
+        assert!(!c.replicates_operation("public", "items", Operation::Delete));
+        assert!(c.replicates_operation("public", "accounts", Operation::Delete));
+        let e = Config::parse(&text.replace("\"update\"]", "\"upsert\"]"), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("upsert") && e.contains("truncate"), "{e}");
     }
 
     #[test]

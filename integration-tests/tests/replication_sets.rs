@@ -1,7 +1,8 @@
 //! What replicates, per table: a row filter and a column list (only matching rows and listed
 //! columns reach the other nodes, and only those are in the topic), and a region-local table
 //! (data residency): its rows stay on the nodes of its region and appear in no message of
-//! another region's topic.
+//! another region's topic; and a table that replicates only inserts (its local updates and
+//! deletes stay local).
 
 use std::time::Duration;
 
@@ -10,15 +11,17 @@ use pgferry_integration_tests::{read_topic, wait_until, Cluster};
 const SETUP: &str = "
 CREATE TABLE filtered (region text, id int, secret text, note text, PRIMARY KEY (region, id));
 CREATE TABLE eu_only (id int PRIMARY KEY, person text NOT NULL);
-CREATE TABLE shared (id int PRIMARY KEY, v text);";
+CREATE TABLE shared (id int PRIMARY KEY, v text);
+CREATE TABLE journal (id int PRIMARY KEY, v text);";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_columns_and_residency() -> anyhow::Result<()> {
-    let tables = ["public.filtered", "public.eu_only", "public.shared"];
+    let tables = ["public.filtered", "public.eu_only", "public.shared", "public.journal"];
     let mut cluster = Cluster::create("repsets", &["eu", "eu", "us"], SETUP, &tables).await?;
     cluster.replication_toml = "[replication.table.\"public.filtered\"]\n\
          row_filter = \"region = 'eu'\"\ncolumns = [\"region\", \"id\", \"note\"]\n\
-         [replication.table.\"public.eu_only\"]\nregion = \"eu\"\n"
+         [replication.table.\"public.eu_only\"]\nregion = \"eu\"\n\
+         [replication.table.\"public.journal\"]\noperations = [\"insert\"]\n"
         .into();
     cluster.write_config()?;
     cluster.init()?;
@@ -32,6 +35,12 @@ async fn filters_columns_and_residency() -> anyhow::Result<()> {
     .await?;
     // Written on the us node: a local table there, published nowhere.
     n3.batch_execute("INSERT INTO eu_only VALUES (100, 'Cy (us, stays here)')").await?;
+    n1.batch_execute(
+        "INSERT INTO journal VALUES (1, 'one'), (2, 'two');
+         UPDATE journal SET v = 'changed here' WHERE id = 1;
+         DELETE FROM journal WHERE id = 2;",
+    )
+    .await?;
     n1.batch_execute("INSERT INTO shared VALUES (1, 'last')").await?;
     cluster.wait_converged("shared", Duration::from_secs(60)).await?;
     // The markers arrived everywhere, so everything before them has been applied.
@@ -44,6 +53,16 @@ async fn filters_columns_and_residency() -> anyhow::Result<()> {
             got,
             vec![(1, "eu".into(), None, Some("a2".into())), (3, "eu".into(), None, Some("c".into()))],
             "node {}: only eu rows, without the unlisted column",
+            i + 1
+        );
+    }
+    for i in 1..3 {
+        let rows = cluster.sql(i).await?.query("SELECT id, v FROM journal ORDER BY id", &[]).await?;
+        let got: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(
+            got,
+            vec![(1, "one".into()), (2, "two".into())],
+            "node {}: the inserts arrived, n1's update and delete did not",
             i + 1
         );
     }
@@ -72,6 +91,7 @@ async fn filters_columns_and_residency() -> anyhow::Result<()> {
     }
     for m in us.iter().chain(&eu) {
         assert!(!contains(&m.value, b"pw-"), "a message carries the unlisted column's value");
+        assert!(!contains(&m.value, b"changed here"), "a message carries the insert-only table's update");
     }
     drop(_services);
     cluster.cleanup().await
