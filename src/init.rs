@@ -24,15 +24,7 @@ CREATE TABLE IF NOT EXISTS pgferry.apply_progress (
 );";
 
 pub async fn run(config: &Config) -> Result<()> {
-    // Kafka first: a wrong bootstrap address should fail before any node is touched.
-    let kcfg = config.kafka.clone();
-    tokio::task::spawn_blocking(move || kafka::check_reachable(&kcfg, Duration::from_secs(10))).await??;
-    let mut sessions = Vec::new();
-    for node in &config.nodes {
-        let sql = postgres::connect(&node.dsn, "pgferry-init").await?;
-        check_node(config, node, &sql).await?;
-        sessions.push(sql);
-    }
+    let sessions = check(config).await?;
     for region in config.regions() {
         let topic = config.region_topic(&region);
         kafka::ensure_topic(&config.kafka, &topic, config.kafka.partitions).await?;
@@ -54,9 +46,24 @@ pub async fn run(config: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Checks Kafka and every node (settings, replicated tables and their primary keys) before
+/// anything is installed; a session to each node.
+pub async fn check(config: &Config) -> Result<Vec<PgSession>> {
+    // Kafka first: a wrong bootstrap address should fail before any node is touched.
+    let kcfg = config.kafka.clone();
+    tokio::task::spawn_blocking(move || kafka::check_reachable(&kcfg, Duration::from_secs(10))).await??;
+    let mut sessions = Vec::new();
+    for node in &config.nodes {
+        let sql = postgres::connect(&node.dsn, "pgferry-init").await?;
+        check_node(config, node, &sql).await?;
+        sessions.push(sql);
+    }
+    Ok(sessions)
+}
+
 /// The tables `node` replicates now: those listed for it, and every table of the schemas
 /// replicated whole.
-async fn replicated_tables(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<Vec<(String, String)>> {
+pub async fn replicated_tables(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<Vec<(String, String)>> {
     let mut tables = config.node_tables(node);
     let rows = sql
         .client

@@ -12,6 +12,7 @@ mod node_rebuild;
 mod node_remove;
 mod repair;
 mod replay;
+mod repset;
 mod row_sql;
 mod supervise;
 mod table_compare;
@@ -74,6 +75,12 @@ enum Command {
     Repair(repair::RepairArgs),
     /// Re-read a range of the topics into a node (a no-op for what it applied, unless --force).
     Replay(replay::ReplayArgs),
+    /// Replication sets: list the replicated tables and where they are published; add or
+    /// remove a table while the cluster runs.
+    Repset {
+        #[command(subcommand)]
+        command: repset::RepsetCommand,
+    },
     /// Node administration: add or remove a node, rebuild a damaged node from a peer.
     Node {
         #[command(subcommand)]
@@ -162,6 +169,7 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<i32> {
         Command::Conflicts { command } => conflicts_cmd::run(&config, command).await?,
         Command::Repair(args) => repair::run(&config, args).await?,
         Command::Replay(args) => replay::run(config.clone(), args).await?,
+        Command::Repset { command } => repset::run(&config, &cli.config, command).await?,
         Command::Node { command } => node_rebuild::run(config.clone(), &cli.config, command).await?,
         Command::Status { json } => {
             let status = status::gather(&config).await;

@@ -63,6 +63,8 @@ pub struct Writer {
     statements: HashMap<String, Statement>,
     /// `pg_replication_origin.roident` → node name.
     origins: HashMap<i64, String>,
+    /// When the config file was last re-read for a table outside the replication sets.
+    reloaded: Option<std::time::Instant>,
 }
 
 /// A conflict that was detected and settled.
@@ -92,13 +94,38 @@ impl Writer {
             tables: HashMap::new(),
             statements: HashMap::new(),
             origins: HashMap::new(),
+            reloaded: None,
         }
+    }
+
+    /// Whether this node applies `schema.table`. A table outside the sets loaded at start may
+    /// have been added since (`pgferry repset add-table` edits the config file, then publishes
+    /// the table): the file is read again, at most once a second, and its sets taken over.
+    fn in_sets(&mut self, schema: &str, table: &str) -> bool {
+        let id = (schema.to_string(), table.to_string());
+        if self.allowed.contains(&id) || self.config.replicates_schema(schema) {
+            return true;
+        }
+        if self.reloaded.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+            return false;
+        }
+        self.reloaded = Some(std::time::Instant::now());
+        let Some(fresh) = self.config.reload() else {
+            return false;
+        };
+        let Some(node) = fresh.node(&self.local.0) else {
+            return false;
+        };
+        self.allowed = fresh.node_tables(node).into_iter().collect();
+        self.config = std::sync::Arc::new(fresh);
+        tracing::info!(node = %self.local.0, table = %format!("{schema}.{table}"), "replication sets re-read from the config file");
+        self.allowed.contains(&id) || self.config.replicates_schema(schema)
     }
 
     async fn table(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<&LocalTable, ApplyError> {
         let id = (ev.schema.clone(), ev.table.clone());
         if !self.tables.contains_key(&id) {
-            if !self.allowed.contains(&id) && !self.config.replicates_schema(&ev.schema) {
+            if !self.in_sets(&ev.schema, &ev.table) {
                 return Err(write_err(ev, "not in this node's replication set".into()));
             }
             let Some(cols) = table_columns(sql, &ev.schema, &ev.table).await? else {
@@ -143,8 +170,7 @@ impl Writer {
         if self.local_elsewhere(&t.schema, &t.table) {
             return Ok(());
         }
-        let id = (t.schema.clone(), t.table.clone());
-        if !self.allowed.contains(&id) && !self.config.replicates_schema(&t.schema) {
+        if !self.in_sets(&t.schema, &t.table) {
             return Err(ApplyError::Write {
                 origin: t.origin.clone(),
                 table: format!("{}.{}", t.schema, t.table),

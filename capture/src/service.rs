@@ -679,6 +679,18 @@ impl Capture {
             return Ok(ops[index]);
         }
         let table = &self.relations.get(relation_id)?.schemas.table;
+        let listed = |c: &Config| {
+            c.replicates_schema(&table.schema) || c.tables().iter().any(|(s, t)| *s == table.schema && *t == table.name)
+        };
+        if !listed(&self.config) {
+            // Published but not in the sets loaded at start: added since (`pgferry repset
+            // add-table` edits the file before it publishes the table), so its options are there.
+            if let Some(fresh) = self.config.reload().filter(|c| listed(c)) {
+                tracing::info!(node = %self.node.name, table = %format!("{}.{}", table.schema, table.name),
+                    "replication sets re-read from the config file");
+                self.config = Arc::new(fresh);
+            }
+        }
         let ops = [Operation::Insert, Operation::Update, Operation::Delete, Operation::Truncate]
             .map(|o| self.config.replicates_operation(&table.schema, &table.name, o));
         self.operations.insert(relation_id, ops);

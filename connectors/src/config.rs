@@ -43,6 +43,9 @@ pub struct Config {
     /// When the services report unhealthy on `/healthz`.
     #[serde(default)]
     pub health: HealthConfig,
+    /// The file it was loaded from ([`Config::load`]), for re-reading it.
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
 }
 
 /// `[health]`.
@@ -274,7 +277,19 @@ impl Config {
             path: p.clone(),
             source,
         })?;
-        Config::parse(&text, &p)
+        let mut config = Config::parse(&text, &p)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// The config file read again (for the replication sets `pgferry repset` changed while a
+    /// service runs); `None` if this config was not loaded from a file or the file no longer
+    /// loads (the error is logged).
+    pub fn reload(&self) -> Option<Config> {
+        let path = self.source.as_ref()?;
+        Config::load(path)
+            .inspect_err(|e| tracing::warn!(error = %e, "re-reading the config failed; keeping the one loaded at start"))
+            .ok()
     }
 
     /// Parses and validates config text; `origin` names it in errors.
