@@ -141,7 +141,7 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
     let ddl_trigger = if config.replication.ddl {
         pgferry_apply::ddl::trigger_sql(&config.node_tables(node), &config.replication.schemas)
     } else {
-        "DROP EVENT TRIGGER IF EXISTS pgferry_ddl".to_string()
+        pgferry_apply::ddl::DROP_TRIGGERS_SQL.to_string()
     };
     sql.client
         .batch_execute(&ddl_trigger)

@@ -286,7 +286,7 @@ async fn drop_on_node(node: &NodeConfig, others: &[&NodeConfig], sql: &PgSession
     let slot = pgferry_capture::slot_name(&node.name);
     let steps = [
         (
-            "DROP EVENT TRIGGER IF EXISTS pgferry_ddl".to_string(),
+            pgferry_apply::ddl::DROP_TRIGGERS_SQL.to_string(),
             "the DDL event trigger".to_string(),
         ),
         (

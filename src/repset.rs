@@ -195,6 +195,16 @@ async fn remove_table(config: &Config, path: &Path, table: &str) -> Result<()> {
     let qualified_name = format!("{}.{}", quote_ident(schema), quote_ident(name));
     for node in &new.nodes {
         let sql = postgres::connect(&node.dsn, "pgferry-repset").await?;
+        // A table already dropped there (DROP TABLE replicates) has no trigger left to drop.
+        let exists: bool = sql
+            .client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified_name])
+            .await
+            .map_err(sql.err(format!("looking up {table}")))?
+            .get(0);
+        if !exists {
+            continue;
+        }
         sql.client
             .batch_execute(&format!(
                 "SET pgferry.local_ddl = on; SET client_min_messages = warning;

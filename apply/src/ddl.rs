@@ -15,9 +15,14 @@
 //!
 //! The whole query string of the statement is what is sent, so a string holding more statements
 //! than the DDL (`ALTER …; INSERT …` in one simple query) is refused with an error: the others
-//! would run again on every node. `DROP TABLE`/`DROP INDEX` are not replicated, and
-//! `CREATE TABLE` only in a schema replicated whole (`replication.schemas`): there the new
-//! table replicates from its first row, with its tombstone trigger set up on every node.
+//! would run again on every node. `CREATE TABLE` replicates only in a schema replicated whole
+//! (`replication.schemas`): there the new table replicates from its first row, with its
+//! tombstone trigger set up on every node.
+//!
+//! `DROP TABLE` of a replicated table (or of one in a schema replicated whole) and `DROP INDEX`
+//! of an index on one replicate too: a `sql_drop` trigger matches what was dropped — tables by
+//! name, indexes by the ids a `ddl_command_start` trigger noted for the replicated tables just
+//! before the statement ran. Objects dropped only as dependents of another are not sent alone.
 
 use pgferry_connectors::postgres::{quote_literal, PgSession};
 use serde::{Deserialize, Serialize};
@@ -26,6 +31,11 @@ use crate::error::ApplyError;
 
 /// Prefix of DDL messages.
 pub const PREFIX: &str = "pgferry.ddl";
+
+/// Removes the DDL event triggers (DDL replication off, or the node leaving the cluster).
+pub const DROP_TRIGGERS_SQL: &str = "DROP EVENT TRIGGER IF EXISTS pgferry_ddl;
+         DROP EVENT TRIGGER IF EXISTS pgferry_ddl_start;
+         DROP EVENT TRIGGER IF EXISTS pgferry_ddl_drop;";
 
 /// One replicated DDL statement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,14 +65,66 @@ pub fn trigger_sql(tables: &[(String, String)], whole: &[String]) -> String {
     schemas.dedup();
     let whole: Vec<String> = whole.iter().map(|s| quote_literal(s)).collect();
     format!(
-        "CREATE OR REPLACE FUNCTION pgferry.replicate_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+        "CREATE OR REPLACE FUNCTION pgferry.send_ddl(q text) RETURNS void LANGUAGE plpgsql AS $fn$
+         DECLARE
+             rest text;
+         BEGIN
+             -- The whole query string is what replicates: refuse one that holds more than this
+             -- statement (DML in it would run again on every node). Quoted text and
+             -- comments may hold semicolons; they are taken out before looking.
+             rest := regexp_replace(q, '''(''''|[^''])*''', '', 'g');
+             rest := regexp_replace(rest, '\"(\"\"|[^\"])*\"', '', 'g');
+             rest := regexp_replace(rest, '\\$([A-Za-z_]*)\\$.*?\\$\\1\\$', '', 'g');
+             rest := regexp_replace(rest, '--[^\\n]*', '', 'g');
+             rest := regexp_replace(rest, '/\\*.*?\\*/', '', 'g');
+             rest := regexp_replace(rest, ';\\s*$', '');
+             IF position(';' IN rest) > 0 THEN
+                 RAISE EXCEPTION 'pgferry: DDL on a replicated table must be sent as a statement of its own, not in a query string with others: %', left(q, 200)
+                     USING HINT = 'send it alone (it then replicates), or SET pgferry.local_ddl = on to run it on this node only';
+             END IF;
+             PERFORM pg_logical_emit_message(true, '{PREFIX}',
+                 json_build_object('search_path', current_setting('search_path'), 'sql', q)::text);
+             PERFORM set_config('pgferry.ddl_sent', md5(q), true);
+         END $fn$;
+         -- Before DROP INDEX: the ids of the replicated tables' indexes (once dropped, an
+         -- index's table is no longer in the catalog).
+         CREATE OR REPLACE FUNCTION pgferry.note_indexes() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+         BEGIN
+             PERFORM set_config('pgferry.replicated_indexes', coalesce(
+                 (SELECT string_agg(indexrelid::text, ',') FROM pg_index
+                  WHERE indrelid = ANY (ARRAY(SELECT to_regclass(n)::oid FROM unnest(ARRAY[{tables}]::text[]) n))), ''), true);
+         END $fn$;
+         CREATE OR REPLACE FUNCTION pgferry.replicate_drop() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+         DECLARE
+             r record;
+             q text := current_query();
+             tables text[] := ARRAY[{tables}]::text[];
+             whole text[] := ARRAY[{whole}]::text[];
+             indexes text[] := string_to_array(current_setting('pgferry.replicated_indexes', true), ',');
+             replicate boolean := false;
+         BEGIN
+             IF current_setting('pgferry.local_ddl', true) = 'on' THEN RETURN; END IF;
+             IF pg_replication_origin_session_is_setup() THEN RETURN; END IF;
+             IF current_setting('pgferry.ddl_sent', true) = md5(q) THEN RETURN; END IF;
+             FOR r IN SELECT * FROM pg_event_trigger_dropped_objects() WHERE original AND NOT is_temporary LOOP
+                 IF (r.object_type = 'table' AND (format('\"%s\".\"%s\"', replace(r.schema_name, '\"', '\"\"'),
+                                                        replace(r.object_name, '\"', '\"\"')) = ANY (tables)
+                                                  OR r.schema_name = ANY (whole)))
+                    OR (r.object_type = 'index' AND (r.objid::text = ANY (indexes) OR r.schema_name = ANY (whole))) THEN
+                     replicate := true;
+                 END IF;
+             END LOOP;
+             IF replicate THEN
+                 PERFORM pgferry.send_ddl(q);
+             END IF;
+         END $fn$;
+         CREATE OR REPLACE FUNCTION pgferry.replicate_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
          DECLARE
              r record;
              q text := current_query();
              tables oid[] := ARRAY(SELECT to_regclass(n)::oid FROM unnest(ARRAY[{tables}]::text[]) n);
              whole text[] := ARRAY[{whole}]::text[];
              keys text;
-             rest text;
              replicate boolean := false;
          BEGIN
              -- pgferry's own set-up (`init` re-creating its triggers): not replicated
@@ -99,26 +161,14 @@ pub fn trigger_sql(tables: &[(String, String)], whole: &[String]) -> String {
                  END IF;
              END LOOP;
              IF replicate THEN
-                 -- The whole query string is what replicates: refuse one that holds more than this
-                 -- statement (DML in it would run again on every node). Quoted text and
-                 -- comments may hold semicolons; they are taken out before looking.
-                 rest := regexp_replace(q, '''(''''|[^''])*''', '', 'g');
-                 rest := regexp_replace(rest, '\"(\"\"|[^\"])*\"', '', 'g');
-                 rest := regexp_replace(rest, '\\$([A-Za-z_]*)\\$.*?\\$\\1\\$', '', 'g');
-                 rest := regexp_replace(rest, '--[^\\n]*', '', 'g');
-                 rest := regexp_replace(rest, '/\\*.*?\\*/', '', 'g');
-                 rest := regexp_replace(rest, ';\\s*$', '');
-                 IF position(';' IN rest) > 0 THEN
-                     RAISE EXCEPTION 'pgferry: DDL on a replicated table must be sent as a statement of its own, not in a query string with others: %', left(q, 200)
-                         USING HINT = 'send it alone (it then replicates), or SET pgferry.local_ddl = on to run it on this node only';
-                 END IF;
-                 PERFORM pg_logical_emit_message(true, '{PREFIX}',
-                     json_build_object('search_path', current_setting('search_path'), 'sql', q)::text);
-                 PERFORM set_config('pgferry.ddl_sent', md5(q), true);
+                 PERFORM pgferry.send_ddl(q);
              END IF;
          END $fn$;
-         DROP EVENT TRIGGER IF EXISTS pgferry_ddl;
-         CREATE EVENT TRIGGER pgferry_ddl ON ddl_command_end EXECUTE FUNCTION pgferry.replicate_ddl();",
+         {DROP_TRIGGERS_SQL}
+         CREATE EVENT TRIGGER pgferry_ddl ON ddl_command_end EXECUTE FUNCTION pgferry.replicate_ddl();
+         CREATE EVENT TRIGGER pgferry_ddl_start ON ddl_command_start WHEN TAG IN ('DROP INDEX')
+             EXECUTE FUNCTION pgferry.note_indexes();
+         CREATE EVENT TRIGGER pgferry_ddl_drop ON sql_drop EXECUTE FUNCTION pgferry.replicate_drop();",
         tables = array(qualified),
         whole = array(whole),
         schemas = array(schemas),

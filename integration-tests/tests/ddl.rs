@@ -107,3 +107,41 @@ async fn add_column_while_others_write_reaches_every_node() -> anyhow::Result<()
     drop(_services);
     cluster.cleanup().await
 }
+
+/// `DROP INDEX` of an index on a replicated table and `DROP TABLE` of a replicated table reach
+/// the other nodes; dropping an index of a table that does not replicate stays local.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_reach_every_node() -> anyhow::Result<()> {
+    let setup = "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE INDEX t_v ON t (v);
+                 CREATE TABLE gone (id int PRIMARY KEY); CREATE TABLE marker (id int PRIMARY KEY);
+                 CREATE TABLE local_only (id int PRIMARY KEY, v text); CREATE INDEX local_v ON local_only (v);";
+    let mut cluster = Cluster::create("ddldrop", &["r1", "r1"], setup, &["public.t", "public.gone", "public.marker"]).await?;
+    cluster.replication_toml = "ddl = true".into();
+    cluster.write_config()?;
+    cluster.init()?;
+    let _services: Vec<_> = (0..2).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;
+    let (n1, n2) = (cluster.sql(0).await?, cluster.sql(1).await?);
+    n1.batch_execute("INSERT INTO gone VALUES (1)").await?;
+    cluster.wait_converged("gone", Duration::from_secs(60)).await?;
+    n1.batch_execute("DROP INDEX local_v").await?;
+    n1.batch_execute("DROP INDEX t_v").await?;
+    n1.batch_execute("DROP TABLE gone").await?;
+    n1.batch_execute("INSERT INTO marker VALUES (1)").await?;
+    cluster.wait_converged("marker", Duration::from_secs(60)).await?;
+    let count = |sql: &'static str| {
+        let n2 = &n2;
+        async move { anyhow::Ok(n2.query_one(sql, &[]).await?.get::<_, i64>(0)) }
+    };
+    assert_eq!(count("SELECT count(*) FROM pg_indexes WHERE indexname = 't_v'").await?, 0, "DROP INDEX replicated");
+    assert_eq!(count("SELECT count(*) FROM pg_tables WHERE tablename = 'gone'").await?, 0, "DROP TABLE replicated");
+    assert_eq!(
+        count("SELECT count(*) FROM pg_indexes WHERE indexname = 'local_v'").await?,
+        1,
+        "the index of a table that does not replicate stayed"
+    );
+    // The cluster goes on with the rest.
+    n2.batch_execute("INSERT INTO t VALUES (1, 'after the drops')").await?;
+    cluster.wait_converged("t", Duration::from_secs(60)).await?;
+    drop(_services);
+    cluster.cleanup().await
+}
