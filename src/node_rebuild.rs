@@ -32,6 +32,7 @@ use pgferry_connectors::postgres::{self, quote_ident, quote_literal, PgSession};
 use pgferry_connectors::replication;
 
 use crate::row_sql::{table_meta, TableMeta};
+use crate::table_compare::Progress as CopyProgress;
 
 #[derive(Subcommand)]
 pub enum NodeCommand {
@@ -247,14 +248,25 @@ async fn rebuild(config: Arc<Config>, a: RebuildArgs) -> Result<()> {
 async fn copy_table(psql: &PgSession, nsql: &PgSession, meta: &TableMeta) -> Result<u64> {
     let cols: Vec<String> = meta.columns.iter().map(|(c, _)| quote_ident(c)).collect();
     let cols = cols.join(", ");
-    copy(
+    // The bar's total is the planner's estimate (exact counting would read the table twice).
+    let estimate: f32 = psql
+        .client
+        .query_one("SELECT greatest(reltuples, 0)::real FROM pg_class WHERE oid = $1::text::regclass", &[&meta.qualified])
+        .await
+        .map_err(psql.err(format!("estimating the rows of {}", meta.qualified)))?
+        .get(0);
+    let mut progress = CopyProgress::copying(&format!("copying {}", meta.qualified), estimate as i64);
+    let rows = copy(
         psql,
         &format!("COPY (SELECT {cols} FROM {}) TO STDOUT", meta.qualified),
         nsql,
         &format!("COPY {} ({cols}) FROM STDIN", meta.qualified),
         &format!("copying {}", meta.qualified),
+        Some(&mut progress),
     )
-    .await
+    .await?;
+    progress.finish();
+    Ok(rows)
 }
 
 /// Streams each row's stamp on the peer (commit time and origin of its version there, or the
@@ -276,17 +288,28 @@ async fn copy_stamps(psql: &PgSession, nsql: &PgSession, peer: &str, name: &str,
         peer = quote_literal(peer),
         table = meta.qualified,
     );
-    copy(psql, &text, nsql, "COPY pgferry_rebuild_stamps FROM STDIN", &format!("copying the row stamps of {name}")).await
+    copy(psql, &text, nsql, "COPY pgferry_rebuild_stamps FROM STDIN", &format!("copying the row stamps of {name}"), None).await
 }
 
-/// Streams the output of `copy_out` on `from` into `copy_in` on `to`, chunk by chunk; the rows.
-async fn copy(from: &PgSession, copy_out: &str, to: &PgSession, copy_in: &str, what: &str) -> Result<u64> {
+/// Streams the output of `copy_out` on `from` into `copy_in` on `to`, chunk by chunk, counting
+/// rows into `progress` (text COPY: one line per row, newlines in values escaped); the rows.
+async fn copy(
+    from: &PgSession,
+    copy_out: &str,
+    to: &PgSession,
+    copy_in: &str,
+    what: &str,
+    mut progress: Option<&mut CopyProgress>,
+) -> Result<u64> {
     let out = from.client.copy_out(copy_out).await.map_err(from.err(what))?;
     let sink = to.client.copy_in(copy_in).await.map_err(to.err(what))?;
     let mut out = std::pin::pin!(out);
     let mut sink = std::pin::pin!(sink);
     while let Some(chunk) = out.next().await {
         let chunk = chunk.map_err(from.err(what))?;
+        if let Some(p) = progress.as_deref_mut() {
+            p.copied(chunk.iter().filter(|&&b| b == b'\n').count() as i64);
+        }
         sink.send(chunk).await.map_err(to.err(what))?;
     }
     Ok(sink.as_mut().finish().await.map_err(to.err(what))?)

@@ -76,6 +76,8 @@ pub struct Progress {
     differing: usize,
     last: Option<Instant>,
     finished: bool,
+    /// Whether lines show the differing rows (a comparison) or only rows done (a copy).
+    counts_differences: bool,
 }
 
 impl Progress {
@@ -89,7 +91,40 @@ impl Progress {
             differing: 0,
             last: None,
             finished: false,
+            counts_differences: true,
         }
+    }
+
+    /// Progress of a copy of about `total` rows (an estimate: the bar stops at 100%).
+    pub fn copying(label: &str, total: i64) -> Progress {
+        Progress {
+            total,
+            counts_differences: false,
+            ..Progress::new(label, true)
+        }
+    }
+
+    /// `rows` more rows copied.
+    pub fn copied(&mut self, rows: i64) {
+        self.advance(rows, 0);
+    }
+
+    /// The closing line, unless the last one already said 100%.
+    pub fn finish(&mut self) {
+        if !self.finished {
+            self.total = self.done;
+            self.finished = true;
+            self.print();
+        }
+    }
+
+    /// A copy's line when its estimate is off (none, or already passed): the rows so far.
+    fn print_count(&self) -> bool {
+        let unknown = !self.counts_differences && !self.finished && self.done > self.total;
+        if unknown && self.enabled {
+            eprintln!("{}: {} rows …", self.label, self.done);
+        }
+        unknown
     }
 
     /// Rows to compare (the most any node holds), once known.
@@ -101,7 +136,8 @@ impl Progress {
         self.done += rows;
         self.differing += differing;
         let due = self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-        let finishing = self.done >= self.total && !self.finished;
+        // A copy's total is an estimate: only `finish` says it is done.
+        let finishing = self.done >= self.total && !self.finished && self.counts_differences;
         self.finished |= finishing;
         if due || finishing {
             self.print();
@@ -110,20 +146,24 @@ impl Progress {
 
     fn print(&mut self) {
         self.last = Some(Instant::now());
-        if !self.enabled {
+        if !self.enabled || self.print_count() {
             return;
         }
         let done = self.done.min(self.total);
         let pct = if self.total > 0 { done * 100 / self.total } else { 100 };
         let width = 30usize;
         let filled = (pct as usize * width) / 100;
+        let differing = if self.counts_differences {
+            format!(", {} differing", self.differing)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "{}: [{}{}] {pct:>3}% {done}/{} rows, {} differing",
+            "{}: [{}{}] {pct:>3}% {done}/{} rows{differing}",
             self.label,
             "#".repeat(filled),
             "-".repeat(width - filled),
             self.total,
-            self.differing
         );
     }
 
