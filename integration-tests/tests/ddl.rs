@@ -145,3 +145,39 @@ async fn drops_reach_every_node() -> anyhow::Result<()> {
     drop(_services);
     cluster.cleanup().await
 }
+
+/// A replicated statement a node refuses follows `on_error`: under `skip_change` it is recorded
+/// in `pgferry.exceptions` and the dead-letter topic, never silently dropped, and the stream
+/// goes on with the changes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_ddl_follows_on_error() -> anyhow::Result<()> {
+    let mut cluster = Cluster::create("ddlrefused", &["r1", "r1"], "CREATE TABLE t (id int PRIMARY KEY, v text);", &["public.t"]).await?;
+    cluster.replication_toml = "ddl = true\non_error = \"skip_change\"".into();
+    cluster.write_config()?;
+    cluster.init()?;
+    let _services: Vec<_> = (0..2).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;
+    let (n1, n2) = (cluster.sql(0).await?, cluster.sql(1).await?);
+    // n2 already has the column (added there alone), so n1's ALTER fails on n2.
+    n2.batch_execute("SET pgferry.local_ddl = on").await?;
+    n2.batch_execute("ALTER TABLE t ADD COLUMN c int").await?;
+    n1.batch_execute("ALTER TABLE t ADD COLUMN c int").await?;
+    n1.batch_execute("INSERT INTO t VALUES (1, 'after the refused DDL', 7)").await?;
+    cluster.wait_converged("t", Duration::from_secs(60)).await?;
+    let row = n2
+        .query_one(
+            "SELECT reason, position(convert_to('ALTER TABLE t ADD COLUMN c int', 'UTF8') IN payload) > 0
+             FROM pgferry.exceptions ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await?;
+    let (reason, whole): (String, bool) = (row.get(0), row.get(1));
+    assert!(reason.contains("already exists"), "the exception names why: {reason}");
+    assert!(whole, "the statement is kept whole in the exception");
+    let dlq = pgferry_integration_tests::read_topic(&cluster.endpoints.kafka, &format!("{}.dlq", cluster.name))?;
+    assert!(
+        dlq.iter().any(|m| String::from_utf8_lossy(&m.value).contains("ADD COLUMN c int")),
+        "the statement is in the dead-letter topic"
+    );
+    drop(_services);
+    cluster.cleanup().await
+}
