@@ -181,3 +181,33 @@ async fn a_refused_ddl_follows_on_error() -> anyhow::Result<()> {
     drop(_services);
     cluster.cleanup().await
 }
+
+/// With DDL replication off, a DDL message in the topics (here emitted by hand, as anyone who
+/// can write to a node could) is never run: it is dead-lettered and recorded, and the rows of its
+/// transaction and after it still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_messages_are_never_run_while_ddl_is_off() -> anyhow::Result<()> {
+    let cluster = Cluster::start("ddloff", &["r1", "r1"], "CREATE TABLE t (id int PRIMARY KEY, v text);", &["public.t"]).await?;
+    let _services: Vec<_> = (0..2).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;
+    let (n1, n2) = (cluster.sql(0).await?, cluster.sql(1).await?);
+    n1.batch_execute(
+        "BEGIN;
+         INSERT INTO t VALUES (1, 'with the message');
+         SELECT pg_logical_emit_message(true, 'pgferry.ddl', '{\"search_path\": \"public\", \"sql\": \"DROP TABLE t\"}');
+         COMMIT;",
+    )
+    .await?;
+    n1.batch_execute("INSERT INTO t VALUES (2, 'after it')").await?;
+    cluster.wait_converged("t", Duration::from_secs(60)).await?;
+    let rows: i64 = n2.query_one("SELECT count(*) FROM t", &[]).await?.get(0);
+    assert_eq!(rows, 2, "the table is still there on n2 with both rows");
+    let reason: String = n2
+        .query_one("SELECT reason FROM pgferry.exceptions ORDER BY id LIMIT 1", &[])
+        .await?
+        .get(0);
+    assert!(reason.contains("DDL replication is off"), "{reason}");
+    let dlq = pgferry_integration_tests::read_topic(&cluster.endpoints.kafka, &format!("{}.dlq", cluster.name))?;
+    assert!(dlq.iter().any(|m| String::from_utf8_lossy(&m.value).contains("DROP TABLE t")), "the message is in the dead-letter topic");
+    drop(_services);
+    cluster.cleanup().await
+}
