@@ -413,10 +413,11 @@ async fn resolve(config: &Config, a: ResolveArgs) -> Result<()> {
             c.resolved_by.as_deref().unwrap_or("?")
         );
     }
-    let (schema, table) = config
-        .tables()
-        .into_iter()
-        .find(|(s, t)| format!("{s}.{t}") == c.table)
+    let (schema, table) = c
+        .table
+        .split_once('.')
+        .map(|(s, t)| (s.to_string(), t.to_string()))
+        .filter(|(s, t)| config.replicates_table(s, t))
         .with_context(|| {
             format!(
                 "conflict {id} on node {node}: table {} is not replicated by the config",

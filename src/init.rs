@@ -61,27 +61,6 @@ pub async fn check(config: &Config) -> Result<Vec<PgSession>> {
     Ok(sessions)
 }
 
-/// The tables `node` replicates now: those listed for it, and every table of the schemas
-/// replicated whole.
-pub async fn replicated_tables(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<Vec<(String, String)>> {
-    let mut tables = config.node_tables(node);
-    let rows = sql
-        .client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_tables WHERE schemaname = ANY($1) ORDER BY 1, 2",
-            &[&config.replication.schemas],
-        )
-        .await
-        .map_err(sql.err("listing the tables of the replicated schemas"))?;
-    for r in rows {
-        let t = (r.get(0), r.get(1));
-        if !tables.contains(&t) {
-            tables.push(t);
-        }
-    }
-    Ok(tables)
-}
-
 /// Settings and tables that must be right before anything is installed.
 async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<()> {
     for (setting, want) in [("wal_level", "logical"), ("track_commit_timestamp", "on")] {
@@ -99,7 +78,7 @@ async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Resu
             );
         }
     }
-    for (schema, table) in replicated_tables(config, node, sql).await? {
+    for (schema, table) in postgres::replicated_tables(config, node, sql).await? {
         let row = sql
             .client
             .query_opt(
@@ -138,8 +117,11 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         .batch_execute(pgferry_apply::CONFLICT_SCHEMA_SQL)
         .await
         .map_err(sql.err("installing pgferry's conflict tables"))?;
+    let replicated = postgres::replicated_tables(config, node, sql).await?;
     let ddl_trigger = if config.replication.ddl {
-        pgferry_apply::ddl::trigger_sql(&config.node_tables(node), &config.replication.schemas)
+        let named: Vec<(String, String)> =
+            replicated.iter().filter(|(s, _)| !config.replicates_schema(s)).cloned().collect();
+        pgferry_apply::ddl::trigger_sql(&named, &config.replication.schemas)
     } else {
         pgferry_apply::ddl::DROP_TRIGGERS_SQL.to_string()
     };
@@ -151,7 +133,7 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         .batch_execute(&crate::snowflake::install_sql(node.id))
         .await
         .map_err(sql.err("installing the snowflake id functions"))?;
-    for (schema, table) in replicated_tables(config, node, sql).await? {
+    for (schema, table) in replicated.iter().cloned() {
         // Deletes leave tombstones (DESIGN.md, "Conflicts"); the trigger needs the key columns.
         let key = postgres::table_columns(sql, &schema, &table)
             .await?
@@ -183,8 +165,7 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
     // Column lists and row filters go into the publication (PostgreSQL 15 filters them out of
     // the change stream itself); tables local to another region are not published here.
     // Schemas replicated whole are published as such, so tables created in them later are too.
-    let tables: Vec<String> = config
-        .node_tables(node)
+    let tables: Vec<String> = replicated
         .iter()
         .filter(|(s, _)| !config.replicates_schema(s))
         .map(|(s, t)| config.publication_entry(s, t))

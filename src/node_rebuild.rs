@@ -181,8 +181,12 @@ async fn rebuild(config: Arc<Config>, a: RebuildArgs) -> Result<()> {
         .await
         .map_err(nsql.err("starting the rebuild transaction"))?;
     // The tables both hold (a region-local table of another region is on neither or one).
-    let theirs = config.node_tables(&p);
-    let tables: Vec<(String, String)> = config.node_tables(&n).into_iter().filter(|t| theirs.contains(t)).collect();
+    let theirs = postgres::replicated_tables(&config, &p, &psql).await?;
+    let tables: Vec<(String, String)> = postgres::replicated_tables(&config, &n, &nsql)
+        .await?
+        .into_iter()
+        .filter(|t| theirs.contains(t))
+        .collect();
     let names: Vec<String> = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
     // The node's own history of these tables goes with their rows.
     nsql.client

@@ -94,8 +94,8 @@ impl Change {
 
 pub async fn run(config: &Config, a: RepairArgs) -> Result<()> {
     let (schema, table) = split_table(&a.table);
-    if !config.tables().contains(&(schema.clone(), table.clone())) {
-        bail!("table {schema}.{table} is not replicated by the config (replication.tables)");
+    if !config.replicates_table(&schema, &table) {
+        bail!("table {schema}.{table} is not replicated by the config (replication.tables, replication.schemas)");
     }
     let source = config
         .node(&a.source_of_truth)

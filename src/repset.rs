@@ -266,7 +266,15 @@ async fn list(config: &Config, as_json: bool) -> Result<()> {
                 .collect();
             json!({
                 "table": name,
-                "source": if config.tables().iter().any(|(s, t)| s == schema && t == table) { "tables" } else { "schemas" },
+                "source": if config.tables().iter().any(|(s, t)| s == schema && t == table) {
+                    "tables"
+                } else if config.replicates_schema(schema) {
+                    "schemas"
+                } else if config.replicates_table(schema, table) {
+                    "pattern"
+                } else {
+                    "published, not in the config"
+                },
                 "region": o.and_then(|o| o.region.clone()),
                 "operations": o.and_then(|o| o.operations.as_ref()).map(|ops| ops.iter().map(|op| format!("{op:?}").to_lowercase()).collect::<Vec<_>>()),
                 "columns": o.and_then(|o| o.columns.clone()),

@@ -55,7 +55,6 @@ type EventRow = Vec<(String, Option<String>)>;
 
 /// Table metadata, prepared statements and origin names of one session.
 pub struct Writer {
-    allowed: HashSet<(String, String)>,
     config: std::sync::Arc<Config>,
     /// This node's name and id.
     local: (String, u16),
@@ -88,7 +87,6 @@ impl Writer {
     pub fn new(config: std::sync::Arc<Config>, local: &str) -> Writer {
         let local_id = config.node(local).map_or(0, |n| n.id);
         Writer {
-            allowed: config.node(local).map(|n| config.node_tables(n)).unwrap_or_default().into_iter().collect(),
             config,
             local: (local.to_string(), local_id),
             tables: HashMap::new(),
@@ -102,8 +100,7 @@ impl Writer {
     /// have been added since (`pgferry repset add-table` edits the config file, then publishes
     /// the table): the file is read again, at most once a second, and its sets taken over.
     fn in_sets(&mut self, schema: &str, table: &str) -> bool {
-        let id = (schema.to_string(), table.to_string());
-        if self.allowed.contains(&id) || self.config.replicates_schema(schema) {
+        if self.config.replicates_table(schema, table) {
             return true;
         }
         if self.reloaded.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
@@ -113,13 +110,12 @@ impl Writer {
         let Some(fresh) = self.config.reload() else {
             return false;
         };
-        let Some(node) = fresh.node(&self.local.0) else {
+        if fresh.node(&self.local.0).is_none() {
             return false;
-        };
-        self.allowed = fresh.node_tables(node).into_iter().collect();
+        }
         self.config = std::sync::Arc::new(fresh);
         tracing::info!(node = %self.local.0, table = %format!("{schema}.{table}"), "replication sets re-read from the config file");
-        self.allowed.contains(&id) || self.config.replicates_schema(schema)
+        self.config.replicates_table(schema, table)
     }
 
     async fn table(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<&LocalTable, ApplyError> {

@@ -679,9 +679,7 @@ impl Capture {
             return Ok(ops[index]);
         }
         let table = &self.relations.get(relation_id)?.schemas.table;
-        let listed = |c: &Config| {
-            c.replicates_schema(&table.schema) || c.tables().iter().any(|(s, t)| *s == table.schema && *t == table.name)
-        };
+        let listed = |c: &Config| c.replicates_table(&table.schema, &table.name);
         if !listed(&self.config) {
             // Published but not in the sets loaded at start: added since (`pgferry repset
             // add-table` edits the file before it publishes the table), so its options are there.

@@ -427,7 +427,7 @@ impl Config {
                 ));
             }
         }
-        let tables = self.tables();
+        let tables: Vec<(String, String)> = self.replication.tables.iter().map(|t| qualify(t)).collect();
         for (name, options) in &self.replication.table {
             if !tables.contains(&qualify(name)) {
                 return Err(invalid(
@@ -557,13 +557,39 @@ impl Config {
             .find(|n| n.region == region && self.node_partition(n) == partition)
     }
 
-    /// Replicated tables as `(schema, table)`.
+    /// Replicated tables named exactly in `replication.tables`, as `(schema, table)` (patterns
+    /// left out: [`Config::table_patterns`]).
     pub fn tables(&self) -> Vec<(String, String)> {
-        self.replication.tables.iter().map(|t| qualify(t)).collect()
+        self.replication.tables.iter().filter(|t| !is_pattern(t)).map(|t| qualify(t)).collect()
     }
 
-    /// The replicated tables `node` captures and applies: all but those local to another
-    /// region.
+    /// The patterns of `replication.tables` (`*` any run of characters, `?` one), as
+    /// `(schema, table)` patterns.
+    pub fn table_patterns(&self) -> Vec<(String, String)> {
+        self.replication.tables.iter().filter(|t| is_pattern(t)).map(|t| qualify(t)).collect()
+    }
+
+    /// Whether `schema.table` replicates: named in `replication.tables`, matched by one of its
+    /// patterns, or in a schema replicated whole (wherever it is local to).
+    pub fn replicates_table(&self, schema: &str, table: &str) -> bool {
+        self.replicates_schema(schema)
+            || self
+                .replication
+                .tables
+                .iter()
+                .map(|t| qualify(t))
+                .any(|(s, t)| glob_match(&s, schema) && glob_match(&t, table))
+    }
+
+    /// Whether `node` captures and applies `schema.table`: it replicates and is not local to
+    /// another region.
+    pub fn node_replicates(&self, node: &NodeConfig, schema: &str, table: &str) -> bool {
+        self.replicates_table(schema, table) && !self.local_elsewhere(node, schema, table)
+    }
+
+    /// The tables named exactly that `node` captures and applies: all but those local to
+    /// another region. (Tables matched by patterns or in schemas replicated whole are found in
+    /// the node's catalog: `postgres::replicated_tables`.)
     pub fn node_tables(&self, node: &NodeConfig) -> Vec<(String, String)> {
         self.tables()
             .into_iter()
@@ -604,11 +630,20 @@ impl Config {
         self.table_options(schema, table).map(|o| o.delta_columns.clone()).unwrap_or_default()
     }
 
+    /// The options of `schema.table`: its own entry, else that of the first pattern matching it.
     fn table_options(&self, schema: &str, table: &str) -> Option<&TableOptions> {
-        self.replication
+        let exact = self
+            .replication
             .table
             .iter()
-            .find(|(name, _)| qualify(name) == (schema.to_string(), table.to_string()))
+            .find(|(name, _)| !is_pattern(name) && qualify(name) == (schema.to_string(), table.to_string()));
+        exact
+            .or_else(|| {
+                self.replication.table.iter().find(|(name, _)| {
+                    let (s, t) = qualify(name);
+                    is_pattern(name) && glob_match(&s, schema) && glob_match(&t, table)
+                })
+            })
             .map(|(_, o)| o)
     }
 
@@ -652,6 +687,36 @@ impl Config {
         }
         out
     }
+}
+
+/// Whether a `replication.tables` entry is a pattern.
+fn is_pattern(name: &str) -> bool {
+    name.contains(['*', '?'])
+}
+
+/// Whether `text` matches the glob `pattern` (`*` any run of characters, `?` one character;
+/// nothing else is special, so a plain name matches only itself).
+fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    // Iterative matching with one backtrack point (the last `*`): linear in practice.
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
 }
 
 /// `schema.table` or `table` (meaning `public.table`) as `(schema, table)`.
@@ -775,6 +840,23 @@ tables = ["public.accounts", "items"]
         let stray = format!("{GOOD}[replication.table.\"public.nope\"]\nresolver = \"manual\"\n");
         let e = Config::parse(&stray, "t.toml").unwrap_err().to_string();
         assert!(e.contains("replication.table.\"public.nope\""), "{e}");
+    }
+
+    #[test]
+    fn table_patterns_match_and_carry_options() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        let text = GOOD.replace("\"items\"]", "\"items\", \"public.log_*\", \"app?.t\"]")
+            + "[replication.table.\"public.log_*\"]\noperations = [\"insert\"]\n";
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert_eq!(c.tables().len(), 2, "patterns are not exact tables");
+        assert!(c.replicates_table("public", "log_2026") && c.replicates_table("public", "log_"));
+        assert!(c.replicates_table("app1", "t") && !c.replicates_table("app12", "t"));
+        assert!(!c.replicates_table("public", "logs") && !c.replicates_table("public", "other"));
+        assert!(!c.replicates_operation("public", "log_a", Operation::Delete));
+        assert!(c.replicates_operation("public", "items", Operation::Delete));
+        for (p, t, want) in [("a*b*c", "aXbYc", true), ("a*b*c", "abc", true), ("a*c", "ab", false), ("*", "", true), ("a?", "a", false)] {
+            assert_eq!(glob_match(p, t), want, "{p} {t}");
+        }
     }
 
     #[test]

@@ -211,3 +211,33 @@ pub async fn create_replication_origin(sql: &PgSession, name: &str) -> Result<()
         .map_err(sql.err(format!("creating replication origin {name}")))?;
     Ok(())
 }
+
+/// The tables `node` replicates now: those `replication.tables` names, and those of its
+/// database that one of its patterns matches or that lie in a schema replicated whole (none
+/// local to another region), in that order.
+pub async fn replicated_tables(
+    config: &crate::config::Config,
+    node: &crate::config::NodeConfig,
+    sql: &PgSession,
+) -> Result<Vec<(String, String)>, PgError> {
+    let mut tables = config.node_tables(node);
+    if config.table_patterns().is_empty() && config.replication.schemas.is_empty() {
+        return Ok(tables);
+    }
+    let rows = sql
+        .client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_tables
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pgferry') ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(sql.err("listing the tables that replication.tables patterns and replication.schemas take"))?;
+    for r in rows {
+        let (schema, table): (String, String) = (r.get(0), r.get(1));
+        if config.node_replicates(node, &schema, &table) && !tables.iter().any(|(s, t)| *s == schema && *t == table) {
+            tables.push((schema, table));
+        }
+    }
+    Ok(tables)
+}

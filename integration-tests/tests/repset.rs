@@ -72,3 +72,52 @@ async fn tables_join_and_leave_while_running() -> anyhow::Result<()> {
     drop(_services);
     cluster.cleanup().await
 }
+
+/// A pattern in `replication.tables` takes every matching table (with the pattern's options),
+/// and a matching table created later joins at the next `pgferry init`, without restarting the
+/// services; a table the pattern does not match stays local.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patterns_take_matching_tables() -> anyhow::Result<()> {
+    let setup = "CREATE TABLE log_a (id int PRIMARY KEY, v text); CREATE TABLE log_b (id int PRIMARY KEY, v text);
+                 CREATE TABLE other (id int PRIMARY KEY, v text); CREATE TABLE marker (id int PRIMARY KEY);";
+    let mut cluster = Cluster::create("repsetpat", &["r1", "r1"], setup, &["public.marker", "public.log_*"]).await?;
+    cluster.replication_toml = "[replication.table.\"public.log_*\"]\noperations = [\"insert\"]".into();
+    cluster.write_config()?;
+    cluster.init()?;
+    let _services: Vec<_> = (0..2).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;
+    let (n1, n2) = (cluster.sql(0).await?, cluster.sql(1).await?);
+    n1.batch_execute(
+        "INSERT INTO log_a VALUES (1, 'a'); INSERT INTO log_b VALUES (1, 'b'); INSERT INTO other VALUES (1, 'stays');
+         DELETE FROM log_a WHERE id = 1;
+         INSERT INTO marker VALUES (1);",
+    )
+    .await?;
+    cluster.wait_converged("marker", Duration::from_secs(60)).await?;
+    let count = |table: &'static str| {
+        let n2 = &n2;
+        async move { anyhow::Ok(n2.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await?.get::<_, i64>(0)) }
+    };
+    assert_eq!(count("log_a").await?, 1, "log_a's insert arrived and, inserts only, its delete did not");
+    assert_eq!(count("log_b").await?, 1, "log_b matched the pattern");
+    assert_eq!(count("other").await?, 0, "other does not match the pattern");
+
+    // A matching table created later (on both nodes, DDL replication being off) joins at init.
+    for c in [&n1, &n2] {
+        c.batch_execute("CREATE TABLE log_c (id int PRIMARY KEY, v text)").await?;
+    }
+    cluster.init()?;
+    n1.batch_execute("INSERT INTO log_c VALUES (1, 'c'); INSERT INTO marker VALUES (2);").await?;
+    cluster.wait_converged("marker", Duration::from_secs(60)).await?;
+    wait_until("log_c's row on n2", Duration::from_secs(30), || async { Ok(count("log_c").await? == 1) }).await?;
+    let out = cluster.pgferry(&["repset", "list", "--json"])?;
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let sources: Vec<(String, String)> = rows
+        .as_array()
+        .map(|r| r.iter().map(|t| (t["table"].as_str().unwrap_or_default().to_string(), t["source"].as_str().unwrap_or_default().to_string())).collect())
+        .unwrap_or_default();
+    for t in ["public.log_a", "public.log_b", "public.log_c"] {
+        assert!(sources.contains(&(t.to_string(), "pattern".to_string())), "{t} listed as taken by the pattern: {sources:?}");
+    }
+    drop(_services);
+    cluster.cleanup().await
+}
