@@ -222,7 +222,10 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
 /// needs each update's old value to compute `new − old`, and only a full replica identity makes
 /// PostgreSQL log it.
 pub async fn check_delta_tables(config: &Config, node: &str, sql: &PgSession) -> Result<(), CaptureError> {
-    let tables = config.node(node).map(|n| config.node_tables(n)).unwrap_or_default();
+    let tables = match config.node(node) {
+        Some(n) => postgres::replicated_tables(config, n, sql).await?,
+        None => Vec::new(),
+    };
     for (schema, table) in tables {
         let delta = config.delta_columns(&schema, &table);
         if delta.is_empty() {
