@@ -450,11 +450,43 @@ impl Writer {
         let key = key_values(table, key_row).map_err(|m| write_err(ev, m))?;
         let name = table.name.clone();
 
+        // The key's lock (held to commit): serializes the streams of different origins that
+        // touch a key no row holds (an insert, and a delete or update that records a
+        // tombstone), which row locks cannot. It goes out pipelined with the next statement,
+        // which then starts after it is granted, in a snapshot that sees what the holder wrote.
+        let key_lock = format!(
+            "SELECT pg_advisory_xact_lock({KEY_LOCK_CLASS}, hashtext(${} || {}::text))",
+            key.len() + 1,
+            key_json(table, 1)
+        );
+        let key_lock = self.prepared(sql, &key_lock, key.len() + 1, ev).await?;
+        let table = &self.tables[&id];
+        let mut lock_params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        lock_params.push(&name);
+        let mut locked = false;
+
         // The guarded statement: done when there is nothing to resolve.
         let roident_text = remote_roident.map(|r| r.to_string());
         let (text, params) = guarded(table, &name, ev, &key, roident_text.as_deref()).map_err(|m| write_err(ev, m))?;
-        if !text.is_empty() && self.execute(sql, &text, &params, ev).await? > 0 {
-            return Ok(Some(None));
+        if !text.is_empty() {
+            let stmt = self.prepared(sql, &text, params.len(), ev).await?;
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+            let what = || format!("{} on {}.{}", ev.op.code(), ev.schema, ev.table);
+            // An insert and a delete take the key lock before their statement: an insert
+            // whose key another stream's delete is freeing would otherwise wait on that row,
+            // then go in without seeing the delete's tombstone (its check ran in the snapshot
+            // taken before the wait). An update keeps a row, so the row's lock suffices.
+            let written = if matches!(ev.op, Op::Create | Op::Read | Op::Delete) {
+                locked = true;
+                futures::try_join!(sql.client.query_one(&key_lock, &lock_params), sql.client.execute(&stmt, &refs))
+                    .map(|(_, n)| n)
+            } else {
+                sql.client.execute(&stmt, &refs).await
+            }
+            .map_err(sql.err(what()))?;
+            if written > 0 {
+                return Ok(Some(None));
+            }
         }
 
         // Something to resolve: the local row and its last writer, and the key's tombstone.
@@ -488,7 +520,14 @@ impl Writer {
         let key_params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
         let mut tomb_params = key_params.clone();
         tomb_params.push(&name);
-        let (_, local, tomb) = futures::try_join!(
+        let take_key_lock = async {
+            if locked {
+                return Ok(None);
+            }
+            sql.client.query_one(&key_lock, &lock_params).await.map(Some)
+        };
+        let (_, _, local, tomb) = futures::try_join!(
+            take_key_lock,
             sql.client.query_opt(&lock, &key_params),
             sql.client.query_opt(&lookup, &tomb_params),
             sql.client.query_one(&tomb, &tomb_params)
@@ -772,6 +811,10 @@ fn where_key(table: &LocalTable, first: usize) -> String {
         .collect::<Vec<_>>()
         .join(" AND ")
 }
+
+/// First key of apply's advisory locks on row keys (`pg_advisory_xact_lock(int4, int4)`):
+/// `'pgfy'` as an int4, kept apart from other users of the two-key form.
+const KEY_LOCK_CLASS: i32 = 0x7067_6679;
 
 /// The key as the tombstone trigger writes it: a JSON array of the typed values.
 fn key_json(table: &LocalTable, first: usize) -> String {
