@@ -1,12 +1,13 @@
 //! Bad input met by running services rather than at start-up: a registry that does not answer,
-//! and a value the target's column type refuses. Each time the service says what and where in
-//! its log, keeps running (retrying, unhealthy meanwhile), never panics, and loses nothing:
-//! once the cause is fixed every row arrives.
+//! a value the target's column type refuses, an event for a table outside the node's
+//! replication sets. Each time the service says what and where, keeps running (retrying,
+//! unhealthy meanwhile), never panics, and loses nothing: once the cause is fixed every row
+//! arrives, and what must not be written is kept in the dead-letter topic instead.
 
 use std::time::Duration;
 
 use anyhow::Result;
-use pgferry_integration_tests::{free_local_addr, http_get, wait_until, Cluster};
+use pgferry_integration_tests::{free_local_addr, http_get, read_topic, wait_until, Cluster};
 
 const TABLE: &str = "CREATE TABLE items (id bigint PRIMARY KEY, name text)";
 
@@ -87,5 +88,36 @@ async fn a_value_the_targets_type_refuses_holds_the_stream_until_fixed() -> Resu
     let (_, rows) = cluster.wait_converged("feelings", Duration::from_secs(90)).await?;
     assert_eq!(rows, 3);
     drop((_capture, apply));
+    cluster.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_for_a_table_outside_the_sets_is_dead_lettered_not_written() -> Result<()> {
+    let setup = "CREATE TABLE open (id int PRIMARY KEY); CREATE TABLE secret (id int PRIMARY KEY);";
+    let cluster = Cluster::start("outside", &["r1", "r1"], setup, &["public.open", "public.secret"]).await?;
+    // n2's apply runs with a config whose replication set lacks `secret`, as a node would
+    // whose operator took the table out while n1 still publishes it.
+    let mut narrow = cluster.clone();
+    narrow.tables = vec!["public.open".into()];
+    narrow.config_path = cluster.dir.join("narrow.toml");
+    narrow.write_config()?;
+    let n1 = cluster.sql(0).await?;
+    let n2 = cluster.sql(1).await?;
+    let _capture = cluster.spawn("capture", 0)?;
+    let _apply = narrow.spawn("apply", 1)?;
+    n1.batch_execute("INSERT INTO secret VALUES (1)").await?;
+    n1.batch_execute("INSERT INTO open VALUES (1)").await?;
+    cluster.wait_converged("open", Duration::from_secs(60)).await?;
+    let dlq = read_topic(&cluster.endpoints.kafka, &format!("{}.dlq", cluster.name))?;
+    let reasons: Vec<&str> = dlq.iter().filter_map(|m| m.header("pgferry-dlq-reason")).collect();
+    assert!(
+        reasons.len() == 1 && reasons[0].contains("public.secret") && reasons[0].contains("replication set"),
+        "one dead letter naming the table and why: {reasons:?}"
+    );
+    let secret: i64 = n2.query_one("SELECT count(*) FROM secret", &[]).await?.get(0);
+    assert_eq!(secret, 0, "a table outside the sets is never written");
+    let exceptions: i64 = n2.query_one("SELECT count(*) FROM pgferry.exceptions", &[]).await?.get(0);
+    assert_eq!(exceptions, 1, "kept whole in pgferry.exceptions too");
+    drop((_capture, _apply));
     cluster.cleanup().await
 }
