@@ -1,6 +1,7 @@
 //! Kafka clients (rdkafka): the transactional producer capture uses, the `read_committed`
 //! consumer apply uses, topic creation, and reading a partition's last committed message.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -48,16 +49,51 @@ pub enum KafkaError {
     Topic { topic: String, message: String },
 }
 
-/// Base client configuration: bootstrap servers plus the configured extra properties.
+/// Base client configuration of every client pgferry makes: bootstrap servers, the security
+/// keys of `[kafka]` (protocol, SASL, TLS files) and the extra `[kafka.properties]`.
 pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers);
     c.set("socket.connection.setup.timeout.ms", "10000");
+    for (k, v) in cfg.security_properties() {
+        c.set(k, v);
+    }
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }
     c
 }
+
+/// Client context that keeps the last error librdkafka reported for the connection (a
+/// refused SASL login or TLS handshake shows up only there, while requests merely time out).
+#[derive(Clone, Default)]
+pub struct LastError(Arc<Mutex<Option<String>>>);
+
+impl LastError {
+    /// The last reported error, if any.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// `message` with the last reported error appended.
+    fn explain(&self, message: String) -> String {
+        match self.get() {
+            Some(last) => format!("{message} (last error from the brokers: {last})"),
+            None => message,
+        }
+    }
+}
+
+impl rdkafka::ClientContext for LastError {
+    fn error(&self, error: RdError, reason: &str) {
+        tracing::debug!(%error, reason, "librdkafka error");
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(reason.to_string());
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LastError {}
 
 fn client_err(cfg: &KafkaConfig, what: &str) -> impl FnOnce(RdError) -> KafkaError {
     let bootstrap = cfg.bootstrap_servers.clone();
@@ -75,9 +111,13 @@ pub type TxProducer = ThreadedProducer<DeliveryLatency>;
 /// Producer context that records each delivered message's produce latency (from the
 /// message's create time, which librdkafka stamps when it is produced, to its delivery
 /// report) in seconds, at millisecond resolution.
-pub struct DeliveryLatency(Option<Histogram>);
+pub struct DeliveryLatency(Option<Histogram>, LastError);
 
-impl rdkafka::ClientContext for DeliveryLatency {}
+impl rdkafka::ClientContext for DeliveryLatency {
+    fn error(&self, error: RdError, reason: &str) {
+        self.1.error(error, reason)
+    }
+}
 
 impl ProducerContext for DeliveryLatency {
     type DeliveryOpaque = ();
@@ -114,12 +154,13 @@ pub fn transactional_producer(
             c.set(k, v);
         }
     }
+    let last = LastError::default();
     let producer: TxProducer = c
-        .create_with_context(DeliveryLatency(produce_latency))
+        .create_with_context(DeliveryLatency(produce_latency, last.clone()))
         .map_err(client_err(cfg, "creating producer"))?;
     producer
         .init_transactions(Duration::from_secs(30))
-        .map_err(|e| unreachable_or(cfg, "initializing transactions", e))?;
+        .map_err(|e| unreachable_or(cfg, &last.explain("initializing transactions".into()), e))?;
     Ok(producer)
 }
 
@@ -174,16 +215,18 @@ pub fn read_committed_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig 
 
 /// Fails with [`KafkaError::Unreachable`] unless the cluster answers a metadata request in
 /// `timeout`. Blocking.
+/// The message says why when the brokers told (a refused login, a failed TLS handshake).
 pub fn check_reachable(cfg: &KafkaConfig, timeout: Duration) -> Result<(), KafkaError> {
-    let consumer: BaseConsumer = client_config(cfg)
-        .create()
+    let last = LastError::default();
+    let consumer: BaseConsumer<LastError> = client_config(cfg)
+        .create_with_context(last.clone())
         .map_err(client_err(cfg, "creating client"))?;
     consumer
         .fetch_metadata(None, timeout)
         .map(|_| ())
         .map_err(|e| KafkaError::Unreachable {
             bootstrap: cfg.bootstrap_servers.clone(),
-            message: e.to_string(),
+            message: last.explain(e.to_string()),
         })
 }
 
