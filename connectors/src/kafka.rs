@@ -64,32 +64,56 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Client context that keeps the last error librdkafka reported for the connection (a
-/// refused SASL login or TLS handshake shows up only there, while requests merely time out).
+/// Client context that keeps the errors librdkafka reported for the connection (a refused
+/// SASL login or TLS handshake shows up only there, while requests merely time out).
 #[derive(Clone, Default)]
-pub struct LastError(Arc<Mutex<Option<String>>>);
+pub struct LastError(Arc<Mutex<Vec<String>>>);
 
 impl LastError {
-    /// The last reported error, if any.
-    pub fn get(&self) -> Option<String> {
-        self.0.lock().ok().and_then(|e| e.clone())
+    /// The distinct errors reported so far (at most a few), most telling first: the brokers'
+    /// own reasons before librdkafka's summaries such as "1/1 brokers are down".
+    pub fn get(&self) -> Vec<String> {
+        let mut all = self.0.lock().map(|e| e.clone()).unwrap_or_default();
+        all.sort_by_key(|m| m.contains("brokers are down"));
+        all
     }
 
-    /// `message` with the last reported error appended.
+    /// `message` with the reported errors appended.
     fn explain(&self, message: String) -> String {
-        match self.get() {
-            Some(last) => format!("{message} (last error from the brokers: {last})"),
-            None => message,
+        let all = self.get();
+        if all.is_empty() {
+            message
+        } else {
+            format!("{message} (the brokers' errors: {})", all.join("; "))
+        }
+    }
+
+    fn add(&self, message: &str) {
+        if let Ok(mut all) = self.0.lock() {
+            // "… (after 5ms in state AUTH_REQ, 1 identical error(s) suppressed)" repeats the same.
+            let gist = |m: &str| m.split(" (after ").next().unwrap_or(m).to_string();
+            if all.len() < 4 && !all.iter().any(|m| gist(m) == gist(message)) {
+                all.push(message.to_string());
+            }
         }
     }
 }
 
 impl rdkafka::ClientContext for LastError {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if matches!(level, L::Emerg | L::Alert | L::Critical | L::Error) {
+            // "[thrd:…]: " prefixes say which librdkafka thread; the rest is the reason.
+            self.add(message.split_once("]: ").map_or(message, |(_, m)| m));
+            tracing::debug!(target: "librdkafka", fac, message, "librdkafka error");
+        } else {
+            tracing::trace!(target: "librdkafka", fac, message, "librdkafka");
+        }
+    }
+
     fn error(&self, error: RdError, reason: &str) {
         tracing::debug!(%error, reason, "librdkafka error");
-        if let Ok(mut last) = self.0.lock() {
-            *last = Some(reason.to_string());
-        }
+        self.add(reason);
     }
 }
 
@@ -114,6 +138,10 @@ pub type TxProducer = ThreadedProducer<DeliveryLatency>;
 pub struct DeliveryLatency(Option<Histogram>, LastError);
 
 impl rdkafka::ClientContext for DeliveryLatency {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.1.log(level, fac, message)
+    }
+
     fn error(&self, error: RdError, reason: &str) {
         self.1.error(error, reason)
     }
@@ -221,13 +249,16 @@ pub fn check_reachable(cfg: &KafkaConfig, timeout: Duration) -> Result<(), Kafka
     let consumer: BaseConsumer<LastError> = client_config(cfg)
         .create_with_context(last.clone())
         .map_err(client_err(cfg, "creating client"))?;
-    consumer
-        .fetch_metadata(None, timeout)
-        .map(|_| ())
-        .map_err(|e| KafkaError::Unreachable {
+    consumer.fetch_metadata(None, timeout).map(|_| ()).map_err(|e| {
+        // librdkafka queues its log lines (where the reason is) until the client is polled.
+        for _ in 0..5 {
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+        KafkaError::Unreachable {
             bootstrap: cfg.bootstrap_servers.clone(),
             message: last.explain(e.to_string()),
-        })
+        }
+    })
 }
 
 /// Creates `topic` with `partitions` partitions unless it exists; an existing topic with
