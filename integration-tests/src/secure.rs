@@ -126,7 +126,14 @@ pub struct RegistryFront {
 impl RegistryFront {
     /// Starts HAProxy and waits until it accepts connections. `backend` is the registry's
     /// `host:port`.
-    pub async fn start(port: u16, pem: &Path, user: &str, password: &str, backend: &str, log: &Path) -> Result<RegistryFront> {
+    pub async fn start(
+        port: u16,
+        pem: &Path,
+        user: &str,
+        password: &str,
+        backend: &str,
+        log: &Path,
+    ) -> Result<RegistryFront> {
         let file = std::fs::File::create(log)?;
         let child = Command::new("haproxy")
             .args(["-db", "-f"])
@@ -153,7 +160,10 @@ impl RegistryFront {
         .await;
         if let Err(e) = ready {
             let status = front.child.try_wait()?;
-            bail!("{e}; haproxy status {status:?}: {}", std::fs::read_to_string(log).unwrap_or_default());
+            bail!(
+                "{e}; haproxy status {status:?}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
         Ok(front)
     }

@@ -70,7 +70,10 @@ fn all_logs(dir: &Path) -> String {
 fn assert_clean(haystack: &str, secrets: &[&str]) -> Result<()> {
     ensure!(!haystack.contains("panicked"), "something panicked:\n{haystack}");
     for s in secrets {
-        ensure!(!haystack.contains(s), "a secret appears in the output or logs:\n{haystack}");
+        ensure!(
+            !haystack.contains(s),
+            "a secret appears in the output or logs:\n{haystack}"
+        );
     }
     Ok(())
 }
@@ -88,9 +91,18 @@ async fn cluster_over_tls_sasl_scram_and_registry_basic_auth() -> Result<()> {
     let pid = std::process::id();
     let dir = test_dir("cluster")?;
     let certs = TestCerts::generate(&dir.join("certs"))?;
-    let (kafka_pw, registry_pw, pg_pw) =
-        (format!("Kafka-Sasl-{pid}-S3cret"), format!("Registry-Basic-{pid}-S3cret"), format!("Pg-Scram-{pid}-S3cret"));
-    let kafka = OwnKafka::start("security", 26092, &certs.file("server-bundle.pem"), "pgferry", &kafka_pw)?;
+    let (kafka_pw, registry_pw, pg_pw) = (
+        format!("Kafka-Sasl-{pid}-S3cret"),
+        format!("Registry-Basic-{pid}-S3cret"),
+        format!("Pg-Scram-{pid}-S3cret"),
+    );
+    let kafka = OwnKafka::start(
+        "security",
+        26092,
+        &certs.file("server-bundle.pem"),
+        "pgferry",
+        &kafka_pw,
+    )?;
     let mut servers = OwnServers::start_with(
         "security",
         2,
@@ -176,9 +188,15 @@ async fn cluster_over_tls_sasl_scram_and_registry_basic_auth() -> Result<()> {
             )
             .await?;
         let (sessions, all_tls, walsenders): (i64, bool, i64) = (row.get(0), row.get(1), row.get(2));
-        ensure!(sessions > 1 && all_tls && walsenders >= 1, "node {i}: {sessions} pgferry sessions, all TLS: {all_tls}, walsenders: {walsenders}");
+        ensure!(
+            sessions > 1 && all_tls && walsenders >= 1,
+            "node {i}: {sessions} pgferry sessions, all TLS: {all_tls}, walsenders: {walsenders}"
+        );
         let scram: bool = c
-            .query_one("SELECT rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid WHERE rolname = 'postgres'", &[])
+            .query_one(
+                "SELECT rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid WHERE rolname = 'postgres'",
+                &[],
+            )
             .await?
             .get(0);
         ensure!(scram, "node {i}: the password is not stored as SCRAM-SHA-256");
@@ -211,7 +229,13 @@ async fn wrong_kafka_sasl_password_is_refused() -> Result<()> {
     let dir = test_dir("sasl")?;
     let certs = TestCerts::generate(&dir.join("certs"))?;
     let (right, wrong) = (format!("Right-Sasl-{pid}-S3cret"), format!("Wrong-Sasl-{pid}-S3cret"));
-    let kafka = OwnKafka::start("security-sasl", 26192, &certs.file("server-bundle.pem"), "pgferry", &right)?;
+    let kafka = OwnKafka::start(
+        "security-sasl",
+        26192,
+        &certs.file("server-bundle.pem"),
+        "pgferry",
+        &right,
+    )?;
     let endpoints = Endpoints {
         kafka: kafka.sasl_ssl.clone(),
         ..Endpoints::from_env()
@@ -227,14 +251,19 @@ async fn wrong_kafka_sasl_password_is_refused() -> Result<()> {
     let want = format!("Kafka at {}", kafka.sasl_ssl);
     ensure!(out.contains(&want) && out.contains("SASL authentication"), "{out}");
     let mut service = cluster.spawn("run", 0)?;
-    wait_until("capture and apply to report the refused login", Duration::from_secs(90), || async {
-        let log = std::fs::read_to_string(&service.log)?;
-        let refused = |s: &str| {
-            log.lines()
-                .any(|l| l.contains(&format!("service=\"{s}\"")) && l.contains(&want) && l.contains("SASL authentication"))
-        };
-        Ok(refused("capture") && refused("apply"))
-    })
+    wait_until(
+        "capture and apply to report the refused login",
+        Duration::from_secs(90),
+        || async {
+            let log = std::fs::read_to_string(&service.log)?;
+            // The service is a quoted field (`service="capture"`, with colour codes around the `=`).
+            let refused = |s: &str| {
+                log.lines()
+                    .any(|l| l.contains(&format!("\"{s}\"")) && l.contains(&want) && l.contains("SASL authentication"))
+            };
+            Ok(refused("capture") && refused("apply"))
+        },
+    )
     .await?;
     service.kill();
     let haystack = format!("{out}\n{}", all_logs(&cluster.dir));
@@ -253,11 +282,21 @@ async fn expired_postgres_certificate_is_refused_under_verify_full() -> Result<(
         "security-expired",
         1,
         26440,
-        &[("PGFERRY_PG_SSL_CERT", &certs.path("expired.pem")), ("PGFERRY_PG_SSL_KEY", &certs.path("expired.key"))],
+        &[
+            ("PGFERRY_PG_SSL_CERT", &certs.path("expired.pem")),
+            ("PGFERRY_PG_SSL_KEY", &certs.path("expired.key")),
+        ],
     )?;
     // The harness itself connects without verifying; the node's DSN verifies.
     servers.endpoints.pg[0] += "?sslmode=require";
-    let mut cluster = Cluster::create_on(servers.endpoints.clone(), "security_expired", &["r1"], SETUP, &["public.t"]).await?;
+    let mut cluster = Cluster::create_on(
+        servers.endpoints.clone(),
+        "security_expired",
+        &["r1"],
+        SETUP,
+        &["public.t"],
+    )
+    .await?;
     let verify = format!("sslmode=verify-full&sslrootcert={}", certs.path("ca.pem"));
     cluster.nodes[0].dsn = cluster.nodes[0].dsn.replace("sslmode=require", &verify);
     cluster.write_config()?;
@@ -265,14 +304,23 @@ async fn expired_postgres_certificate_is_refused_under_verify_full() -> Result<(
 
     let out = expect_failure(&cluster, &["init"])?;
     ensure!(
-        out.contains(&format!("node {node}")) && out.contains("127.0.0.1:26441") && out.contains("certificate") && out.contains("expired"),
+        out.contains(&format!("node {node}"))
+            && out.contains("127.0.0.1:26441")
+            && out.contains("certificate")
+            && out.contains("expired"),
         "{out}"
     );
     let mut service = cluster.spawn("capture", 0)?;
-    wait_until("capture to report the expired certificate", Duration::from_secs(60), || async {
-        let log = std::fs::read_to_string(&service.log)?;
-        Ok(log.lines().any(|l| l.contains(&node) && l.contains("127.0.0.1:26441") && l.contains("expired")))
-    })
+    wait_until(
+        "capture to report the expired certificate",
+        Duration::from_secs(60),
+        || async {
+            let log = std::fs::read_to_string(&service.log)?;
+            Ok(log
+                .lines()
+                .any(|l| l.contains(&node) && l.contains("127.0.0.1:26441") && l.contains("expired")))
+        },
+    )
     .await?;
     service.kill();
     let haystack = format!("{out}\n{}", all_logs(&cluster.dir));
@@ -288,7 +336,10 @@ async fn wrong_registry_password_is_refused() -> Result<()> {
     let pid = std::process::id();
     let dir = test_dir("registry")?;
     let certs = TestCerts::generate(&dir.join("certs"))?;
-    let (right, wrong) = (format!("Right-Registry-{pid}-S3cret"), format!("Wrong-Registry-{pid}-S3cret"));
+    let (right, wrong) = (
+        format!("Right-Registry-{pid}-S3cret"),
+        format!("Wrong-Registry-{pid}-S3cret"),
+    );
     let shared = Endpoints::from_env();
     let front = RegistryFront::start(
         26444,
@@ -309,10 +360,14 @@ async fn wrong_registry_password_is_refused() -> Result<()> {
     cluster.init()?;
     let mut service = cluster.spawn("capture", 0)?;
     let want = format!("schema registry {}", front.url);
-    wait_until("capture to report the refused registry login", Duration::from_secs(60), || async {
-        let log = std::fs::read_to_string(&service.log)?;
-        Ok(log.lines().any(|l| l.contains(&want) && l.contains("401")))
-    })
+    wait_until(
+        "capture to report the refused registry login",
+        Duration::from_secs(60),
+        || async {
+            let log = std::fs::read_to_string(&service.log)?;
+            Ok(log.lines().any(|l| l.contains(&want) && l.contains("401")))
+        },
+    )
     .await?;
     service.kill();
     let out = cluster.pgferry(&["status"])?;
@@ -335,7 +390,9 @@ async fn missing_secret_file_names_key_and_path() -> Result<()> {
     for args in [&["init"][..], &["status"], &["run", "--node", &cluster.nodes[0].name]] {
         let out = expect_failure(&cluster, args)?;
         ensure!(
-            out.contains("kafka.sasl_password") && out.contains(&missing.display().to_string()) && out.contains("pgferry.toml"),
+            out.contains("kafka.sasl_password")
+                && out.contains(&missing.display().to_string())
+                && out.contains("pgferry.toml"),
             "{out}"
         );
         assert_clean(&out, &[])?;
