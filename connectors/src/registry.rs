@@ -101,7 +101,7 @@ impl Registry {
             .map_err(|e| RegistryError::Register {
                 url: self.url.clone(),
                 subject: subject.to_string(),
-                message: e.to_string(),
+                message: describe(&e),
             })?;
         if let Ok(mut m) = self.registered.lock() {
             m.insert(key, registered.id);
@@ -122,7 +122,7 @@ impl Registry {
             .map_err(|e| RegistryError::Fetch {
                 url: self.url.clone(),
                 id,
-                message: e.to_string(),
+                message: describe(&e),
             })?;
         let s = Arc::new(fetched.schema);
         if let Ok(mut m) = self.by_id.lock() {
@@ -132,17 +132,27 @@ impl Registry {
     }
 }
 
-/// A registry client error with its cause chain (a refused login says `401 Unauthorized`, a
-/// TLS failure names the certificate problem).
+/// A registry client error: what failed, the registry's own message when it sent one, and the
+/// cause chain (a refused login says `401 Unauthorized`, a TLS failure names the certificate
+/// problem).
 fn describe(e: &SRCError) -> String {
-    let mut out = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
+    // The client says "couldn't parse schema registry error json" when the answer had no JSON
+    // error body (HAProxy's 401 page): nothing to add then.
+    let placeholder = |t: &str| t.contains("couldn't parse schema registry error json");
+    let mut out = e.error.clone();
+    if let Some(cause) = e.cause.as_deref().filter(|c| !placeholder(c)) {
+        out = format!("{out}: {cause}");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(c) = source {
         let text = c.to_string();
-        if !out.contains(&text) {
+        if !out.contains(&text) && !placeholder(&text) {
             out = format!("{out}: {text}");
         }
-        cause = c.source();
+        source = c.source();
+    }
+    if out.contains("status 401") || out.contains("status 403") {
+        out += " (check registry.username and registry.password)";
     }
     out
 }

@@ -45,6 +45,14 @@ fn registry_auth_toml(certs: &TestCerts, password: &str) -> String {
     )
 }
 
+/// HAProxy on `127.0.0.1:<port>` with the test certificate and user `pgferry`/`password`, in
+/// front of the shared registry.
+async fn registry_front(port: u16, certs: &TestCerts, password: &str, dir: &Path) -> Result<RegistryFront> {
+    let shared = Endpoints::from_env();
+    let (pem, log) = (certs.file("server-bundle.pem"), dir.join(format!("haproxy-{port}.log")));
+    RegistryFront::start(port, &pem, "pgferry", password, &host_port(&shared.registry), &log).await
+}
+
 /// Stdout and stderr of a finished command, labelled.
 fn output_text(args: &[&str], out: &std::process::Output) -> String {
     format!(
@@ -83,6 +91,7 @@ fn expect_failure(cluster: &Cluster, args: &[&str]) -> Result<String> {
     let out = cluster.pgferry(args)?;
     let text = output_text(args, &out);
     ensure!(!out.status.success(), "pgferry {args:?} succeeded:\n{text}");
+    eprintln!("{text}");
     Ok(text)
 }
 
@@ -123,16 +132,7 @@ async fn cluster_over_tls_sasl_scram_and_registry_basic_auth() -> Result<()> {
             )
         })
         .collect();
-    let shared = Endpoints::from_env();
-    let front = RegistryFront::start(
-        26443,
-        &certs.file("server-bundle.pem"),
-        "pgferry",
-        &registry_pw,
-        &host_port(&shared.registry),
-        &dir.join("haproxy.log"),
-    )
-    .await?;
+    let front = registry_front(26443, &certs, &registry_pw, &dir).await?;
     let endpoints = Endpoints {
         pg: servers.endpoints.pg.clone(),
         kafka: kafka.sasl_ssl.clone(),
@@ -340,19 +340,10 @@ async fn wrong_registry_password_is_refused() -> Result<()> {
         format!("Right-Registry-{pid}-S3cret"),
         format!("Wrong-Registry-{pid}-S3cret"),
     );
-    let shared = Endpoints::from_env();
-    let front = RegistryFront::start(
-        26444,
-        &certs.file("server-bundle.pem"),
-        "pgferry",
-        &right,
-        &host_port(&shared.registry),
-        &dir.join("haproxy.log"),
-    )
-    .await?;
+    let front = registry_front(26444, &certs, &right, &dir).await?;
     let endpoints = Endpoints {
         registry: front.url.clone(),
-        ..shared
+        ..Endpoints::from_env()
     };
     let mut cluster = Cluster::create_on(endpoints, "security_registry", &["r1", "r1"], SETUP, &["public.t"]).await?;
     cluster.registry_toml = registry_auth_toml(&certs, &wrong);
@@ -370,6 +361,8 @@ async fn wrong_registry_password_is_refused() -> Result<()> {
     )
     .await?;
     service.kill();
+    let log = std::fs::read_to_string(&service.log)?;
+    eprintln!("{}", log.lines().find(|l| l.contains("401")).unwrap_or_default());
     let out = cluster.pgferry(&["status"])?;
     let haystack = format!("{}\n{}", output_text(&["status"], &out), all_logs(&cluster.dir));
     assert_clean(&haystack, &[&right, &wrong])?;
