@@ -1185,6 +1185,10 @@ tables = ["public.accounts", "items"]
         assert!(props.contains(&("sasl.mechanisms", "SCRAM-SHA-512".into())), "{props:?}");
         assert!(c.secrets().values.contains(&"Sasl-Pw-1".to_string()));
         assert_eq!(c.secrets().scrub("login Sasl-Pw-1 failed"), "login *** failed");
+        let props = "[kafka.properties]\n\"sasl.oauthbearer.client.secret\" = \"Prop-Secret-1\"";
+        let c = Config::parse(&with(props), "t.toml").unwrap();
+        assert_eq!(c.secrets().scrub("x Prop-Secret-1 y, postgres://u:pw1@h"), "x *** y, postgres://u:***@h");
+        assert_eq!(c.secrets().scrub("pw1 alone stays"), "pw1 alone stays", "DSN passwords only in DSN forms");
         let cases = [
             ("sasl_username = \"u\"", "kafka.sasl_username", "SASL_SSL"),
             ("security_protocol = \"SASL_SSL\"\nsasl_mechanism = \"PLAIN\"", "kafka.sasl_username", "required"),
