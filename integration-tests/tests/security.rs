@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use pgferry_integration_tests::secure::{host_port, OwnKafka, RegistryFront, TestCerts};
-use pgferry_integration_tests::{wait_until, Cluster, Endpoints, OwnServers};
+use pgferry_integration_tests::{wait_until, Cluster, Endpoints, OwnServers, Service};
 
 const SETUP: &str = "CREATE TABLE t (id int PRIMARY KEY, v text);";
 
@@ -84,6 +84,24 @@ fn assert_clean(haystack: &str, secrets: &[&str]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Waits until `service` logs a line containing every one of `words` (within `timeout`), then
+/// ends the service; that line.
+async fn wait_for_error(mut service: Service, what: &str, timeout: Duration, words: &[&str]) -> Result<String> {
+    let matching = |log: &str| {
+        log.lines()
+            .find(|l| words.iter().all(|w| l.contains(w)))
+            .map(str::to_string)
+    };
+    wait_until(what, timeout, || async {
+        Ok(matching(&std::fs::read_to_string(&service.log)?).is_some())
+    })
+    .await?;
+    service.kill();
+    let line = matching(&std::fs::read_to_string(&service.log)?).unwrap_or_default();
+    eprintln!("{line}");
+    Ok(line)
 }
 
 /// Runs `pgferry ARGS`, expecting failure; its output.
@@ -250,22 +268,13 @@ async fn wrong_kafka_sasl_password_is_refused() -> Result<()> {
     let out = expect_failure(&cluster, &["init"])?;
     let want = format!("Kafka at {}", kafka.sasl_ssl);
     ensure!(out.contains(&want) && out.contains("SASL authentication"), "{out}");
-    let mut service = cluster.spawn("run", 0)?;
-    wait_until(
-        "capture and apply to report the refused login",
-        Duration::from_secs(90),
-        || async {
-            let log = std::fs::read_to_string(&service.log)?;
-            // The service is a quoted field (`service="capture"`, with colour codes around the `=`).
-            let refused = |s: &str| {
-                log.lines()
-                    .any(|l| l.contains(&format!("\"{s}\"")) && l.contains(&want) && l.contains("SASL authentication"))
-            };
-            Ok(refused("capture") && refused("apply"))
-        },
-    )
-    .await?;
-    service.kill();
+    // Both services fail at start with the brokers' reason (the service is a quoted field,
+    // `service="capture"`, with colour codes around the `=`).
+    for service in ["\"capture\"", "\"apply\""] {
+        let what = format!("{service} to report the refused login");
+        let words = [service, want.as_str(), "SASL authentication"];
+        wait_for_error(cluster.spawn("run", 0)?, &what, Duration::from_secs(90), &words).await?;
+    }
     let haystack = format!("{out}\n{}", all_logs(&cluster.dir));
     assert_clean(&haystack, &[&right, &wrong])?;
     cluster.cleanup().await?;
@@ -310,19 +319,9 @@ async fn expired_postgres_certificate_is_refused_under_verify_full() -> Result<(
             && out.contains("expired"),
         "{out}"
     );
-    let mut service = cluster.spawn("capture", 0)?;
-    wait_until(
-        "capture to report the expired certificate",
-        Duration::from_secs(60),
-        || async {
-            let log = std::fs::read_to_string(&service.log)?;
-            Ok(log
-                .lines()
-                .any(|l| l.contains(&node) && l.contains("127.0.0.1:26441") && l.contains("expired")))
-        },
-    )
-    .await?;
-    service.kill();
+    let words = [node.as_str(), "127.0.0.1:26441", "expired"];
+    let what = "capture to report the expired certificate";
+    wait_for_error(cluster.spawn("capture", 0)?, what, Duration::from_secs(60), &words).await?;
     let haystack = format!("{out}\n{}", all_logs(&cluster.dir));
     assert_clean(&haystack, &[&format!(":{}@", pgferry_integration_tests::PG_PASSWORD)])?;
     cluster.cleanup().await?;
@@ -349,20 +348,15 @@ async fn wrong_registry_password_is_refused() -> Result<()> {
     cluster.registry_toml = registry_auth_toml(&certs, &wrong);
     cluster.write_config()?;
     cluster.init()?;
-    let mut service = cluster.spawn("capture", 0)?;
     let want = format!("schema registry {}", front.url);
-    wait_until(
-        "capture to report the refused registry login",
+    let what = "capture to report the refused registry login";
+    wait_for_error(
+        cluster.spawn("capture", 0)?,
+        what,
         Duration::from_secs(60),
-        || async {
-            let log = std::fs::read_to_string(&service.log)?;
-            Ok(log.lines().any(|l| l.contains(&want) && l.contains("401")))
-        },
+        &[&want, "401"],
     )
     .await?;
-    service.kill();
-    let log = std::fs::read_to_string(&service.log)?;
-    eprintln!("{}", log.lines().find(|l| l.contains("401")).unwrap_or_default());
     let out = cluster.pgferry(&["status"])?;
     let haystack = format!("{}\n{}", output_text(&["status"], &out), all_logs(&cluster.dir));
     assert_clean(&haystack, &[&right, &wrong])?;
