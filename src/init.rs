@@ -54,7 +54,9 @@ pub async fn check(config: &Config) -> Result<Vec<PgSession>> {
     tokio::task::spawn_blocking(move || kafka::check_reachable(&kcfg, Duration::from_secs(10))).await??;
     let mut sessions = Vec::new();
     for node in &config.nodes {
-        let sql = postgres::connect(&node.dsn, "pgferry-init").await?;
+        let sql = postgres::connect(&node.dsn, "pgferry-init")
+            .await
+            .with_context(|| format!("node {}", node.name))?;
         check_node(config, node, &sql).await?;
         sessions.push(sql);
     }

@@ -151,8 +151,7 @@ async fn run(cli: Cli) -> Result<i32> {
     let secrets = config.secrets();
     run_command(cli, config).await.map_err(|e| {
         // Errors name endpoints, never passwords; scrub anyway in case a library quotes a DSN.
-        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-        anyhow::anyhow!(pgferry_connectors::redact::scrub(&one_line(&e), &secrets))
+        anyhow::anyhow!(secrets.scrub(&one_line(&e)))
     })
 }
 

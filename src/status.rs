@@ -110,9 +110,7 @@ async fn node_status(config: &Config, node: &NodeConfig) -> (NodeStatus, Option<
     let sql = match tokio::time::timeout(TIMEOUT, postgres::connect(&node.dsn, "pgferry-status")).await {
         Ok(Ok(sql)) => sql,
         Ok(Err(e)) => {
-            let secrets = config.secrets();
-            let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-            s.down = Some(redact::scrub(&e.to_string(), &secrets));
+            s.down = Some(config.secrets().scrub(&e.to_string()));
             return (s, None);
         }
         Err(_) => {

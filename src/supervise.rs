@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use pgferry_apply::{ApplyMetrics, ApplyOptions};
 use pgferry_capture::{CaptureMetrics, CaptureOptions};
-use pgferry_connectors::redact::scrub;
-use pgferry_connectors::{Config, MetricsRegistry};
+use pgferry_connectors::{Config, MetricsRegistry, Secrets};
 
 /// How often the slot's retained WAL is measured.
 const SLOT_POLL: Duration = Duration::from_secs(5);
@@ -17,7 +16,7 @@ const SLOT_POLL: Duration = Duration::from_secs(5);
 async fn supervise<F, Fut, E>(
     service: &'static str,
     node: String,
-    secrets: Vec<String>,
+    secrets: Secrets,
     on_error: impl Fn(&str),
     mut start: F,
 ) where
@@ -32,8 +31,7 @@ async fn supervise<F, Fut, E>(
             Ok(()) => tracing::warn!(%node, service, "stopped; restarting"),
             Err(e) => {
                 // Errors name endpoints, never passwords; scrub anyway in case a library quotes a DSN.
-                let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-                let error = scrub(&e.to_string(), &secrets);
+                let error = secrets.scrub(&e.to_string());
                 on_error(&error);
                 tracing::error!(%node, service, %error, retry_in_ms = backoff.as_millis() as u64, "failed; restarting")
             }

@@ -39,7 +39,7 @@ async fn publish(config: &Config, node: &str, dsn: &str) -> Result<(), ApplyErro
     let topic = format!("{}.conflicts", config.cluster.name);
     let sql = postgres::connect(dsn, &format!("pgferry-apply-{node}-conflicts")).await?;
     let producer = kafka::plain_producer(&config.kafka)?;
-    let registry = Registry::new(&config.registry.url);
+    let registry = Registry::new(&config.registry)?;
     let schema = ConflictReport::schema().map_err(|source| ApplyError::Setup {
         node: node.into(),
         message: format!("conflict report schema: {source}"),

@@ -253,7 +253,7 @@ pub async fn run(
         applied,
         ApplyMetrics::default(),
         Arc::new(DeadLetters::new(&config, node)?),
-        Registry::new(&config.registry.url),
+        Registry::new(&config.registry)?,
     );
     stream.only_origin = Some(plan.origin.clone());
     stream.apply_own = plan.origin == node;

@@ -30,7 +30,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
         node: node_name.into(),
         message: "not in the config's [[nodes]]".into(),
     })?;
-    let registry = Registry::new(&config.registry.url);
+    let registry = Registry::new(&config.registry)?;
     let group = format!("pgferry-{}-{}-apply", config.cluster.name, node.name);
     let consumer: StreamConsumer = kafka::read_committed_config(&config.kafka, &group)
         .create()
@@ -39,6 +39,15 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             what: "creating consumer".into(),
             source,
         })?;
+    // A refused login or TLS handshake fails here with the brokers' reason (the consumer
+    // itself would only wait).
+    let kcfg = config.kafka.clone();
+    tokio::task::spawn_blocking(move || kafka::check_reachable(&kcfg, std::time::Duration::from_secs(10)))
+        .await
+        .map_err(|e| ApplyError::Setup {
+            node: node.name.clone(),
+            message: format!("Kafka check task failed: {e}"),
+        })??;
     let consumer = Arc::new(consumer);
     let dead_letters = Arc::new(DeadLetters::new(&config, &node.name)?);
 

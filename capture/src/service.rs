@@ -149,12 +149,14 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         let produce_latency = options.metrics.produce_latency();
         let group = format!("pgferry-{}-{}-capture", config.cluster.name, node.name);
         tokio::task::spawn_blocking(move || -> Result<(TxProducer, Option<u64>), CaptureError> {
+            // A refused login or TLS handshake fails here with the brokers' reason.
+            kafka::check_reachable(&kcfg, std::time::Duration::from_secs(10))?;
             let producer = kafka::transactional_producer(&kcfg, &txn_id, Some(produce_latency))?;
             let last = kafka::last_committed_commit_lsn(&kcfg, &group, &topic, partition, &me)?;
             Ok((producer, last))
         })
     };
-    let registry = Registry::new(&config.registry.url);
+    let registry = Registry::new(&config.registry)?;
     let (
         (heartbeat_id, heartbeat_schema),
         (truncate_id, truncate_schema),

@@ -1,5 +1,6 @@
 //! `pgferry.toml`: the cluster, its nodes, Kafka, the registry and the replicated tables.
-//! Read once at start-up; `${VAR}` is replaced by the environment variable `VAR` (for secrets);
+//! Read once at start-up; in string values `${VAR}` is replaced by the environment variable
+//! `VAR` and `${file:/path}` by that file's contents (for secrets, see [`crate::interpolate`]);
 //! unknown keys and bad values are errors that name the key.
 
 use std::collections::HashSet;
@@ -15,9 +16,12 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    /// `${VAR}` names a variable that is not set.
-    #[error("config {path}: environment variable {var} (used as ${{{var}}}) is not set")]
-    MissingEnv { path: String, var: String },
+    /// A `${VAR}` or `${file:PATH}` reference cannot be resolved.
+    #[error("config {path}: {source}")]
+    Interpolate {
+        path: String,
+        source: crate::interpolate::InterpolateError,
+    },
     /// TOML syntax, an unknown key, a missing key or a wrong type.
     #[error("config {path}: {message}")]
     Parse { path: String, message: String },
@@ -77,9 +81,115 @@ pub struct KafkaConfig {
     /// Replication factor of created topics.
     #[serde(default = "default_replication_factor")]
     pub replication_factor: i32,
-    /// Extra librdkafka properties (e.g. `security.protocol`), applied to every client.
+    /// Extra librdkafka properties, applied to every client (they may not repeat a property
+    /// that a key below sets).
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// How clients talk to the brokers (librdkafka `security.protocol`; default `PLAINTEXT`).
+    #[serde(default)]
+    pub security_protocol: SecurityProtocol,
+    /// SASL mechanism (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`); required with a `SASL_*`
+    /// protocol.
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name.
+    pub sasl_username: Option<String>,
+    /// SASL password (a secret: scrubbed from all output; use `${VAR}` or `${file:PATH}`).
+    pub sasl_password: Option<String>,
+    /// PEM file of the CA certificates that sign the brokers' certificates (default: the
+    /// system's). The broker's host name is verified against its certificate.
+    pub ssl_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate, for brokers that require TLS client authentication.
+    pub ssl_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `ssl_cert_file`.
+    pub ssl_key_file: Option<std::path::PathBuf>,
+    /// Password of an encrypted `ssl_key_file` (a secret).
+    pub ssl_key_password: Option<String>,
+}
+
+/// `kafka.security_protocol`: librdkafka's `security.protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum SecurityProtocol {
+    /// No TLS, no authentication.
+    #[default]
+    #[serde(rename = "PLAINTEXT")]
+    Plaintext,
+    /// TLS, no SASL.
+    #[serde(rename = "SSL")]
+    Ssl,
+    /// SASL without TLS (the password travels in the clear with `PLAIN`).
+    #[serde(rename = "SASL_PLAINTEXT")]
+    SaslPlaintext,
+    /// SASL over TLS.
+    #[serde(rename = "SASL_SSL")]
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The librdkafka value.
+    pub fn name(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "PLAINTEXT",
+            SecurityProtocol::Ssl => "SSL",
+            SecurityProtocol::SaslPlaintext => "SASL_PLAINTEXT",
+            SecurityProtocol::SaslSsl => "SASL_SSL",
+        }
+    }
+
+    /// Whether the connection uses TLS.
+    pub fn tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+
+    /// Whether the client authenticates with SASL.
+    pub fn sasl(self) -> bool {
+        matches!(self, SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl)
+    }
+}
+
+/// `kafka.sasl_mechanism`: librdkafka's `sasl.mechanisms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    /// User name and password sent as they are (use with TLS).
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM with SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM with SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka value.
+    pub fn name(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// The librdkafka properties that the security keys above set, in a fixed order.
+    pub fn security_properties(&self) -> Vec<(&'static str, String)> {
+        let path = |p: &std::path::Path| p.display().to_string();
+        let mut out = vec![("security.protocol", self.security_protocol.name().to_string())];
+        if let Some(m) = self.sasl_mechanism {
+            out.push(("sasl.mechanisms", m.name().to_string()));
+        }
+        let optional = [
+            ("sasl.username", self.sasl_username.clone()),
+            ("sasl.password", self.sasl_password.clone()),
+            ("ssl.ca.location", self.ssl_ca_file.as_deref().map(path)),
+            ("ssl.certificate.location", self.ssl_cert_file.as_deref().map(path)),
+            ("ssl.key.location", self.ssl_key_file.as_deref().map(path)),
+            ("ssl.key.password", self.ssl_key_password.clone()),
+        ];
+        out.extend(optional.into_iter().filter_map(|(k, v)| Some((k, v?))));
+        out
+    }
 }
 
 fn default_partitions() -> i32 {
@@ -95,6 +205,13 @@ fn default_replication_factor() -> i32 {
 pub struct RegistryConfig {
     /// Base URL of the Confluent-compatible API (Apicurio: `…/apis/ccompat/v7`).
     pub url: String,
+    /// User name for HTTP basic authentication.
+    pub username: Option<String>,
+    /// Password for HTTP basic authentication (a secret: scrubbed from all output).
+    pub password: Option<String>,
+    /// PEM file of the CA certificates that sign an `https` registry's certificate, trusted
+    /// in addition to the system's.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// `[[nodes]]`.
@@ -288,17 +405,28 @@ impl Config {
     pub fn reload(&self) -> Option<Config> {
         let path = self.source.as_ref()?;
         Config::load(path)
-            .inspect_err(|e| tracing::warn!(error = %e, "re-reading the config failed; keeping the one loaded at start"))
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "re-reading the config failed; keeping the one loaded at start"),
+            )
             .ok()
     }
 
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let text = interpolate(text, origin)?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: origin.to_string(),
             message: e.to_string().replace('\n', " ").trim().to_string(),
-        })?;
+        };
+        // The shape is checked on the text as written, so errors point at the line; the text
+        // holds `${…}` references, never the secrets they stand for.
+        let _: Config = toml::from_str(text).map_err(parse_error)?;
+        let raw: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        let value =
+            crate::interpolate::interpolate(toml::Value::Table(raw)).map_err(|source| ConfigError::Interpolate {
+                path: origin.to_string(),
+                source,
+            })?;
+        let config: Config = value.try_into().map_err(parse_error)?;
         config.validate(origin)?;
         Ok(config)
     }
@@ -358,7 +486,14 @@ impl Config {
             if n.dsn.trim().is_empty() {
                 return Err(invalid(key("dsn"), "is empty".into()));
             }
+            crate::pg_tls::TlsDsn::parse(&n.dsn)
+                .and_then(|d| d.tls.check_files())
+                .map_err(|message| invalid(key("dsn"), message))?;
         }
+        self.validate_kafka_security()
+            .map_err(|(key, message)| invalid(key, message))?;
+        self.validate_registry()
+            .map_err(|(key, message)| invalid(key, message))?;
         let regions = self.regions();
         for (i, n) in self.nodes.iter().enumerate() {
             for (j, f) in n.forward_origins.iter().enumerate() {
@@ -668,25 +803,170 @@ impl Config {
             .unwrap_or(self.replication.on_error)
     }
 
-    /// Every secret in the configuration (DSN passwords), for scrubbing output.
-    pub fn secrets(&self) -> Vec<String> {
-        let mut out = Vec::new();
+    /// Every secret in the configuration, for scrubbing output: DSN passwords,
+    /// `kafka.sasl_password`, `kafka.ssl_key_password`, `registry.password`, and
+    /// `[kafka.properties]` values whose name says password or secret.
+    pub fn secrets(&self) -> Secrets {
+        let mut out = Secrets::default();
         for n in &self.nodes {
             if let Some(rest) = n.dsn.split("://").nth(1) {
                 if let Some((userinfo, _)) = rest.rsplit_once('@') {
                     if let Some((_, pw)) = userinfo.split_once(':') {
-                        out.push(pw.to_string());
+                        out.dsn_passwords.push(pw.to_string());
                     }
                 }
             }
             for kv in n.dsn.split_whitespace() {
                 if let Some(pw) = kv.strip_prefix("password=") {
-                    out.push(pw.to_string());
+                    out.dsn_passwords.push(pw.to_string());
                 }
             }
         }
+        let k = &self.kafka;
+        let named = [&k.sasl_password, &k.ssl_key_password, &self.registry.password];
+        out.values.extend(named.into_iter().flatten().cloned());
+        out.values.extend(
+            k.properties
+                .iter()
+                .filter(|(name, _)| name.contains("password") || name.contains("secret"))
+                .map(|(_, v)| v.clone()),
+        );
+        out.values.retain(|v| !v.is_empty());
         out
     }
+
+    /// `[kafka]` security keys: each needs the protocol it belongs to, SASL needs its
+    /// mechanism and credentials, files must be readable, and `[kafka.properties]` may not set
+    /// the same librdkafka property. The offending key and why.
+    fn validate_kafka_security(&self) -> Result<(), (String, String)> {
+        let k = &self.kafka;
+        let p = k.security_protocol;
+        let sasl_keys = [
+            ("kafka.sasl_mechanism", k.sasl_mechanism.is_some()),
+            ("kafka.sasl_username", k.sasl_username.is_some()),
+            ("kafka.sasl_password", k.sasl_password.is_some()),
+        ];
+        let ssl_keys = [
+            ("kafka.ssl_ca_file", k.ssl_ca_file.is_some()),
+            ("kafka.ssl_cert_file", k.ssl_cert_file.is_some()),
+            ("kafka.ssl_key_file", k.ssl_key_file.is_some()),
+            ("kafka.ssl_key_password", k.ssl_key_password.is_some()),
+        ];
+        let wrong_protocol = |key: &str, wants: &str| {
+            (
+                key.to_string(),
+                format!("is set but kafka.security_protocol is {}; it needs {wants}", p.name()),
+            )
+        };
+        if let Some((key, _)) = sasl_keys.iter().find(|(_, set)| *set && !p.sasl()) {
+            return Err(wrong_protocol(key, "SASL_SSL or SASL_PLAINTEXT"));
+        }
+        if let Some((key, _)) = ssl_keys.iter().find(|(_, set)| *set && !p.tls()) {
+            return Err(wrong_protocol(key, "SSL or SASL_SSL"));
+        }
+        if p.sasl() {
+            if let Some((key, _)) = sasl_keys.iter().find(|(_, set)| !*set) {
+                return Err((
+                    key.to_string(),
+                    format!("is required with kafka.security_protocol {}", p.name()),
+                ));
+            }
+            if k.sasl_username.as_deref().is_some_and(str::is_empty) {
+                return Err(("kafka.sasl_username".into(), "is empty".into()));
+            }
+        }
+        if k.ssl_cert_file.is_some() != k.ssl_key_file.is_some() {
+            let key = if k.ssl_cert_file.is_some() {
+                "kafka.ssl_key_file"
+            } else {
+                "kafka.ssl_cert_file"
+            };
+            return Err((
+                key.into(),
+                "kafka.ssl_cert_file and kafka.ssl_key_file go together".into(),
+            ));
+        }
+        let files = [
+            ("kafka.ssl_ca_file", &k.ssl_ca_file),
+            ("kafka.ssl_cert_file", &k.ssl_cert_file),
+            ("kafka.ssl_key_file", &k.ssl_key_file),
+        ];
+        for (key, file) in files {
+            if let Some(f) = file {
+                readable(f).map_err(|m| (key.to_string(), m))?;
+            }
+        }
+        for (property, _) in k.security_properties() {
+            if k.properties.contains_key(property) {
+                return Err((
+                    format!("kafka.properties.{property:?}"),
+                    "is set by pgferry's own [kafka] security keys; use those (e.g. kafka.security_protocol)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[registry]`: basic auth needs both user name and password; `ca_file` must be readable
+    /// and belongs to an `https` URL.
+    fn validate_registry(&self) -> Result<(), (String, String)> {
+        let r = &self.registry;
+        if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
+            return Err((
+                "registry.url".into(),
+                format!("{:?} is not an http:// or https:// URL", r.url),
+            ));
+        }
+        match (&r.username, &r.password) {
+            (Some(_), None) => return Err(("registry.password".into(), "is required with registry.username".into())),
+            (None, Some(_)) => return Err(("registry.username".into(), "is required with registry.password".into())),
+            _ => {}
+        }
+        if let Some(f) = &r.ca_file {
+            if !r.url.starts_with("https://") {
+                return Err((
+                    "registry.ca_file".into(),
+                    "is set but registry.url is not https://".into(),
+                ));
+            }
+            readable(f).map_err(|m| ("registry.ca_file".to_string(), m))?;
+        }
+        Ok(())
+    }
+}
+
+/// The secrets of a configuration ([`Config::secrets`]), for [`Secrets::scrub`].
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    /// Passwords of DSNs: scrubbed where a connection string carries them (`:pw@`,
+    /// `password=pw`), so that a short one such as `pgferry` does not blank ordinary words.
+    pub dsn_passwords: Vec<String>,
+    /// Values of secret keys (SASL, key and registry passwords): scrubbed wherever they occur.
+    pub values: Vec<String>,
+}
+
+impl Secrets {
+    /// `text` with every secret replaced by `***`.
+    pub fn scrub(&self, text: &str) -> String {
+        let dsn: Vec<&str> = self.dsn_passwords.iter().map(String::as_str).collect();
+        let mut out = crate::redact::scrub(text, &dsn);
+        for v in self.values.iter().filter(|v| !v.is_empty()) {
+            out = out.replace(v.as_str(), "***");
+        }
+        out
+    }
+
+    /// Every secret, for tests and checks.
+    pub fn all(&self) -> impl Iterator<Item = &str> {
+        self.dsn_passwords.iter().chain(&self.values).map(String::as_str)
+    }
+}
+
+/// `Ok` if `path` is a readable file; else what is wrong, naming the path.
+pub(crate) fn readable(path: &Path) -> Result<(), String> {
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// Whether a `replication.tables` entry is a pattern.
@@ -742,29 +1022,6 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{text:?} is not an ip:port listen address (e.g. \"127.0.0.1:9187\" or \"[::]:9187\")"))
 }
 
-/// Replaces `${VAR}` with the value of environment variable `VAR`.
-fn interpolate(text: &str, origin: &str) -> Result<String, ConfigError> {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
-            out.push_str(&rest[start..]);
-            return Ok(out);
-        };
-        let var = &after[..end];
-        let value = std::env::var(var).map_err(|_| ConfigError::MissingEnv {
-            path: origin.to_string(),
-            var: var.to_string(),
-        })?;
-        out.push_str(&value);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -798,7 +1055,7 @@ tables = ["public.accounts", "items"]
         assert_eq!(c.tables()[1], ("public".to_string(), "items".to_string()));
         assert_eq!(c.node_partition(&c.nodes[1]), 1);
         assert_eq!(c.region_topic("eu"), "demo.eu.changes");
-        assert!(c.secrets().contains(&"pw1".to_string()));
+        assert!(c.secrets().dsn_passwords.contains(&"pw1".to_string()));
     }
 
     #[test]
@@ -914,6 +1171,60 @@ tables = ["public.accounts", "items"]
         let none = GOOD.replace("tables = [\"public.accounts\", \"items\"]", "");
         let e = Config::parse(&none, "t.toml").unwrap_err().to_string();
         assert!(e.contains("replication.tables"), "{e}");
+    }
+
+    #[test]
+    fn kafka_security_keys_are_checked_and_mapped() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        let bootstrap = "bootstrap_servers = \"127.0.0.1:19092\"\n";
+        let with = |extra: &str| GOOD.replace(bootstrap, &format!("{bootstrap}{extra}\n"));
+        let sasl = "security_protocol = \"SASL_PLAINTEXT\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"u\"\nsasl_password = \"Sasl-Pw-1\"";
+        let c = Config::parse(&with(sasl), "t.toml").unwrap();
+        let props = c.kafka.security_properties();
+        assert!(props.contains(&("security.protocol", "SASL_PLAINTEXT".into())), "{props:?}");
+        assert!(props.contains(&("sasl.mechanisms", "SCRAM-SHA-512".into())), "{props:?}");
+        assert!(c.secrets().values.contains(&"Sasl-Pw-1".to_string()));
+        assert_eq!(c.secrets().scrub("login Sasl-Pw-1 failed"), "login *** failed");
+        let props = "[kafka.properties]\n\"sasl.oauthbearer.client.secret\" = \"Prop-Secret-1\"";
+        let c = Config::parse(&with(props), "t.toml").unwrap();
+        assert_eq!(c.secrets().scrub("x Prop-Secret-1 y, postgres://u:pw1@h"), "x *** y, postgres://u:***@h");
+        assert_eq!(c.secrets().scrub("pw1 alone stays"), "pw1 alone stays", "DSN passwords only in DSN forms");
+        let cases = [
+            ("sasl_username = \"u\"", "kafka.sasl_username", "SASL_SSL"),
+            ("security_protocol = \"SASL_SSL\"\nsasl_mechanism = \"PLAIN\"", "kafka.sasl_username", "required"),
+            ("ssl_ca_file = \"/x\"", "kafka.ssl_ca_file", "SSL or SASL_SSL"),
+            ("security_protocol = \"SSL\"\nssl_ca_file = \"/nonexistent/ca.pem\"", "kafka.ssl_ca_file", "/nonexistent/ca.pem"),
+            ("security_protocol = \"SSL\"\nssl_cert_file = \"/x\"", "kafka.ssl_key_file", "together"),
+            ("security_protocol = \"TLS\"", "TLS", "SASL_SSL"),
+            ("[kafka.properties]\n\"security.protocol\" = \"SSL\"", "kafka.properties.\"security.protocol\"", "security_protocol"),
+        ];
+        for (extra, key, words) in cases {
+            let e = Config::parse(&with(extra), "t.toml").unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(words), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn registry_keys_are_checked() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        let with = |extra: &str| GOOD.replace("/apis/ccompat/v7\"\n", &format!("/apis/ccompat/v7\"\n{extra}\n"));
+        let c = Config::parse(&with("username = \"u\"\npassword = \"Reg-Pw-1\""), "t.toml").unwrap();
+        assert!(c.secrets().values.contains(&"Reg-Pw-1".to_string()));
+        let e = Config::parse(&with("username = \"u\""), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("registry.password"), "{e}");
+        let e = Config::parse(&with("ca_file = \"/x\""), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("registry.ca_file") && e.contains("https"), "{e}");
+    }
+
+    #[test]
+    fn file_secrets_name_key_and_path() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        let text = GOOD.replace("${PGFERRY_TEST_PW}", "${file:/nonexistent/pgferry-pw}");
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("t.toml") && e.contains("nodes[0].dsn") && e.contains("/nonexistent/pgferry-pw"), "{e}");
+        let e = Config::parse(&GOOD.replace("/demo\"\n[[nodes]]", "/demo?sslmode=verify-full&sslrootcert=/nonexistent/ca\"\n[[nodes]]"), "t.toml");
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("nodes[0].dsn") && e.contains("sslrootcert") && e.contains("/nonexistent/ca"), "{e}");
     }
 
     /// n1 (region a) → hub n2 (forwards n1) → n3 (reads only the hub).

@@ -1,6 +1,7 @@
 //! Kafka clients (rdkafka): the transactional producer capture uses, the `read_committed`
 //! consumer apply uses, topic creation, and reading a partition's last committed message.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -48,16 +49,75 @@ pub enum KafkaError {
     Topic { topic: String, message: String },
 }
 
-/// Base client configuration: bootstrap servers plus the configured extra properties.
+/// Base client configuration of every client pgferry makes: bootstrap servers, the security
+/// keys of `[kafka]` (protocol, SASL, TLS files) and the extra `[kafka.properties]`.
 pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers);
     c.set("socket.connection.setup.timeout.ms", "10000");
+    for (k, v) in cfg.security_properties() {
+        c.set(k, v);
+    }
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }
     c
 }
+
+/// Client context that keeps the errors librdkafka reported for the connection (a refused
+/// SASL login or TLS handshake shows up only there, while requests merely time out).
+#[derive(Clone, Default)]
+pub struct LastError(Arc<Mutex<Vec<String>>>);
+
+impl LastError {
+    /// The distinct errors reported so far (at most a few), most telling first: the brokers'
+    /// own reasons before librdkafka's summaries such as "1/1 brokers are down".
+    pub fn get(&self) -> Vec<String> {
+        let mut all = self.0.lock().map(|e| e.clone()).unwrap_or_default();
+        all.sort_by_key(|m| m.contains("brokers are down"));
+        all
+    }
+
+    /// `message` with the reported errors appended.
+    fn explain(&self, message: String) -> String {
+        let all = self.get();
+        if all.is_empty() {
+            message
+        } else {
+            format!("{message} (the brokers' errors: {})", all.join("; "))
+        }
+    }
+
+    fn add(&self, message: &str) {
+        if let Ok(mut all) = self.0.lock() {
+            // "… (after 5ms in state AUTH_REQ, 1 identical error(s) suppressed)" repeats the same.
+            let gist = |m: &str| m.split(" (after ").next().unwrap_or(m).to_string();
+            if all.len() < 4 && !all.iter().any(|m| gist(m) == gist(message)) {
+                all.push(message.to_string());
+            }
+        }
+    }
+}
+
+impl rdkafka::ClientContext for LastError {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if matches!(level, L::Emerg | L::Alert | L::Critical | L::Error) {
+            // "[thrd:…]: " prefixes say which librdkafka thread; the rest is the reason.
+            self.add(message.split_once("]: ").map_or(message, |(_, m)| m));
+            tracing::debug!(target: "librdkafka", fac, message, "librdkafka error");
+        } else {
+            tracing::trace!(target: "librdkafka", fac, message, "librdkafka");
+        }
+    }
+
+    fn error(&self, error: RdError, reason: &str) {
+        tracing::debug!(%error, reason, "librdkafka error");
+        self.add(reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LastError {}
 
 fn client_err(cfg: &KafkaConfig, what: &str) -> impl FnOnce(RdError) -> KafkaError {
     let bootstrap = cfg.bootstrap_servers.clone();
@@ -75,9 +135,17 @@ pub type TxProducer = ThreadedProducer<DeliveryLatency>;
 /// Producer context that records each delivered message's produce latency (from the
 /// message's create time, which librdkafka stamps when it is produced, to its delivery
 /// report) in seconds, at millisecond resolution.
-pub struct DeliveryLatency(Option<Histogram>);
+pub struct DeliveryLatency(Option<Histogram>, LastError);
 
-impl rdkafka::ClientContext for DeliveryLatency {}
+impl rdkafka::ClientContext for DeliveryLatency {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.1.log(level, fac, message)
+    }
+
+    fn error(&self, error: RdError, reason: &str) {
+        self.1.error(error, reason)
+    }
+}
 
 impl ProducerContext for DeliveryLatency {
     type DeliveryOpaque = ();
@@ -114,12 +182,13 @@ pub fn transactional_producer(
             c.set(k, v);
         }
     }
+    let last = LastError::default();
     let producer: TxProducer = c
-        .create_with_context(DeliveryLatency(produce_latency))
+        .create_with_context(DeliveryLatency(produce_latency, last.clone()))
         .map_err(client_err(cfg, "creating producer"))?;
     producer
         .init_transactions(Duration::from_secs(30))
-        .map_err(|e| unreachable_or(cfg, "initializing transactions", e))?;
+        .map_err(|e| unreachable_or(cfg, &last.explain("initializing transactions".into()), e))?;
     Ok(producer)
 }
 
@@ -174,17 +243,22 @@ pub fn read_committed_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig 
 
 /// Fails with [`KafkaError::Unreachable`] unless the cluster answers a metadata request in
 /// `timeout`. Blocking.
+/// The message says why when the brokers told (a refused login, a failed TLS handshake).
 pub fn check_reachable(cfg: &KafkaConfig, timeout: Duration) -> Result<(), KafkaError> {
-    let consumer: BaseConsumer = client_config(cfg)
-        .create()
+    let last = LastError::default();
+    let consumer: BaseConsumer<LastError> = client_config(cfg)
+        .create_with_context(last.clone())
         .map_err(client_err(cfg, "creating client"))?;
-    consumer
-        .fetch_metadata(None, timeout)
-        .map(|_| ())
-        .map_err(|e| KafkaError::Unreachable {
+    consumer.fetch_metadata(None, timeout).map(|_| ()).map_err(|e| {
+        // librdkafka queues its log lines (where the reason is) until the client is polled.
+        for _ in 0..5 {
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+        KafkaError::Unreachable {
             bootstrap: cfg.bootstrap_servers.clone(),
-            message: e.to_string(),
-        })
+            message: last.explain(e.to_string()),
+        }
+    })
 }
 
 /// Creates `topic` with `partitions` partitions unless it exists; an existing topic with

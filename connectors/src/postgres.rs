@@ -1,11 +1,13 @@
 //! SQL sessions to PostgreSQL nodes (tokio-postgres), with errors that name the endpoint.
+//! TLS follows the DSN's libpq parameters (`sslmode`, `sslrootcert`, …; see [`crate::pg_tls`]).
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
+use crate::pg_tls::TlsDsn;
 use crate::redact::dsn_endpoint;
 
 /// A PostgreSQL failure, naming the node's endpoint (never its password).
@@ -14,6 +16,9 @@ pub enum PgError {
     /// The DSN is not a valid connection string.
     #[error("invalid PostgreSQL DSN for {endpoint}: {message}")]
     Dsn { endpoint: String, message: String },
+    /// The DSN's TLS parameters cannot be used (an unreadable certificate file, say).
+    #[error("PostgreSQL at {endpoint}: TLS: {message}")]
+    Tls { endpoint: String, message: String },
     /// The server did not answer or refused the session.
     #[error("cannot connect to PostgreSQL at {endpoint}: {}", detail(.source))]
     Connect {
@@ -36,7 +41,7 @@ impl PgError {
             PgError::Query { source, .. } | PgError::Connect { source, .. } => {
                 source.as_db_error().map(|d| d.code().code())
             }
-            PgError::Dsn { .. } => None,
+            PgError::Dsn { .. } | PgError::Tls { .. } => None,
         }
     }
 
@@ -70,7 +75,7 @@ impl PgError {
     pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
         match self {
             PgError::Connect { source, .. } | PgError::Query { source, .. } => source.code(),
-            PgError::Dsn { .. } => None,
+            PgError::Dsn { .. } | PgError::Tls { .. } => None,
         }
     }
 }
@@ -98,17 +103,33 @@ impl PgSession {
 /// Opens a session (10 s connect timeout unless the DSN sets one) with `application_name`.
 /// The session runs with `TimeZone=UTC` and ISO `DateStyle`, the forms pgferry reads and writes.
 pub async fn connect(dsn: &str, application_name: &str) -> Result<PgSession, PgError> {
+    connect_with(dsn, |config| {
+        config.application_name(application_name);
+        config.options("-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=1");
+    })
+    .await
+}
+
+/// Opens a session (10 s connect timeout unless the DSN sets one) after `tweak` has adjusted
+/// the parsed DSN; TLS as the DSN's `sslmode` and friends say.
+pub async fn connect_with(dsn: &str, tweak: impl FnOnce(&mut tokio_postgres::Config)) -> Result<PgSession, PgError> {
     let endpoint = dsn_endpoint(dsn);
-    let mut config = tokio_postgres::Config::from_str(dsn).map_err(|e| PgError::Dsn {
+    let dsn_error = |message: String| PgError::Dsn {
         endpoint: endpoint.clone(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    let split = TlsDsn::parse(dsn).map_err(dsn_error)?;
+    let mut config = tokio_postgres::Config::from_str(&split.dsn).map_err(|e| dsn_error(e.to_string()))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
-    config.application_name(application_name);
-    config.options("-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=1");
-    let (client, connection) = config.connect(NoTls).await.map_err(|source| PgError::Connect {
+    config.ssl_mode(split.tls.postgres_mode());
+    tweak(&mut config);
+    let tls = split.tls.connector().map_err(|message| PgError::Tls {
+        endpoint: endpoint.clone(),
+        message,
+    })?;
+    let (client, connection) = config.connect(tls).await.map_err(|source| PgError::Connect {
         endpoint: endpoint.clone(),
         source,
     })?;

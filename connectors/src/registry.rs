@@ -1,16 +1,23 @@
 //! Schema registry client (Confluent REST API, e.g. Apicurio's `/apis/ccompat/v7`), with caches
-//! so each schema is registered or fetched once per process.
+//! so each schema is registered or fetched once per process; HTTP basic authentication and an
+//! extra trusted CA for an `https` registry come from `[registry]`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use schema_registry_converter::async_impl::schema_registry::{get_schema_by_id, post_schema, SrSettings};
+use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 use thiserror::Error;
+
+use crate::config::RegistryConfig;
 
 /// A registry failure, naming the registry URL and the subject or id.
 #[derive(Debug, Error)]
 pub enum RegistryError {
+    /// The HTTP client could not be set up (an unreadable or invalid `ca_file`).
+    #[error("schema registry {url}: {message}")]
+    Client { url: String, message: String },
     /// Registering a schema failed.
     #[error("schema registry {url}: registering subject {subject}: {message}")]
     Register {
@@ -40,15 +47,41 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A client for the registry at `url`.
-    pub fn new(url: &str) -> Registry {
-        let url = url.trim_end_matches('/').to_string();
-        Registry {
-            settings: SrSettings::new(url.clone()),
+    /// A client for the registry `cfg` describes: its URL, basic-auth credentials and CA file.
+    pub fn new(cfg: &RegistryConfig) -> Result<Registry, RegistryError> {
+        let url = cfg.url.trim_end_matches('/').to_string();
+        let client_error = |message: String| RegistryError::Client {
+            url: url.clone(),
+            message,
+        };
+        let mut builder = SrSettings::new_builder(url.clone());
+        if let Some(user) = &cfg.username {
+            builder.set_basic_authorization(user, cfg.password.as_deref());
+        }
+        let mut http = reqwest::Client::builder().tls_backend_native();
+        if let Some(file) = &cfg.ca_file {
+            let pem = std::fs::read(file).map_err(|e| client_error(format!("ca_file {}: {e}", file.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| client_error(format!("ca_file {}: {e}", file.display())))?;
+            if certs.is_empty() {
+                return Err(client_error(format!(
+                    "ca_file {}: holds no PEM certificate",
+                    file.display()
+                )));
+            }
+            for cert in certs {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        let settings = builder
+            .build_with(http)
+            .map_err(|e| client_error(format!("setting up the HTTP client: {}", describe(&e))))?;
+        Ok(Registry {
+            settings,
             url,
             registered: Arc::default(),
             by_id: Arc::default(),
-        }
+        })
     }
 
     /// The registry's base URL.
@@ -68,7 +101,7 @@ impl Registry {
             .map_err(|e| RegistryError::Register {
                 url: self.url.clone(),
                 subject: subject.to_string(),
-                message: e.to_string(),
+                message: describe(&e),
             })?;
         if let Ok(mut m) = self.registered.lock() {
             m.insert(key, registered.id);
@@ -89,7 +122,7 @@ impl Registry {
             .map_err(|e| RegistryError::Fetch {
                 url: self.url.clone(),
                 id,
-                message: e.to_string(),
+                message: describe(&e),
             })?;
         let s = Arc::new(fetched.schema);
         if let Ok(mut m) = self.by_id.lock() {
@@ -97,4 +130,29 @@ impl Registry {
         }
         Ok(s)
     }
+}
+
+/// A registry client error: what failed, the registry's own message when it sent one, and the
+/// cause chain (a refused login says `401 Unauthorized`, a TLS failure names the certificate
+/// problem).
+fn describe(e: &SRCError) -> String {
+    // The client says "couldn't parse schema registry error json" when the answer had no JSON
+    // error body (HAProxy's 401 page): nothing to add then.
+    let placeholder = |t: &str| t.contains("couldn't parse schema registry error json");
+    let mut out = e.error.clone();
+    if let Some(cause) = e.cause.as_deref().filter(|c| !placeholder(c)) {
+        out = format!("{out}: {cause}");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(c) = source {
+        let text = c.to_string();
+        if !out.contains(&text) && !placeholder(&text) {
+            out = format!("{out}: {text}");
+        }
+        source = c.source();
+    }
+    if out.contains("status 401") || out.contains("status 403") {
+        out += " (check registry.username and registry.password)";
+    }
+    out
 }

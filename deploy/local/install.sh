@@ -17,7 +17,8 @@ APT_PACKAGES=(
     "postgresql-$PGFERRY_PG_VERSION" "postgresql-client-$PGFERRY_PG_VERSION"
     "postgresql-$PGFERRY_PG_VERSION-pglogical" # the comparison in bench.sh
     libpq-dev libsasl2-dev libssl-dev libzstd-dev cmake pkg-config curl unzip python3 python3-venv
-    haproxy # the failover test routes clients by /healthz (deploy/haproxy)
+    haproxy # the failover test routes clients by /healthz; the security test's registry front (deploy/haproxy)
+    openssl # certs.sh: the security test's CA and server certificates
 )
 # JDK (not only a JRE): smoke.sh runs a Java source file, which needs the compiler module.
 command -v javac >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jdk-headless)

@@ -7,6 +7,14 @@
 #   kafka.sh status           exit 0 if running and answering
 #   kafka.sh topics ARGS...   org.apache.kafka.tools.TopicCommand --bootstrap-server <broker> ARGS...
 #   kafka.sh run CLASS ARGS...  run any class from the Kafka classpath (e.g. a console producer)
+#
+# Optional SASL_SSL listener (the security test runs a broker of its own with it): with
+# PGFERRY_KAFKA_SASL_SSL_PORT set, the broker also listens on SASL_SSL://$PGFERRY_KAFKA_HOST:<port>
+# with SCRAM-SHA-512 (and SCRAM-SHA-256), its certificate and PKCS#8 key from the PEM file
+# PGFERRY_KAFKA_SSL_PEM (key + chain in one file). PGFERRY_KAFKA_SCRAM_USERS holds the SCRAM
+# credentials created when the storage is formatted, ';'-separated kafka-storage --add-scram
+# values, e.g. 'SCRAM-SHA-512=[name=pgferry,password=secret]'. The PLAINTEXT listener stays for
+# the controller, inter-broker traffic and the readiness check.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PGFERRY_LOG_TAG=kafka
@@ -17,6 +25,9 @@ KAFKA_PROPS="$KAFKA_STATE/server.properties"
 KAFKA_PID="$KAFKA_STATE/kafka.pid"
 KAFKA_LOG="$PGFERRY_LOGS/kafka.log"
 KAFKA_LIBS="$PGFERRY_KAFKA_HOME/libs"
+: "${PGFERRY_KAFKA_SASL_SSL_PORT:=}"
+: "${PGFERRY_KAFKA_SSL_PEM:=}"
+: "${PGFERRY_KAFKA_SCRAM_USERS:=}"
 : "${PGFERRY_KAFKA_HEAP:=-Xms512m -Xmx1g}"
 
 require_libs() {
@@ -58,16 +69,23 @@ EOF
 # Rewritten on every start so changes here take effect on the next restart.
 write_props() {
     mkdir -p "$KAFKA_DATA"
+    local listeners="PLAINTEXT://$PGFERRY_KAFKA_HOST:$PGFERRY_KAFKA_PORT"
+    local protocols="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    if [[ -n "$PGFERRY_KAFKA_SASL_SSL_PORT" ]]; then
+        [[ -r "$PGFERRY_KAFKA_SSL_PEM" ]] || die "PGFERRY_KAFKA_SSL_PEM (key + certificate PEM) is not a readable file: '$PGFERRY_KAFKA_SSL_PEM'"
+        listeners="$listeners,SASL_SSL://$PGFERRY_KAFKA_HOST:$PGFERRY_KAFKA_SASL_SSL_PORT"
+        protocols="$protocols,SASL_SSL:SASL_SSL"
+    fi
     cat >"$KAFKA_PROPS" <<EOF
 # written by deploy/local/kafka.sh on every start; edits are lost
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$PGFERRY_KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$PGFERRY_KAFKA_HOST:$PGFERRY_KAFKA_PORT,CONTROLLER://127.0.0.1:$PGFERRY_KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$PGFERRY_KAFKA_HOST:$PGFERRY_KAFKA_PORT
+listeners=$listeners,CONTROLLER://127.0.0.1:$PGFERRY_KAFKA_CONTROLLER_PORT
+advertised.listeners=$listeners
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=$protocols
 log.dirs=$KAFKA_DATA
 num.partitions=1
 default.replication.factor=1
@@ -88,6 +106,15 @@ num.recovery.threads.per.data.dir=1
 log.retention.hours=168
 log.segment.bytes=1073741824
 EOF
+    if [[ -n "$PGFERRY_KAFKA_SASL_SSL_PORT" ]]; then
+        cat >>"$KAFKA_PROPS" <<EOF
+sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$PGFERRY_KAFKA_SSL_PEM
+EOF
+    fi
 }
 
 kafka_java() {
@@ -108,7 +135,12 @@ format_storage() {
         echo "$id" >"$KAFKA_STATE/cluster.id"
     fi
     log "formatting storage in $KAFKA_DATA (cluster id $id)"
-    if ! kafka_java kafka.tools.StorageTool format -t "$id" -c "$KAFKA_PROPS" >>"$PGFERRY_LOGS/kafka-format.log" 2>&1; then
+    local scram=() users u
+    IFS=';' read -r -a users <<<"$PGFERRY_KAFKA_SCRAM_USERS"
+    for u in "${users[@]}"; do
+        [[ -n "$u" ]] && scram+=(--add-scram "$u")
+    done
+    if ! kafka_java kafka.tools.StorageTool format -t "$id" -c "$KAFKA_PROPS" "${scram[@]}" >>"$PGFERRY_LOGS/kafka-format.log" 2>&1; then
         show_log_tail "$PGFERRY_LOGS/kafka-format.log"
         die "storage format failed (log: $PGFERRY_LOGS/kafka-format.log)"
     fi

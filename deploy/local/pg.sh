@@ -10,11 +10,19 @@
 #   pg.sh start-node I     start only node I
 #   pg.sh stop-node I      stop only node I (fast shutdown)
 #   pg.sh kill-node I      stop only node I with an immediate shutdown (crash-like)
+#
+# TLS (the security test starts servers of its own with it): PGFERRY_PG_SSL_CERT and
+# PGFERRY_PG_SSL_KEY (PEM files) turn on `ssl` with that certificate (copied into each data
+# directory, readable only by the server); PGFERRY_PG_SSL_ONLY=1 then makes pg_hba.conf accept
+# TCP sessions only over TLS (`hostssl`, SCRAM-SHA-256), so a client without TLS is refused.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PGFERRY_LOG_TAG=pg
 
 PG_ROOT="$PGFERRY_LOCAL/pg"
+: "${PGFERRY_PG_SSL_CERT:=}"
+: "${PGFERRY_PG_SSL_KEY:=}"
+: "${PGFERRY_PG_SSL_ONLY:=0}"
 
 [[ -x "$PGFERRY_PG_BIN/pg_ctl" ]] || die "PostgreSQL binaries not found in $PGFERRY_PG_BIN (run deploy/local/install.sh)"
 
@@ -111,13 +119,24 @@ EOF
     if [[ -n "$PGFERRY_PG_PRELOAD" ]]; then
         echo "shared_preload_libraries = '$PGFERRY_PG_PRELOAD'" >>"$dir/pgferry.conf"
     fi
+    local host=host
+    if [[ -n "$PGFERRY_PG_SSL_CERT" ]]; then
+        [[ -r "$PGFERRY_PG_SSL_CERT" && -r "$PGFERRY_PG_SSL_KEY" ]] ||
+            die "n$i: PGFERRY_PG_SSL_CERT / PGFERRY_PG_SSL_KEY are not readable files"
+        install -m 0644 -o "$PG_OWNER" "$PGFERRY_PG_SSL_CERT" "$dir/server.crt"
+        install -m 0600 -o "$PG_OWNER" "$PGFERRY_PG_SSL_KEY" "$dir/server.key"
+        printf '%s\n' "ssl = on" "ssl_cert_file = 'server.crt'" "ssl_key_file = 'server.key'" >>"$dir/pgferry.conf"
+        [[ "$PGFERRY_PG_SSL_ONLY" == 1 ]] && host=hostssl
+    else
+        echo "ssl = off" >>"$dir/pgferry.conf"
+    fi
     cat >"$dir/pg_hba.conf" <<EOF
 # written by deploy/local/pg.sh on every start; edits are lost
 # TYPE  DATABASE     USER  ADDRESS        METHOD
 local   all          all                  trust
 local   replication  all                  trust
-host    all          all   127.0.0.1/32   scram-sha-256
-host    replication  all   127.0.0.1/32   scram-sha-256
+$host    all          all   127.0.0.1/32   scram-sha-256
+$host    replication  all   127.0.0.1/32   scram-sha-256
 EOF
     chown "$PG_OWNER" "$dir/pgferry.conf" "$dir/pg_hba.conf"
 }

@@ -15,7 +15,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+pub mod secure;
 
 /// Password of the local test servers (deploy/local/common.sh).
 pub const PG_PASSWORD: &str = "pgferry";
@@ -77,15 +79,12 @@ where
     }
 }
 
-/// Connects to a DSN.
+/// Connects to a DSN (TLS as its libpq `sslmode`/`sslrootcert` say, as pgferry does).
 pub async fn connect(dsn: &str) -> Result<Client> {
-    let (client, conn) = tokio_postgres::connect(dsn, NoTls)
+    let session = pgferry_connectors::postgres::connect_with(dsn, |_| {})
         .await
         .with_context(|| format!("connecting to {}", without_password(dsn)))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    Ok(session.client)
 }
 
 /// A URL DSN with its password replaced by `***` (for messages: secrets are never printed).
@@ -100,10 +99,19 @@ pub fn without_password(dsn: &str) -> String {
     dsn.to_string()
 }
 
+/// A URL DSN with its database replaced (its `?query` kept).
 fn with_db(dsn: &str, db: &str) -> String {
-    match dsn.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => dsn.to_string(),
+    let (base, query) = match dsn.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (dsn, None),
+    };
+    let base = match base.rsplit_once('/') {
+        Some((b, _)) => format!("{b}/{db}"),
+        None => base.to_string(),
+    };
+    match query {
+        Some(q) => format!("{base}?{q}"),
+        None => base,
     }
 }
 
@@ -173,6 +181,12 @@ pub struct Cluster {
     /// Extra TOML appended after the `[replication]` tables line (e.g. `resolver = "manual"`);
     /// takes effect at the next [`Cluster::write_config`].
     pub replication_toml: String,
+    /// Extra TOML lines of the `[kafka]` section (e.g. `security_protocol = "SASL_SSL"`);
+    /// takes effect at the next [`Cluster::write_config`].
+    pub kafka_toml: String,
+    /// Extra TOML lines of the `[registry]` section (e.g. `username = "…"`); takes effect at
+    /// the next [`Cluster::write_config`].
+    pub registry_toml: String,
     /// Endpoints.
     pub endpoints: Endpoints,
 }
@@ -237,6 +251,8 @@ impl Cluster {
             config_path: dir.join("pgferry.toml"),
             tables: tables.iter().map(|t| t.to_string()).collect(),
             replication_toml: String::new(),
+            kafka_toml: String::new(),
+            registry_toml: String::new(),
             dir,
             endpoints,
         };
@@ -247,8 +263,8 @@ impl Cluster {
     /// Writes the cluster's `pgferry.toml` from its nodes and tables.
     pub fn write_config(&self) -> Result<()> {
         let mut toml = format!(
-            "[cluster]\nname = \"{}\"\n[kafka]\nbootstrap_servers = \"{}\"\npartitions = 3\n[registry]\nurl = \"{}\"\n",
-            self.name, self.endpoints.kafka, self.endpoints.registry
+            "[cluster]\nname = \"{}\"\n[kafka]\nbootstrap_servers = \"{}\"\npartitions = 3\n{}\n[registry]\nurl = \"{}\"\n{}\n",
+            self.name, self.endpoints.kafka, self.kafka_toml, self.endpoints.registry, self.registry_toml
         );
         for n in &self.nodes {
             toml += &format!(
@@ -594,6 +610,7 @@ pub fn produce(bootstrap: &str, topic: &str, partition: i32, key: Option<&[u8]>,
 pub struct OwnServers {
     root: PathBuf,
     base_port: u16,
+    env: Vec<(String, String)>,
     /// Their endpoints (Kafka and the registry are the shared ones).
     pub endpoints: Endpoints,
 }
@@ -601,6 +618,11 @@ pub struct OwnServers {
 impl OwnServers {
     /// Creates (initdb) and starts `n` servers on `base_port + 1 ..= base_port + n`.
     pub fn start(name: &str, n: usize, base_port: u16) -> Result<OwnServers> {
+        OwnServers::start_with(name, n, base_port, &[])
+    }
+
+    /// [`OwnServers::start`] with extra environment for `pg.sh` (e.g. `PGFERRY_PG_SSL_CERT`).
+    pub fn start_with(name: &str, n: usize, base_port: u16, env: &[(&str, &str)]) -> Result<OwnServers> {
         let root = std::env::temp_dir().join(format!("pgferry-servers-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
@@ -613,6 +635,7 @@ impl OwnServers {
             },
             root,
             base_port,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         servers.pg_sh(&["start", &n.to_string()])?;
         Ok(servers)
@@ -626,6 +649,7 @@ impl OwnServers {
             .args(args)
             .env("PGFERRY_LOCAL", &self.root)
             .env("PGFERRY_PG_BASE_PORT", self.base_port.to_string())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .with_context(|| format!("running {}", script.display()))?;
         if !out.status.success() {
