@@ -14,6 +14,7 @@ mod repair;
 mod replay;
 mod repset;
 mod row_sql;
+mod scrubbed_output;
 mod supervise;
 mod table_compare;
 
@@ -116,7 +117,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("PGFERRY_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pg_walstream=error,rdkafka=warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(scrubbed_output::ScrubbedStderr)
         .init();
     let cli = Cli::parse();
     // The benchmarks need no config or runtime here: they run in their own binary.
@@ -149,6 +150,7 @@ fn main() {
 async fn run(cli: Cli) -> Result<i32> {
     let config = Arc::new(Config::load(&cli.config)?);
     let secrets = config.secrets();
+    scrubbed_output::protect(secrets.clone());
     run_command(cli, config).await.map_err(|e| {
         // Errors name endpoints, never passwords; scrub anyway in case a library quotes a DSN.
         anyhow::anyhow!(secrets.scrub(&one_line(&e)))
