@@ -56,18 +56,30 @@ EOF
 }
 
 # Rewritten on every start so changes here take effect on the next restart.
+# A second plaintext listener PROXIED on 127.0.0.1:$PGFERRY_KAFKA_PROXIED_PORT, advertised as
+# $PGFERRY_KAFKA_PROXIED_ADVERTISED (host:port), when both are set: clients that bootstrap
+# through a proxy in front of it keep going through the proxy (the fault tests' network cut).
 write_props() {
     mkdir -p "$KAFKA_DATA"
+    local listeners advertised protocols
+    listeners="PLAINTEXT://$PGFERRY_KAFKA_HOST:$PGFERRY_KAFKA_PORT,CONTROLLER://127.0.0.1:$PGFERRY_KAFKA_CONTROLLER_PORT"
+    advertised="PLAINTEXT://$PGFERRY_KAFKA_HOST:$PGFERRY_KAFKA_PORT"
+    protocols="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    if [[ -n "${PGFERRY_KAFKA_PROXIED_PORT:-}" && -n "${PGFERRY_KAFKA_PROXIED_ADVERTISED:-}" ]]; then
+        listeners+=",PROXIED://127.0.0.1:$PGFERRY_KAFKA_PROXIED_PORT"
+        advertised+=",PROXIED://$PGFERRY_KAFKA_PROXIED_ADVERTISED"
+        protocols+=",PROXIED:PLAINTEXT"
+    fi
     cat >"$KAFKA_PROPS" <<EOF
 # written by deploy/local/kafka.sh on every start; edits are lost
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$PGFERRY_KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$PGFERRY_KAFKA_HOST:$PGFERRY_KAFKA_PORT,CONTROLLER://127.0.0.1:$PGFERRY_KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$PGFERRY_KAFKA_HOST:$PGFERRY_KAFKA_PORT
+listeners=$listeners
+advertised.listeners=$advertised
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=$protocols
 log.dirs=$KAFKA_DATA
 num.partitions=1
 default.replication.factor=1
