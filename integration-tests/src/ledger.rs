@@ -123,9 +123,11 @@ impl Ledger {
     pub async fn wait_progress(&self, more: usize, timeout: Duration) -> Result<()> {
         let nodes = self.nodes;
         let start: Vec<usize> = (0..nodes).map(|n| self.acked_on(n)).collect();
-        crate::wait_until(&format!("{more} more acknowledged transfers on every node"), timeout, || async {
-            Ok((0..nodes).all(|n| self.acked_on(n) >= start[n] + more))
-        })
+        crate::wait_until(
+            &format!("{more} more acknowledged transfers on every node"),
+            timeout,
+            || async { Ok((0..nodes).all(|n| self.acked_on(n) >= start[n] + more)) },
+        )
         .await
     }
 
@@ -250,8 +252,11 @@ async fn transfer(c: &tokio_postgres::Client, id: &str, t: Transfer) -> Outcome 
         let mut moves = [(t.src, -t.amount), (t.dst, t.amount)];
         moves.sort();
         for (account, delta) in moves {
-            c.execute("UPDATE accounts SET balance = balance + $2 WHERE id = $1", &[&account, &delta])
-                .await?;
+            c.execute(
+                "UPDATE accounts SET balance = balance + $2 WHERE id = $1",
+                &[&account, &delta],
+            )
+            .await?;
         }
         Ok::<_, tokio_postgres::Error>(())
     };
@@ -262,7 +267,10 @@ async fn transfer(c: &tokio_postgres::Client, id: &str, t: Transfer) -> Outcome 
     match c.batch_execute("COMMIT").await {
         Ok(()) => Outcome::Acked,
         // The server answered that it rolled back (deadlock, serialization, constraint).
-        Err(e) if e.code().is_some_and(|s| s.code().starts_with("40") || s.code().starts_with("23")) => {
+        Err(e)
+            if e.code()
+                .is_some_and(|s| s.code().starts_with("40") || s.code().starts_with("23")) =>
+        {
             Outcome::Failed
         }
         // No answer, or the session ended (shutdown, crash): it may or may not have committed.
@@ -294,7 +302,10 @@ pub async fn wait_replicated(
         }
         let mut done = sessions.len() == cluster.nodes.len();
         for c in &sessions {
-            match c.query_one("SELECT count(*) FROM transfers WHERE id = ANY($1)", &[&ids]).await {
+            match c
+                .query_one("SELECT count(*) FROM transfers WHERE id = ANY($1)", &[&ids])
+                .await
+            {
                 Ok(r) => done &= r.get::<_, i64>(0) == want,
                 Err(_) => {
                     done = false;
@@ -307,7 +318,10 @@ pub async fn wait_replicated(
             return Ok(began.elapsed());
         }
         if began.elapsed() > timeout {
-            anyhow::bail!("{} acknowledged transfers not on every node after {timeout:?}", ids.len());
+            anyhow::bail!(
+                "{} acknowledged transfers not on every node after {timeout:?}",
+                ids.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -362,7 +376,10 @@ struct NodeState {
 async fn node_state(cluster: &Cluster, i: usize) -> Result<NodeState> {
     let c = cluster.sql(i).await?;
     let rows = c
-        .query("SELECT id, src, dst, amount, count(*) OVER (PARTITION BY id) FROM transfers", &[])
+        .query(
+            "SELECT id, src, dst, amount, count(*) OVER (PARTITION BY id) FROM transfers",
+            &[],
+        )
         .await?;
     let transfers = rows
         .iter()
@@ -417,7 +434,9 @@ pub async fn check(cluster: &Cluster, record: &Record, timeout: Duration) -> Res
         let settled = states.iter().all(|s| s.is_ok()) && {
             let ok: Vec<&NodeState> = states.iter().flatten().collect();
             ok.windows(2).all(|w| w[0].fingerprint == w[1].fingerprint)
-                && ok.iter().all(|s| record.acked.keys().all(|k| s.transfers.contains_key(k)))
+                && ok
+                    .iter()
+                    .all(|s| record.acked.keys().all(|k| s.transfers.contains_key(k)))
         };
         if settled || began.elapsed() > timeout {
             break;
@@ -435,7 +454,9 @@ pub async fn check(cluster: &Cluster, record: &Record, timeout: Duration) -> Res
         match s {
             Ok(s) => states_ok.push(s),
             Err(e) => {
-                report.problems.push(format!("node {}: cannot read the ledger: {e}", i + 1));
+                report
+                    .problems
+                    .push(format!("node {}: cannot read the ledger: {e}", i + 1));
                 return Ok(report);
             }
         }
@@ -454,16 +475,26 @@ pub async fn check(cluster: &Cluster, record: &Record, timeout: Duration) -> Res
         for (id, (t, copies)) in &s.transfers {
             if *copies > 1 {
                 report.duplicated += (*copies - 1) as usize;
-                report.problems.push(format!("node {node}: transfer {id} present {copies} times"));
+                report
+                    .problems
+                    .push(format!("node {node}: transfer {id} present {copies} times"));
             }
             let known = record.acked.get(id).or_else(|| record.unknown.get(id));
             match known {
                 Some(k) if k == t => {}
-                Some(k) => report.problems.push(format!("node {node}: transfer {id} is {t:?}, the client sent {k:?}")),
+                Some(k) => report
+                    .problems
+                    .push(format!("node {node}: transfer {id} is {t:?}, the client sent {k:?}")),
                 None => {
                     report.duplicated += 1;
-                    let why = if record.failed.contains(id) { "failed" } else { "was never attempted" };
-                    report.problems.push(format!("node {node}: transfer {id} is present but {why}"));
+                    let why = if record.failed.contains(id) {
+                        "failed"
+                    } else {
+                        "was never attempted"
+                    };
+                    report
+                        .problems
+                        .push(format!("node {node}: transfer {id} is present but {why}"));
                 }
             }
         }
@@ -478,9 +509,10 @@ pub async fn check(cluster: &Cluster, record: &Record, timeout: Duration) -> Res
             }
         }
         if total != INITIAL * ACCOUNTS as i64 {
-            report
-                .problems
-                .push(format!("node {node}: balances sum to {total}, not {}", INITIAL * ACCOUNTS as i64));
+            report.problems.push(format!(
+                "node {node}: balances sum to {total}, not {}",
+                INITIAL * ACCOUNTS as i64
+            ));
         }
     }
     for id in record.unknown.keys() {
@@ -489,11 +521,16 @@ pub async fn check(cluster: &Cluster, record: &Record, timeout: Duration) -> Res
             report.unknown_committed += 1;
         } else if present > 0 {
             report.inconsistent += 1;
-            report.problems.push(format!("unknown-outcome transfer {id} is on {present} of {} nodes", states_ok.len()));
+            report.problems.push(format!(
+                "unknown-outcome transfer {id} is on {present} of {} nodes",
+                states_ok.len()
+            ));
         }
     }
     if states_ok.windows(2).any(|w| w[0].fingerprint != w[1].fingerprint) {
-        report.problems.push("the nodes' transfers or accounts tables differ".into());
+        report
+            .problems
+            .push("the nodes' transfers or accounts tables differ".into());
     }
     report.problems.truncate(40);
     Ok(report)

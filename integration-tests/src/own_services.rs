@@ -29,7 +29,9 @@ pub fn free_port() -> Result<u16> {
 
 /// Runs `deploy/local/<script> ARGS` with `env`; fails with its output.
 fn deploy_script(script: &str, args: &[&str], env: &[(&str, String)]) -> Result<()> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local").join(script);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/local")
+        .join(script);
     let mut cmd = Command::new("bash");
     cmd.arg(&path).args(args);
     for (k, v) in env {
@@ -56,7 +58,9 @@ fn live_pid(file: &Path) -> Option<u32> {
 pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name in parentheses: "Z" is a zombie.
-        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -185,7 +189,20 @@ impl Drop for OwnKafka {
             }
         }
         if let Some(dir) = &self.tmpfs {
-            let _ = Command::new("umount").arg(dir).status();
+            // A process that just died can keep the mount busy for a moment; lazy as a last resort.
+            let unmounted = (0..20).any(|_| {
+                let ok = Command::new("umount")
+                    .arg(dir)
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                ok.is_ok_and(|s| s.success()) || {
+                    std::thread::sleep(Duration::from_millis(250));
+                    false
+                }
+            });
+            if !unmounted {
+                let _ = Command::new("umount").arg("-l").arg(dir).status();
+            }
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }
@@ -199,12 +216,15 @@ pub struct OwnRegistry {
 }
 
 impl OwnRegistry {
-    /// Starts a registry named `name`; waits until it answers.
-    pub async fn start(name: &str) -> Result<OwnRegistry> {
+    /// Starts a registry named `name` on `port` (None: any free one); waits until it answers.
+    pub async fn start(name: &str, port: Option<u16>) -> Result<OwnRegistry> {
         let root = std::env::temp_dir().join(format!("pgferry-registry-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
-        let port = free_port()?;
+        let port = match port {
+            Some(p) => p,
+            None => free_port()?,
+        };
         let registry = OwnRegistry {
             env: vec![
                 ("PGFERRY_LOCAL", root.display().to_string()),

@@ -25,7 +25,7 @@ const APPLY: usize = 1;
 const SERVICES: [&str; 2] = ["capture", "apply"];
 /// Ledger clients per node, and their pause between transfers.
 const CLIENTS: usize = 2;
-const PACE: Duration = Duration::from_millis(40);
+const PACE: Duration = Duration::from_millis(100);
 /// How long a fault lasts before it is healed (a bounded pause: the workload runs meanwhile).
 const OUTAGE: Duration = Duration::from_secs(4);
 /// Deadline for replication to catch up after a heal.
@@ -54,8 +54,14 @@ impl Rig {
     /// Creates the cluster on `endpoints`, lets `adjust` change node i's view of it (e.g. the
     /// DSN or bootstrap servers of a proxy), runs init and starts every service.
     async fn start(test: &str, endpoints: Endpoints, adjust: impl Fn(usize, &mut Cluster)) -> Result<Rig> {
-        let mut cluster =
-            Cluster::create_on(endpoints, test, &["r1", "r1", "r1"], &ledger::setup_sql(), ledger::TABLES).await?;
+        let mut cluster = Cluster::create_on(
+            endpoints,
+            test,
+            &["r1", "r1", "r1"],
+            &ledger::setup_sql(),
+            ledger::TABLES,
+        )
+        .await?;
         cluster.replication_toml = ledger::REPLICATION_TOML.into();
         cluster.write_config()?;
         cluster.init()?;
@@ -71,7 +77,12 @@ impl Rig {
             per_node.push(view);
         }
         let metrics = (0..3)
-            .map(|_| Ok([format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?)]))
+            .map(|_| {
+                Ok([
+                    format!("127.0.0.1:{}", free_port()?),
+                    format!("127.0.0.1:{}", free_port()?),
+                ])
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut rig = Rig {
             cluster,
@@ -128,7 +139,9 @@ impl Rig {
 
     /// The `/healthz` status of a service (0 when it does not answer).
     async fn health(&self, node: usize, service: usize) -> u16 {
-        http_get(&self.metrics[node][service], "/healthz").await.map_or(0, |r| r.0)
+        http_get(&self.metrics[node][service], "/healthz")
+            .await
+            .map_or(0, |r| r.0)
     }
 
     /// Waits until a service's `/healthz` answers `status`.
@@ -141,7 +154,10 @@ impl Rig {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("timed out after {timeout:?} waiting for {what}\n{}", self.cluster.logs());
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    self.cluster.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -156,7 +172,10 @@ impl Rig {
             bail!("{e}\n{}", self.cluster.logs());
         }
         let took = healed.elapsed();
-        eprintln!("  recovered {} transfers on every node {took:?} after the heal", ids.len());
+        eprintln!(
+            "  recovered {} transfers on every node {took:?} after the heal",
+            ids.len()
+        );
         self.recover_max = self.recover_max.max(took);
         Ok(())
     }
@@ -173,11 +192,27 @@ impl Rig {
             self.recover_max.as_millis()
         );
         if !report.ok() {
-            bail!("ledger check failed after {kind}:\n{}\n{}", report.problems.join("\n"), self.cluster.logs());
+            bail!(
+                "ledger check failed after {kind}:\n{}\n{}",
+                report.problems.join("\n"),
+                self.cluster.logs()
+            );
         }
         self.alive()?;
-        assert!(record.acked.len() > 100, "the workload ran ({} acknowledged)", record.acked.len());
+        assert!(
+            record.acked.len() > 100,
+            "the workload ran ({} acknowledged)",
+            record.acked.len()
+        );
         self.services.clear();
+        if let Some(keep) = std::env::var_os("PGFERRY_FAULT_KEEP_LOGS") {
+            // The services' logs, for reading what happened during the faults.
+            let to = std::path::PathBuf::from(keep).join(kind);
+            let _ = std::fs::create_dir_all(&to);
+            for e in std::fs::read_dir(&self.cluster.dir)?.flatten() {
+                let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+            }
+        }
         self.cluster.cleanup().await
     }
 }
@@ -212,7 +247,12 @@ async fn kill_service(kind: &str, service: usize) -> Result<()> {
     let rounds = rounds();
     for round in 0..rounds {
         let node = round % 3;
-        eprintln!("{kind} round {}: SIGKILL {} of node {}", round + 1, SERVICES[service], node + 1);
+        eprintln!(
+            "{kind} round {}: SIGKILL {} of node {}",
+            round + 1,
+            SERVICES[service],
+            node + 1
+        );
         rig.kill(node, service);
         run_for(OUTAGE / 2).await;
         rig.spawn(node, service)?;
@@ -262,14 +302,20 @@ async fn postgres_crash() -> Result<()> {
     for round in 0..rounds {
         let node = round % 3;
         if round % 2 == 0 {
-            eprintln!("{kind} round {}: immediate stop of node {}'s PostgreSQL", round + 1, node + 1);
+            eprintln!(
+                "{kind} round {}: immediate stop of node {}'s PostgreSQL",
+                round + 1,
+                node + 1
+            );
             servers.pg_sh(&["kill-node", &(node + 1).to_string()])?;
         } else {
             eprintln!("{kind} round {}: SIGKILL of node {}'s postmaster", round + 1, node + 1);
             let pid = postmaster_pid(&servers, node + 1)?;
             signal(pid, "-KILL")?;
-            wait_until("the postmaster to end", Duration::from_secs(30), || async { Ok(!process_alive(pid)) })
-                .await?;
+            wait_until("the postmaster to end", Duration::from_secs(30), || async {
+                Ok(!process_alive(pid))
+            })
+            .await?;
         }
         // While the server is down both services of the node say so.
         rig.wait_health(node, CAPTURE, 503, Duration::from_secs(30)).await?;
@@ -310,7 +356,10 @@ fn via(dsn: &str, addr: &str) -> String {
 async fn postgres_network_cut() -> Result<()> {
     let kind = "postgres_network_cut";
     let endpoints = shared_pg(None, None);
-    let target = endpoints.pg[0].rsplit_once('@').and_then(|(_, r)| r.split_once('/')).map(|(h, _)| h.to_string());
+    let target = endpoints.pg[0]
+        .rsplit_once('@')
+        .and_then(|(_, r)| r.split_once('/'))
+        .map(|(h, _)| h.to_string());
     let proxy = Proxy::start("127.0.0.1:0", &target.unwrap_or_default()).await?;
     let addr = proxy.addr().to_string();
     let mut rig = Rig::start(kind, endpoints, |i, view| {
@@ -321,10 +370,16 @@ async fn postgres_network_cut() -> Result<()> {
     })
     .await?;
     let ledger = start_ledger(&rig).await?;
-    anyhow::ensure!(proxy.accepted() > 0, "node 1's services reach PostgreSQL through the proxy");
+    anyhow::ensure!(
+        proxy.accepted() > 0,
+        "node 1's services reach PostgreSQL through the proxy"
+    );
     let rounds = rounds();
     for round in 0..rounds {
-        eprintln!("{kind} round {}: cutting node 1's services off its PostgreSQL", round + 1);
+        eprintln!(
+            "{kind} round {}: cutting node 1's services off its PostgreSQL",
+            round + 1
+        );
         proxy.cut();
         rig.wait_health(0, CAPTURE, 503, Duration::from_secs(30)).await?;
         rig.wait_health(0, APPLY, 503, Duration::from_secs(30)).await?;
@@ -349,9 +404,15 @@ async fn kafka_sigkill() -> Result<()> {
     for round in 0..rounds {
         eprintln!("{kind} round {}: SIGKILL of the broker", round + 1);
         kafka.kill().await?;
-        run_for(OUTAGE).await;
+        // Every node's services say Kafka is away (the node written to most recently suffices).
+        let node = round % 3;
+        rig.wait_health(node, APPLY, 503, Duration::from_secs(30)).await?;
+        rig.wait_health(node, CAPTURE, 503, Duration::from_secs(30)).await?;
+        run_for(OUTAGE / 2).await;
         rig.alive()?;
+        let t = Instant::now();
         kafka.start_again().await?;
+        eprintln!("  broker up again after {:?}", t.elapsed());
         let healed = Instant::now();
         rig.wait_recovered(&ledger, healed).await?;
         for n in 0..3 {
@@ -391,7 +452,9 @@ async fn kafka_network_cut() -> Result<()> {
     for round in 0..rounds {
         eprintln!("{kind} round {}: cutting node 1's services off Kafka", round + 1);
         proxy.cut();
-        run_for(OUTAGE).await;
+        rig.wait_health(0, APPLY, 503, Duration::from_secs(30)).await?;
+        rig.wait_health(0, CAPTURE, 503, Duration::from_secs(30)).await?;
+        run_for(OUTAGE / 2).await;
         rig.alive()?;
         proxy.heal();
         let healed = Instant::now();
@@ -439,11 +502,20 @@ async fn kafka_disk_full() -> Result<()> {
         let file = fill(&kafka.data_dir())?;
         // The broker fails writes and, with its only log directory failed, stops.
         let filled = Instant::now();
-        let stopped = wait_until("the broker to stop on the full disk", Duration::from_secs(60), || async {
-            Ok(kafka.pid().is_none())
-        })
+        let stopped = wait_until(
+            "the broker to stop on the full disk",
+            Duration::from_secs(60),
+            || async { Ok(kafka.pid().is_none()) },
+        )
         .await;
-        eprintln!("  broker stopped: {} ({:?} after the fill)", stopped.is_ok(), filled.elapsed());
+        eprintln!(
+            "  broker stopped: {} ({:?} after the fill)",
+            stopped.is_ok(),
+            filled.elapsed()
+        );
+        let node = round % 3;
+        rig.wait_health(node, APPLY, 503, Duration::from_secs(30)).await?;
+        rig.wait_health(node, CAPTURE, 503, Duration::from_secs(30)).await?;
         rig.alive()?;
         std::fs::remove_file(&file)?;
         if kafka.pid().is_none() {
@@ -465,13 +537,22 @@ async fn kafka_disk_full() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_outage() -> Result<()> {
     let kind = "registry_outage";
-    let registry = OwnRegistry::start(kind).await?;
+    // On a port with "404" in it: apply once took any fetch error whose text held "404" (the
+    // URL) for the registry's "no such schema" and dead-lettered the change.
+    let port = [28_404, 29_404, 30_404, 31_404]
+        .into_iter()
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok());
+    let registry = OwnRegistry::start(kind, port).await?;
     let mut rig = Rig::start(kind, shared_pg(None, Some(registry.url())), |_, _| {}).await?;
     let ledger = start_ledger(&rig).await?;
     let rounds = rounds();
     for round in 0..rounds {
         let node = round % 3;
-        eprintln!("{kind} round {}: registry down; restarting node {}'s capture and apply", round + 1, node + 1);
+        eprintln!(
+            "{kind} round {}: registry down; restarting node {}'s capture and apply",
+            round + 1,
+            node + 1
+        );
         registry.stop().await?;
         // Restarted services need the registry: capture to register its records, apply to
         // fetch the schemas of the messages it reads.
