@@ -31,7 +31,17 @@ while (($#)); do
     esac
 done
 
-"$PGFERRY_DEPLOY/up.sh" 3 >&2
+# The shared services: started unless they already answer (then they are left as they are).
+shared_up() {
+    local i
+    for i in 1 2 3; do tcp_open 127.0.0.1 "$(pg_port "$i")" || return 1; done
+    tcp_open "$PGFERRY_KAFKA_HOST" "$PGFERRY_KAFKA_PORT" && curl -sf -m 5 -o /dev/null "$(registry_ccompat)/subjects"
+}
+if shared_up; then
+    log "shared services answer; not starting them"
+else
+    "$PGFERRY_DEPLOY/up.sh" 3 >&2
+fi
 eval "$("$PGFERRY_DEPLOY/env.sh" 3)"
 command -v cargo >/dev/null 2>&1 || { [[ -f "$HOME/.cargo/env" ]] && source "$HOME/.cargo/env"; }
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (rustup) first"

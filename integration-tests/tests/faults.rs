@@ -180,6 +180,24 @@ impl Rig {
         Ok(())
     }
 
+    /// During a fault: both services of `node` answer `/healthz` 503.
+    async fn wait_unhealthy(&mut self, node: usize) -> Result<()> {
+        self.wait_health(node, APPLY, 503, Duration::from_secs(30)).await?;
+        self.wait_health(node, CAPTURE, 503, Duration::from_secs(30)).await
+    }
+
+    /// After a heal at `healed`: replication caught up ([`Rig::wait_recovered`]), the
+    /// services of `nodes` answer `/healthz` 200, and the workload runs on for a moment.
+    async fn wait_healed(&mut self, ledger: &Ledger, healed: Instant, nodes: &[usize]) -> Result<()> {
+        self.wait_recovered(ledger, healed).await?;
+        for &n in nodes {
+            self.wait_health(n, CAPTURE, 200, Duration::from_secs(60)).await?;
+            self.wait_health(n, APPLY, 200, Duration::from_secs(60)).await?;
+        }
+        run_for(Duration::from_secs(2)).await;
+        Ok(())
+    }
+
     /// Stops the workload, checks the ledger, prints the FAULT line and fails on any problem;
     /// then stops the services and drops the databases.
     async fn finish(mut self, ledger: Ledger, kind: &str, injected: usize) -> Result<()> {
@@ -257,9 +275,7 @@ async fn kill_service(kind: &str, service: usize) -> Result<()> {
         run_for(OUTAGE / 2).await;
         rig.spawn(node, service)?;
         let healed = Instant::now();
-        rig.wait_recovered(&ledger, healed).await?;
-        rig.wait_health(node, service, 200, Duration::from_secs(60)).await?;
-        run_for(Duration::from_secs(2)).await;
+        rig.wait_healed(&ledger, healed, &[node]).await?;
     }
     rig.finish(ledger, kind, rounds).await
 }
@@ -318,8 +334,7 @@ async fn postgres_crash() -> Result<()> {
             .await?;
         }
         // While the server is down both services of the node say so.
-        rig.wait_health(node, CAPTURE, 503, Duration::from_secs(30)).await?;
-        rig.wait_health(node, APPLY, 503, Duration::from_secs(30)).await?;
+        rig.wait_unhealthy(node).await?;
         run_for(OUTAGE).await;
         // After a postmaster SIGKILL its backends notice and exit; start retries until they have.
         let start = Instant::now();
@@ -331,10 +346,7 @@ async fn postgres_crash() -> Result<()> {
             }
         }
         let healed = Instant::now();
-        rig.wait_recovered(&ledger, healed).await?;
-        rig.wait_health(node, CAPTURE, 200, Duration::from_secs(60)).await?;
-        rig.wait_health(node, APPLY, 200, Duration::from_secs(60)).await?;
-        run_for(Duration::from_secs(2)).await;
+        rig.wait_healed(&ledger, healed, &[node]).await?;
     }
     rig.finish(ledger, kind, rounds).await?;
     drop(servers);
@@ -381,15 +393,11 @@ async fn postgres_network_cut() -> Result<()> {
             round + 1
         );
         proxy.cut();
-        rig.wait_health(0, CAPTURE, 503, Duration::from_secs(30)).await?;
-        rig.wait_health(0, APPLY, 503, Duration::from_secs(30)).await?;
+        rig.wait_unhealthy(0).await?;
         run_for(OUTAGE).await;
         proxy.heal();
         let healed = Instant::now();
-        rig.wait_recovered(&ledger, healed).await?;
-        rig.wait_health(0, CAPTURE, 200, Duration::from_secs(60)).await?;
-        rig.wait_health(0, APPLY, 200, Duration::from_secs(60)).await?;
-        run_for(Duration::from_secs(2)).await;
+        rig.wait_healed(&ledger, healed, &[0]).await?;
     }
     rig.finish(ledger, kind, rounds).await
 }
@@ -406,20 +414,14 @@ async fn kafka_sigkill() -> Result<()> {
         kafka.kill().await?;
         // Every node's services say Kafka is away (the node written to most recently suffices).
         let node = round % 3;
-        rig.wait_health(node, APPLY, 503, Duration::from_secs(30)).await?;
-        rig.wait_health(node, CAPTURE, 503, Duration::from_secs(30)).await?;
+        rig.wait_unhealthy(node).await?;
         run_for(OUTAGE / 2).await;
         rig.alive()?;
         let t = Instant::now();
         kafka.start_again().await?;
         eprintln!("  broker up again after {:?}", t.elapsed());
         let healed = Instant::now();
-        rig.wait_recovered(&ledger, healed).await?;
-        for n in 0..3 {
-            rig.wait_health(n, CAPTURE, 200, Duration::from_secs(60)).await?;
-            rig.wait_health(n, APPLY, 200, Duration::from_secs(60)).await?;
-        }
-        run_for(Duration::from_secs(2)).await;
+        rig.wait_healed(&ledger, healed, &[0, 1, 2]).await?;
     }
     rig.finish(ledger, kind, rounds).await?;
     drop(kafka);
@@ -452,16 +454,12 @@ async fn kafka_network_cut() -> Result<()> {
     for round in 0..rounds {
         eprintln!("{kind} round {}: cutting node 1's services off Kafka", round + 1);
         proxy.cut();
-        rig.wait_health(0, APPLY, 503, Duration::from_secs(30)).await?;
-        rig.wait_health(0, CAPTURE, 503, Duration::from_secs(30)).await?;
+        rig.wait_unhealthy(0).await?;
         run_for(OUTAGE / 2).await;
         rig.alive()?;
         proxy.heal();
         let healed = Instant::now();
-        rig.wait_recovered(&ledger, healed).await?;
-        rig.wait_health(0, CAPTURE, 200, Duration::from_secs(60)).await?;
-        rig.wait_health(0, APPLY, 200, Duration::from_secs(60)).await?;
-        run_for(Duration::from_secs(2)).await;
+        rig.wait_healed(&ledger, healed, &[0]).await?;
     }
     rig.finish(ledger, kind, rounds).await?;
     drop(kafka);
@@ -514,20 +512,14 @@ async fn kafka_disk_full() -> Result<()> {
             filled.elapsed()
         );
         let node = round % 3;
-        rig.wait_health(node, APPLY, 503, Duration::from_secs(30)).await?;
-        rig.wait_health(node, CAPTURE, 503, Duration::from_secs(30)).await?;
+        rig.wait_unhealthy(node).await?;
         rig.alive()?;
         std::fs::remove_file(&file)?;
         if kafka.pid().is_none() {
             kafka.start_again().await?;
         }
         let healed = Instant::now();
-        rig.wait_recovered(&ledger, healed).await?;
-        for n in 0..3 {
-            rig.wait_health(n, CAPTURE, 200, Duration::from_secs(60)).await?;
-            rig.wait_health(n, APPLY, 200, Duration::from_secs(60)).await?;
-        }
-        run_for(Duration::from_secs(2)).await;
+        rig.wait_healed(&ledger, healed, &[0, 1, 2]).await?;
     }
     rig.finish(ledger, kind, rounds).await?;
     drop(kafka);
@@ -565,10 +557,7 @@ async fn registry_outage() -> Result<()> {
         rig.alive()?;
         registry.start_again().await?;
         let healed = Instant::now();
-        rig.wait_recovered(&ledger, healed).await?;
-        rig.wait_health(node, CAPTURE, 200, Duration::from_secs(60)).await?;
-        rig.wait_health(node, APPLY, 200, Duration::from_secs(60)).await?;
-        run_for(Duration::from_secs(2)).await;
+        rig.wait_healed(&ledger, healed, &[node]).await?;
     }
     rig.finish(ledger, kind, rounds).await?;
     drop(registry);
