@@ -27,7 +27,7 @@ const SERVICES: [&str; 2] = ["capture", "apply"];
 const CLIENTS: usize = 2;
 const PACE: Duration = Duration::from_millis(100);
 /// How long a fault lasts before it is healed (a bounded pause: the workload runs meanwhile).
-const OUTAGE: Duration = Duration::from_secs(4);
+const OUTAGE: Duration = Duration::from_secs(3);
 /// Deadline for replication to catch up after a heal.
 const RECOVER: Duration = Duration::from_secs(120);
 
@@ -194,7 +194,7 @@ impl Rig {
             self.wait_health(n, CAPTURE, 200, Duration::from_secs(60)).await?;
             self.wait_health(n, APPLY, 200, Duration::from_secs(60)).await?;
         }
-        run_for(Duration::from_secs(2)).await;
+        run_for(Duration::from_secs(1)).await;
         Ok(())
     }
 
