@@ -5,7 +5,8 @@
 //! again after a restart is counted once. The lag gauge is `now − origin commit time of the last
 //! applied transaction`, or of the last heartbeat when no transaction is open, computed at scrape
 //! (an idle origin reads between 0 and its heartbeat interval). Apply is healthy when every
-//! origin it reads has a running stream.
+//! origin it reads has a running stream and its consumer has not just reported every broker
+//! down (see [`KAFKA_DOWN_FOR`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -25,7 +26,13 @@ struct State {
     last_error: Option<String>,
     /// Whether an origin's partition holds messages not applied yet (None: unknown).
     pending: Option<PendingProbe>,
+    /// The consumer's last "all brokers down" error.
+    kafka_error: Option<String>,
 }
+
+/// Apply is unhealthy for this long after its consumer reported every broker down, unless a
+/// message arrives first (librdkafka repeats the error about every 10 s while it lasts).
+pub const KAFKA_DOWN_FOR: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Tells whether `origin`'s partition holds messages this node has not applied yet.
 pub type PendingProbe = Arc<dyn Fn(&str) -> Option<bool> + Send + Sync>;
@@ -34,6 +41,18 @@ struct Shared {
     registry: MetricsRegistry,
     node: String,
     state: Mutex<State>,
+    /// When the consumer last reported every broker down (µs since the epoch); 0: a message
+    /// arrived since.
+    kafka_down_us: AtomicI64,
+}
+
+impl Shared {
+    /// A message arrived: the brokers are reachable.
+    fn kafka_reached(&self) {
+        if self.kafka_down_us.load(Ordering::Relaxed) != 0 {
+            self.kafka_down_us.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Shared {
@@ -72,6 +91,7 @@ impl ApplyMetrics {
             registry: registry.clone(),
             node: node.to_string(),
             state: Mutex::new(State::default()),
+            kafka_down_us: AtomicI64::new(0),
         });
         let s = shared.clone();
         registry.register_health(
@@ -102,6 +122,11 @@ impl ApplyMetrics {
                         .collect(),
                     None => Vec::new(),
                 };
+                let down_us = s.kafka_down_us.load(Ordering::Relaxed);
+                if down_us != 0 && now - down_us < KAFKA_DOWN_FOR.as_micros() as i64 {
+                    let e = state.kafka_error.as_deref().unwrap_or("all brokers down");
+                    return Err(format!("Kafka unreachable: {e}"));
+                }
                 let problem = if state.origins.is_empty() {
                     "not started".to_string()
                 } else if idle.is_empty() && lagging.is_empty() {
@@ -129,6 +154,13 @@ impl ApplyMetrics {
     /// Records why apply stopped (shown by `/healthz` while it is unhealthy).
     pub fn failed(&self, error: &str) {
         self.0.lock().last_error = Some(error.to_string());
+    }
+
+    /// The consumer reported that no broker can be reached: unhealthy until a message arrives
+    /// (or [`KAFKA_DOWN_FOR`] passes without the error repeating).
+    pub fn kafka_down(&self, error: &str) {
+        self.0.lock().kafka_error = Some(error.to_string());
+        self.0.kafka_down_us.store(now_us(), Ordering::Relaxed);
     }
 
     /// Tombstones dropped by garbage collection.
@@ -271,6 +303,7 @@ impl OriginMetrics {
 
     /// The open transaction, committed at `commit_ts_us` on the origin, committed locally.
     pub fn txn_applied(&mut self, commit_ts_us: i64) {
+        self.shared.kafka_reached();
         self.txns.inc();
         self.rows.inc_by(std::mem::take(&mut self.pending_rows));
         self.truncates.inc_by(std::mem::take(&mut self.pending_truncates));
@@ -280,6 +313,7 @@ impl OriginMetrics {
     /// A heartbeat arrived while no transaction was open: the stream is caught up to its
     /// `ts_us` (the Kafka create time if the record does not decode).
     pub fn heartbeat(&mut self, msg: &BorrowedMessage<'_>) {
+        self.shared.kafka_reached();
         let decoded = self.heartbeat_schema.as_ref().and_then(|schema| {
             let (_, datum) = decode_frame(msg.payload()?).ok()?;
             Heartbeat::decode(schema, datum).ok()
@@ -362,6 +396,20 @@ mod tests {
             text.contains("pgferry_healthy{node=\"n2\",service=\"apply\"} 1\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn unhealthy_while_every_broker_is_down_until_a_message_arrives() {
+        let registry = MetricsRegistry::new();
+        let apply = ApplyMetrics::new(&registry, "n2");
+        let mut m = apply.origin("n1");
+        let _running = m.running();
+        assert!(registry.health().is_ok());
+        apply.kafka_down("AllBrokersDown (Local: All broker connections are down)");
+        let e = registry.health().unwrap_err();
+        assert!(e.contains("Kafka unreachable: AllBrokersDown"), "{e}");
+        m.txn_applied(now_us());
+        assert!(registry.health().is_ok());
     }
 
     #[test]

@@ -122,13 +122,19 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
     }
     // The main queue must be polled for the client to make progress; it carries no messages
     // since every assigned partition has its own queue.
+    // Client-wide errors arrive here too: "all brokers down" makes apply report unhealthy
+    // (librdkafka keeps reconnecting by itself; the streams resume when it succeeds).
     let main = consumer.clone();
+    let (metrics, me) = (options.metrics.clone(), node.name.clone());
     tasks.spawn(async move {
         loop {
             match main.recv().await {
                 Ok(m) => tracing::warn!(topic = m.topic(), "unexpected message on the main queue"),
                 Err(e) => {
-                    tracing::warn!(error = %e, "Kafka consumer");
+                    if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+                        metrics.kafka_down(&e.to_string());
+                    }
+                    tracing::warn!(node = %me, error = %e, "Kafka consumer");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }

@@ -6,7 +6,8 @@
 //! gauge is `now − origin time of the last committed source transaction or heartbeat`, computed
 //! at scrape (so an idle node reads between 0 and the heartbeat interval). Capture is healthy
 //! while its replication stream is connected and a Kafka transaction committed (or the stream
-//! connected) within [`COMMIT_STALE_AFTER`]; heartbeats make a commit every few seconds.
+//! connected) within [`COMMIT_STALE_AFTER`] and no commit has been waiting longer than
+//! [`COMMIT_STUCK_AFTER`]; heartbeats make a commit every few seconds.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,10 @@ use pgferry_connectors::postgres;
 
 /// Capture is unhealthy when nothing committed to Kafka for this long while connected.
 pub const COMMIT_STALE_AFTER: Duration = Duration::from_secs(30);
+
+/// Capture is unhealthy while one Kafka transaction commit (with the deliveries it waits for)
+/// has been waiting this long: the broker is away (commits take milliseconds otherwise).
+pub const COMMIT_STUCK_AFTER: Duration = Duration::from_secs(5);
 
 /// State shared by every handle of one node's capture (and its health check).
 struct Shared {
@@ -35,6 +40,8 @@ struct Shared {
     last_error: std::sync::Mutex<Option<String>>,
     /// Last successful commit or stream connection, as µs since `started`.
     last_ok_us: AtomicI64,
+    /// When the commit in progress began, as µs since `started` (plus one); 0: none.
+    committing_since_us: AtomicI64,
     started: Instant,
 }
 
@@ -118,6 +125,7 @@ impl CaptureMetrics {
             connected: AtomicBool::new(false),
             last_error: Default::default(),
             last_ok_us: AtomicI64::new(0),
+            committing_since_us: AtomicI64::new(0),
             started: Instant::now(),
         });
         let s = shared.clone();
@@ -142,7 +150,15 @@ impl CaptureMetrics {
                         None => "replication stream not connected".into(),
                     });
                 }
-                let since_ok = s.started.elapsed().as_micros() as i64 - s.last_ok_us.load(Ordering::Relaxed);
+                let now = s.started.elapsed().as_micros() as i64;
+                let committing = s.committing_since_us.load(Ordering::Relaxed);
+                if committing != 0 && now - committing > COMMIT_STUCK_AFTER.as_micros() as i64 {
+                    return Err(format!(
+                        "a Kafka transaction commit has been waiting for {} s (Kafka unreachable?)",
+                        (now - committing) / 1_000_000
+                    ));
+                }
+                let since_ok = now - s.last_ok_us.load(Ordering::Relaxed);
                 if since_ok > COMMIT_STALE_AFTER.as_micros() as i64 {
                     return Err(format!("no Kafka transaction committed for {} s", since_ok / 1_000_000));
                 }
@@ -197,7 +213,10 @@ impl CaptureMetrics {
     /// held-back counts.
     pub fn commit<T, E>(&mut self, commit: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
         let started = Instant::now();
+        let since = self.shared.started.elapsed().as_micros() as i64 + 1;
+        self.shared.committing_since_us.store(since, Ordering::Relaxed);
         let result = commit();
+        self.shared.committing_since_us.store(0, Ordering::Relaxed);
         if result.is_ok() {
             let s = &self.shared;
             s.commit_latency.observe(started.elapsed().as_secs_f64());

@@ -32,8 +32,11 @@ pub enum RegistryError {
 
 impl RegistryError {
     /// The registry answered that the schema id does not exist (HTTP 404): no retry helps.
+    /// Only the status line counts: the message also quotes the URL, whose port or schema id
+    /// may hold "404" while the registry is merely unreachable (found by the registry-outage
+    /// fault test, where apply dead-lettered every change it read from a registry on :28404).
     pub fn is_unknown_id(&self) -> bool {
-        matches!(self, RegistryError::Fetch { message, .. } if message.contains("404"))
+        matches!(self, RegistryError::Fetch { message, .. } if message.contains("failed with status 404"))
     }
 }
 
@@ -155,4 +158,25 @@ fn describe(e: &SRCError) -> String {
         out += " (check registry.username and registry.password)";
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_404_answer_means_an_unknown_id() {
+        let fetch = |message: &str| RegistryError::Fetch {
+            url: "http://127.0.0.1:28404/apis/ccompat/v7".into(),
+            id: 404,
+            message: message.into(),
+        };
+        assert!(fetch("Error: HTTP request to schema registry failed with status 404 Not Found, was cause by …")
+            .is_unknown_id());
+        assert!(!fetch(
+            "Error: http call to schema registry failed, was cause by error sending request for url \
+             (http://127.0.0.1:28404/apis/ccompat/v7/schemas/ids/404?deleted=true), it's retriable: true"
+        )
+        .is_unknown_id());
+    }
 }

@@ -67,14 +67,24 @@ EOF
 }
 
 # Rewritten on every start so changes here take effect on the next restart.
+# A second plaintext listener PROXIED on 127.0.0.1:$PGFERRY_KAFKA_PROXIED_PORT, advertised as
+# $PGFERRY_KAFKA_PROXIED_ADVERTISED (host:port), when both are set: clients that bootstrap
+# through a proxy in front of it keep going through the proxy (the fault tests' network cut).
 write_props() {
     mkdir -p "$KAFKA_DATA"
-    local listeners="PLAINTEXT://$PGFERRY_KAFKA_HOST:$PGFERRY_KAFKA_PORT"
-    local protocols="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    local listeners advertised protocols
+    listeners="PLAINTEXT://$PGFERRY_KAFKA_HOST:$PGFERRY_KAFKA_PORT"
+    protocols="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
     if [[ -n "$PGFERRY_KAFKA_SASL_SSL_PORT" ]]; then
         [[ -r "$PGFERRY_KAFKA_SSL_PEM" ]] || die "PGFERRY_KAFKA_SSL_PEM (key + certificate PEM) is not a readable file: '$PGFERRY_KAFKA_SSL_PEM'"
         listeners="$listeners,SASL_SSL://$PGFERRY_KAFKA_HOST:$PGFERRY_KAFKA_SASL_SSL_PORT"
         protocols="$protocols,SASL_SSL:SASL_SSL"
+    fi
+    advertised="$listeners"
+    if [[ -n "${PGFERRY_KAFKA_PROXIED_PORT:-}" && -n "${PGFERRY_KAFKA_PROXIED_ADVERTISED:-}" ]]; then
+        listeners+=",PROXIED://127.0.0.1:$PGFERRY_KAFKA_PROXIED_PORT"
+        advertised+=",PROXIED://$PGFERRY_KAFKA_PROXIED_ADVERTISED"
+        protocols+=",PROXIED:PLAINTEXT"
     fi
     cat >"$KAFKA_PROPS" <<EOF
 # written by deploy/local/kafka.sh on every start; edits are lost
@@ -82,7 +92,7 @@ process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$PGFERRY_KAFKA_CONTROLLER_PORT
 listeners=$listeners,CONTROLLER://127.0.0.1:$PGFERRY_KAFKA_CONTROLLER_PORT
-advertised.listeners=$listeners
+advertised.listeners=$advertised
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=$protocols

@@ -6,6 +6,10 @@
 //! slots and origins); tests never share state. Waiting is always [`wait_until`] with a
 //! deadline. Endpoints come from the variables `deploy/local/env.sh` prints.
 
+pub mod ledger;
+pub mod own_services;
+pub mod proxy;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -639,6 +643,11 @@ impl OwnServers {
         };
         servers.pg_sh(&["start", &n.to_string()])?;
         Ok(servers)
+    }
+
+    /// The data directory of server `i` (1-based; holds `postmaster.pid` while it runs).
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.root.join(format!("pg/n{i}"))
     }
 
     /// Runs `deploy/local/pg.sh ARGS` for these servers.
