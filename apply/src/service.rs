@@ -91,6 +91,16 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             registry.clone(),
         ));
     }
+    // Each partition gets its own queue before the assignment starts fetching: a queue split
+    // off afterwards can miss the first messages, which librdkafka has by then put on the
+    // consumer's main queue (seen as a stream waiting forever after a restart of apply).
+    let mut queues = Vec::new();
+    for o in &streams {
+        queues.push(consumer.split_partition_queue(&o.topic, o.partition).ok_or_else(|| ApplyError::Setup {
+            node: node.name.clone(),
+            message: format!("cannot read {}/{} separately", o.topic, o.partition),
+        })?);
+    }
     consumer.assign(&tpl).map_err(|source| KafkaError::Client {
         bootstrap: config.kafka.bootstrap_servers.clone(),
         what: "assigning partitions".into(),
@@ -111,17 +121,13 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
         crate::tombstone_gc::run(c, n, dsn, m).await;
         Ok(())
     });
-    for o in streams {
-        let queue = consumer
-            .split_partition_queue(&o.topic, o.partition)
-            .ok_or_else(|| ApplyError::Setup {
-                node: node.name.clone(),
-                message: format!("cannot read {}/{} separately", o.topic, o.partition),
-            })?;
+    for (o, queue) in streams.into_iter().zip(queues) {
         tasks.spawn(o.run(queue));
     }
     // The main queue must be polled for the client to make progress; it carries no messages
-    // since every assigned partition has its own queue.
+    // since every assigned partition has its own queue. Should one arrive there anyway, the
+    // stream of its partition has missed it: apply restarts, and every stream resumes from its
+    // committed progress, so nothing is skipped.
     // Client-wide errors arrive here too: "all brokers down" makes apply report unhealthy
     // (librdkafka keeps reconnecting by itself; the streams resume when it succeeds).
     let main = consumer.clone();
@@ -129,7 +135,17 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
     tasks.spawn(async move {
         loop {
             match main.recv().await {
-                Ok(m) => tracing::warn!(topic = m.topic(), "unexpected message on the main queue"),
+                Ok(m) => {
+                    return Err(ApplyError::Setup {
+                        node: me.clone(),
+                        message: format!(
+                            "a message of {}/{} at offset {} arrived outside its partition's stream; restarting apply to resume from the committed progress",
+                            m.topic(),
+                            m.partition(),
+                            m.offset()
+                        ),
+                    })
+                }
                 Err(e) => {
                     if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
                         metrics.kafka_down(&e.to_string());
