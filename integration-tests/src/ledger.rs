@@ -160,17 +160,7 @@ fn key_value_dsn(dsn: &str) -> String {
     format!("host={host} port={port} user={user} password={password} dbname={db}")
 }
 
-/// xorshift64.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use crate::XorShift as Rng;
 
 enum Outcome {
     Acked,

@@ -477,6 +477,20 @@ impl Cluster {
     }
 }
 
+/// xorshift64: the tests' small seeded generator (workloads, fault schedules). Tests print
+/// their seeds, so a failure can be replayed.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next number, below `n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
 /// A loopback `ip:port` that was free a moment ago (for a service's listen address).
 pub fn free_local_addr() -> Result<String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;

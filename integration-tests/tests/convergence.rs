@@ -18,17 +18,8 @@ const ACCOUNTS: u64 = 10;
 const KEYS: u64 = 20;
 const RUN: Duration = Duration::from_secs(60);
 
-/// xorshift64, seeded per writer (the seed is printed, so a failure can be replayed).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+// Seeded per writer (the seed is printed, so a failure can be replayed).
+use pgferry_integration_tests::XorShift as Rng;
 
 /// Random writes on node `i` until `until`; returns how many statements committed and the sum
 /// of the deposits (in cents) that committed.

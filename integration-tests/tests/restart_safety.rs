@@ -50,17 +50,6 @@ async fn confirmed_lsn(cluster: &Cluster) -> anyhow::Result<u64> {
     Ok(lsn.parse()?)
 }
 
-/// xorshift64: a small seeded generator for the kill schedule (printed, so a failure replays).
-struct Schedule(u64);
-
-impl Schedule {
-    fn next_ms(&mut self, below: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % below
-    }
-}
 
 async fn count_log(cluster: &Cluster, node: usize) -> anyhow::Result<i64> {
     Ok(cluster
@@ -110,7 +99,7 @@ async fn capture_killed_at_random_moments_produces_each_transaction_once() -> an
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1);
     eprintln!("capture kill schedule: PGFERRY_KILL_SEED={seed}");
-    let mut schedule = Schedule(seed);
+    let mut schedule = pgferry_integration_tests::XorShift(seed);
     let mut capture = cluster.spawn("capture", 0)?;
     let _apply = cluster.spawn("apply", 1)?;
     let load = start_load(&cluster, CAPTURE_TXNS).await?;
@@ -124,7 +113,7 @@ async fn capture_killed_at_random_moments_produces_each_transaction_once() -> an
             Ok(confirmed_lsn(&cluster).await? > before)
         })
         .await?;
-        tokio::time::sleep(Duration::from_millis(schedule.next_ms(1500))).await;
+        tokio::time::sleep(Duration::from_millis(schedule.below(1500))).await;
         capture.kill();
         killed_at.push(confirmed_lsn(&cluster).await?);
         capture = cluster.spawn("capture", 0)?;
