@@ -16,6 +16,10 @@ CREATE TABLE IF NOT EXISTS pgferry.tombstones (
     xid bigint NOT NULL,
     PRIMARY KEY (tbl, key)
 );
+-- The source commit time (ts_us) of a delete applied in a group whose last transaction is
+-- another: valid while stamp_xid = xid (any later delete of the key writes another xid).
+ALTER TABLE pgferry.tombstones ADD COLUMN IF NOT EXISTS stamp_xid bigint;
+ALTER TABLE pgferry.tombstones ADD COLUMN IF NOT EXISTS ts_us bigint;
 CREATE TABLE IF NOT EXISTS pgferry.conflicts (
     id                bigserial   PRIMARY KEY,
     detected_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -80,6 +84,36 @@ BEGIN
     RETURN OLD;
 END $$;";
 
+/// The columns a pgferry version may lack on a node initialized by an earlier one, each with the
+/// statement that adds it: apply adds them at start-up (a no-op once they exist).
+const UPGRADES: &[(&str, &str, &str)] = &[
+    ("tombstones", "stamp_xid", "ALTER TABLE pgferry.tombstones ADD COLUMN IF NOT EXISTS stamp_xid bigint"),
+    ("tombstones", "ts_us", "ALTER TABLE pgferry.tombstones ADD COLUMN IF NOT EXISTS ts_us bigint"),
+];
+
+/// Adds what [`UPGRADES`] lists where it is missing (an ALTER only then: it takes a lock).
+pub async fn upgrade_schema(sql: &pgferry_connectors::postgres::PgSession) -> Result<(), crate::ApplyError> {
+    for (table, column, statement) in UPGRADES {
+        let present: bool = sql
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                                WHERE table_schema = 'pgferry' AND table_name = $1 AND column_name = $2)",
+                &[table, column],
+            )
+            .await
+            .map_err(sql.err("reading pgferry's catalog (was `pgferry init` run?)"))?
+            .get(0);
+        if !present {
+            sql.client
+                .batch_execute(statement)
+                .await
+                .map_err(sql.err(format!("adding pgferry.{table}.{column}")))?;
+        }
+    }
+    Ok(())
+}
+
 /// The statements that attach the tombstone trigger to `qualified` (quoted `schema.table`)
 /// whose primary key columns are `key` (in key order). Idempotent.
 pub fn tombstone_trigger_sql(qualified: &str, key: &[String]) -> String {
@@ -101,6 +135,17 @@ pub struct Stamp {
     pub ts_us: i64,
     /// Origin node id (breaks ties).
     pub node_id: u16,
+}
+
+/// The local version of a row, as a conflict check reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LocalVersion {
+    /// Its stamp (None: unknown commit time).
+    pub(crate) stamp: Option<Stamp>,
+    /// The node that wrote it (None: unknown).
+    pub(crate) origin: Option<String>,
+    /// The row as JSON (`to_jsonb`), for the conflict record.
+    pub(crate) row_json: String,
 }
 
 /// The conflict types (PostgreSQL 18's names).

@@ -18,6 +18,7 @@ pub mod conflict_publisher;
 mod dead_letter;
 pub mod ddl;
 mod error;
+mod group;
 pub mod metrics;
 mod partition_stream;
 mod progress;

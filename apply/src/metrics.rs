@@ -175,6 +175,31 @@ impl ApplyMetrics {
             .inc_by(n);
     }
 
+    /// A group of `txns` source transactions was committed as one local transaction.
+    pub fn group(&self, txns: usize) {
+        self.0
+            .registry
+            .histogram(
+                "pgferry_apply_group_transactions",
+                "Source transactions per local transaction of grouped apply.",
+                &[("node", self.0.node.as_str())],
+                &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0],
+            )
+            .observe(txns as f64);
+    }
+
+    /// A group failed and its transactions were applied one by one.
+    pub fn group_fallback(&self) {
+        self.0
+            .registry
+            .counter(
+                "pgferry_apply_group_fallbacks_total",
+                "Groups that failed and were applied again one transaction at a time.",
+                &[("node", self.0.node.as_str())],
+            )
+            .inc();
+    }
+
     /// A message went to the dead-letter topic (and `pgferry.exceptions`).
     pub fn dead_letter(&self) {
         self.0
@@ -275,6 +300,11 @@ impl OriginMetrics {
     /// A row change was applied (written, or settled as a conflict) in the open transaction.
     pub fn row(&mut self) {
         self.pending_rows += 1;
+    }
+
+    /// `n` row changes were applied in the open transaction.
+    pub fn rows(&mut self, n: u64) {
+        self.pending_rows += n;
     }
 
     /// A conflict of type `conflict` was settled by `resolution` (counted at once: its record

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use pgferry_connectors::config::{Config, OnError};
 use pgferry_connectors::kafka::{header, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_ORIGIN, HEADER_TXN_LAST};
 use pgferry_connectors::postgres::PgSession;
@@ -24,6 +24,7 @@ use crate::error::ApplyError;
 use crate::dead_letter::DeadLetters;
 use crate::metrics::{ApplyMetrics, OriginMetrics};
 use crate::progress::{self, format_lsn};
+use crate::group::SourceTxn;
 use crate::writer::Writer;
 
 /// One remote node's partition and everything needed to apply it.
@@ -71,6 +72,10 @@ pub struct PartitionStream {
     pub apply_own: bool,
     /// What the stream has done so far (read by replay's progress output).
     pub progress: Arc<StreamProgress>,
+    /// Most transactions the next group attempt may take: after an attempt whose first
+    /// transaction had to go one by one it starts small again and doubles with each group, so
+    /// a run of such transactions is not read and decided again and again.
+    pub group_budget: usize,
 }
 
 /// Counts of one stream, updated as it goes.
@@ -174,6 +179,7 @@ impl PartitionStream {
             statements: None,
             only_origin: None,
             apply_own: false,
+            group_budget: usize::MAX,
             progress: Arc::new(StreamProgress {
                 offset: AtomicI64::new(-1),
                 ..Default::default()
@@ -242,7 +248,9 @@ impl PartitionStream {
     }
 
     /// Applies the messages of `stream` (this partition's) until `until`, or until the stream
-    /// or a write fails.
+    /// or a write fails. Messages are taken in batches — one awaited, then whatever has already
+    /// arrived, up to `[apply] max_group_rows` — and a batch's complete source transactions are
+    /// applied in groups where they can be (`crate::group`), the rest one by one.
     pub async fn run_stream<'m, S>(&mut self, stream: S, until: Until) -> Result<(), ApplyError>
     where
         S: Stream<Item = KafkaResult<BorrowedMessage<'m>>>,
@@ -253,36 +261,253 @@ impl PartitionStream {
             "applying partition");
         let mut stream = std::pin::pin!(stream);
         let mut open: Option<OpenTxn> = None;
-        while let Some(msg) = stream.next().await {
-            let msg = match msg {
-                Err(rdkafka::error::KafkaError::PartitionEOF(_)) if until != Until::Forever && open.is_none() => {
-                    return Ok(());
+        let max_messages = self.config.apply.max_group_rows.max(1);
+        let wait = std::time::Duration::from_millis(self.config.apply.group_wait_ms);
+        let mut batch: Vec<BorrowedMessage<'m>> = Vec::with_capacity(max_messages);
+        // Whether the last message read left a source transaction unfinished.
+        let mut in_txn = false;
+        loop {
+            // Collect: wait for one message, then take what has already arrived (never waiting
+            // for more transactions, unless `group_wait_ms` asks to), and the rest of a
+            // transaction begun, up to the bounds.
+            let mut end = false;
+            let mut failed = None;
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                let must_wait = batch.is_empty() || (in_txn && batch.len() < 2 * max_messages);
+                let next = if must_wait {
+                    stream.next().await
+                } else if batch.len() >= max_messages {
+                    break;
+                } else if !wait.is_zero() {
+                    match tokio::time::timeout_at(deadline, stream.next()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    }
+                } else {
+                    match stream.next().now_or_never() {
+                        Some(next) => next,
+                        None => break,
+                    }
+                };
+                let msg = match next {
+                    None => {
+                        end = true;
+                        break;
+                    }
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                        if until != Until::Forever && !in_txn {
+                            end = true;
+                            break;
+                        }
+                        if batch.is_empty() || in_txn {
+                            continue;
+                        }
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        failed = Some(ApplyError::Kafka(pgferry_connectors::kafka::KafkaError::Topic {
+                            topic: self.topic.clone(),
+                            message: format!("partition {}: {e}", self.partition),
+                        }));
+                        break;
+                    }
+                    Some(Ok(m)) => m,
+                };
+                if matches!(until, Until::Offset(last) if msg.offset() >= last) && !in_txn {
+                    end = true;
+                    break;
                 }
-                Err(rdkafka::error::KafkaError::PartitionEOF(_)) => continue,
-                Err(e) => {
-                    return Err(ApplyError::Kafka(pgferry_connectors::kafka::KafkaError::Topic {
-                        topic: self.topic.clone(),
-                        message: format!("partition {}: {e}", self.partition),
-                    }))
+                if matches!(header(&msg, HEADER_KIND), Some("change" | "truncate" | "message")) {
+                    in_txn = header(&msg, HEADER_TXN_LAST) != Some("1");
                 }
-                Ok(m) => m,
-            };
-            if matches!(until, Until::Offset(end) if msg.offset() >= end) && open.is_none() {
-                return Ok(());
+                batch.push(msg);
             }
-            self.progress.last_received_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
-            self.progress.busy.store(true, Ordering::Relaxed);
-            let handled = self.handle(&msg, &mut open).await;
-            self.progress.busy.store(false, Ordering::Relaxed);
-            if let Err(e) = handled {
-                if open.take().is_some() {
-                    let _ = self.sql.client.batch_execute("ROLLBACK").await;
-                }
+            let applied = self.apply_batch(&batch, &mut open).await;
+            batch.clear();
+            applied?;
+            if let Some(e) = failed {
                 return Err(e);
             }
-            self.progress.offset.store(msg.offset(), Ordering::Relaxed);
+            if end {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Applies a batch of messages: complete source transactions in groups where they can be,
+    /// everything else one message at a time.
+    async fn apply_batch(&mut self, batch: &[BorrowedMessage<'_>], open: &mut Option<OpenTxn>) -> Result<(), ApplyError> {
+        let mut i = 0;
+        while i < batch.len() {
+            if open.is_none() && self.skipping.is_none() {
+                let n = self.try_group(&batch[i..], open).await?;
+                if n > 0 {
+                    i += n;
+                    continue;
+                }
+            }
+            self.handle_one(&batch[i], open).await?;
+            i += 1;
         }
         Ok(())
+    }
+
+    /// Applies one message on the one-by-one path; on an error the open transaction is rolled back.
+    async fn handle_one(&mut self, msg: &BorrowedMessage<'_>, open: &mut Option<OpenTxn>) -> Result<(), ApplyError> {
+        self.progress.last_received_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        self.progress.busy.store(true, Ordering::Relaxed);
+        let handled = self.handle(msg, open).await;
+        self.progress.busy.store(false, Ordering::Relaxed);
+        if let Err(e) = handled {
+            if open.take().is_some() {
+                let _ = self.sql.client.batch_execute("ROLLBACK").await;
+            }
+            return Err(e);
+        }
+        self.progress.offset.store(msg.offset(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Applies the complete source transactions at the start of `msgs` as one group, if they can
+    /// be: changes of the partition's own origin, not yet applied, that decode, of groupable
+    /// tables, within the bounds. Returns how many messages it consumed (0: none; the first
+    /// goes one by one). A group that fails is rolled back and its transactions applied one by one
+    /// here, so `on_error`, the dead-letter topic and `pgferry.exceptions` work as without groups.
+    async fn try_group(&mut self, msgs: &[BorrowedMessage<'_>], open: &mut Option<OpenTxn>) -> Result<usize, ApplyError> {
+        let limits = self.config.apply.clone();
+        let first = &msgs[0];
+        let origin = match header(first, HEADER_ORIGIN) {
+            Some(o) if o == self.source && (o != self.node || self.apply_own) => o.to_string(),
+            _ => return Ok(0),
+        };
+        if limits.max_group_txns <= 1
+            || header(first, HEADER_KIND) != Some("change")
+            || self.only_origin.as_deref().is_some_and(|o| o != origin)
+            || self.config.node(&origin).is_none()
+        {
+            return Ok(0);
+        }
+        self.use_origin(&origin).await?;
+        let applied = self.applied.get(&origin).copied().unwrap_or(0);
+        let mut txns: Vec<SourceTxn> = Vec::new();
+        let mut ends: Vec<usize> = Vec::new();
+        let mut current: Option<SourceTxn> = None;
+        let mut rows = 0;
+        for (j, m) in msgs.iter().enumerate() {
+            if header(m, HEADER_ORIGIN) != Some(origin.as_str()) || header(m, HEADER_KIND) != Some("change") {
+                break;
+            }
+            let Some(lsn) = header(m, HEADER_COMMIT_LSN).and_then(|v| v.parse::<u64>().ok()) else { break };
+            match &current {
+                Some(t) if t.commit_lsn != lsn => break,
+                None if lsn <= applied || txns.len() >= limits.max_group_txns.min(self.group_budget) => break,
+                _ => {}
+            }
+            rows += 1;
+            if rows > limits.max_group_rows {
+                break;
+            }
+            let Ok(Item::Change(ev)) = self.decode_item(m, &origin, Some("change")).await else { break };
+            if !self.writer.groupable(&self.sql, &ev).await {
+                break;
+            }
+            let last = ev.txn_last;
+            current
+                .get_or_insert_with(|| SourceTxn {
+                    commit_lsn: lsn,
+                    commit_ts_us: ev.commit_ts_us,
+                    last_offset: m.offset(),
+                    changes: Vec::new(),
+                })
+                .changes
+                .push(ev);
+            if last {
+                if let Some(mut t) = current.take() {
+                    t.last_offset = m.offset();
+                    txns.push(t);
+                    ends.push(j + 1);
+                }
+            }
+        }
+        if txns.is_empty() {
+            return Ok(0);
+        }
+        self.progress.last_received_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        self.progress.busy.store(true, Ordering::Relaxed);
+        let written = self.apply_group(&origin, &txns).await;
+        self.progress.busy.store(false, Ordering::Relaxed);
+        match written {
+            Ok(0) => {
+                self.group_budget = 4;
+                Ok(0)
+            }
+            Ok(n) => {
+                self.group_budget = self.group_budget.saturating_mul(2);
+                Ok(ends[n - 1])
+            }
+            Err(e) => {
+                // Applied again one by one, each transaction on its own.
+                tracing::info!(node = %self.node, origin = %origin, topic = %self.topic, partition = self.partition,
+                    transactions = txns.len(), error = %e, "a group failed; applying its transactions one by one");
+                self.metrics.group_fallback();
+                let n = ends[ends.len() - 1];
+                for m in &msgs[..n] {
+                    self.handle_one(m, open).await?;
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    /// Writes a group and commits it under its last transaction's commit LSN and time, with the
+    /// progress; how many of `txns` it applied (0: none, rolled back). On error the transaction is
+    /// rolled back.
+    async fn apply_group(&mut self, origin: &str, txns: &[SourceTxn]) -> Result<usize, ApplyError> {
+        let outcome = match self.writer.write_group(&self.sql, origin, txns).await {
+            Ok(o) if o.txns > 0 => o,
+            other => {
+                let _ = self.sql.client.batch_execute("ROLLBACK").await;
+                return other.map(|_| 0);
+            }
+        };
+        let last = &txns[outcome.txns - 1];
+        let committed = {
+            let stmts = self
+                .statements
+                .as_ref()
+                .ok_or_else(|| self.stream_err(last.last_offset, "session not prepared".into()))?;
+            let lsn = format_lsn(last.commit_lsn);
+            let setup: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&lsn, &last.commit_ts_us];
+            let record: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                [&origin, &self.topic, &self.partition, &last.last_offset, &lsn, &last.commit_ts_us];
+            futures::try_join!(
+                self.sql.client.execute(&stmts.xact_setup, &setup),
+                self.sql.client.execute(&stmts.progress, &record),
+                self.sql.client.batch_execute("COMMIT")
+            )
+            .map_err(self.sql.err("recording pgferry.apply_progress and committing a group"))
+        };
+        if let Err(e) = committed {
+            let _ = self.sql.client.batch_execute("ROLLBACK").await;
+            return Err(e.into());
+        }
+        self.metrics.group(outcome.txns);
+        let m = self.origin_metrics(origin);
+        m.rows(outcome.rows);
+        for (conflict, resolution) in &outcome.conflicts {
+            m.conflict(conflict.name(), resolution.name());
+        }
+        for t in &txns[..outcome.txns] {
+            m.txn_applied(t.commit_ts_us);
+        }
+        if let Some(reason) = outcome.cut {
+            tracing::debug!(node = %self.node, origin = %origin, applied = outcome.txns, of = txns.len(), ?reason, "group cut");
+        }
+        self.applied.insert(origin.to_string(), last.commit_lsn);
+        self.progress.applied.fetch_add(outcome.txns as u64, Ordering::Relaxed);
+        self.progress.offset.store(last.last_offset, Ordering::Relaxed);
+        Ok(outcome.txns)
     }
 
     fn origin_metrics(&mut self, origin: &str) -> &mut OriginMetrics {
@@ -457,47 +682,7 @@ impl PartitionStream {
                 return Err(self.unended(offset, "transaction", (&t.origin, t.commit_lsn), (origin, commit_lsn)));
             }
         }
-        let payload = msg.payload().unwrap_or_default();
-        let decode_err = |source| ApplyError::Decode {
-            origin: origin.to_string(),
-            topic: self.topic.clone(),
-            partition: self.partition,
-            offset,
-            source,
-        };
-        let (schema_id, datum) = decode_frame(payload).map_err(decode_err)?;
-        let writer_schema = match self.registry.schema(schema_id).await {
-            Ok(s) => s,
-            Err(e) if e.is_unknown_id() => return Err(decode_err(CodecError::Schema(e.to_string()))),
-            Err(e) => return Err(e.into()),
-        };
-        let item = if matches!(kind, Some("truncate" | "message")) {
-            let schema = match self.fixed_schemas.get(&schema_id) {
-                Some(s) => s.clone(),
-                None => {
-                    let parsed = apache_avro::Schema::parse_str(&writer_schema)
-                        .map_err(|e| decode_err(CodecError::Schema(e.to_string())))?;
-                    let parsed = Arc::new(parsed);
-                    self.fixed_schemas.insert(schema_id, parsed.clone());
-                    parsed
-                }
-            };
-            if kind == Some("truncate") {
-                Item::Truncate(Truncate::decode(&schema, datum).map_err(decode_err)?)
-            } else {
-                Item::Message(LogicalMessage::decode(&schema, datum).map_err(decode_err)?)
-            }
-        } else {
-            let reader = match self.readers.get(&schema_id) {
-                Some(r) => r.clone(),
-                None => {
-                    let r = Arc::new(EnvelopeReader::new(&writer_schema).map_err(decode_err)?);
-                    self.readers.insert(schema_id, r.clone());
-                    r
-                }
-            };
-            Item::Change(reader.decode(datum).map_err(decode_err)?)
-        };
+        let item = self.decode_item(msg, origin, kind).await?;
         let (commit_ts_us, txn_last) = match &item {
             Item::Change(ev) => (ev.commit_ts_us, ev.txn_last),
             Item::Truncate(t) => (t.ts_us, t.txn_last),
@@ -570,6 +755,53 @@ impl PartitionStream {
             self.commit(open, offset, commit_lsn, commit_ts_us).await?;
         }
         Ok(())
+    }
+
+    /// Decodes one message of `origin` whose kind header is `kind` (readers and fixed-record
+    /// schemas resolved once per writer schema id).
+    async fn decode_item(&mut self, msg: &BorrowedMessage<'_>, origin: &str, kind: Option<&str>) -> Result<Item, ApplyError> {
+        let offset = msg.offset();
+        let payload = msg.payload().unwrap_or_default();
+        let decode_err = |source| ApplyError::Decode {
+            origin: origin.to_string(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset,
+            source,
+        };
+        let (schema_id, datum) = decode_frame(payload).map_err(decode_err)?;
+        let writer_schema = match self.registry.schema(schema_id).await {
+            Ok(s) => s,
+            Err(e) if e.is_unknown_id() => return Err(decode_err(CodecError::Schema(e.to_string()))),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(if matches!(kind, Some("truncate" | "message")) {
+            let schema = match self.fixed_schemas.get(&schema_id) {
+                Some(s) => s.clone(),
+                None => {
+                    let parsed = apache_avro::Schema::parse_str(&writer_schema)
+                        .map_err(|e| decode_err(CodecError::Schema(e.to_string())))?;
+                    let parsed = Arc::new(parsed);
+                    self.fixed_schemas.insert(schema_id, parsed.clone());
+                    parsed
+                }
+            };
+            if kind == Some("truncate") {
+                Item::Truncate(Truncate::decode(&schema, datum).map_err(decode_err)?)
+            } else {
+                Item::Message(LogicalMessage::decode(&schema, datum).map_err(decode_err)?)
+            }
+        } else {
+            let reader = match self.readers.get(&schema_id) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = Arc::new(EnvelopeReader::new(&writer_schema).map_err(decode_err)?);
+                    self.readers.insert(schema_id, r.clone());
+                    r
+                }
+            };
+            Item::Change(reader.decode(datum).map_err(decode_err)?)
+        })
     }
 
     /// Runs replicated DDL in the open transaction, inside a savepoint so that a statement the

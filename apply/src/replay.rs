@@ -220,6 +220,7 @@ pub async fn run(
         return Ok(report);
     }
     let sql = postgres::connect(dsn, "pgferry-replay").await?;
+    crate::conflict::upgrade_schema(&sql).await?;
     if req.force {
         reset_progress(&sql, plan, req.after_lsn.unwrap_or(0)).await?;
     }

@@ -67,6 +67,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             .batch_execute("SET synchronous_commit = off")
             .await
             .map_err(sql.err("setting synchronous_commit for apply"))?;
+        crate::conflict::upgrade_schema(&sql).await?;
         let resume = progress::read(&sql, &topic, partition).await?;
         let offset = match resume.kafka_offset {
             Some(o) => Offset::Offset(o + 1),

@@ -51,7 +51,8 @@ async fn collect(config: &Config, node: &str, dsn: &str, metrics: &ApplyMetrics)
             .client
             .execute(
                 "DELETE FROM pgferry.tombstones tb
-                 WHERE coalesce((extract(epoch FROM (pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid)).timestamp)
+                 WHERE coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END,
+                                (extract(epoch FROM (pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid)).timestamp)
                                  * 1000000)::int8, 0) < $1",
                 &[&w],
             )

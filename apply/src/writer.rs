@@ -20,25 +20,36 @@ use pgferry_schemas::{DecodedEvent, Op};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
-use crate::conflict::{decide, ConflictType, Resolution, Stamp};
+use crate::conflict::{decide, ConflictType, LocalVersion, Resolution, Stamp};
 use crate::error::ApplyError;
 use crate::progress::{format_lsn, origin_name};
 
 /// A local table as apply writes it.
-struct LocalTable {
+pub(crate) struct LocalTable {
     /// `schema.table`, unquoted (the name in tombstones and conflicts).
-    name: String,
-    qualified: String,
+    pub(crate) name: String,
+    /// `"schema"."table"`.
+    pub(crate) qualified: String,
     /// Column name → SQL type.
-    types: HashMap<String, String>,
+    pub(crate) types: HashMap<String, String>,
     /// Primary-key columns in key order.
-    key: Vec<String>,
-    resolver: Resolver,
+    pub(crate) key: Vec<String>,
+    pub(crate) resolver: Resolver,
     /// Delta columns: they get `local + (remote_new − remote_old)` whoever wins the row.
-    delta: HashSet<String>,
+    pub(crate) delta: HashSet<String>,
     /// Columns of each secondary unique key.
-    unique_keys: Vec<Vec<String>>,
+    pub(crate) unique_keys: Vec<Vec<String>>,
+    /// Whether its changes may be applied in groups (`crate::group`): no delta columns, no
+    /// secondary unique keys, no foreign key from or to it, no user trigger that fires on apply.
+    pub(crate) groupable: bool,
 }
+
+/// Whether a table (`$1`, quoted `schema.table`) has a foreign key from or to it, and whether a
+/// user trigger fires on it when apply writes (enabled for origin or always).
+const TABLE_LINKS: &str = "SELECT
+    EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' AND (conrelid = $1::regclass OR confrelid = $1::regclass)),
+    EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal
+            AND tgname <> 'pgferry_tombstone' AND tgenabled IN ('O', 'A'))";
 
 /// How a change's secondary unique keys were settled.
 enum UniqueCheck {
@@ -55,10 +66,10 @@ type EventRow = Vec<(String, Option<String>)>;
 
 /// Table metadata, prepared statements and origin names of one session.
 pub struct Writer {
-    config: std::sync::Arc<Config>,
+    pub(crate) config: std::sync::Arc<Config>,
     /// This node's name and id.
     local: (String, u16),
-    tables: HashMap<(String, String), LocalTable>,
+    pub(crate) tables: HashMap<(String, String), LocalTable>,
     statements: HashMap<String, Statement>,
     /// `pg_replication_origin.roident` → node name.
     origins: HashMap<i64, String>,
@@ -73,13 +84,6 @@ pub struct Settled {
     pub conflict: ConflictType,
     /// What was done.
     pub resolution: Resolution,
-}
-
-/// The local version of a row, as found by the conflict lookup.
-struct LocalVersion {
-    stamp: Option<Stamp>,
-    origin: Option<String>,
-    row_json: String,
 }
 
 impl Writer {
@@ -118,7 +122,7 @@ impl Writer {
         self.config.replicates_table(schema, table)
     }
 
-    async fn table(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<&LocalTable, ApplyError> {
+    pub(crate) async fn table(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<&LocalTable, ApplyError> {
         let id = (ev.schema.clone(), ev.table.clone());
         if !self.tables.contains_key(&id) {
             if !self.in_sets(&ev.schema, &ev.table) {
@@ -130,16 +134,25 @@ impl Writer {
             if cols.key.is_empty() {
                 return Err(write_err(ev, format!("has no primary key at {}", sql.endpoint)));
             }
+            let qualified = format!("{}.{}", quote_ident(&ev.schema), quote_ident(&ev.table));
+            let delta: HashSet<String> = self.config.delta_columns(&ev.schema, &ev.table).into_iter().collect();
+            let linked = sql
+                .client
+                .query_one(TABLE_LINKS, &[&qualified])
+                .await
+                .map_err(sql.err(format!("reading the foreign keys and triggers of {}.{}", ev.schema, ev.table)))?;
+            let groupable = delta.is_empty() && cols.unique_keys.is_empty() && !linked.get::<_, bool>(0) && !linked.get::<_, bool>(1);
             self.tables.insert(
                 id.clone(),
                 LocalTable {
                     name: format!("{}.{}", ev.schema, ev.table),
-                    qualified: format!("{}.{}", quote_ident(&ev.schema), quote_ident(&ev.table)),
+                    qualified,
                     types: cols.columns.into_iter().collect(),
                     key: cols.key,
                     unique_keys: cols.unique_keys,
                     resolver: self.config.resolver(&ev.schema, &ev.table),
-                    delta: self.config.delta_columns(&ev.schema, &ev.table).into_iter().collect(),
+                    delta,
+                    groupable,
                 },
             );
         }
@@ -153,7 +166,7 @@ impl Writer {
     }
 
     /// Whether `schema.table` is local to a region other than this node's.
-    fn local_elsewhere(&self, schema: &str, table: &str) -> bool {
+    pub(crate) fn local_elsewhere(&self, schema: &str, table: &str) -> bool {
         self.config
             .node(&self.local.0)
             .is_some_and(|n| self.config.local_elsewhere(n, schema, table))
@@ -200,6 +213,20 @@ impl Writer {
         Ok(s)
     }
 
+    /// A prepared statement for `text` with parameters of `types`.
+    pub(crate) async fn prepared_typed(&mut self, sql: &PgSession, text: &str, types: &[Type]) -> Result<Statement, ApplyError> {
+        if let Some(s) = self.statements.get(text) {
+            return Ok(s.clone());
+        }
+        let s = sql
+            .client
+            .prepare_typed(text, types)
+            .await
+            .map_err(sql.err("preparing a statement for a group"))?;
+        self.statements.insert(text.to_string(), s.clone());
+        Ok(s)
+    }
+
     /// Runs `text` with `params`; the number of rows it touched.
     async fn execute(&mut self, sql: &PgSession, text: &str, params: &[Option<&str>], ev: &DecodedEvent) -> Result<u64, ApplyError> {
         let stmt = self.prepared(sql, text, params.len(), ev).await?;
@@ -236,7 +263,7 @@ impl Writer {
     }
 
     /// The node that wrote a local row version (`roident` 0: this node itself).
-    async fn origin_of(&mut self, sql: &PgSession, roident: i64) -> Result<Option<String>, ApplyError> {
+    pub(crate) async fn origin_of(&mut self, sql: &PgSession, roident: i64) -> Result<Option<String>, ApplyError> {
         if roident == 0 {
             return Ok(Some(self.local.0.clone()));
         }
@@ -505,7 +532,9 @@ impl Writer {
             where_key(table, 1)
         );
         let tomb = format!(
-            "SELECT k.key::text, (extract(epoch FROM c.timestamp) * 1000000)::int8, c.roident::int8
+            "SELECT k.key::text,
+                    coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END, (extract(epoch FROM c.timestamp) * 1000000)::int8),
+                    c.roident::int8
              FROM (SELECT {} AS key) k
              LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${} AND tb.key = k.key
              LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) c ON true",
@@ -667,7 +696,7 @@ impl Writer {
 
     /// The stamp of a local version: its commit time (None: written by the open transaction,
     /// or too old to have one) and the node id of its origin.
-    fn stamp(&self, ts_us: Option<i64>, origin: Option<&str>) -> Option<Stamp> {
+    pub(crate) fn stamp(&self, ts_us: Option<i64>, origin: Option<&str>) -> Option<Stamp> {
         let node_id = origin.and_then(|o| self.config.node(o)).map_or(0, |n| n.id);
         ts_us.map(|ts_us| Stamp { ts_us, node_id })
     }
@@ -768,7 +797,7 @@ fn write_err(ev: &DecodedEvent, message: String) -> ApplyError {
 }
 
 /// A row as a JSON object of text values (for `pgferry.conflicts`).
-fn row_json(row: &EventRow) -> String {
+pub(crate) fn row_json(row: &EventRow) -> String {
     let map: serde_json::Map<String, serde_json::Value> = row
         .iter()
         .map(|(c, v)| (c.clone(), v.as_ref().map_or(serde_json::Value::Null, |t| serde_json::Value::String(t.clone()))))
@@ -814,7 +843,7 @@ fn where_key(table: &LocalTable, first: usize) -> String {
 
 /// First key of apply's advisory locks on row keys (`pg_advisory_xact_lock(int4, int4)`):
 /// `'pgfy'` as an int4, kept apart from other users of the two-key form.
-const KEY_LOCK_CLASS: i32 = 0x7067_6679;
+pub(crate) const KEY_LOCK_CLASS: i32 = 0x7067_6679;
 
 /// The key as the tombstone trigger writes it: a JSON array of the typed values.
 fn key_json(table: &LocalTable, first: usize) -> String {

@@ -47,6 +47,9 @@ pub struct Config {
     /// When the services report unhealthy on `/healthz`.
     #[serde(default)]
     pub health: HealthConfig,
+    /// How apply groups source transactions.
+    #[serde(default)]
+    pub apply: ApplyConfig,
     /// The file it was loaded from ([`Config::load`]), for re-reading it.
     #[serde(skip)]
     pub source: Option<std::path::PathBuf>,
@@ -59,6 +62,42 @@ pub struct HealthConfig {
     /// Apply reports unhealthy while any origin lags more than this (ms of origin time behind
     /// now). Default: no limit (unhealthy only when a stream is down).
     pub max_apply_lag_ms: Option<u64>,
+}
+
+/// `[apply]`: grouping of source transactions (DESIGN.md, "Apply"). Apply takes the complete
+/// source transactions of one origin it has already fetched — never waiting for more — and writes
+/// them in one local transaction, up to these bounds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// Most source transactions in one group (1: no grouping).
+    #[serde(default = "default_max_group_txns")]
+    pub max_group_txns: usize,
+    /// Most row changes in one group; a larger transaction is applied alone, streamed.
+    #[serde(default = "default_max_group_rows")]
+    pub max_group_rows: usize,
+    /// Wait up to this long for more transactions before writing a group (default 0: never
+    /// wait). For tests that must see large groups; it adds latency.
+    #[serde(default)]
+    pub group_wait_ms: u64,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> ApplyConfig {
+        ApplyConfig {
+            max_group_txns: default_max_group_txns(),
+            max_group_rows: default_max_group_rows(),
+            group_wait_ms: 0,
+        }
+    }
+}
+
+fn default_max_group_txns() -> usize {
+    1000
+}
+
+fn default_max_group_rows() -> usize {
+    4000
 }
 
 /// `[cluster]`.
@@ -446,6 +485,11 @@ impl Config {
         }
         if self.nodes.is_empty() {
             return Err(invalid("nodes".into(), "at least one [[nodes]] entry is needed".into()));
+        }
+        for (key, v) in [("apply.max_group_txns", self.apply.max_group_txns), ("apply.max_group_rows", self.apply.max_group_rows)] {
+            if v == 0 {
+                return Err(invalid(key.into(), "must be at least 1".into()));
+            }
         }
         let mut names = HashSet::new();
         let mut ids = HashSet::new();

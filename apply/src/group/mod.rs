@@ -1,0 +1,431 @@
+//! Grouped apply (DESIGN.md, "Apply", "Grouping"): consecutive source transactions of one origin
+//! written in one local transaction with a bounded number of round trips, whatever their size:
+//!
+//! 1. **read** ([`Writer::write_group`], first round trip): `BEGIN`, the key locks of every key an
+//!    insert or delete touches, the row locks of every touched key (both in a fixed order), then
+//!    the local state of every key — row, stamp, origin, tombstone — one statement per table;
+//! 2. **decide** ([`decide::plan`], pure): every change settled as the one-by-one path settles it,
+//!    folded per key in source order, the group cut where that could differ;
+//! 3. **write** (second round trip): per table and statement shape one array statement (`DELETE …
+//!    USING unnest`, `INSERT … SELECT unnest`, `UPDATE … FROM unnest`), the stamp overrides of row
+//!    versions and tombstones whose source transaction is not the group's last (tied to this
+//!    transaction's xid), and the conflict records. Each statement's row count is checked.
+//!
+//! The caller then records progress under the last applied transaction's commit LSN and time and
+//! commits. Any error leaves the transaction to be rolled back, and the caller applies the same
+//! transactions one by one.
+
+pub mod decide;
+mod statements;
+
+use std::collections::{BTreeMap, HashMap};
+
+use pgferry_connectors::postgres::PgSession;
+use pgferry_schemas::{DecodedEvent, Op};
+use tokio_postgres::types::{ToSql, Type};
+
+use crate::conflict::{ConflictType, LocalVersion, Resolution};
+use crate::error::ApplyError;
+use crate::progress::format_lsn;
+use crate::writer::{row_json, LocalTable, Writer};
+use decide::{Action, Before, Change};
+
+/// One source transaction of a group.
+#[derive(Debug)]
+pub struct SourceTxn {
+    /// Its commit LSN on the origin.
+    pub commit_lsn: u64,
+    /// Its commit time on the origin (µs since the Unix epoch).
+    pub commit_ts_us: i64,
+    /// Kafka offset of its last message.
+    pub last_offset: i64,
+    /// Its row changes, in order.
+    pub changes: Vec<DecodedEvent>,
+}
+
+/// What a group wrote.
+#[derive(Debug, Default)]
+pub struct GroupOutcome {
+    /// How many of the transactions it applied (a prefix of them; 0: the first must go one by
+    /// one, and nothing was written).
+    pub txns: usize,
+    /// Row changes of the applied transactions.
+    pub rows: u64,
+    /// The conflicts settled (type, resolution).
+    pub conflicts: Vec<(ConflictType, Resolution)>,
+    /// Why the group was cut, if it was.
+    pub cut: Option<decide::CutReason>,
+}
+
+/// A `text[]` parameter.
+type TextArray<'a> = Vec<Option<&'a str>>;
+
+impl Writer {
+    /// Whether a change of `ev`'s table can be part of a group: a replicated table with a
+    /// primary key and nothing that needs per-change handling (delta columns, secondary unique
+    /// keys, `on_error = skip_change`, foreign keys, user triggers). Tables held only in another
+    /// region are groupable (their changes are dropped). Any error: not groupable (the one-by-one
+    /// path reports it).
+    pub async fn groupable(&mut self, sql: &PgSession, ev: &DecodedEvent) -> bool {
+        if matches!(ev.op, Op::Truncate) {
+            return false;
+        }
+        if self.local_elsewhere(&ev.schema, &ev.table) {
+            return true;
+        }
+        if self.config.on_error(&ev.schema, &ev.table) == pgferry_connectors::config::OnError::SkipChange {
+            return false;
+        }
+        match self.table(sql, ev).await {
+            Ok(t) => t.groupable,
+            Err(_) => false,
+        }
+    }
+
+    /// Writes a prefix of `txns` — consecutive source transactions of `origin`, all of whose
+    /// tables are [`Writer::groupable`] — opening a local transaction (`BEGIN`) that the caller
+    /// commits (or rolls back on error).
+    pub async fn write_group(&mut self, sql: &PgSession, origin: &str, txns: &[SourceTxn]) -> Result<GroupOutcome, ApplyError> {
+        let origin_id = self.config.node(origin).map_or(0, |n| n.id);
+        // The group's tables in a fixed order (the lock order), and its changes.
+        let mut table_ids: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for t in txns {
+            for ev in t.changes.iter().filter(|ev| !self.local_elsewhere(&ev.schema, &ev.table)) {
+                let next = table_ids.len();
+                table_ids.entry((ev.schema.clone(), ev.table.clone())).or_insert(next);
+            }
+        }
+        // Index tables by their sorted position.
+        let names: Vec<(String, String)> = table_ids.keys().cloned().collect();
+        for (i, name) in names.iter().enumerate() {
+            table_ids.insert(name.clone(), i);
+            if !self.tables.contains_key(name) {
+                return Err(self.group_err(origin, name, "table metadata not loaded".into()));
+            }
+        }
+        let mut changes = Vec::new();
+        for (ti, t) in txns.iter().enumerate() {
+            for ev in &t.changes {
+                let Some(&table) = table_ids.get(&(ev.schema.clone(), ev.table.clone())) else { continue };
+                let lt = &self.tables[&names[table]];
+                let key_row = match ev.op {
+                    Op::Create | Op::Read => ev.after.as_ref(),
+                    _ => ev.before.as_ref().or(ev.after.as_ref()),
+                };
+                let key = key_row.and_then(|r| key_of(&lt.key, r));
+                let Some(key) = key else {
+                    return Err(self.group_err(origin, &names[table], format!("{} without its key", ev.op.code())));
+                };
+                let key_changed = ev.op == Op::Update
+                    && ev.before.is_some()
+                    && ev.after.as_ref().and_then(|a| key_of(&lt.key, a)).as_ref() != Some(&key);
+                changes.push(Change {
+                    txn: ti,
+                    table,
+                    key,
+                    key_changed,
+                    ev,
+                });
+            }
+        }
+
+        // 1. Read: BEGIN, locks, local state, pipelined.
+        let mut keys: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
+        let mut lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
+        {
+            let mut seen: Vec<std::collections::HashSet<&Vec<&str>>> = vec![Default::default(); names.len()];
+            let mut seen_lock: Vec<std::collections::HashSet<&Vec<&str>>> = vec![Default::default(); names.len()];
+            for c in &changes {
+                if seen[c.table].insert(&c.key) {
+                    keys[c.table].push(c.key.clone());
+                }
+                if matches!(c.ev.op, Op::Create | Op::Read | Op::Delete) && seen_lock[c.table].insert(&c.key) {
+                    lock[c.table].push(c.key.clone());
+                }
+            }
+        }
+        let mut texts = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let t = &self.tables[name];
+            texts.push((
+                statements::lock_keys(t),
+                statements::lock_rows(t),
+                statements::read_state(t),
+                t.key.len(),
+                i,
+            ));
+        }
+        let mut prepared = Vec::new();
+        for (lk, lr, rs, n, _) in &texts {
+            let arrays = vec![Type::TEXT_ARRAY; *n];
+            let mut with_name = arrays.clone();
+            with_name.push(Type::TEXT);
+            prepared.push((
+                self.prepared_typed(sql, lk, &with_name).await?,
+                self.prepared_typed(sql, lr, &arrays).await?,
+                self.prepared_typed(sql, rs, &with_name).await?,
+            ));
+        }
+        let table_names: Vec<String> = names.iter().map(|n| self.tables[n].name.clone()).collect();
+        let key_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&keys[i], texts[i].3)).collect();
+        let lock_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&lock[i], texts[i].3)).collect();
+        let lock_p: Vec<_> = (0..names.len()).map(|i| params(&lock_params[i], Some(&table_names[i]))).collect();
+        let row_p: Vec<_> = (0..names.len()).map(|i| params(&key_params[i], None)).collect();
+        let read_p: Vec<_> = (0..names.len()).map(|i| params(&key_params[i], Some(&table_names[i]))).collect();
+        let locks = (0..names.len())
+            .filter(|&i| !lock[i].is_empty())
+            .map(|i| sql.client.query_one(&prepared[i].0, &lock_p[i]));
+        let row_locks = (0..names.len()).map(|i| sql.client.query_one(&prepared[i].1, &row_p[i]));
+        let reads = (0..names.len()).map(|i| sql.client.query(&prepared[i].2, &read_p[i]));
+        let (_, _, _, state_rows) = futures::try_join!(
+            sql.client.batch_execute("BEGIN"),
+            futures::future::try_join_all(locks),
+            futures::future::try_join_all(row_locks),
+            futures::future::try_join_all(reads)
+        )
+        .map_err(sql.err("locking and reading the local rows of a group"))?;
+        let mut before: Vec<HashMap<Vec<&str>, Before>> = vec![HashMap::new(); names.len()];
+        for (i, rows) in state_rows.iter().enumerate() {
+            for r in rows {
+                let pos: i64 = r.get(0);
+                let Some(key) = usize::try_from(pos - 1).ok().and_then(|p| keys[i].get(p)) else { continue };
+                let row = if r.get::<_, bool>(2) {
+                    let stamped: Option<String> = r.get(6);
+                    let origin_name = match (stamped, r.get::<_, Option<i64>>(4)) {
+                        (Some(s), _) => Some(s),
+                        (None, Some(id)) => self.origin_of(sql, id).await?,
+                        (None, None) => None,
+                    };
+                    Some(LocalVersion {
+                        stamp: self.stamp(r.get(3), origin_name.as_deref()),
+                        origin: origin_name,
+                        row_json: r.get::<_, Option<String>>(5).unwrap_or_default(),
+                    })
+                } else {
+                    None
+                };
+                let tombstone = match r.get::<_, Option<i64>>(8) {
+                    Some(id) => {
+                        let o = self.origin_of(sql, id).await?;
+                        self.stamp(r.get(7), o.as_deref())
+                    }
+                    None => None,
+                };
+                before[i].insert(
+                    key.clone(),
+                    Before {
+                        row,
+                        tombstone,
+                        key_json: r.get(1),
+                    },
+                );
+            }
+        }
+
+        // 2. Decide.
+        let resolvers: Vec<_> = names.iter().map(|n| self.tables[n].resolver).collect();
+        let (plan, cut) = decide::plan(&changes, &before, &resolvers, origin, origin_id);
+        let mut outcome = GroupOutcome {
+            txns: plan.txns,
+            rows: changes.iter().filter(|c| c.txn < plan.txns).count() as u64,
+            conflicts: plan.conflicts.iter().map(|c| (c.conflict, c.resolution)).collect(),
+            cut,
+        };
+        if plan.txns == 0 {
+            return Ok(outcome);
+        }
+        // Rows of tables held elsewhere count as handled, like the one-by-one path's.
+        outcome.rows += txns[..plan.txns]
+            .iter()
+            .flat_map(|t| &t.changes)
+            .filter(|ev| self.local_elsewhere(&ev.schema, &ev.table))
+            .count() as u64;
+        let last = plan.txns - 1;
+
+        // 3. Write.
+        self.write_plan(sql, origin, &names, &table_names, txns, &plan, last).await?;
+        Ok(outcome)
+    }
+
+    /// Runs the plan's writes, pipelined, checking each statement's row count.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_plan(
+        &mut self,
+        sql: &PgSession,
+        origin: &str,
+        names: &[(String, String)],
+        table_names: &[String],
+        txns: &[SourceTxn],
+        plan: &decide::Plan<'_>,
+        last: usize,
+    ) -> Result<(), ApplyError> {
+        let ts_text: Vec<String> = txns.iter().map(|t| t.commit_ts_us.to_string()).collect();
+        // The conflict records' columns (owned: most are made here).
+        let mut records: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(plan.conflicts.len()); 13];
+        for c in &plan.conflicts {
+            let ev = c.ev;
+            let remote_row = match ev.op {
+                Op::Delete => ev.before.as_ref(),
+                _ => ev.after.as_ref(),
+            }
+            .map(row_json);
+            let values = [
+                Some(table_names[c.table].clone()),
+                Some(c.key_json.clone()),
+                Some(c.conflict.name().to_string()),
+                Some(c.resolver.name().to_string()),
+                Some(c.resolution.name().to_string()),
+                c.local.as_ref().map(|l| l.row_json.clone()),
+                c.local.as_ref().and_then(|l| l.origin.clone()),
+                c.local.as_ref().and_then(|l| l.stamp).map(|s| s.ts_us.to_string()),
+                Some(ev.op.code().to_string()),
+                remote_row,
+                Some(ev.origin.clone()),
+                Some(ev.commit_ts_us.to_string()),
+                Some(format_lsn(ev.commit_lsn)),
+            ];
+            for (col, v) in records.iter_mut().zip(values) {
+                col.push(v);
+            }
+        }
+        let mut writes: Vec<GroupWrite> = Vec::new();
+        for (ti, name) in names.iter().enumerate() {
+            let t = &self.tables[name];
+            let ws: Vec<&decide::KeyWrite> = plan.writes.iter().filter(|w| w.table == ti).collect();
+            let pick = |f: &dyn Fn(&decide::KeyWrite) -> bool| -> Vec<&decide::KeyWrite> { ws.iter().copied().filter(|w| f(w)).collect() };
+            let deletes = pick(&|w| matches!(w.action, Action::Delete));
+            let tombs = pick(&|w| matches!(w.action, Action::Tombstone));
+            let early_rows = pick(&|w| w.txn != last && matches!(w.action, Action::Insert(_) | Action::Update(_)));
+            let early_tombs = pick(&|w| w.txn != last && matches!(w.action, Action::Delete | Action::Tombstone));
+            let with_ts = |ws: &[&decide::KeyWrite<'_>]| -> Vec<Option<&str>> { ws.iter().map(|w| Some(ts_text[w.txn].as_str())).collect() };
+            writes.push(GroupWrite::keyed(t, statements::delete(t), &deletes, None, vec![]));
+            writes.push(GroupWrite::keyed(t, statements::tombstones(t), &tombs, None, vec![t.name.clone()]));
+            // Inserts and updates, one statement per set of columns.
+            let mut shapes: BTreeMap<(bool, Vec<&str>), Vec<(&decide::KeyWrite, Vec<Option<&str>>)>> = BTreeMap::new();
+            for w in &ws {
+                let (insert, image) = match &w.action {
+                    Action::Insert(image) => (true, image),
+                    Action::Update(image) => (false, image),
+                    _ => continue,
+                };
+                // Key columns too, as the one-by-one path's update sets them.
+                let mut cols: Vec<(&str, Option<&str>)> = image.clone();
+                cols.sort_by(|a, b| a.0.cmp(b.0));
+                let (shape, values): (Vec<&str>, Vec<Option<&str>>) = cols.into_iter().unzip();
+                shapes.entry((insert, shape)).or_default().push((*w, values));
+            }
+            for ((insert, shape), rows) in shapes {
+                let keyed: Vec<&decide::KeyWrite> = rows.iter().map(|(w, _)| *w).collect();
+                let mut w = if insert {
+                    GroupWrite::keyed(t, statements::insert(t, &shape), &keyed, None, vec![])
+                } else {
+                    GroupWrite::keyed(t, statements::update(t, &shape), &keyed, None, vec![])
+                };
+                if insert {
+                    // An insert's key is among its columns.
+                    w.arrays.clear();
+                }
+                for c in 0..shape.len() {
+                    w.arrays.push(rows.iter().map(|(_, v)| v[c]).collect());
+                }
+                writes.push(w);
+            }
+            // Stamp overrides for versions written by a transaction other than the last.
+            writes.push(GroupWrite::keyed(t, statements::row_stamps(t), &early_rows, Some(with_ts(&early_rows)), vec![t.name.clone(), origin.to_string()]));
+            writes.push(GroupWrite::keyed(t, statements::tombstone_stamps(t), &early_tombs, Some(with_ts(&early_tombs)), vec![t.name.clone()]));
+        }
+        if !plan.conflicts.is_empty() {
+            writes.push(GroupWrite {
+                what: "pgferry.conflicts".into(),
+                text: statements::CONFLICTS.into(),
+                arrays: records.iter().map(|c| c.iter().map(|v| v.as_deref()).collect()).collect(),
+                scalars: vec![],
+                expected: plan.conflicts.len() as u64,
+            });
+        }
+        writes.retain(|w| w.expected > 0);
+        let mut stmts = Vec::with_capacity(writes.len());
+        for w in &writes {
+            let mut types = vec![Type::TEXT_ARRAY; w.arrays.len()];
+            types.extend(w.scalars.iter().map(|_| Type::TEXT));
+            stmts.push(self.prepared_typed(sql, &w.text, &types).await?);
+        }
+        let params: Vec<Vec<&(dyn ToSql + Sync)>> = writes
+            .iter()
+            .map(|w| {
+                let mut p: Vec<&(dyn ToSql + Sync)> = w.arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                p.extend(w.scalars.iter().map(|s| s as &(dyn ToSql + Sync)));
+                p
+            })
+            .collect();
+        let counts = futures::future::try_join_all(stmts.iter().zip(&params).map(|(s, p)| sql.client.execute(s, p)))
+            .await
+            .map_err(sql.err("writing a group"))?;
+        for (w, got) in writes.iter().zip(counts) {
+            if got != w.expected {
+                return Err(ApplyError::Write {
+                    origin: origin.to_string(),
+                    table: w.what.clone(),
+                    message: format!("a grouped write touched {got} rows where {} were expected", w.expected),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn group_err(&self, origin: &str, name: &(String, String), message: String) -> ApplyError {
+        ApplyError::Write {
+            origin: origin.to_string(),
+            table: format!("{}.{}", name.0, name.1),
+            message,
+        }
+    }
+}
+
+/// One set-based statement of a group: text, `text[]` parameters, then text parameters.
+struct GroupWrite<'a> {
+    /// What it writes (for errors).
+    what: String,
+    text: String,
+    arrays: Vec<TextArray<'a>>,
+    scalars: Vec<String>,
+    /// The rows it must touch.
+    expected: u64,
+}
+
+impl<'a> GroupWrite<'a> {
+    /// A statement over the keys of `ws` (one array per key column), then `extra` (one more
+    /// array), then `scalars`.
+    fn keyed(t: &LocalTable, text: String, ws: &[&decide::KeyWrite<'a>], extra: Option<TextArray<'a>>, scalars: Vec<String>) -> GroupWrite<'a> {
+        let mut arrays: Vec<TextArray<'a>> = (0..t.key.len()).map(|c| ws.iter().map(|w| Some(w.key[c])).collect()).collect();
+        arrays.extend(extra);
+        GroupWrite {
+            what: t.name.clone(),
+            text,
+            arrays,
+            scalars,
+            expected: ws.len() as u64,
+        }
+    }
+}
+
+/// Key columns `0..n` of `keys` as one `text[]` each.
+fn columns<'a>(keys: &[Vec<&'a str>], n: usize) -> Vec<TextArray<'a>> {
+    (0..n).map(|c| keys.iter().map(|k| Some(k[c])).collect()).collect()
+}
+
+/// `arrays`, then `name`, as statement parameters.
+fn params<'p>(arrays: &'p [TextArray<'_>], name: Option<&'p String>) -> Vec<&'p (dyn ToSql + Sync)> {
+    let mut p: Vec<&(dyn ToSql + Sync)> = arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+    if let Some(n) = name {
+        p.push(n);
+    }
+    p
+}
+
+/// The key columns' values in `row`, in key order (None if one is missing or NULL).
+fn key_of<'e>(key: &[String], row: &'e [(String, Option<String>)]) -> Option<Vec<&'e str>> {
+    key.iter()
+        .map(|k| row.iter().find(|(c, _)| c == k).and_then(|(_, v)| v.as_deref()))
+        .collect()
+}

@@ -1,0 +1,257 @@
+//! The set-based statements of grouped apply, per table (pure text building). Every value goes
+//! in as a `text[]` parameter, unnested and cast to the local column's type (`k.c1::int`), which
+//! is lossless for every type, as the one-by-one path's `$n::text::<type>` is. Keys are compared
+//! and turned into the tombstone trigger's JSON form (`jsonb_build_array(to_jsonb(…))`) exactly as
+//! the one-by-one path does, so both paths lock, find and stamp the same keys.
+
+use pgferry_connectors::postgres::quote_ident;
+
+use crate::writer::{LocalTable, KEY_LOCK_CLASS};
+
+/// `unnest($first::text[], …) AS k(c1, …, cn)` over `n` arrays, with ORDINALITY when asked.
+fn unnest(first: usize, n: usize, names: &[String], ordinality: bool) -> String {
+    let arrays: Vec<String> = (0..n).map(|i| format!("${}::text[]", first + i)).collect();
+    let ord = if ordinality { " WITH ORDINALITY" } else { "" };
+    let mut cols = names.to_vec();
+    if ordinality {
+        cols.push("i".into());
+    }
+    format!("unnest({}){ord} AS k({})", arrays.join(", "), cols.join(", "))
+}
+
+/// `c1`, …, `cn`: the aliases of the key columns in the unnested arrays.
+fn key_aliases(table: &LocalTable) -> Vec<String> {
+    (1..=table.key.len()).map(|i| format!("c{i}")).collect()
+}
+
+/// The type of column `col` (text when unknown: the statement then fails, and the group falls
+/// back to the one-by-one path, which names the column).
+fn ty<'t>(table: &'t LocalTable, col: &str) -> &'t str {
+    table.types.get(col).map_or("text", String::as_str)
+}
+
+/// `t.k1 = k.c1::T1 AND …`.
+fn key_match(table: &LocalTable) -> String {
+    table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("t.{} = k.c{}::{}", quote_ident(c), i + 1, ty(table, c)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The key in the tombstone trigger's form, from the unnested key columns.
+fn key_json(table: &LocalTable) -> String {
+    let parts: Vec<String> = table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("to_jsonb(k.c{}::{})", i + 1, ty(table, c)))
+        .collect();
+    format!("jsonb_build_array({})", parts.join(", "))
+}
+
+/// Takes the key locks (the one-by-one path's `pg_advisory_xact_lock` on the table name and the
+/// key's JSON) of the keys in `$1..$n`, in one fixed order (by lock key) so that streams
+/// never deadlock on them. Parameters: the key columns, then the table name.
+pub fn lock_keys(table: &LocalTable) -> String {
+    let n = table.key.len();
+    format!(
+        "SELECT count(pg_advisory_xact_lock({KEY_LOCK_CLASS}, h)) FROM
+           (SELECT DISTINCT hashtext(${} || {}::text) AS h FROM {} ORDER BY h) s",
+        n + 1,
+        key_json(table),
+        unnest(1, n, &key_aliases(table), false)
+    )
+}
+
+/// Locks the existing rows at the keys in `$1..$n`, in key order. Parameters: the key columns.
+pub fn lock_rows(table: &LocalTable) -> String {
+    let n = table.key.len();
+    let order: Vec<String> = table.key.iter().map(|c| format!("t.{}", quote_ident(c))).collect();
+    format!(
+        "SELECT count(*) FROM (SELECT 1 FROM {} t JOIN {} ON {} ORDER BY {} FOR UPDATE OF t) s",
+        table.qualified,
+        unnest(1, n, &key_aliases(table), false),
+        key_match(table),
+        order.join(", ")
+    )
+}
+
+/// Reads the state of every key in `$1..$n` (one row per key, in input order): its position,
+/// its JSON form, whether a row exists, the row's stamp (commit time, or the override in
+/// `pgferry.row_stamps` tied to the version's xmin) and replication origin, the row as JSON, the
+/// override's origin, and the key's tombstone stamp (its override, or its deleting transaction's
+/// commit time) and origin. Parameters: the key columns, then the table name.
+pub fn read_state(table: &LocalTable) -> String {
+    let n = table.key.len();
+    format!(
+        "SELECT k.i::int8, kj.key::text, t.ctid IS NOT NULL,
+                coalesce(s.ts_us, (extract(epoch FROM c.timestamp) * 1000000)::int8),
+                c.roident::int8,
+                CASE WHEN t.ctid IS NULL THEN NULL ELSE to_jsonb(t)::text END,
+                s.origin,
+                coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END,
+                         (extract(epoch FROM tc.timestamp) * 1000000)::int8),
+                tc.roident::int8
+         FROM {}
+         CROSS JOIN LATERAL (SELECT {} AS key) kj
+         LEFT JOIN {} t ON {}
+         LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) c ON t.ctid IS NOT NULL
+         LEFT JOIN pgferry.row_stamps s
+                ON s.tbl = ${tbl} AND s.key = kj.key AND s.xid % 4294967296 = t.xmin::text::int8
+         LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${tbl} AND tb.key = kj.key
+         LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) tc
+                ON tb.xid IS NOT NULL
+         ORDER BY k.i",
+        unnest(1, n, &key_aliases(table), true),
+        key_json(table),
+        table.qualified,
+        key_match(table),
+        tbl = n + 1,
+    )
+}
+
+/// Deletes the rows at the keys in `$1..$n`; the count it returns must be their number.
+pub fn delete(table: &LocalTable) -> String {
+    format!(
+        "DELETE FROM {} t USING {} WHERE {}",
+        table.qualified,
+        unnest(1, table.key.len(), &key_aliases(table), false),
+        key_match(table)
+    )
+}
+
+/// Inserts rows whose columns are `columns`, one `text[]` parameter per column.
+pub fn insert(table: &LocalTable, columns: &[&str]) -> String {
+    let names: Vec<String> = (1..=columns.len()).map(|i| format!("v{i}")).collect();
+    let values: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("k.v{}::{}", i + 1, ty(table, c)))
+        .collect();
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    format!(
+        "INSERT INTO {} ({}) SELECT {} FROM {}",
+        table.qualified,
+        cols.join(", "),
+        values.join(", "),
+        unnest(1, columns.len(), &names, false)
+    )
+}
+
+/// Updates the rows at the keys in `$1..$n` setting `columns` (`$n+1…`, one per column).
+pub fn update(table: &LocalTable, columns: &[&str]) -> String {
+    let n = table.key.len();
+    let mut names = key_aliases(table);
+    names.extend((1..=columns.len()).map(|i| format!("v{i}")));
+    let sets: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = k.v{}::{}", quote_ident(c), i + 1, ty(table, c)))
+        .collect();
+    format!(
+        "UPDATE {} t SET {} FROM {} WHERE {}",
+        table.qualified,
+        sets.join(", "),
+        unnest(1, n + columns.len(), &names, false),
+        key_match(table)
+    )
+}
+
+/// Records tombstones for the keys in `$1..$n` (deletes of rows that were not there and won),
+/// dated by this transaction. Parameters: the key columns, then the table name.
+pub fn tombstones(table: &LocalTable) -> String {
+    let n = table.key.len();
+    format!(
+        "INSERT INTO pgferry.tombstones (tbl, key, xid)
+         SELECT ${}, {}, txid_current() FROM {}
+         ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid",
+        n + 1,
+        key_json(table),
+        unnest(1, n, &key_aliases(table), false)
+    )
+}
+
+/// Stamps the row versions this transaction wrote at the keys in `$1..$n` with the commit time
+/// in `$n+1` (µs, text) of the source transaction that wrote them: an override tied to this
+/// transaction's xid, so any later write of the row (another xmin) does not inherit it.
+/// Parameters: the key columns, the times, the table name, the origin.
+pub fn row_stamps(table: &LocalTable) -> String {
+    let n = table.key.len();
+    let mut names = key_aliases(table);
+    names.push("ts".into());
+    format!(
+        "INSERT INTO pgferry.row_stamps (tbl, key, xid, ts_us, origin)
+         SELECT ${tbl}, {}, txid_current(), k.ts::int8, ${origin} FROM {}
+         ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid, ts_us = EXCLUDED.ts_us, origin = EXCLUDED.origin",
+        key_json(table),
+        unnest(1, n + 1, &names, false),
+        tbl = n + 2,
+        origin = n + 3,
+    )
+}
+
+/// Stamps the tombstones this transaction wrote at the keys in `$1..$n` with the commit time in
+/// `$n+1` of the source transaction that deleted them (valid while `stamp_xid = xid`: a later
+/// delete of the key writes another xid). Parameters: the key columns, the times, the table name.
+pub fn tombstone_stamps(table: &LocalTable) -> String {
+    let n = table.key.len();
+    let mut names = key_aliases(table);
+    names.push("ts".into());
+    format!(
+        "UPDATE pgferry.tombstones tb SET stamp_xid = tb.xid, ts_us = k.ts::int8
+         FROM {} WHERE tb.tbl = ${} AND tb.key = {}",
+        unnest(1, n + 1, &names, false),
+        n + 2,
+        key_json(table)
+    )
+}
+
+/// Records conflicts, one per element of 13 `text[]` parameters (the columns of the one-by-one
+/// path's record, in the same order), in array order.
+pub const CONFLICTS: &str = "INSERT INTO pgferry.conflicts (tbl, key, conflict_type, resolver, resolution, local_row,
+        local_origin, local_commit_ts, remote_op, remote_row, remote_origin, remote_commit_ts, remote_commit_lsn)
+    SELECT c1, c2::jsonb, c3, c4, c5, c6::jsonb, c7,
+           'epoch'::timestamptz + c8::int8 * interval '1 microsecond', c9, c10::jsonb, c11,
+           'epoch'::timestamptz + c12::int8 * interval '1 microsecond', c13::pg_lsn
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[]) WITH ORDINALITY
+         AS k(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, i)
+    ORDER BY i";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn table() -> LocalTable {
+        LocalTable {
+            name: "public.t".into(),
+            qualified: "\"public\".\"t\"".into(),
+            types: HashMap::from([("id".to_string(), "integer".to_string()), ("v".to_string(), "text".to_string())]),
+            key: vec!["id".into()],
+            resolver: Default::default(),
+            delta: Default::default(),
+            unique_keys: Vec::new(),
+            groupable: true,
+        }
+    }
+
+    #[test]
+    fn statements_cast_every_value_and_quote_every_identifier() {
+        let t = table();
+        assert_eq!(
+            update(&t, &["v"]),
+            "UPDATE \"public\".\"t\" t SET \"v\" = k.v1::text FROM unnest($1::text[], $2::text[]) AS k(c1, v1) WHERE t.\"id\" = k.c1::integer"
+        );
+        assert_eq!(
+            insert(&t, &["id", "v"]),
+            "INSERT INTO \"public\".\"t\" (\"id\", \"v\") SELECT k.v1::integer, k.v2::text FROM unnest($1::text[], $2::text[]) AS k(v1, v2)"
+        );
+        assert!(read_state(&t).contains("tb.tbl = $2 AND tb.key = kj.key"), "{}", read_state(&t));
+        assert!(lock_keys(&t).contains("hashtext($2 || jsonb_build_array(to_jsonb(k.c1::integer))::text)"), "{}", lock_keys(&t));
+        assert!(row_stamps(&t).contains("SELECT $3, jsonb_build_array(to_jsonb(k.c1::integer)), txid_current(), k.ts::int8, $4"));
+    }
+}
