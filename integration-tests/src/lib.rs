@@ -104,7 +104,7 @@ pub fn without_password(dsn: &str) -> String {
 }
 
 /// A URL DSN with its database replaced (its `?query` kept).
-fn with_db(dsn: &str, db: &str) -> String {
+pub fn with_db(dsn: &str, db: &str) -> String {
     let (base, query) = match dsn.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (dsn, None),
