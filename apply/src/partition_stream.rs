@@ -464,7 +464,17 @@ impl PartitionStream {
     /// progress; how many of `txns` it applied (0: none, rolled back). On error the transaction is
     /// rolled back.
     async fn apply_group(&mut self, origin: &str, txns: &[SourceTxn]) -> Result<usize, ApplyError> {
-        let outcome = match self.writer.write_group(&self.sql, origin, txns).await {
+        let stmts = self
+            .statements
+            .as_ref()
+            .ok_or_else(|| self.stream_err(txns[0].last_offset, "session not prepared".into()))?;
+        let commit = crate::group::Commit {
+            xact_setup: &stmts.xact_setup,
+            progress: &stmts.progress,
+            topic: &self.topic,
+            partition: self.partition,
+        };
+        let outcome = match self.writer.write_group(&self.sql, origin, txns, commit).await {
             Ok(o) if o.txns > 0 => o,
             other => {
                 let _ = self.sql.client.batch_execute("ROLLBACK").await;
@@ -472,26 +482,6 @@ impl PartitionStream {
             }
         };
         let last = &txns[outcome.txns - 1];
-        let committed = {
-            let stmts = self
-                .statements
-                .as_ref()
-                .ok_or_else(|| self.stream_err(last.last_offset, "session not prepared".into()))?;
-            let lsn = format_lsn(last.commit_lsn);
-            let setup: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&lsn, &last.commit_ts_us];
-            let record: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-                [&origin, &self.topic, &self.partition, &last.last_offset, &lsn, &last.commit_ts_us];
-            futures::try_join!(
-                self.sql.client.execute(&stmts.xact_setup, &setup),
-                self.sql.client.execute(&stmts.progress, &record),
-                self.sql.client.batch_execute("COMMIT")
-            )
-            .map_err(self.sql.err("recording pgferry.apply_progress and committing a group"))
-        };
-        if let Err(e) = committed {
-            let _ = self.sql.client.batch_execute("ROLLBACK").await;
-            return Err(e.into());
-        }
         self.metrics.group(outcome.txns);
         let m = self.origin_metrics(origin);
         m.rows(outcome.rows);

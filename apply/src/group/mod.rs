@@ -9,10 +9,12 @@
 //! 3. **write** (second round trip): per table and statement shape one array statement (`DELETE …
 //!    USING unnest`, `INSERT … SELECT unnest`, `UPDATE … FROM unnest`), the stamp overrides of row
 //!    versions and tombstones whose source transaction is not the group's last (tied to this
-//!    transaction's xid), and the conflict records. Each statement's row count is checked.
+//!    transaction's xid), the conflict records, then the replication origin's LSN and time and
+//!    `pgferry.apply_progress` of the last applied transaction, and COMMIT. Each write fails on
+//!    the server unless it touches the planned number of rows, so COMMIT never keeps a partial
+//!    group.
 //!
-//! The caller then records progress under the last applied transaction's commit LSN and time and
-//! commits. Any error leaves the transaction to be rolled back, and the caller applies the same
+//! Any error leaves the transaction to be rolled back, and the caller applies the same
 //! transactions one by one.
 
 pub mod decide;
@@ -57,6 +59,20 @@ pub struct GroupOutcome {
     pub cut: Option<decide::CutReason>,
 }
 
+/// How a group's local transaction ends, sent with its writes (one round trip): the session's
+/// prepared `pg_replication_origin_xact_setup(lsn, ts)` and progress upsert (see
+/// `partition_stream.rs`), and where the progress goes.
+pub struct Commit<'a> {
+    /// `pg_replication_origin_xact_setup($1::text::pg_lsn, ts $2)`.
+    pub xact_setup: &'a tokio_postgres::Statement,
+    /// [`crate::progress::UPSERT`].
+    pub progress: &'a tokio_postgres::Statement,
+    /// The partition's topic.
+    pub topic: &'a str,
+    /// The partition.
+    pub partition: i32,
+}
+
 /// A `text[]` parameter.
 type TextArray<'a> = Vec<Option<&'a str>>;
 
@@ -82,10 +98,18 @@ impl Writer {
         }
     }
 
-    /// Writes a prefix of `txns` — consecutive source transactions of `origin`, all of whose
-    /// tables are [`Writer::groupable`] — opening a local transaction (`BEGIN`) that the caller
-    /// commits (or rolls back on error).
-    pub async fn write_group(&mut self, sql: &PgSession, origin: &str, txns: &[SourceTxn]) -> Result<GroupOutcome, ApplyError> {
+    /// Applies a prefix of `txns` — consecutive source transactions of `origin`, all of whose
+    /// tables are [`Writer::groupable`] — in one local transaction, committed under the last
+    /// applied transaction's commit LSN and time with its progress (`commit`). `Ok` with 0
+    /// transactions: nothing was written and the transaction is left open; on `Err` it may be
+    /// open too: the caller rolls back either way.
+    pub async fn write_group(
+        &mut self,
+        sql: &PgSession,
+        origin: &str,
+        txns: &[SourceTxn],
+        commit: Commit<'_>,
+    ) -> Result<GroupOutcome, ApplyError> {
         let origin_id = self.config.node(origin).map_or(0, |n| n.id);
         // The group's tables in a fixed order (the lock order), and its changes.
         let mut table_ids: BTreeMap<(String, String), usize> = BTreeMap::new();
@@ -129,6 +153,7 @@ impl Writer {
             }
         }
 
+        let t0 = std::time::Instant::now();
         // 1. Read: BEGIN, locks, local state, pipelined.
         let mut keys: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
         let mut lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
@@ -222,6 +247,7 @@ impl Writer {
             }
         }
 
+        let t_read = t0.elapsed();
         // 2. Decide.
         let resolvers: Vec<_> = names.iter().map(|n| self.tables[n].resolver).collect();
         let (plan, cut) = decide::plan(&changes, &before, &resolvers, origin, origin_id);
@@ -243,7 +269,11 @@ impl Writer {
         let last = plan.txns - 1;
 
         // 3. Write.
-        self.write_plan(sql, origin, &names, &table_names, txns, &plan, last).await?;
+        let t_plan = t0.elapsed();
+        self.write_plan(sql, origin, &names, &table_names, txns, &plan, last, commit).await?;
+        tracing::debug!(origin = %origin, txns = plan.txns, rows = outcome.rows, conflicts = plan.conflicts.len(),
+            read_us = t_read.as_micros() as u64, decide_us = (t_plan - t_read).as_micros() as u64,
+            write_us = (t0.elapsed() - t_plan).as_micros() as u64, "group applied");
         Ok(outcome)
     }
 
@@ -258,6 +288,7 @@ impl Writer {
         txns: &[SourceTxn],
         plan: &decide::Plan<'_>,
         last: usize,
+        commit: Commit<'_>,
     ) -> Result<(), ApplyError> {
         let ts_text: Vec<String> = txns.iter().map(|t| t.commit_ts_us.to_string()).collect();
         // The conflict records' columns (owned: most are made here).
@@ -336,7 +367,6 @@ impl Writer {
         }
         if !plan.conflicts.is_empty() {
             writes.push(GroupWrite {
-                what: "pgferry.conflicts".into(),
                 text: statements::CONFLICTS.into(),
                 arrays: records.iter().map(|c| c.iter().map(|v| v.as_deref()).collect()).collect(),
                 scalars: vec![],
@@ -348,28 +378,36 @@ impl Writer {
         for w in &writes {
             let mut types = vec![Type::TEXT_ARRAY; w.arrays.len()];
             types.extend(w.scalars.iter().map(|_| Type::TEXT));
-            stmts.push(self.prepared_typed(sql, &w.text, &types).await?);
+            types.push(Type::INT8);
+            stmts.push(self.prepared_typed(sql, &statements::counted(&w.text, types.len()), &types).await?);
         }
+        let expected: Vec<i64> = writes.iter().map(|w| w.expected as i64).collect();
         let params: Vec<Vec<&(dyn ToSql + Sync)>> = writes
             .iter()
-            .map(|w| {
+            .zip(&expected)
+            .map(|(w, n)| {
                 let mut p: Vec<&(dyn ToSql + Sync)> = w.arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
                 p.extend(w.scalars.iter().map(|s| s as &(dyn ToSql + Sync)));
+                p.push(n);
                 p
             })
             .collect();
-        let counts = futures::future::try_join_all(stmts.iter().zip(&params).map(|(s, p)| sql.client.execute(s, p)))
-            .await
-            .map_err(sql.err("writing a group"))?;
-        for (w, got) in writes.iter().zip(counts) {
-            if got != w.expected {
-                return Err(ApplyError::Write {
-                    origin: origin.to_string(),
-                    table: w.what.clone(),
-                    message: format!("a grouped write touched {got} rows where {} were expected", w.expected),
-                });
-            }
-        }
+        // Writes, progress and COMMIT in one round trip. Each write fails on the server when it
+        // touches another number of rows than planned (`statements::counted`), which aborts the
+        // transaction, so that COMMIT rolls it back.
+        let last_txn = &txns[last];
+        let lsn = format_lsn(last_txn.commit_lsn);
+        let setup: [&(dyn ToSql + Sync); 2] = [&lsn, &last_txn.commit_ts_us];
+        let progress: [&(dyn ToSql + Sync); 6] =
+            [&origin, &commit.topic, &commit.partition, &last_txn.last_offset, &lsn, &last_txn.commit_ts_us];
+        let written = futures::future::try_join_all(stmts.iter().zip(&params).map(|(s, p)| sql.client.query_one(s, p)));
+        futures::try_join!(
+            written,
+            sql.client.execute(commit.xact_setup, &setup),
+            sql.client.execute(commit.progress, &progress),
+            sql.client.batch_execute("COMMIT")
+        )
+        .map_err(sql.err("writing and committing a group"))?;
         Ok(())
     }
 
@@ -384,8 +422,6 @@ impl Writer {
 
 /// One set-based statement of a group: text, `text[]` parameters, then text parameters.
 struct GroupWrite<'a> {
-    /// What it writes (for errors).
-    what: String,
     text: String,
     arrays: Vec<TextArray<'a>>,
     scalars: Vec<String>,
@@ -400,7 +436,6 @@ impl<'a> GroupWrite<'a> {
         let mut arrays: Vec<TextArray<'a>> = (0..t.key.len()).map(|c| ws.iter().map(|w| Some(w.key[c])).collect()).collect();
         arrays.extend(extra);
         GroupWrite {
-            what: t.name.clone(),
             text,
             arrays,
             scalars,

@@ -209,6 +209,12 @@ pub fn tombstone_stamps(table: &LocalTable) -> String {
     )
 }
 
+/// `text` (a data-modifying statement with `n - 1` parameters) wrapped so that it fails —
+/// `division by zero`, aborting the transaction — unless it touches exactly `$n` rows.
+pub fn counted(text: &str, n: usize) -> String {
+    format!("WITH w AS ({text} RETURNING 1) SELECT count(*) / (count(*) = ${n})::int FROM w")
+}
+
 /// Records conflicts, one per element of 13 `text[]` parameters (the columns of the one-by-one
 /// path's record, in the same order), in array order.
 pub const CONFLICTS: &str = "INSERT INTO pgferry.conflicts (tbl, key, conflict_type, resolver, resolution, local_row,
