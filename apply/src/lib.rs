@@ -4,10 +4,12 @@
 //! node reads (`read_regions`) with `read_committed`, one task and one PostgreSQL session per
 //! partition (partitions apply in parallel). A partition carries its node's transactions and
 //! those it forwards; events of this node's own origin are ignored.
-//! Each source transaction becomes exactly one local transaction run under the replication
-//! origin `pgferry_<origin>` with `pg_replication_origin_xact_setup(commit_lsn, commit_ts)`, and
-//! writes `pgferry.apply_progress` in the same transaction, so a restart resumes exactly where
-//! the last commit left off and anything at or below the recorded commit LSN is a duplicate.
+//! Source transactions are applied under the replication origin `pgferry_<origin>` with
+//! `pg_replication_origin_xact_setup(commit_lsn, commit_ts)`, writing `pgferry.apply_progress` in
+//! the same local transaction, so a restart resumes exactly where the last commit left off and
+//! anything at or below the recorded commit LSN is a duplicate. Consecutive transactions of one
+//! origin that have already arrived are applied as one group ([`group`]: read, decide, write
+//! set-based), with the outcome of applying them one by one; everything else goes one by one.
 //! [`metrics`] counts what each origin's committed transactions wrote and tracks each origin's
 //! lag and whether its stream runs.
 //! Beside the streams, [`conflict_publisher`] publishes `pgferry.conflicts` to
