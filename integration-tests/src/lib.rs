@@ -5,6 +5,15 @@
 //! cluster name (so its own topics and registry subjects) and its own node names (so its own
 //! slots and origins); tests never share state. Waiting is always [`wait_until`] with a
 //! deadline. Endpoints come from the variables `deploy/local/env.sh` prints.
+//!
+//! Large groups everywhere: apply groups consecutive source transactions of one origin into one
+//! local transaction, taking only what has already arrived, so under the light, paced loads of
+//! most tests its groups are small. `PGFERRY_TEST_GROUP_WAIT_MS=<ms>` makes every test cluster's
+//! config carry `[apply] group_wait_ms = <ms>` (apply then waits up to that long for more
+//! transactions before writing a group), so the whole suite can be run with large groups, e.g.
+//! `PGFERRY_TEST_GROUP_WAIT_MS=200 deploy/local/test.sh`. A test that sets `group_wait_ms`
+//! itself in [`Cluster::apply_toml`] keeps its own value. Configs a test writes by hand (not
+//! through [`Cluster::write_config`]) are not affected.
 
 pub mod ledger;
 pub mod own_services;
@@ -62,8 +71,43 @@ pub fn pgferry_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/pgferry"))
 }
 
+/// `PGFERRY_TEST_GROUP_WAIT_MS` (crate doc), if set: the `[apply] group_wait_ms` every test
+/// cluster's config carries.
+pub fn group_wait_ms_from_env() -> Result<Option<u64>> {
+    match std::env::var("PGFERRY_TEST_GROUP_WAIT_MS") {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| anyhow!("PGFERRY_TEST_GROUP_WAIT_MS must be a number of milliseconds, not {v:?}")),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The `[apply]` lines of a config: `apply_toml`, with `group_wait_ms = <wait_ms>` first
+/// unless `apply_toml` sets it itself.
+fn apply_lines(apply_toml: &str, wait_ms: Option<u64>) -> String {
+    let lines = apply_toml.trim();
+    let sets_wait = lines.lines().any(|l| l.trim_start().starts_with("group_wait_ms"));
+    match wait_ms {
+        Some(ms) if !sets_wait => format!("group_wait_ms = {ms}\n{lines}").trim().to_string(),
+        _ => lines.to_string(),
+    }
+}
+
 /// Polls `check` every 100 ms until it returns true; fails with `what` after `timeout`.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    wait_until_every(what, timeout, Duration::from_millis(100), check).await
+}
+
+/// [`wait_until`] polling every `interval` (for a state that lasts only a moment, e.g. a
+/// service in the middle of one transaction).
+pub async fn wait_until_every<F, Fut>(what: &str, timeout: Duration, interval: Duration, mut check: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<bool>>,
@@ -79,7 +123,7 @@ where
         if Instant::now() > deadline {
             bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -191,6 +235,10 @@ pub struct Cluster {
     /// Extra TOML lines of the `[registry]` section (e.g. `username = "…"`); takes effect at
     /// the next [`Cluster::write_config`].
     pub registry_toml: String,
+    /// Extra TOML lines of the `[apply]` section (e.g. `max_group_txns = 7`); takes effect at
+    /// the next [`Cluster::write_config`]. Never write an `[apply]` header elsewhere (e.g. in
+    /// [`Cluster::replication_toml`]): the config would have two.
+    pub apply_toml: String,
     /// Endpoints.
     pub endpoints: Endpoints,
 }
@@ -257,6 +305,7 @@ impl Cluster {
             replication_toml: String::new(),
             kafka_toml: String::new(),
             registry_toml: String::new(),
+            apply_toml: String::new(),
             dir,
             endpoints,
         };
@@ -270,6 +319,10 @@ impl Cluster {
             "[cluster]\nname = \"{}\"\n[kafka]\nbootstrap_servers = \"{}\"\npartitions = 3\n{}\n[registry]\nurl = \"{}\"\n{}\n",
             self.name, self.endpoints.kafka, self.kafka_toml, self.endpoints.registry, self.registry_toml
         );
+        let apply = self.apply_section()?;
+        if !apply.is_empty() {
+            toml += &format!("[apply]\n{apply}\n");
+        }
         for n in &self.nodes {
             toml += &format!(
                 "[[nodes]]\nname = \"{}\"\nid = {}\nregion = \"{}\"\ndsn = \"{}\"\n{}\n",
@@ -280,6 +333,12 @@ impl Cluster {
         toml += &format!("[replication]\ntables = [{}]\n{}\n", list.join(", "), self.replication_toml);
         std::fs::write(&self.config_path, toml)?;
         Ok(())
+    }
+
+    /// The lines of the `[apply]` section: [`Cluster::apply_toml`], and `group_wait_ms` from
+    /// `PGFERRY_TEST_GROUP_WAIT_MS` (crate doc) unless `apply_toml` sets it.
+    fn apply_section(&self) -> Result<String> {
+        Ok(apply_lines(&self.apply_toml, group_wait_ms_from_env()?))
     }
 
     /// Runs `pgferry init`.
@@ -692,6 +751,16 @@ impl Drop for OwnServers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apply_section_carries_the_forced_group_wait() {
+        assert_eq!(apply_lines("", None), "");
+        assert_eq!(apply_lines("max_group_txns = 7\n", None), "max_group_txns = 7");
+        assert_eq!(apply_lines("", Some(200)), "group_wait_ms = 200");
+        assert_eq!(apply_lines("max_group_txns = 7", Some(200)), "group_wait_ms = 200\nmax_group_txns = 7");
+        // A test's own value wins.
+        assert_eq!(apply_lines("group_wait_ms = 500", Some(200)), "group_wait_ms = 500");
+    }
 
     #[test]
     fn hides_the_password() {

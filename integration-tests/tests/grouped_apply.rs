@@ -144,7 +144,7 @@ async fn grouped_apply_equals_one_by_one_in_every_group_size() -> anyhow::Result
         let mut run = cluster.clone();
         run.nodes[2].dsn = with_db(&target.dsn, db);
         run.config_path = cluster.dir.join(format!("pgferry-g{group}.toml"));
-        run.replication_toml += &format!("[apply]\nmax_group_txns = {group}\n");
+        run.apply_toml += &format!("max_group_txns = {group}\n");
         run.write_config()?;
         for origin in [0, 1] {
             let out = run.pgferry(&["replay", "--node", &target.name, "--origin", &cluster.nodes[origin].name, "--from-offset", "0", "--quiet"])?;
