@@ -8,7 +8,7 @@
 //! `pg_replication_origin_xact_setup(commit_lsn, commit_ts)`, writing `pgferry.apply_progress` in
 //! the same local transaction, so a restart resumes exactly where the last commit left off and
 //! anything at or below the recorded commit LSN is a duplicate. Consecutive transactions of one
-//! origin that have already arrived are applied as one group ([`group`]: read, decide, write
+//! origin that have already arrived are applied as one group (module `group`: read, decide, write
 //! set-based), with the outcome of applying them one by one; everything else goes one by one.
 //! [`metrics`] counts what each origin's committed transactions wrote and tracks each origin's
 //! lag and whether its stream runs.

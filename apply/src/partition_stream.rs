@@ -72,6 +72,9 @@ pub struct PartitionStream {
     pub apply_own: bool,
     /// What the stream has done so far (read by replay's progress output).
     pub progress: Arc<StreamProgress>,
+    /// Changes decoded ahead (by Kafka offset) while the previous group's writes were on their
+    /// way to the server; emptied with each batch.
+    pub predecoded: HashMap<i64, pgferry_schemas::DecodedEvent>,
     /// Most transactions the next group attempt may take: after an attempt whose first
     /// transaction had to go one by one it starts small again and doubles with each group, so
     /// a run of such transactions is not read and decided again and again.
@@ -180,6 +183,7 @@ impl PartitionStream {
             only_origin: None,
             apply_own: false,
             group_budget: usize::MAX,
+            predecoded: HashMap::new(),
             progress: Arc::new(StreamProgress {
                 offset: AtomicI64::new(-1),
                 ..Default::default()
@@ -272,7 +276,8 @@ impl PartitionStream {
             // transaction begun, up to the bounds.
             let mut end = false;
             let mut failed = None;
-            let deadline = tokio::time::Instant::now() + wait;
+            // `group_wait_ms` counts from the batch's first message.
+            let mut deadline = tokio::time::Instant::now() + wait;
             loop {
                 let must_wait = batch.is_empty() || (in_txn && batch.len() < 2 * max_messages);
                 let next = if must_wait {
@@ -321,6 +326,9 @@ impl PartitionStream {
                 if matches!(header(&msg, HEADER_KIND), Some("change" | "truncate" | "message")) {
                     in_txn = header(&msg, HEADER_TXN_LAST) != Some("1");
                 }
+                if batch.is_empty() {
+                    deadline = tokio::time::Instant::now() + wait;
+                }
                 batch.push(msg);
             }
             let applied = self.apply_batch(&batch, &mut open).await;
@@ -350,6 +358,7 @@ impl PartitionStream {
             self.handle_one(&batch[i], open).await?;
             i += 1;
         }
+        self.predecoded.clear();
         Ok(())
     }
 
@@ -408,7 +417,13 @@ impl PartitionStream {
             if rows > limits.max_group_rows {
                 break;
             }
-            let Ok(Item::Change(ev)) = self.decode_item(m, &origin, Some("change")).await else { break };
+            let ev = match self.predecoded.remove(&m.offset()) {
+                Some(ev) => ev,
+                None => match self.decode_item(m, &origin, Some("change")).await {
+                    Ok(Item::Change(ev)) => ev,
+                    _ => break,
+                },
+            };
             if !self.writer.groupable(&self.sql, &ev).await {
                 break;
             }
@@ -435,7 +450,8 @@ impl PartitionStream {
         }
         self.progress.last_received_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         self.progress.busy.store(true, Ordering::Relaxed);
-        let written = self.apply_group(&origin, &txns).await;
+        let next = &msgs[ends[ends.len() - 1]..];
+        let written = self.apply_group(&origin, &txns, next).await;
         self.progress.busy.store(false, Ordering::Relaxed);
         match written {
             Ok(0) => {
@@ -463,7 +479,7 @@ impl PartitionStream {
     /// Writes a group and commits it under its last transaction's commit LSN and time, with the
     /// progress; how many of `txns` it applied (0: none, rolled back). On error the transaction is
     /// rolled back.
-    async fn apply_group(&mut self, origin: &str, txns: &[SourceTxn]) -> Result<usize, ApplyError> {
+    async fn apply_group(&mut self, origin: &str, txns: &[SourceTxn], next: &[BorrowedMessage<'_>]) -> Result<usize, ApplyError> {
         let stmts = self
             .statements
             .as_ref()
@@ -474,7 +490,10 @@ impl PartitionStream {
             topic: &self.topic,
             partition: self.partition,
         };
-        let outcome = match self.writer.write_group(&self.sql, origin, txns, commit).await {
+        // While the group's writes and COMMIT travel, decode what follows (the next group).
+        let (readers, predecoded, budget) = (&self.readers, &mut self.predecoded, self.config.apply.max_group_rows);
+        let mut decode_ahead = || predecode(readers, predecoded, next, budget);
+        let outcome = match self.writer.write_group(&self.sql, origin, txns, commit, &mut decode_ahead).await {
             Ok(o) if o.txns > 0 => o,
             other => {
                 let _ = self.sql.client.batch_execute("ROLLBACK").await;
@@ -893,5 +912,23 @@ impl PartitionStream {
             self.progress.applied.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+/// Decodes up to `budget` change messages at the head of `msgs` whose writer schema already has
+/// a reader, into `into` by offset; stops at the first other message.
+fn predecode(
+    readers: &HashMap<u32, Arc<EnvelopeReader>>,
+    into: &mut HashMap<i64, pgferry_schemas::DecodedEvent>,
+    msgs: &[BorrowedMessage<'_>],
+    budget: usize,
+) {
+    for m in msgs.iter().take(budget) {
+        if header(m, HEADER_KIND) != Some("change") {
+            return;
+        }
+        let Ok((schema_id, datum)) = decode_frame(m.payload().unwrap_or_default()) else { return };
+        let Some(Ok(ev)) = readers.get(&schema_id).map(|r| r.decode(datum)) else { return };
+        into.insert(m.offset(), ev);
     }
 }

@@ -109,6 +109,7 @@ impl Writer {
         origin: &str,
         txns: &[SourceTxn],
         commit: Commit<'_>,
+        while_writing: &mut (dyn FnMut() + Send),
     ) -> Result<GroupOutcome, ApplyError> {
         let origin_id = self.config.node(origin).map_or(0, |n| n.id);
         // The group's tables in a fixed order (the lock order), and its changes.
@@ -270,7 +271,7 @@ impl Writer {
 
         // 3. Write.
         let t_plan = t0.elapsed();
-        self.write_plan(sql, origin, &names, &table_names, txns, &plan, last, commit).await?;
+        self.write_plan(sql, origin, &names, &table_names, txns, &plan, last, commit, while_writing).await?;
         tracing::debug!(origin = %origin, txns = plan.txns, rows = outcome.rows, conflicts = plan.conflicts.len(),
             read_us = t_read.as_micros() as u64, decide_us = (t_plan - t_read).as_micros() as u64,
             write_us = (t0.elapsed() - t_plan).as_micros() as u64, "group applied");
@@ -289,6 +290,7 @@ impl Writer {
         plan: &decide::Plan<'_>,
         last: usize,
         commit: Commit<'_>,
+        while_writing: &mut (dyn FnMut() + Send),
     ) -> Result<(), ApplyError> {
         let ts_text: Vec<String> = txns.iter().map(|t| t.commit_ts_us.to_string()).collect();
         // The conflict records' columns (owned: most are made here).
@@ -401,13 +403,24 @@ impl Writer {
         let progress: [&(dyn ToSql + Sync); 6] =
             [&origin, &commit.topic, &commit.partition, &last_txn.last_offset, &lsn, &last_txn.commit_ts_us];
         let written = futures::future::try_join_all(stmts.iter().zip(&params).map(|(s, p)| sql.client.query_one(s, p)));
-        futures::try_join!(
-            written,
-            sql.client.execute(commit.xact_setup, &setup),
-            sql.client.execute(commit.progress, &progress),
-            sql.client.batch_execute("COMMIT")
-        )
-        .map_err(sql.err("writing and committing a group"))?;
+        let all = async {
+            futures::try_join!(
+                written,
+                sql.client.execute(commit.xact_setup, &setup),
+                sql.client.execute(commit.progress, &progress),
+                sql.client.batch_execute("COMMIT")
+            )
+        };
+        let mut all = std::pin::pin!(all);
+        // The first poll hands every request to the connection task, which sends them while
+        // `while_writing` runs here (decoding the next group overlaps the server's work).
+        let first = futures::poll!(all.as_mut());
+        while_writing();
+        let done = match first {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => all.await,
+        };
+        done.map_err(sql.err("writing and committing a group"))?;
         Ok(())
     }
 
