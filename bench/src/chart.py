@@ -1,7 +1,9 @@
 # Draws the chart of `pgferry bench` from its results JSON:  python - results.json chart.png
-# (report.rs sends this file on stdin). Three panels: backlog drain (txn/s), latency (p50 and
-# p99, log scale) and three nodes all writing (aggregate txn/s), one bar colour per system.
+# (report.rs sends this file on stdin). Three panels: backlog drain (median txn/s over the
+# repetitions), latency (p50 and p99, log scale) and three nodes all writing (aggregate
+# txn/s), one bar colour per system.
 import json
+import statistics
 import sys
 
 import matplotlib
@@ -43,9 +45,13 @@ ax = axes[0]
 if not r["drains"]:
     not_run(ax, "backlog drain")
 workloads = list(dict.fromkeys(d["workload"] for d in r["drains"]))
-drain = {(d["workload"], d["system"]): d["txn_per_s"] for d in r["drains"]}
+# One entry per repetition: the bar is the median.
+rates = {}
+for d in r["drains"]:
+    rates.setdefault((d["workload"], d["system"]), []).append(d["txn_per_s"])
+drain = {k: statistics.median(v) for k, v in rates.items()}
 grouped(ax, workloads, lambda g, s: drain.get((g, s)), lambda y: f"{y:,.0f}")
-ax.set_title("Backlog drain n1 → n2 (higher is better)", fontsize=10)
+ax.set_title("Backlog drain n1 → n2, median (higher is better)", fontsize=10)
 ax.set_ylabel("transactions / s")
 if r["drains"]:
     ax.legend(fontsize=8)

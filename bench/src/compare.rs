@@ -1,15 +1,18 @@
 //! `pgferry bench`: pgferry, PostgreSQL 15's native logical replication and pglogical 2 side by
 //! side on the same PostgreSQL servers (the benchmark's own, with identical settings): backlog
-//! drain and steady-state latency for TPC-B and wide rows (node 1 → node 2), three nodes all
-//! writing, and what capture and apply cost. Every figure is reported, none is judged fatal: a
-//! system that fails a scenario gets the failure in its cell and the run goes on.
+//! drain and steady-state latency for TPC-B and wide rows (node 1 → node 2), pgferry's apply
+//! alone draining a TPC-B backlog already in Kafka, three nodes all writing, and what capture
+//! and apply cost. Every drain runs `--repeats` times, the systems taking turns within each
+//! repetition (the machine is shared and noisy; the tables print median, min and max). Every
+//! figure is reported, none is judged fatal: a system that fails a scenario gets the failure in
+//! its cell and the run goes on.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::backlog::{self, Drain};
+use crate::backlog::{self, Drain, DrainKind};
 use crate::latency::{self, Latency};
 use crate::mesh;
 use crate::replication::{Replication, System};
@@ -20,10 +23,13 @@ use crate::workload::{self, Pgbench, Workload};
 #[derive(Debug, Clone, clap::Args)]
 pub struct CompareArgs {
     /// Small and short (checks the command, as CI does; the figures mean little): 1,000-transaction
-    /// backlogs, 3 s latency runs at 50 and 100 tps, 300 transactions per node on three nodes;
-    /// writes to .local/logs/bench-quick unless --out.
+    /// backlogs drained once, 3 s latency runs at 50 and 100 tps, 300 transactions per node on
+    /// three nodes; writes to .local/logs/bench-quick unless --out.
     #[arg(long)]
     pub quick: bool,
+    /// Times each backlog drain runs, the systems taking turns [default: 3; --quick 1].
+    #[arg(long)]
+    pub repeats: Option<u64>,
     /// TPC-B transactions in the backlog [default: 50000; --quick 1000].
     #[arg(long)]
     pub transactions: Option<u64>,
@@ -82,6 +88,7 @@ pub struct CompareArgs {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub quick: bool,
+    pub repeats: u64,
     pub transactions: u64,
     pub wide_transactions: u64,
     pub rates: Vec<u64>,
@@ -101,6 +108,7 @@ impl CompareArgs {
         let pick = |v: Option<u64>, full: u64, quick: u64| v.unwrap_or(if q { quick } else { full });
         Plan {
             quick: q,
+            repeats: pick(self.repeats, 3, 1).max(1),
             transactions: pick(self.transactions, 50_000, 1_000),
             wide_transactions: pick(self.wide_transactions, 20_000, 500),
             rates: self
@@ -131,8 +139,8 @@ impl CompareArgs {
 #[derive(Debug)]
 pub struct PairResults {
     pub system: System,
-    /// Backlog drains by workload.
-    pub drains: Vec<(Workload, Outcome<Drain>)>,
+    /// Backlog drains, one per repetition, in the order they ran.
+    pub drains: Vec<(DrainKind, Outcome<Drain>)>,
     /// Latency runs by workload.
     pub latencies: Vec<(Workload, u64, Outcome<Latency>)>,
 }
@@ -147,10 +155,8 @@ pub async fn run(args: &CompareArgs, pg_bin: &std::path::Path) -> Result<String>
     let timeout = Duration::from_secs(args.timeout_secs);
     let mut clusters = Vec::new();
     let mut pairs = Vec::new();
-    for &system in plan.systems.iter().filter(|_| plan.pair) {
-        let (results, cluster) = pair(system, &plan, &pgbench, timeout).await;
-        pairs.push(results);
-        clusters.extend(cluster);
+    if plan.pair {
+        pairs = pair_runs(&plan, &pgbench, timeout, &mut clusters).await;
     }
     let mut meshes = Vec::new();
     if plan.mesh {
@@ -215,76 +221,125 @@ pub async fn run(args: &CompareArgs, pg_bin: &std::path::Path) -> Result<String>
     Ok(table)
 }
 
-/// Node 1 → node 2 with one system: TPC-B backlog, TPC-B latency at each rate, wide-row
-/// backlog, wide-row latency. Returns the cluster for removal at the end.
-async fn pair(
-    system: System,
+/// Node 1 → node 2 with every system: set up all pairs, then `plan.repeats` repetitions of
+/// every drain (within one, each drain runs on every system in turn), then each system's
+/// latency runs. Returns what was measured; the clusters go to `clusters` for removal at the end.
+async fn pair_runs(
     plan: &Plan,
     pgbench: &Pgbench,
     timeout: Duration,
-) -> (PairResults, Option<pgferry_integration_tests::Cluster>) {
-    let mut results = PairResults {
-        system,
-        drains: Vec::new(),
-        latencies: Vec::new(),
-    };
-    eprintln!("[bench] {}: setting up n1 -> n2 (pgbench scale {})", system.label(), plan.scale);
-    let mut replication = match Replication::pair(system, &workload::setup_sql(plan.scale), workload::TABLES).await {
-        Ok(r) => r,
-        Err(e) => {
-            let why = failed_text(system, "set-up", &e);
-            for w in [Workload::TpcB, Workload::Wide] {
-                results.drains.push((w, Outcome::Failed(why.clone())));
-            }
-            return (results, None);
-        }
-    };
-    let runs: Vec<(Workload, u64, Vec<u64>)> = vec![
-        (Workload::TpcB, plan.transactions, plan.rates.clone()),
-        (Workload::Wide, plan.wide_transactions, vec![plan.wide_rate]),
-    ];
-    for (workload, transactions, rates) in runs {
-        let drain = backlog::measure(&mut replication, pgbench, workload, transactions, plan.clients, timeout).await;
-        let drained = drain.is_ok();
-        results
-            .drains
-            .push((workload, drain.map_or_else(|e| failed(system, "backlog", e), Outcome::Measured)));
-        for rate in rates {
-            let outcome = if drained {
-                eprintln!(
-                    "[bench] {}: {} at {rate} tps for {} s with the latency probe",
-                    system.label(),
-                    workload.label(),
-                    plan.seconds
-                );
-                let measured = latency::measure(&mut replication, pgbench, workload, 8, rate, plan.seconds).await;
-                match measured {
-                    Ok(l) => {
-                        eprintln!(
-                            "[bench] {}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-                            system.label(),
-                            l.p50_ms,
-                            l.p99_ms,
-                            l.max_ms
-                        );
-                        Outcome::Measured(l)
-                    }
-                    Err(e) => failed(system, "latency", e),
+    clusters: &mut Vec<pgferry_integration_tests::Cluster>,
+) -> Vec<PairResults> {
+    let mut pairs: Vec<(PairResults, Option<Replication>)> = Vec::new();
+    for &system in &plan.systems {
+        let mut results = PairResults {
+            system,
+            drains: Vec::new(),
+            latencies: Vec::new(),
+        };
+        eprintln!("[bench] {}: setting up n1 -> n2 (pgbench scale {})", system.label(), plan.scale);
+        let replication = match Replication::pair(system, &workload::setup_sql(plan.scale), workload::TABLES).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let why = failed_text(system, "set-up", &e);
+                for kind in DrainKind::ALL.into_iter().filter(|k| k.runs_on(system)) {
+                    results.drains.push((kind, Outcome::Failed(why.clone())));
                 }
-            } else {
-                Outcome::Failed("backlog run failed".into())
+                None
+            }
+        };
+        pairs.push((results, replication));
+    }
+
+    for repetition in 1..=plan.repeats {
+        for kind in DrainKind::ALL {
+            let transactions = match kind.workload() {
+                Workload::Wide => plan.wide_transactions,
+                _ => plan.transactions,
             };
-            results.latencies.push((workload, rate, outcome));
+            for (results, replication) in &mut pairs {
+                let system = results.system;
+                let Some(replication) = replication.as_mut().filter(|_| kind.runs_on(system)) else {
+                    continue;
+                };
+                // A drain that failed once is not tried again (it would likely wait out the timeout).
+                if results.drains.iter().any(|(k, o)| *k == kind && matches!(o, Outcome::Failed(_))) {
+                    continue;
+                }
+                eprintln!(
+                    "[bench] repetition {repetition} of {}: {} drain, {}",
+                    plan.repeats,
+                    kind.label(),
+                    system.label()
+                );
+                let drain = backlog::measure(replication, pgbench, kind, transactions, plan.clients, timeout).await;
+                results
+                    .drains
+                    .push((kind, drain.map_or_else(|e| failed(system, "backlog", e), Outcome::Measured)));
+            }
         }
     }
-    let cluster = match replication.finish().await {
-        Ok(c) => Some(c),
-        Err(e) => {
-            eprintln!("[bench] warning: {}: stopping: {e:#}", system.label());
-            None
+
+    let runs: Vec<(Workload, Vec<u64>)> = vec![
+        (Workload::TpcB, plan.rates.clone()),
+        (Workload::Wide, vec![plan.wide_rate]),
+    ];
+    let mut out = Vec::new();
+    for (mut results, replication) in pairs {
+        let system = results.system;
+        let Some(mut replication) = replication else {
+            out.push(results);
+            continue;
+        };
+        eprintln!("[bench] {}: catching up before the latency runs", system.label());
+        let ready = replication.catch_up(timeout).await;
+        let ready = ready.map_err(|e| failed_text(system, "catching up", &e));
+        for (workload, rates) in &runs {
+            for &rate in rates {
+                let outcome = match &ready {
+                    Ok(()) => latency_run(&mut replication, pgbench, plan, *workload, rate).await,
+                    Err(why) => Outcome::Failed(format!("catching up failed: {why}")),
+                };
+                results.latencies.push((*workload, rate, outcome));
+            }
         }
-    };
-    (results, cluster)
+        match replication.finish().await {
+            Ok(c) => clusters.push(c),
+            Err(e) => eprintln!("[bench] warning: {}: stopping: {e:#}", system.label()),
+        }
+        out.push(results);
+    }
+    out
+}
+
+/// One latency run of `workload` at `rate` tps (replication running).
+async fn latency_run(
+    replication: &mut Replication,
+    pgbench: &Pgbench,
+    plan: &Plan,
+    workload: Workload,
+    rate: u64,
+) -> Outcome<Latency> {
+    let system = replication.system;
+    eprintln!(
+        "[bench] {}: {} at {rate} tps for {} s with the latency probe",
+        system.label(),
+        workload.label(),
+        plan.seconds
+    );
+    match latency::measure(replication, pgbench, workload, 8, rate, plan.seconds).await {
+        Ok(l) => {
+            eprintln!(
+                "[bench] {}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                system.label(),
+                l.p50_ms,
+                l.p99_ms,
+                l.max_ms
+            );
+            Outcome::Measured(l)
+        }
+        Err(e) => failed(system, "latency", e),
+    }
 }
 
 fn failed_text(system: System, what: &str, e: &anyhow::Error) -> String {

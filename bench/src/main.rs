@@ -13,7 +13,8 @@
 //! with `cargo build --release -p pgferry -p pgferry-bench`).
 //!
 //! - no subcommand: the comparison of pgferry, PostgreSQL native logical replication and
-//!   pglogical (backlog drain, latency, wide rows, three nodes, cost); writes
+//!   pglogical (backlog drains repeated with the systems taking turns, pgferry's apply-only
+//!   drain, latency, wide rows, three nodes, cost, apply's group sizes); writes
 //!   docs/benchmarks/comparison.{md,json,png}. Its outputs are the files, the table also on stdout.
 //! - `capture-throughput`: a pgbench TPC-B backlog decoded by `pg_recvlogical` and by pgferry
 //!   capture; events/s of both and their ratio (target ≥ 70%).
@@ -26,6 +27,7 @@ mod backlog;
 mod compare;
 mod cost;
 mod cpu;
+mod group_sizes;
 mod large_txn;
 mod latency;
 mod measure;
@@ -34,6 +36,7 @@ mod partition;
 mod replication;
 mod report;
 mod rss;
+mod stats;
 mod table_diff;
 mod throughput;
 mod workload;

@@ -54,6 +54,9 @@ impl System {
     }
 }
 
+/// Role of pgferry apply's own PostgreSQL sessions on the subscriber in the cost figures.
+pub const APPLY_SESSIONS: &str = "apply's sessions (n2)";
+
 /// How long set-up steps (a subscription replicating, a worker stopping) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -69,6 +72,10 @@ pub struct Replication {
     /// pgferry's running services (capture and apply per node for a pair, `run` per node for
     /// a mesh).
     services: Vec<(&'static str, Service)>,
+    /// `ip:port` of the running pgferry apply's `/metrics` (a pair's; a fresh port each start).
+    apply_metrics: Option<String>,
+    /// Native: when a subscription was last enabled or disabled (see [`Replication::ready_to_start`]).
+    toggled: Option<Instant>,
     running: bool,
 }
 
@@ -102,6 +109,8 @@ impl Replication {
             cluster,
             links,
             services: Vec::new(),
+            apply_metrics: None,
+            toggled: None,
             running: false,
         };
         if let Err(e) = r.set_up(tables).await {
@@ -209,9 +218,8 @@ impl Replication {
         match self.system {
             System::Pgferry => {
                 if self.links.len() == 1 {
-                    let (s, p) = self.links[0];
-                    self.services.push(("capture", self.cluster.spawn("capture", p)?));
-                    self.services.push(("apply", self.cluster.spawn("apply", s)?));
+                    self.start_capture()?;
+                    self.start_apply()?;
                 } else {
                     for i in 0..self.cluster.nodes.len() {
                         self.services.push(("run", self.cluster.spawn("run", i)?));
@@ -224,10 +232,124 @@ impl Replication {
                     "SELECT pglogical.alter_subscription_enable($1, true)",
                     "enabling subscription",
                 )
-                .await?
+                .await?;
+                self.toggled = Some(Instant::now());
             }
         }
         self.running = true;
+        Ok(())
+    }
+
+    /// Waits until starting replication starts it at once. PostgreSQL 15's logical
+    /// replication launcher looks for subscriptions without a worker at most once every
+    /// `wal_retrieve_retry_interval` (5 s by default), and it looks when a subscription is
+    /// enabled or disabled: enabling a native subscription sooner than that after the last
+    /// toggle starts its worker only when the interval is over, which a timed drain would
+    /// count. Nothing to wait for with the other systems.
+    pub async fn ready_to_start(&self) -> Result<()> {
+        let (System::Native, Some(at)) = (self.system, self.toggled) else {
+            return Ok(());
+        };
+        let c = self.sql(self.links[0].0).await?;
+        let ms: i32 = c
+            .query_one(
+                "SELECT setting::int FROM pg_settings WHERE name = 'wal_retrieve_retry_interval'",
+                &[],
+            )
+            .await
+            .context("reading wal_retrieve_retry_interval")?
+            .get(0);
+        // A little more: the launcher looks just after the toggle commits.
+        let until = at + Duration::from_millis(u64::try_from(ms).unwrap_or(0) + 250);
+        tokio::time::sleep_until(until.into()).await;
+        Ok(())
+    }
+
+    /// pgferry's pair only: starts capture on the provider (apply stays as it is).
+    pub fn start_capture(&mut self) -> Result<()> {
+        let (_, p) = self.pgferry_pair()?;
+        self.services.push(("capture", self.cluster.spawn("capture", p)?));
+        self.running = true;
+        Ok(())
+    }
+
+    /// pgferry's pair only: starts apply on the subscriber, with its `/metrics` on a free
+    /// loopback port (see [`Replication::apply_metrics`]).
+    pub fn start_apply(&mut self) -> Result<()> {
+        let (s, _) = self.pgferry_pair()?;
+        let addr = pgferry_integration_tests::free_local_addr()?;
+        self.services
+            .push(("apply", self.cluster.spawn_with("apply", s, &["--metrics-listen", &addr])?));
+        self.apply_metrics = Some(addr);
+        self.running = true;
+        Ok(())
+    }
+
+    /// The `(subscriber, provider)` link of a pgferry pair; an error for anything else.
+    fn pgferry_pair(&self) -> Result<(usize, usize)> {
+        match (self.system, self.links.as_slice()) {
+            (System::Pgferry, [link]) => Ok(*link),
+            _ => bail!("{}: capture and apply start separately only in pgferry's pair", self.system.label()),
+        }
+    }
+
+    /// `ip:port` of the running pgferry apply's `/metrics`, if one runs.
+    pub fn apply_metrics(&self) -> Option<&str> {
+        self.services
+            .iter()
+            .any(|(name, _)| *name == "apply")
+            .then_some(self.apply_metrics.as_deref())
+            .flatten()
+    }
+
+    /// Waits until every slot of `provider`'s database has confirmed `lsn` (pgferry: capture
+    /// has published everything before it; the others: the subscriber has it), failing if a
+    /// pgferry service exits or after `timeout`.
+    pub async fn wait_confirmed(&mut self, provider: usize, lsn: u64, timeout: Duration) -> Result<()> {
+        let c = self.sql(provider).await?;
+        let lsn_text = crate::measure::lsn_text(lsn);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let row = c
+                .query_one(
+                    "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false)
+                     FROM pg_replication_slots WHERE database = current_database()",
+                    &[&lsn_text],
+                )
+                .await
+                .context("reading the slots' confirmed positions")?;
+            if row.get::<_, bool>(0) {
+                return Ok(());
+            }
+            self.check_services()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: the slots on n{} did not confirm {lsn_text} within {timeout:?}",
+                    self.system.label(),
+                    provider + 1
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts replication and waits until every provider's slots have confirmed the WAL
+    /// written so far (also other databases' WAL, which a slot's decoding has to read past:
+    /// the other systems' backlogs written while this one was stopped). Untimed preparation
+    /// of a measurement, so that it measures this system's own changes only. Leaves
+    /// replication running.
+    pub async fn catch_up(&mut self, timeout: Duration) -> Result<()> {
+        let mut positions = Vec::new();
+        for p in self.providers() {
+            let c = self.sql(p).await?;
+            positions.push((p, crate::measure::lsn(&c, "pg_current_wal_lsn()").await?));
+        }
+        if !self.running {
+            self.start().await?;
+        }
+        for (p, lsn) in positions {
+            self.wait_confirmed(p, lsn, timeout).await?;
+        }
         Ok(())
     }
 
@@ -239,12 +361,16 @@ impl Replication {
         for (_, mut service) in self.services.drain(..) {
             service.kill();
         }
+        self.apply_metrics = None;
         self.each_subscription(
             "ALTER SUBSCRIPTION {sub} DISABLE",
             "SELECT pglogical.alter_subscription_disable($1, true)",
             "disabling subscription",
         )
         .await?;
+        if self.system == System::Native {
+            self.toggled = Some(Instant::now());
+        }
         for p in self.providers() {
             let c = self.sql(p).await?;
             poll(&format!("the slots on n{} to be released", p + 1), || async {
@@ -294,7 +420,8 @@ impl Replication {
 
     /// The processes whose CPU and memory the cost figures are made of: on the origin the
     /// walsender decoding the slot (and pgferry capture), on the replica the apply worker
-    /// (pgferry apply). Call after [`Replication::start`] of a pair.
+    /// (pgferry apply and its own PostgreSQL sessions, `application_name` `pgferry-apply-…`).
+    /// Call after [`Replication::start`] of a pair (or [`Replication::start_apply`] alone).
     pub fn cost_watches(&self) -> Vec<Watch> {
         let (s, p) = self.links[0];
         let mut w: Vec<Watch> = self
@@ -302,14 +429,20 @@ impl Replication {
             .iter()
             .map(|(name, service)| Watch::process(format!("pgferry {name}"), service.pid()))
             .collect();
-        w.push(Watch::query(
+        // pgferry's apply-only drain runs without capture, so without a walsender.
+        let capture = self.system != System::Pgferry || self.services.iter().any(|(name, _)| *name == "capture");
+        w.extend(capture.then(|| Watch::query(
             "walsender (n1)",
             &self.cluster.nodes[p].dsn,
             "SELECT active_pid FROM pg_replication_slots WHERE database = current_database() AND active_pid IS NOT NULL LIMIT 1",
-        ));
+        )));
         let subscriber = &self.cluster.nodes[s].dsn;
         match self.system {
-            System::Pgferry => {}
+            System::Pgferry => w.push(Watch::sessions(
+                APPLY_SESSIONS,
+                subscriber,
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'pgferry-apply-%'",
+            )),
             System::Native => w.push(Watch::query(
                 "apply worker (n2)",
                 subscriber,
