@@ -113,37 +113,34 @@ impl Writer {
     ) -> Result<GroupOutcome, ApplyError> {
         let origin_id = self.config.node(origin).map_or(0, |n| n.id);
         // The group's tables in a fixed order (the lock order), and its changes.
-        let mut table_ids: BTreeMap<(String, String), usize> = BTreeMap::new();
-        for t in txns {
-            for ev in t.changes.iter().filter(|ev| !self.local_elsewhere(&ev.schema, &ev.table)) {
-                let next = table_ids.len();
-                table_ids.entry((ev.schema.clone(), ev.table.clone())).or_insert(next);
-            }
-        }
-        // Index tables by their sorted position.
-        let names: Vec<(String, String)> = table_ids.keys().cloned().collect();
-        for (i, name) in names.iter().enumerate() {
-            table_ids.insert(name.clone(), i);
-            if !self.tables.contains_key(name) {
-                return Err(self.group_err(origin, name, "table metadata not loaded".into()));
-            }
+        let names: Vec<(String, String)> = txns
+            .iter()
+            .flat_map(|t| &t.changes)
+            .filter(|ev| !self.local_elsewhere(&ev.schema, &ev.table))
+            .map(|ev| (ev.schema.clone(), ev.table.clone()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if let Some(missing) = names.iter().find(|n| !self.tables.contains_key(*n)) {
+            return Err(self.group_err(origin, missing, "table metadata not loaded".into()));
         }
         let mut changes = Vec::new();
         for (ti, t) in txns.iter().enumerate() {
             for ev in &t.changes {
-                let Some(&table) = table_ids.get(&(ev.schema.clone(), ev.table.clone())) else { continue };
-                let lt = &self.tables[&names[table]];
+                let Ok(table) = names.binary_search_by(|n| (n.0.as_str(), n.1.as_str()).cmp(&(&ev.schema, &ev.table))) else {
+                    continue; // held only in another region: dropped, as one by one
+                };
+                let key_columns = &self.tables[&names[table]].key;
                 let key_row = match ev.op {
                     Op::Create | Op::Read => ev.after.as_ref(),
                     _ => ev.before.as_ref().or(ev.after.as_ref()),
                 };
-                let key = key_row.and_then(|r| key_of(&lt.key, r));
-                let Some(key) = key else {
+                let Some(key) = key_row.and_then(|r| key_of(key_columns, r)) else {
                     return Err(self.group_err(origin, &names[table], format!("{} without its key", ev.op.code())));
                 };
                 let key_changed = ev.op == Op::Update
                     && ev.before.is_some()
-                    && ev.after.as_ref().and_then(|a| key_of(&lt.key, a)).as_ref() != Some(&key);
+                    && ev.after.as_ref().and_then(|a| key_of(key_columns, a)).as_ref() != Some(&key);
                 changes.push(Change {
                     txn: ti,
                     table,
@@ -155,46 +152,76 @@ impl Writer {
         }
 
         let t0 = std::time::Instant::now();
-        // 1. Read: BEGIN, locks, local state, pipelined.
+        let table_names: Vec<String> = names.iter().map(|n| self.tables[n].name.clone()).collect();
+        let before = self.read_before(sql, &names, &table_names, &changes).await?;
+        let t_read = t0.elapsed();
+
+        // 2. Decide.
+        let resolvers: Vec<_> = names.iter().map(|n| self.tables[n].resolver).collect();
+        let (plan, cut) = decide::plan(&changes, &before, &resolvers, origin, origin_id);
+        let mut outcome = GroupOutcome {
+            txns: plan.txns,
+            rows: changes.iter().filter(|c| c.txn < plan.txns).count() as u64,
+            conflicts: plan.conflicts.iter().map(|c| (c.conflict, c.resolution)).collect(),
+            cut,
+        };
+        if plan.txns == 0 {
+            return Ok(outcome);
+        }
+        // Rows of tables held elsewhere count as handled, like the one-by-one path's.
+        outcome.rows += txns[..plan.txns]
+            .iter()
+            .flat_map(|t| &t.changes)
+            .filter(|ev| self.local_elsewhere(&ev.schema, &ev.table))
+            .count() as u64;
+        let last = plan.txns - 1;
+
+        // 3. Write.
+        let t_plan = t0.elapsed();
+        self.write_plan(sql, origin, &names, &table_names, txns, &plan, last, commit, while_writing).await?;
+        tracing::debug!(origin = %origin, txns = plan.txns, rows = outcome.rows, conflicts = plan.conflicts.len(),
+            read_us = t_read.as_micros() as u64, decide_us = (t_plan - t_read).as_micros() as u64,
+            write_us = (t0.elapsed() - t_plan).as_micros() as u64, "group applied");
+        Ok(outcome)
+    }
+
+    /// First round trip of a group: `BEGIN`, the key locks of every key an insert or delete
+    /// touches, the row locks of every touched key, then every key's local state (per table, key
+    /// → state), pipelined.
+    async fn read_before<'e>(
+        &mut self,
+        sql: &PgSession,
+        names: &[(String, String)],
+        table_names: &[String],
+        changes: &[Change<'e>],
+    ) -> Result<Vec<HashMap<Vec<&'e str>, Before>>, ApplyError> {
         let mut keys: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
         let mut lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
-        {
-            let mut seen: Vec<std::collections::HashSet<&Vec<&str>>> = vec![Default::default(); names.len()];
-            let mut seen_lock: Vec<std::collections::HashSet<&Vec<&str>>> = vec![Default::default(); names.len()];
-            for c in &changes {
-                if seen[c.table].insert(&c.key) {
-                    keys[c.table].push(c.key.clone());
-                }
-                if matches!(c.ev.op, Op::Create | Op::Read | Op::Delete) && seen_lock[c.table].insert(&c.key) {
-                    lock[c.table].push(c.key.clone());
-                }
+        let mut seen: Vec<std::collections::HashSet<(bool, &Vec<&str>)>> = vec![Default::default(); names.len()];
+        for c in changes {
+            if seen[c.table].insert((false, &c.key)) {
+                keys[c.table].push(c.key.clone());
+            }
+            if matches!(c.ev.op, Op::Create | Op::Read | Op::Delete) && seen[c.table].insert((true, &c.key)) {
+                lock[c.table].push(c.key.clone());
             }
         }
-        let mut texts = Vec::new();
-        for (i, name) in names.iter().enumerate() {
-            let t = &self.tables[name];
-            texts.push((
-                statements::lock_keys(t),
-                statements::lock_rows(t),
-                statements::read_state(t),
-                t.key.len(),
-                i,
-            ));
-        }
         let mut prepared = Vec::new();
-        for (lk, lr, rs, n, _) in &texts {
-            let arrays = vec![Type::TEXT_ARRAY; *n];
+        for name in names {
+            let t = &self.tables[name];
+            let (lk, lr, rs) = (statements::lock_keys(t), statements::lock_rows(t), statements::read_state(t));
+            let arrays = vec![Type::TEXT_ARRAY; t.key.len()];
             let mut with_name = arrays.clone();
             with_name.push(Type::TEXT);
             prepared.push((
-                self.prepared_typed(sql, lk, &with_name).await?,
-                self.prepared_typed(sql, lr, &arrays).await?,
-                self.prepared_typed(sql, rs, &with_name).await?,
+                self.prepared_typed(sql, &lk, &with_name).await?,
+                self.prepared_typed(sql, &lr, &arrays).await?,
+                self.prepared_typed(sql, &rs, &with_name).await?,
             ));
         }
-        let table_names: Vec<String> = names.iter().map(|n| self.tables[n].name.clone()).collect();
-        let key_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&keys[i], texts[i].3)).collect();
-        let lock_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&lock[i], texts[i].3)).collect();
+        let n = |i: usize| self.tables[&names[i]].key.len();
+        let key_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&keys[i], n(i))).collect();
+        let lock_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&lock[i], n(i))).collect();
         let lock_p: Vec<_> = (0..names.len()).map(|i| params(&lock_params[i], Some(&table_names[i]))).collect();
         let row_p: Vec<_> = (0..names.len()).map(|i| params(&key_params[i], None)).collect();
         let read_p: Vec<_> = (0..names.len()).map(|i| params(&key_params[i], Some(&table_names[i]))).collect();
@@ -247,35 +274,7 @@ impl Writer {
                 );
             }
         }
-
-        let t_read = t0.elapsed();
-        // 2. Decide.
-        let resolvers: Vec<_> = names.iter().map(|n| self.tables[n].resolver).collect();
-        let (plan, cut) = decide::plan(&changes, &before, &resolvers, origin, origin_id);
-        let mut outcome = GroupOutcome {
-            txns: plan.txns,
-            rows: changes.iter().filter(|c| c.txn < plan.txns).count() as u64,
-            conflicts: plan.conflicts.iter().map(|c| (c.conflict, c.resolution)).collect(),
-            cut,
-        };
-        if plan.txns == 0 {
-            return Ok(outcome);
-        }
-        // Rows of tables held elsewhere count as handled, like the one-by-one path's.
-        outcome.rows += txns[..plan.txns]
-            .iter()
-            .flat_map(|t| &t.changes)
-            .filter(|ev| self.local_elsewhere(&ev.schema, &ev.table))
-            .count() as u64;
-        let last = plan.txns - 1;
-
-        // 3. Write.
-        let t_plan = t0.elapsed();
-        self.write_plan(sql, origin, &names, &table_names, txns, &plan, last, commit, while_writing).await?;
-        tracing::debug!(origin = %origin, txns = plan.txns, rows = outcome.rows, conflicts = plan.conflicts.len(),
-            read_us = t_read.as_micros() as u64, decide_us = (t_plan - t_read).as_micros() as u64,
-            write_us = (t0.elapsed() - t_plan).as_micros() as u64, "group applied");
-        Ok(outcome)
+        Ok(before)
     }
 
     /// Runs the plan's writes, pipelined, checking each statement's row count.
