@@ -136,6 +136,17 @@ async fn groups_larger_than(addr: &str, node: &str, size: u32) -> anyhow::Result
 }
 
 /// Both nodes hold the same rows (of `t` without row `except`, and of `w`).
+/// Every one of `txns` source transactions on n2, each once: every row of `t`, each "last writer" row at its
+/// last writer, no conflict (a transaction applied again would meet its own rows:
+/// insert_exists), no exception.
+async fn assert_each_applied_once(n2: &Client, txns: i32) -> anyhow::Result<()> {
+    assert_eq!(ids(n2).await?, (1..=txns).collect::<Vec<_>>(), "rows of t on n2");
+    assert_eq!(w_rows(n2).await?, expected_w(txns, None), "last writers on n2");
+    assert_eq!(count(n2, "SELECT count(*) FROM pgferry.conflicts").await?, 0, "conflicts on n2");
+    assert_eq!(count(n2, "SELECT count(*) FROM pgferry.exceptions").await?, 0, "exceptions on n2");
+    Ok(())
+}
+
 async fn assert_same_on_both(cluster: &Cluster, except: i32) -> anyhow::Result<()> {
     let mut prints = Vec::new();
     for i in 0..2 {
@@ -213,18 +224,7 @@ async fn apply_killed_in_the_middle_of_large_groups_applies_each_transaction_onc
     // no conflict (a transaction applied again would meet its own rows: insert_exists); no
     // exception; the origin's progress at n1's last commit, in apply_progress and in
     // PostgreSQL's replication origin alike.
-    assert_eq!(ids(&n2).await?, (1..=TXNS).collect::<Vec<_>>(), "rows of t on n2");
-    assert_eq!(w_rows(&n2).await?, expected_w(TXNS, None), "last writers on n2");
-    assert_eq!(
-        count(&n2, "SELECT count(*) FROM pgferry.conflicts").await?,
-        0,
-        "conflicts on n2"
-    );
-    assert_eq!(
-        count(&n2, "SELECT count(*) FROM pgferry.exceptions").await?,
-        0,
-        "exceptions on n2"
-    );
+    assert_each_applied_once(&n2, TXNS).await?;
     let origin_lsn: String = n2
         .query_one(
             "SELECT (pg_replication_origin_progress($1, true) - '0/0'::pg_lsn)::text",
@@ -389,19 +389,8 @@ async fn a_transaction_refused_inside_a_group_holds_the_stream_under_stop() -> a
     // The operator fixes the cause; the stream goes on by itself, nothing lost or repeated.
     n2.batch_execute("ALTER TABLE t DROP CONSTRAINT not_bad").await?;
     wait_applied_to(&cluster, last_lsn, Duration::from_secs(60)).await?;
-    assert_eq!(ids(&n2).await?, (1..=TXNS).collect::<Vec<_>>(), "rows of t on n2");
-    assert_eq!(w_rows(&n2).await?, expected_w(TXNS, None), "last writers on n2");
+    assert_each_applied_once(&n2, TXNS).await?;
     assert_same_on_both(&cluster, 0).await?;
-    assert_eq!(
-        count(&n2, "SELECT count(*) FROM pgferry.conflicts").await?,
-        0,
-        "conflicts on n2"
-    );
-    assert_eq!(
-        count(&n2, "SELECT count(*) FROM pgferry.exceptions").await?,
-        0,
-        "exceptions on n2"
-    );
     assert!(
         groups_larger_than(&addr, &node, 100).await? > 0.0,
         "no group of more than 100 transactions"
