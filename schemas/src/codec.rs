@@ -361,6 +361,8 @@ pub struct EnvelopeReader {
     schema: Schema,
     /// (column name, kind) of each field of the Value record, in field order.
     columns: Vec<(String, Kind)>,
+    /// The direct reader of this schema's datums, when it has the shape pgferry writes.
+    plan: Option<crate::envelope_read::Plan>,
 }
 
 impl EnvelopeReader {
@@ -398,11 +400,25 @@ impl EnvelopeReader {
                 .to_string();
             columns.push((name, kind));
         }
-        Ok(EnvelopeReader { schema, columns })
+        let plan = crate::envelope_read::Plan::new(&schema, &columns);
+        Ok(EnvelopeReader { schema, columns, plan })
     }
 
     /// Decodes one Avro datum (without the Confluent header).
-    pub fn decode(&self, mut datum: &[u8]) -> Result<DecodedEvent, CodecError> {
+    pub fn decode(&self, datum: &[u8]) -> Result<DecodedEvent, CodecError> {
+        match &self.plan {
+            Some(plan) => plan.read(datum),
+            None => self.decode_generic(datum),
+        }
+    }
+
+    /// Whether datums are read directly (`envelope_read`) rather than through apache-avro.
+    pub fn reads_directly(&self) -> bool {
+        self.plan.is_some()
+    }
+
+    /// Decodes one Avro datum with apache-avro's generic reader.
+    pub fn decode_generic(&self, mut datum: &[u8]) -> Result<DecodedEvent, CodecError> {
         let value = apache_avro::reader::datum::GenericDatumReader::builder(&self.schema)
             .build()
             .and_then(|r| r.read_value(&mut datum))
@@ -698,6 +714,68 @@ mod tests {
         assert_eq!(after[1], ("note".to_string(), Some("hi".to_string())));
         assert_eq!(after[2].1.as_deref(), Some("2024-01-01 00:00:00.5+00"));
         assert_eq!(decoded.before.unwrap()[1], ("note".to_string(), None));
+    }
+
+    #[test]
+    fn direct_reading_equals_apache_avros() {
+        let types = [
+            ("int8", "9007199254740993"),
+            ("int2", "-7"),
+            ("int4", "123456"),
+            ("numeric", "-1.50"),
+            ("text", "naïve\ttext"),
+            ("bytea", "\\x00ff10"),
+            ("bool", "t"),
+            ("float4", "1.5"),
+            ("float8", "-Infinity"),
+            ("date", "2024-02-29"),
+            ("timestamp", "2024-01-02 03:04:05.000006"),
+            ("timestamptz", "2024-01-02 03:04:05.5+00"),
+            ("time", "23:59:59.999999"),
+            ("interval", "1 day 02:03:04"),
+            ("uuid", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            ("jsonb", "{\"a\": [1, 2]}"),
+            ("_int4", "{1,NULL,3}"),
+        ];
+        let col = |i: usize, ty: &str| ColumnDef {
+            name: format!("c{i}"),
+            type_name: ty.into(),
+            sql_type: ty.into(),
+            key: i == 0,
+            enum_labels: None,
+        };
+        let table = TableDef {
+            schema: "public".into(),
+            name: "all".into(),
+            columns: types.iter().enumerate().map(|(i, (ty, _))| col(i, ty)).collect(),
+        };
+        let schemas = TableSchemas::new("c", table).unwrap();
+        let reader = EnvelopeReader::new(&schemas.envelope_json).unwrap();
+        assert!(reader.reads_directly(), "pgferry's own envelopes are read directly");
+        let values: Vec<Option<String>> = types.iter().map(|(_, v)| Some(v.to_string())).collect();
+        let nulls: Vec<Option<String>> = types.iter().enumerate().map(|(i, (_, v))| (i == 0).then(|| v.to_string())).collect();
+        for (op, before, after, toast) in [
+            (Op::Create, None, Some(values.clone()), vec![]),
+            (Op::Update, Some(nulls.clone()), Some(values.clone()), vec!["c4".to_string()]),
+            (Op::Delete, Some(values.clone()), None, vec![]),
+            (Op::Update, None, Some(nulls.clone()), vec![]),
+        ] {
+            let mut ev = event();
+            ev.op = op;
+            ev.before = before;
+            ev.after = after;
+            ev.source.unchanged_toast = toast;
+            ev.source.txn_last = op == Op::Delete;
+            let (_, datum) = encode_event(&schemas, &ev).unwrap();
+            let direct = reader.decode(&datum).unwrap();
+            assert_eq!(direct, reader.decode_generic(&datum).unwrap(), "{op:?}");
+            assert_eq!(direct.commit_ts_us, ev.source.commit_ts_us);
+            // Cut short anywhere: an error, never a panic (apache-avro's reader lets some
+            // truncated datums through; this one does not).
+            for n in 0..datum.len() {
+                assert!(reader.decode(&datum[..n]).is_err(), "{op:?} cut at {n} of {}", datum.len());
+            }
+        }
     }
 
     #[test]

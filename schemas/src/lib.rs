@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod conflict_report;
+mod envelope_read;
 pub mod envelope_schema;
 pub mod event;
 pub mod fuzzing;
