@@ -390,7 +390,11 @@ impl PartitionStream {
             Some(o) if o == self.source && (o != self.node || self.apply_own) => o.to_string(),
             _ => return Ok(0),
         };
+        // A node that forwards this origin publishes what it applies (capture reads its WAL):
+        // one group would go on as one transaction, dated by its last. So those go one by one.
+        let forwards = self.config.node(&self.node).is_some_and(|me| me.forward_origins.contains(&origin));
         if limits.max_group_txns <= 1
+            || forwards
             || header(first, HEADER_KIND) != Some("change")
             || self.only_origin.as_deref().is_some_and(|o| o != origin)
             || self.config.node(&origin).is_none()
