@@ -1,9 +1,11 @@
 //! `pgferry bench`: pgferry, PostgreSQL 15's native logical replication and pglogical 2 side by
 //! side on the same PostgreSQL servers (the benchmark's own, with identical settings): backlog
-//! drain and steady-state latency for TPC-B and wide rows (node 1 → node 2), pgferry's apply
-//! alone draining a TPC-B backlog already in Kafka, three nodes all writing, and what capture
-//! and apply cost. Every drain runs `--repeats` times, the systems taking turns within each
-//! repetition (the machine is shared and noisy; the tables print median, min and max). Every
+//! drain and steady-state latency for TPC-B and wide rows (node 1 → node 2), the highest
+//! TPC-B rate each keeps at p99 ≤ 100 ms (stepping the rate), pgferry's apply alone draining a
+//! TPC-B backlog already in Kafka, three nodes all writing, a conflict-heavy drain (three nodes
+//! updating the same rows, checked identical afterwards), and what capture and apply cost.
+//! Every drain runs `--repeats` times, the systems taking turns within each repetition (the
+//! machine is shared and noisy; the tables print median, min and max). Every
 //! figure is reported, none is judged fatal: a system that fails a scenario gets the failure in
 //! its cell and the run goes on.
 
@@ -13,18 +15,21 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::backlog::{self, Drain, DrainKind};
+use crate::conflict_drain;
 use crate::latency::{self, Latency};
-use crate::mesh;
+use crate::max_rate::{self, MaxRate};
+use crate::mesh::{self, Burst};
 use crate::replication::{Replication, System};
-use crate::report::{self, Outcome, Results};
+use crate::report::{self, failed_text, Outcome, Results};
 use crate::workload::{self, Pgbench, Workload};
 
 /// Options of the comparison (`pgferry bench`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct CompareArgs {
     /// Small and short (checks the command, as CI does; the figures mean little): 1,000-transaction
-    /// backlogs drained once, 3 s latency runs at 50 and 100 tps, 300 transactions per node on
-    /// three nodes; writes to .local/logs/bench-quick unless --out.
+    /// backlogs drained once, 3 s latency runs at 50 and 100 tps, one 2 s max-rate step at 100
+    /// tps, 300 transactions per node on three nodes, 100 per node in the conflict-heavy drain;
+    /// writes to .local/logs/bench-quick unless --out.
     #[arg(long)]
     pub quick: bool,
     /// Times each backlog drain runs, the systems taking turns [default: 3; --quick 1].
@@ -45,9 +50,27 @@ pub struct CompareArgs {
     /// Length of each latency run in seconds [default: 30; --quick 3].
     #[arg(long)]
     pub seconds: Option<u64>,
+    /// Rates (tps, ascending) of the steps finding the highest TPC-B rate with p99 ≤ 100 ms;
+    /// a system's stepping stops at its first step that does not pass [default:
+    /// 100,250,500,750,1000,1500,2000,3000,4000,6000; --quick 100].
+    #[arg(long, value_delimiter = ',')]
+    pub max_rate_steps: Option<Vec<u64>>,
+    /// Length of each max-rate step in seconds [default: 10; --quick 2].
+    #[arg(long)]
+    pub max_rate_seconds: Option<u64>,
+    /// Skip the max-rate steps.
+    #[arg(long)]
+    pub no_max_rate: bool,
     /// TPC-B transactions per node in the three-node run [default: 10000; --quick 300].
     #[arg(long)]
     pub mesh_transactions: Option<u64>,
+    /// Hot TPC-B transactions per node in the conflict-heavy drain (all nodes update the same
+    /// 1,000 accounts) [default: 5000; --quick 100].
+    #[arg(long)]
+    pub conflict_transactions: Option<u64>,
+    /// Skip the conflict-heavy drain.
+    #[arg(long)]
+    pub no_conflicts: bool,
     /// pgbench scale of the two-node runs (100,000 accounts per unit) [default: 10; --quick 1].
     #[arg(long)]
     pub scale: Option<u64>,
@@ -60,7 +83,7 @@ pub struct CompareArgs {
     /// Skip the three-node run.
     #[arg(long)]
     pub no_mesh: bool,
-    /// Skip the two-node runs (backlog drain, latency, cost).
+    /// Skip the two-node runs (backlog drain, latency, max rate, cost).
     #[arg(long)]
     pub no_pair: bool,
     /// Keep the benchmark databases and topics (replication stopped, slots dropped) to look at
@@ -94,12 +117,17 @@ pub struct Plan {
     pub rates: Vec<u64>,
     pub wide_rate: u64,
     pub seconds: u64,
+    /// Rates of the max-rate steps (empty: skipped).
+    pub max_rate_steps: Vec<u64>,
+    pub max_rate_seconds: u64,
     pub mesh_transactions: u64,
+    pub conflict_transactions: u64,
     pub scale: u64,
     pub clients: u64,
     pub systems: Vec<System>,
     pub pair: bool,
     pub mesh: bool,
+    pub conflicts: bool,
 }
 
 impl CompareArgs {
@@ -117,12 +145,26 @@ impl CompareArgs {
                 .unwrap_or_else(|| if q { vec![50, 100] } else { vec![1000, 2000] }),
             wide_rate: pick(self.wide_rate, 1000, 50),
             seconds: pick(self.seconds, 30, 3),
+            max_rate_steps: match (self.no_max_rate, &self.max_rate_steps) {
+                (true, _) => Vec::new(),
+                (false, Some(steps)) => {
+                    let mut steps: Vec<u64> = steps.iter().copied().filter(|&x| x > 0).collect();
+                    steps.sort_unstable();
+                    steps.dedup();
+                    steps
+                }
+                (false, None) if q => vec![100],
+                (false, None) => vec![100, 250, 500, 750, 1000, 1500, 2000, 3000, 4000, 6000],
+            },
+            max_rate_seconds: pick(self.max_rate_seconds, 10, 2).max(1),
             mesh_transactions: pick(self.mesh_transactions, 10_000, 300),
+            conflict_transactions: pick(self.conflict_transactions, 5_000, 100),
             scale: pick(self.scale, 10, 1),
             clients: self.clients.max(1),
             systems: self.systems.clone(),
             pair: !self.no_pair,
             mesh: !self.no_mesh,
+            conflicts: !self.no_conflicts,
         }
     }
 
@@ -143,6 +185,8 @@ pub struct PairResults {
     pub drains: Vec<(DrainKind, Outcome<Drain>)>,
     /// Latency runs by workload.
     pub latencies: Vec<(Workload, u64, Outcome<Latency>)>,
+    /// The max-rate steps (`None`: not run).
+    pub max_rate: Option<Outcome<MaxRate>>,
 }
 
 /// Runs the comparison, writes the outputs and returns the markdown table.
@@ -158,23 +202,25 @@ pub async fn run(args: &CompareArgs, pg_bin: &std::path::Path) -> Result<String>
     if plan.pair {
         pairs = pair_runs(&plan, &pgbench, timeout, &mut clusters).await;
     }
+    // Every three-node run writes with 2 connections per node.
+    let burst = |per_node| Burst {
+        pgbench: &pgbench,
+        per_node,
+        clients: 2,
+        timeout,
+    };
     let mut meshes = Vec::new();
     if plan.mesh {
-        for &system in &plan.systems {
-            let outcome = match system {
-                System::Native => Outcome::NotPossible(
-                    "PostgreSQL 15 subscriptions re-send what they applied (no `origin = none` \
-                     before PostgreSQL 16), so three nodes subscribing to each other loop"
-                        .into(),
-                ),
-                _ => {
-                    let (run, cluster) = mesh::measure(system, &pgbench, plan.mesh_transactions, 2, timeout).await;
-                    clusters.extend(cluster);
-                    run.map_or_else(|e| failed(system, "three nodes", e), Outcome::Measured)
-                }
-            };
-            meshes.push((system, outcome));
-        }
+        let burst = burst(plan.mesh_transactions);
+        meshes = three_node_runs(&plan, "three nodes", &mut clusters, |system| mesh::measure(system, burst)).await;
+    }
+    let mut conflicts = Vec::new();
+    if plan.conflicts {
+        let burst = burst(plan.conflict_transactions);
+        conflicts = three_node_runs(&plan, "conflict-heavy drain", &mut clusters, |system| {
+            conflict_drain::measure(system, burst)
+        })
+        .await;
     }
     if args.keep {
         for cluster in &clusters {
@@ -195,6 +241,7 @@ pub async fn run(args: &CompareArgs, pg_bin: &std::path::Path) -> Result<String>
         plan,
         pairs,
         meshes,
+        conflicts,
         started,
         load_before,
         load_after: report::load_average(),
@@ -223,7 +270,8 @@ pub async fn run(args: &CompareArgs, pg_bin: &std::path::Path) -> Result<String>
 
 /// Node 1 → node 2 with every system: set up all pairs, then `plan.repeats` repetitions of
 /// every drain (within one, each drain runs on every system in turn), then each system's
-/// latency runs. Returns what was measured; the clusters go to `clusters` for removal at the end.
+/// latency runs and max-rate steps. Returns what was measured; the clusters go to `clusters`
+/// for removal at the end.
 async fn pair_runs(
     plan: &Plan,
     pgbench: &Pgbench,
@@ -236,6 +284,7 @@ async fn pair_runs(
             system,
             drains: Vec::new(),
             latencies: Vec::new(),
+            max_rate: None,
         };
         eprintln!("[bench] {}: setting up n1 -> n2 (pgbench scale {})", system.label(), plan.scale);
         let replication = match Replication::pair(system, &workload::setup_sql(plan.scale), workload::TABLES).await {
@@ -273,9 +322,7 @@ async fn pair_runs(
                     system.label()
                 );
                 let drain = backlog::measure(replication, pgbench, kind, transactions, plan.clients, timeout).await;
-                results
-                    .drains
-                    .push((kind, drain.map_or_else(|e| failed(system, "backlog", e), Outcome::Measured)));
+                results.drains.push((kind, Outcome::of(drain, system, "backlog")));
             }
         }
     }
@@ -297,11 +344,19 @@ async fn pair_runs(
         for (workload, rates) in &runs {
             for &rate in rates {
                 let outcome = match &ready {
-                    Ok(()) => latency_run(&mut replication, pgbench, plan, *workload, rate).await,
+                    Ok(()) => latency::run(&mut replication, pgbench, *workload, rate, plan.seconds).await,
                     Err(why) => Outcome::Failed(format!("catching up failed: {why}")),
                 };
                 results.latencies.push((*workload, rate, outcome));
             }
+        }
+        if !plan.max_rate_steps.is_empty() {
+            results.max_rate = Some(match &ready {
+                Ok(()) => Outcome::Measured(
+                    max_rate::measure(&mut replication, pgbench, &plan.max_rate_steps, plan.max_rate_seconds).await,
+                ),
+                Err(why) => Outcome::Failed(format!("catching up failed: {why}")),
+            });
         }
         match replication.finish().await {
             Ok(c) => clusters.push(c),
@@ -312,42 +367,30 @@ async fn pair_runs(
     out
 }
 
-/// One latency run of `workload` at `rate` tps (replication running).
-async fn latency_run(
-    replication: &mut Replication,
-    pgbench: &Pgbench,
+/// Runs a three-node scenario (`run`, which returns its result and the cluster it made) on
+/// every system of the plan but PostgreSQL 15's native replication, which cannot have three
+/// writing nodes; the clusters go to `clusters` for removal at the end.
+async fn three_node_runs<T, F, Fut>(
     plan: &Plan,
-    workload: Workload,
-    rate: u64,
-) -> Outcome<Latency> {
-    let system = replication.system;
-    eprintln!(
-        "[bench] {}: {} at {rate} tps for {} s with the latency probe",
-        system.label(),
-        workload.label(),
-        plan.seconds
-    );
-    match latency::measure(replication, pgbench, workload, 8, rate, plan.seconds).await {
-        Ok(l) => {
-            eprintln!(
-                "[bench] {}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-                system.label(),
-                l.p50_ms,
-                l.p99_ms,
-                l.max_ms
-            );
-            Outcome::Measured(l)
-        }
-        Err(e) => failed(system, "latency", e),
+    what: &str,
+    clusters: &mut Vec<pgferry_integration_tests::Cluster>,
+    mut run: F,
+) -> Vec<(System, Outcome<T>)>
+where
+    F: FnMut(System) -> Fut,
+    Fut: std::future::Future<Output = (Result<T>, Option<pgferry_integration_tests::Cluster>)>,
+{
+    let mut out = Vec::new();
+    for &system in &plan.systems {
+        let outcome = match system {
+            System::Native => Outcome::NotPossible(mesh::NATIVE_LOOPS.into()),
+            _ => {
+                let (result, cluster) = run(system).await;
+                clusters.extend(cluster);
+                Outcome::of(result, system, what)
+            }
+        };
+        out.push((system, outcome));
     }
-}
-
-fn failed_text(system: System, what: &str, e: &anyhow::Error) -> String {
-    eprintln!("[bench] {} {what} failed: {e:#}", system.label());
-    // The first line: the cell of a table (the logs are in the message printed above).
-    format!("{e:#}").lines().next().unwrap_or("failed").to_string()
-}
-
-fn failed<T>(system: System, what: &str, e: anyhow::Error) -> Outcome<T> {
-    Outcome::Failed(failed_text(system, what, &e))
+    out
 }

@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::replication::{self, Replication};
+use crate::report::Outcome;
 use crate::workload::{self, Pace, Pgbench, PgbenchRun, Workload};
+
+/// pgbench connections of a latency run.
+const CLIENTS: u64 = 8;
 
 /// A probe every this long.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
@@ -34,13 +38,41 @@ pub struct Latency {
     pub max_ms: f64,
 }
 
-/// Runs `workload` at `rate` tps for `seconds` on node 1 of `replication` (running) with
-/// the probe, and measures commit-on-n1 → visible-on-n2.
-pub async fn measure(
+/// One latency run of `workload` at `rate` tps for `seconds`, logged on stderr; a failure is
+/// the outcome's.
+pub async fn run(
     replication: &mut Replication,
     pgbench: &Pgbench,
     workload: Workload,
-    clients: u64,
+    rate: u64,
+    seconds: u64,
+) -> Outcome<Latency> {
+    let system = replication.system;
+    eprintln!(
+        "[bench] {}: {} at {rate} tps for {seconds} s with the latency probe",
+        system.label(),
+        workload.label()
+    );
+    let measured = measure(replication, pgbench, workload, rate, seconds).await;
+    if let Ok(l) = &measured {
+        eprintln!(
+            "[bench] {}: pgbench {:.0} tps, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            system.label(),
+            l.pgbench.tps,
+            l.p50_ms,
+            l.p99_ms,
+            l.max_ms
+        );
+    }
+    Outcome::of(measured, system, "latency")
+}
+
+/// Runs `workload` at `rate` tps for `seconds` on node 1 of `replication` (running) with
+/// the probe, and measures commit-on-n1 → visible-on-n2.
+async fn measure(
+    replication: &mut Replication,
+    pgbench: &Pgbench,
+    workload: Workload,
     rate: u64,
     seconds: u64,
 ) -> Result<Latency> {
@@ -56,7 +88,7 @@ pub async fn measure(
     let last = AtomicI64::new(i64::MAX);
     let dsn = replication.cluster.nodes[0].dsn.clone();
     let pace = Pace::Rate {
-        clients,
+        clients: CLIENTS,
         tps: rate,
         seconds,
     };

@@ -14,7 +14,9 @@
 //!
 //! - no subcommand: the comparison of pgferry, PostgreSQL native logical replication and
 //!   pglogical (backlog drains repeated with the systems taking turns, pgferry's apply-only
-//!   drain, latency, wide rows, three nodes, cost, apply's group sizes); writes
+//!   drain, latency, wide rows, the highest TPC-B rate with p99 ≤ 100 ms by stepping the rate,
+//!   three nodes all writing, a conflict-heavy drain of three nodes updating the same rows with
+//!   every node checked identical afterwards, cost, apply's group sizes); writes
 //!   docs/benchmarks/comparison.{md,json,png}. Its outputs are the files, the table also on stdout.
 //! - `capture-throughput`: a pgbench TPC-B backlog decoded by `pg_recvlogical` and by pgferry
 //!   capture; events/s of both and their ratio (target ≥ 70%).
@@ -25,11 +27,13 @@
 
 mod backlog;
 mod compare;
+mod conflict_drain;
 mod cost;
 mod cpu;
 mod group_sizes;
 mod large_txn;
 mod latency;
+mod max_rate;
 mod measure;
 mod mesh;
 mod partition;

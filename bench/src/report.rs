@@ -15,8 +15,10 @@ use serde_json::{json, Value};
 
 use crate::backlog::{Drain, DrainKind};
 use crate::compare::{PairResults, Plan};
+use crate::conflict_drain::{ConflictRun, HOT_ACCOUNTS};
 use crate::cost::ProcessCost;
 use crate::group_sizes::GroupSizes;
+use crate::max_rate;
 use crate::measure::thousands;
 use crate::mesh::MeshRun;
 use crate::replication::{System, APPLY_SESSIONS};
@@ -54,6 +56,13 @@ const LATENCY_GOAL_MS: Goal = Goal {
     target: 50.0,
 };
 const LATENCY_GOAL_RATES: [u64; 2] = [1000, 2000];
+/// The highest TPC-B rate with p99 ≤ 100 ms: pgferry's ÷ native's, at least.
+const MAX_RATE_GOAL: Goal = Goal {
+    required: 0.5,
+    target: 1.0,
+};
+/// The conflict-heavy drain: pgferry's txn/s ÷ pglogical's, at least (a target only).
+const CONFLICT_DRAIN_TARGET: f64 = 1.0;
 /// Peak RSS (MB) of each pgferry service, at most.
 const RSS_GOAL_MB: Goal = Goal {
     required: 256.0,
@@ -78,7 +87,14 @@ pub enum Outcome<T> {
 }
 
 impl<T> Outcome<T> {
-    fn get(&self) -> Option<&T> {
+    /// `result` as an outcome: an error becomes [`Outcome::Failed`] with its first line (see
+    /// [`failed_text`]).
+    pub fn of(result: Result<T>, system: System, what: &str) -> Outcome<T> {
+        result.map_or_else(|e| Outcome::Failed(failed_text(system, what, &e)), Outcome::Measured)
+    }
+
+    /// The figure, if measured.
+    pub fn get(&self) -> Option<&T> {
         match self {
             Outcome::Measured(t) => Some(t),
             _ => None,
@@ -86,7 +102,7 @@ impl<T> Outcome<T> {
     }
 
     /// The cell text when there is no figure.
-    fn why(&self) -> String {
+    pub fn why(&self) -> String {
         match self {
             Outcome::Measured(_) => String::new(),
             Outcome::Failed(e) => format!("failed: {}", e.replace('|', "/")),
@@ -95,12 +111,21 @@ impl<T> Outcome<T> {
     }
 }
 
+/// Logs `system`'s failure of `what` (the whole error, with the logs it carries) and returns
+/// its first line, for a table's cell.
+pub fn failed_text(system: System, what: &str, e: &anyhow::Error) -> String {
+    eprintln!("[bench] {} {what} failed: {e:#}", system.label());
+    format!("{e:#}").lines().next().unwrap_or("failed").to_string()
+}
+
 /// Everything one run measured.
 #[derive(Debug)]
 pub struct Results {
     pub plan: Plan,
     pub pairs: Vec<PairResults>,
     pub meshes: Vec<(System, Outcome<MeshRun>)>,
+    /// The conflict-heavy drain by system.
+    pub conflicts: Vec<(System, Outcome<ConflictRun>)>,
     pub started: String,
     pub load_before: String,
     pub load_after: String,
@@ -347,8 +372,168 @@ pub fn tables(r: &Results) -> String {
 
     md += &cost_tables(r);
     md += &group_table(r);
+    md += &max_rate_table(r);
+    md += &conflict_table(r);
     md
 }
+
+/// The goal cell of `system`'s row in a table against native: pgferry's `ratio` (÷ native)
+/// judged against `goal` (see [`judged`]), nothing for the other systems.
+fn goal_cell(system: System, ratio: Option<f64>, goal: Goal, at_least: bool) -> String {
+    match (system, ratio) {
+        (System::Pgferry, Some(x)) => judged(x, goal, at_least, "×"),
+        (System::Pgferry, None) => "no native figure".into(),
+        _ => String::new(),
+    }
+}
+
+/// `x` against a target only: `target ≥ 1×: met`.
+fn judged_target(x: f64, target: f64, unit: &str) -> String {
+    format!("target ≥ {target}{unit}: {}", met(x >= target))
+}
+
+/// The highest passing rate of `system`'s max-rate steps, if it ran them; `Some(None)` when
+/// not even the first step passed.
+fn highest_rate(r: &Results, system: System) -> Option<Option<u64>> {
+    let pair = r.pairs.iter().find(|p| p.system == system)?;
+    Some(pair.max_rate.as_ref()?.get()?.highest())
+}
+
+/// One max-rate step as text: `500 → 498 tps, p99 12.3 ms`.
+fn step_text(step: &max_rate::Step) -> String {
+    let rate = thousands(step.rate);
+    match step.outcome.get() {
+        Some(l) => format!("{rate} → {} tps, p99 {:.1} ms", n(l.pgbench.tps), l.p99_ms),
+        None => format!("{rate} → {}", step.outcome.why()),
+    }
+}
+
+/// Section 7: the highest TPC-B rate each system keeps at p99 ≤ 100 ms.
+fn max_rate_table(r: &Results) -> String {
+    let p = &r.plan;
+    if p.max_rate_steps.is_empty() || r.pairs.iter().all(|pair| pair.max_rate.is_none()) {
+        return String::new();
+    }
+    let mut md = String::new();
+    md += "\n### 7. Highest TPC-B rate with p99 ≤ 100 ms, n1 → n2\n\n";
+    md += &format!(
+        "pgbench TPC-B on n1 at rising rates ({} tps asked), {} s per step, with the latency probe of \
+         sections 2 and 3 (8 connections; n2 has caught up before each step). A step passes when \
+         the probes' p99 ≤ {} ms and pgbench reached at least {:.0}% of the rate asked; a system's \
+         stepping stops at its first step that does not pass, and its figure is the last rate that \
+         passed. Steps: rate asked → pgbench's tps, p99; the last one listed did not pass unless \
+         every step passed. pgbench, the servers and the replication share the machine's cores, so \
+         near the top a step can also fail because pgbench itself falls short of the rate.\n\n",
+        p.max_rate_steps
+            .iter()
+            .map(|&x| thousands(x))
+            .collect::<Vec<_>>()
+            .join(", "),
+        p.max_rate_seconds,
+        max_rate::P99_LIMIT_MS,
+        max_rate::KEPT_UP * 100.0
+    );
+    md += "| system | steps | highest rate passed (tps) | ÷ native | goal (÷ native) |\n";
+    md += "| --- | --- | ---: | ---: | --- |\n";
+    let native = highest_rate(r, System::Native).flatten();
+    for pair in &r.pairs {
+        let Some(outcome) = &pair.max_rate else { continue };
+        let name = pair.system.label();
+        let Some(run) = outcome.get() else {
+            md += &format!("| {name} | {} | | | |\n", outcome.why());
+            continue;
+        };
+        let steps: Vec<String> = run.steps.iter().map(step_text).collect();
+        let highest = match (run.highest(), run.stopped()) {
+            (Some(h), true) => thousands(h),
+            (Some(h), false) => format!("≥ {} (every step passed)", thousands(h)),
+            (None, _) => format!("none (below {})", thousands(p.max_rate_steps[0])),
+        };
+        // A system that passed no step counts as 0 against native's figure.
+        let ratio = native.map(|nat| run.highest().unwrap_or(0) as f64 / nat as f64);
+        let goal = goal_cell(pair.system, ratio, MAX_RATE_GOAL, true);
+        md += &format!(
+            "| {name} | {} | {highest} | {} | {goal} |\n",
+            steps.join("; ").replace('|', "/"),
+            ratio.map(|x| format!("{x:.2}×")).unwrap_or_default()
+        );
+    }
+    md
+}
+
+/// Section 8: the conflict-heavy drain on three nodes.
+fn conflict_table(r: &Results) -> String {
+    if r.conflicts.is_empty() {
+        return String::new();
+    }
+    let mut md = String::new();
+    md += "\n### 8. Conflict-heavy drain, three nodes updating the same rows\n\n";
+    md += &format!(
+        "Replication stopped, every node runs {} TPC-B transactions (2 connections) on the same \
+         {} accounts, tellers 1–10 and branch 1, so all three update the same rows (each node's \
+         history keys in its own range); replication starts, and the drain runs until every node \
+         has every node's marker row (aggregate txn/s: all nodes' transactions over that time). \
+         Then every table is compared across the nodes (a digest of every row on each node): \
+         last-update-wins must pick the same winner everywhere. pgferry resolves with its default \
+         `last_update_wins` and records every conflict in `pgferry.conflicts` (rows per node); \
+         pglogical runs with `pglogical.conflict_resolution = 'last_update_wins'` (set per database \
+         before its apply workers start; its default `apply_remote` lets nodes diverge) and only \
+         logs its conflicts.\n\n",
+        thousands(r.plan.conflict_transactions),
+        thousands(HOT_ACCOUNTS)
+    );
+    md += "| system | transactions (all nodes) | row changes | bursts written (s) | drained (s) | aggregate txn/s | ÷ pglogical | conflicts recorded (n1 / n2 / n3) | every node identical | goal (÷ pglogical) |\n";
+    md += "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |\n";
+    let pglogical = r
+        .conflicts
+        .iter()
+        .find(|(s, _)| *s == System::Pglogical)
+        .and_then(|(_, o)| o.get());
+    for (system, outcome) in &r.conflicts {
+        let Some(c) = outcome.get() else {
+            md += &format!("| {} | {} | | | | | | | | |\n", system.label(), outcome.why());
+            continue;
+        };
+        let ratio = pglogical.map(|g| c.txn_per_s() / g.txn_per_s());
+        let conflicts = match &c.conflicts {
+            Some(counts) => counts
+                .iter()
+                .map(|&k| thousands(k.max(0) as u64))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            None => "not recorded (server log only)".into(),
+        };
+        let identical = if c.identical() {
+            format!("yes ({} tables)", c.tables)
+        } else {
+            format!("**no, failed**: {}", c.differences.join("; ").replace('|', "/"))
+        };
+        let goal = match (system, ratio) {
+            (System::Pgferry, _) if !c.identical() => "missed: the nodes differ".to_string(),
+            (System::Pgferry, Some(x)) => {
+                let verdict = judged_target(x, CONFLICT_DRAIN_TARGET, "×");
+                match pglogical {
+                    Some(g) if !g.identical() => format!("{verdict} (pglogical's nodes differ)"),
+                    _ => verdict,
+                }
+            }
+            (System::Pgferry, None) => "no pglogical figure".to_string(),
+            _ => String::new(),
+        };
+        md += &format!(
+            "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {conflicts} | {identical} | {goal} |\n",
+            system.label(),
+            thousands(c.transactions),
+            thousands(c.rows),
+            c.write_seconds,
+            c.seconds,
+            n(c.txn_per_s()),
+            ratio.map(|x| format!("{x:.2}×")).unwrap_or_default()
+        );
+    }
+    md
+}
+
 
 /// Section 1 and 3: every drain's median, min and max against native's.
 fn drain_tables(r: &Results) -> String {
@@ -390,11 +575,7 @@ fn drain_tables(r: &Results) -> String {
             let seconds = spread(&measured.iter().map(|d| d.seconds).collect::<Vec<_>>()).map_or(0.0, |s| s.median);
             let rows = spread(&measured.iter().map(|d| d.rows_per_s()).collect::<Vec<_>>()).map_or(0.0, |s| s.median);
             let ratio = native.map(|nat| rate.median / nat.median);
-            let goal = match (pair.system, ratio) {
-                (System::Pgferry, Some(x)) => judged(x, drain_goal(kind), true, "×"),
-                (System::Pgferry, None) => "no native figure".to_string(),
-                _ => String::new(),
-            };
+            let goal = goal_cell(pair.system, ratio, drain_goal(kind), true);
             let runs = if failures.is_empty() {
                 rate.n.to_string()
             } else {
@@ -512,11 +693,7 @@ fn cost_tables(r: &Results) -> String {
                 continue;
             };
             let ratio = native.map(|nat| cpu.median / nat.median);
-            let goal = match (pair.system, ratio) {
-                (System::Pgferry, Some(x)) => judged(x, APPLY_CPU_GOAL, false, "×"),
-                (System::Pgferry, None) => "no native figure".into(),
-                _ => String::new(),
-            };
+            let goal = goal_cell(pair.system, ratio, APPLY_CPU_GOAL, false);
             md += &format!(
                 "| {} | {} | {what} | {} | {} | {goal} |\n",
                 kind.label(),
@@ -699,6 +876,36 @@ pub fn json(r: &Results) -> Value {
             None => json!({"system": s.label(), "txn_per_s": null, "note": o.why()}),
         })
         .collect();
+    let max_rate: Vec<Value> = r
+        .pairs
+        .iter()
+        .filter_map(|p| Some((p.system, p.max_rate.as_ref()?)))
+        .map(|(s, o)| match o.get() {
+            Some(m) => {
+                let steps: Vec<Value> = m
+                    .steps
+                    .iter()
+                    .map(|step| match step.outcome.get() {
+                        Some(l) => json!({"rate": step.rate, "tps": l.pgbench.tps, "p50_ms": l.p50_ms,
+                            "p99_ms": l.p99_ms, "max_ms": l.max_ms, "passed": step.passed()}),
+                        None => json!({"rate": step.rate, "passed": false, "note": step.outcome.why()}),
+                    })
+                    .collect();
+                json!({"system": s.label(), "highest_rate": m.highest(), "steps": steps})
+            }
+            None => json!({"system": s.label(), "highest_rate": null, "note": o.why()}),
+        })
+        .collect();
+    let conflict_drain: Vec<Value> = r
+        .conflicts
+        .iter()
+        .map(|(s, o)| match o.get() {
+            Some(c) => json!({"system": s.label(), "txn_per_s": c.txn_per_s(), "seconds": c.seconds,
+                "write_seconds": c.write_seconds, "transactions": c.transactions, "rows": c.rows,
+                "conflicts_recorded": c.conflicts, "identical": c.identical(), "differences": c.differences}),
+            None => json!({"system": s.label(), "txn_per_s": null, "note": o.why()}),
+        })
+        .collect();
     json!({
         "title": format!("pgferry bench, {}{}", r.started, if r.plan.quick { " (--quick)" } else { "" }),
         "systems": r.plan.systems.iter().map(|s| s.label()).collect::<Vec<_>>(),
@@ -706,6 +913,8 @@ pub fn json(r: &Results) -> Value {
         "drains": drains,
         "latencies": latencies,
         "mesh": mesh,
+        "max_rate": max_rate,
+        "conflict_drain": conflict_drain,
     })
 }
 
@@ -747,6 +956,8 @@ mod tests {
             "required ≤ 256 MB: met / target ≤ 128 MB: met"
         );
         assert_eq!(judged(2.0, APPLY_CPU_GOAL, false, "×"), "required ≤ 3×: met / target ≤ 1×: missed");
+        assert_eq!(judged(0.6, MAX_RATE_GOAL, true, "×"), "required ≥ 0.5×: met / target ≥ 1×: missed");
+        assert_eq!(judged_target(1.2, CONFLICT_DRAIN_TARGET, "×"), "target ≥ 1×: met");
     }
 
     #[test]

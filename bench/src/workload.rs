@@ -1,5 +1,6 @@
 //! The write workloads of the comparison — pgbench TPC-B (pgbench_history with a primary key),
-//! wide rows, and TPC-B on one branch per node for three writing nodes — run by `pgbench`
+//! wide rows, TPC-B on one branch per node for three writing nodes, and TPC-B on a few hot
+//! rows that every node writes (conflicts) — run by `pgbench`
 //! either as a fixed number of transactions or at a fixed rate, and the marker row that tells
 //! when a replica has everything written before it.
 
@@ -73,13 +74,16 @@ pub enum Workload {
     /// TPC-B-like on node `.0`'s own branch, tellers and accounts (1-based), so writing nodes
     /// never touch the same row.
     TpcBBranch(u64),
+    /// TPC-B-like on the first `.0` accounts, the first 10 tellers and branch 1 only: every
+    /// node running it updates the same rows (the conflict-heavy drain).
+    TpcBHot(u64),
 }
 
 impl Workload {
     /// Name in the tables.
     pub fn label(self) -> &'static str {
         match self {
-            Workload::TpcB | Workload::TpcBBranch(_) => "TPC-B",
+            Workload::TpcB | Workload::TpcBBranch(_) | Workload::TpcBHot(_) => "TPC-B",
             Workload::Wide => "wide rows",
         }
     }
@@ -87,7 +91,7 @@ impl Workload {
     /// Short key in the results file.
     pub fn key(self) -> &'static str {
         match self {
-            Workload::TpcB | Workload::TpcBBranch(_) => "tpcb",
+            Workload::TpcB | Workload::TpcBBranch(_) | Workload::TpcBHot(_) => "tpcb",
             Workload::Wide => "wide",
         }
     }
@@ -95,7 +99,7 @@ impl Workload {
     /// Row changes per transaction.
     pub fn rows_per_txn(self) -> u64 {
         match self {
-            Workload::TpcB | Workload::TpcBBranch(_) => 4,
+            Workload::TpcB | Workload::TpcBBranch(_) | Workload::TpcBHot(_) => 4,
             Workload::Wide => 1,
         }
     }
@@ -103,7 +107,7 @@ impl Workload {
     /// The table (and its bigint key column) the marker row goes into.
     fn marker_table(self) -> (&'static str, &'static str) {
         match self {
-            Workload::TpcB | Workload::TpcBBranch(_) => ("pgbench_history", "hid"),
+            Workload::TpcB | Workload::TpcBBranch(_) | Workload::TpcBHot(_) => ("pgbench_history", "hid"),
             Workload::Wide => ("bench_wide", "id"),
         }
     }
@@ -115,8 +119,27 @@ impl Workload {
             Workload::Wide => Some(WIDE_SCRIPT.to_string()),
             Workload::TpcBBranch(bid) => {
                 let (a0, t0) = ((bid - 1) * 100_000, (bid - 1) * 10);
-                Some(format!(
-                    "\\set aid random({}, {})
+                Some(tpcb_script((a0 + 1, a0 + 100_000), (t0 + 1, t0 + 10), bid))
+            }
+            Workload::TpcBHot(accounts) => Some(tpcb_script((1, accounts.max(1)), (1, 10), 1)),
+        }
+    }
+
+    /// File name of the pgbench script (the workloads that are not built in).
+    fn script_name(self) -> String {
+        match self {
+            Workload::TpcBBranch(bid) => format!("tpcb-branch-{bid}.sql"),
+            Workload::TpcBHot(accounts) => format!("tpcb-hot-{accounts}.sql"),
+            _ => format!("{}.sql", self.key()),
+        }
+    }
+}
+
+/// pgbench's TPC-B-like transaction on accounts and tellers drawn from the inclusive ranges
+/// `accounts` and `tellers`, and branch `bid`.
+fn tpcb_script(accounts: (u64, u64), tellers: (u64, u64), bid: u64) -> String {
+    format!(
+        "\\set aid random({}, {})
 \\set tid random({}, {})
 \\set delta random(-5000, 5000)
 BEGIN;
@@ -127,14 +150,8 @@ UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = {bid};
 INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, {bid}, :aid, :delta, CURRENT_TIMESTAMP);
 END;
 ",
-                    a0 + 1,
-                    a0 + 100_000,
-                    t0 + 1,
-                    t0 + 10
-                ))
-            }
-        }
-    }
+        accounts.0, accounts.1, tellers.0, tellers.1
+    )
 }
 
 /// How pgbench paces the transactions.
@@ -182,12 +199,12 @@ impl Pgbench {
                 cmd.args(["-b", "tpcb-like"]);
             }
             Some(text) => {
-                let name = match workload {
-                    Workload::TpcBBranch(bid) => format!("tpcb-branch-{bid}.sql"),
-                    _ => format!("{}.sql", workload.key()),
-                };
-                let path = self.scripts.join(name);
-                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                let path = self.scripts.join(workload.script_name());
+                // Several nodes may run the same script at once: rewriting the file while a
+                // pgbench reads it would hand that one a truncated script.
+                if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                }
                 cmd.arg("-f").arg(path);
             }
         }
@@ -196,7 +213,14 @@ impl Pgbench {
                 cmd.args(["-c", &clients.to_string(), "-t", &per_client.to_string()]);
             }
             Pace::Rate { clients, tps, seconds } => {
-                cmd.args(["-c", &clients.to_string(), "-R", &tps.to_string(), "-T", &seconds.to_string()]);
+                cmd.args([
+                    "-c",
+                    &clients.to_string(),
+                    "-R",
+                    &tps.to_string(),
+                    "-T",
+                    &seconds.to_string(),
+                ]);
             }
         }
         let out = cmd
@@ -212,7 +236,12 @@ impl Pgbench {
                 "pgbench ({}) failed ({}): {}",
                 workload.label(),
                 out.status,
-                String::from_utf8_lossy(&out.stderr).lines().rev().take(3).collect::<Vec<_>>().join(" / ")
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .rev()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" / ")
             );
         }
         parse_pgbench(&stdout).with_context(|| format!("reading pgbench's report: {stdout}"))
@@ -225,7 +254,9 @@ fn parse_pgbench(out: &str) -> Option<PgbenchRun> {
         let rest = l.strip_prefix("number of transactions actually processed: ")?;
         rest.split(['/', ' ']).next()?.parse().ok()
     })?;
-    let tps = out.lines().find_map(|l| l.strip_prefix("tps = ")?.split_whitespace().next()?.parse().ok())?;
+    let tps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = ")?.split_whitespace().next()?.parse().ok())?;
     Some(PgbenchRun { transactions, tps })
 }
 
@@ -266,7 +297,8 @@ mod tests {
 
     #[test]
     fn reads_pgbench_reports() {
-        let count = "transaction type: <builtin: TPC-B (sort of)>\nnumber of transactions actually processed: 2000/2000\n\
+        let count =
+            "transaction type: <builtin: TPC-B (sort of)>\nnumber of transactions actually processed: 2000/2000\n\
                      latency average = 1.2 ms\ntps = 3211.456789 (without initial connection time)\n";
         let run = parse_pgbench(count).expect("parsed");
         assert_eq!(run.transactions, 2000);
@@ -282,5 +314,9 @@ mod tests {
         assert!(text.contains("random(100001, 200000)"));
         assert!(text.contains("random(11, 20)"));
         assert!(text.contains("WHERE bid = 2"));
+        let hot = Workload::TpcBHot(1000).script().expect("a script");
+        assert!(hot.contains("random(1, 1000)"));
+        assert!(hot.contains("random(1, 10)"));
+        assert!(hot.contains("WHERE bid = 1"));
     }
 }

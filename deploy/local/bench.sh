@@ -54,15 +54,28 @@ if [[ "${PGFERRY_SKIP_INSTALL:-0}" != 1 ]]; then
     PGFERRY_INSTALL_BENCH=1 "$PGFERRY_DEPLOY/install.sh"
 fi
 
+# Runs a command with every inherited file descriptor above 2 closed. The services started
+# here outlive this script: they must not keep what the caller holds open, such as the lock of
+# `flock FILE deploy/local/bench.sh` (every child inherits its descriptor, so a Kafka started
+# under it would hold the lock, and block the next benchmark, for as long as it runs).
+without_inherited_fds() {
+    local fd
+    for fd in /proc/"$BASHPID"/fd/*; do
+        fd="${fd##*/}"
+        ((fd > 2)) && eval "exec $fd>&-" 2>/dev/null
+    done
+    exec "$@"
+}
+
 # Kafka and the registry: shared with the tests (every benchmark cluster has its own topics).
 # Services already answering (e.g. started from another checkout) are used as they are.
 pids=()
 tcp_open "$PGFERRY_KAFKA_HOST" "$PGFERRY_KAFKA_PORT" || {
-    "$PGFERRY_DEPLOY/kafka.sh" start >&2 &
+    without_inherited_fds "$PGFERRY_DEPLOY/kafka.sh" start >&2 &
     pids+=($!)
 }
 tcp_open "$PGFERRY_REGISTRY_HOST" "$PGFERRY_REGISTRY_PORT" || {
-    "$PGFERRY_DEPLOY/registry.sh" start >&2 &
+    without_inherited_fds "$PGFERRY_DEPLOY/registry.sh" start >&2 &
     pids+=($!)
 }
 
@@ -88,7 +101,8 @@ log "building pgferry and pgferry-bench ($profile)"
 build=(cargo build --locked -p pgferry -p pgferry-bench)
 [[ "$profile" == debug ]] || build+=(--release)
 "${build[@]}" >&2
-bin="$PGFERRY_REPO/target/$profile"
+# Cargo puts the binaries under CARGO_TARGET_DIR when it is set.
+bin="${CARGO_TARGET_DIR:-$PGFERRY_REPO/target}/$profile"
 export PGFERRY_BIN="$bin/pgferry" PGFERRY_PG_BIN PGFERRY_KAFKA_VERSION PGFERRY_APICURIO_VERSION
 export PGFERRY_BENCH_PYTHON="$PGFERRY_BENCH_VENV/bin/python"
 export PGFERRY_BENCH_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
