@@ -7,9 +7,29 @@
 
 use pgferry_connectors::config::Resolver;
 
+/// The outbox of `<cluster>.conflicts` (see `conflict_publisher.rs`): each conflict row carries
+/// the transaction that wrote it, and the publisher keeps the snapshot up to which it has
+/// published. Also an upgrade of nodes initialized before it existed (their conflict rows have
+/// no `writer_xid`; the publisher's first round publishes those by `published_at`).
+macro_rules! outbox_sql {
+    () => {
+        "
+ALTER TABLE pgferry.conflicts ADD COLUMN IF NOT EXISTS writer_xid xid8;
+ALTER TABLE pgferry.conflicts ALTER COLUMN writer_xid SET DEFAULT pg_current_xact_id();
+CREATE INDEX IF NOT EXISTS conflicts_writer ON pgferry.conflicts (writer_xid, id);
+DROP INDEX IF EXISTS pgferry.conflicts_unpublished;
+CREATE TABLE IF NOT EXISTS pgferry.conflicts_outbox (
+    id             int         PRIMARY KEY CHECK (id = 1),
+    published_upto pg_snapshot NOT NULL
+);
+"
+    };
+}
+
 /// The tables and trigger function apply needs on every node (installed by `pgferry init`):
 /// tombstones, conflicts, exceptions.
-pub const SCHEMA_SQL: &str = "
+pub const SCHEMA_SQL: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS pgferry.tombstones (
     tbl text  NOT NULL,
     key jsonb NOT NULL,
@@ -40,10 +60,11 @@ CREATE TABLE IF NOT EXISTS pgferry.conflicts (
     resolved_by       text,
     published_at      timestamptz
 );
--- Before published_at existed (an earlier pgferry init).
+-- Before published_at existed (an earlier pgferry init); no longer written (see OUTBOX_SQL).
 ALTER TABLE pgferry.conflicts ADD COLUMN IF NOT EXISTS published_at timestamptz;
--- The outbox of <cluster>.conflicts.
-CREATE INDEX IF NOT EXISTS conflicts_unpublished ON pgferry.conflicts (id) WHERE published_at IS NULL;
+",
+    outbox_sql!(),
+    "
 -- The real last writer of a row whose last write (transaction xid) only merged a losing
 -- change's delta columns: conflict checks use this stamp instead of that write's.
 CREATE TABLE IF NOT EXISTS pgferry.row_stamps (
@@ -82,13 +103,16 @@ BEGIN
     VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, k, txid_current())
     ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid;
     RETURN OLD;
-END $$;";
+END $$;"
+);
+
 
 /// The columns a pgferry version may lack on a node initialized by an earlier one, each with the
 /// statement that adds it: apply adds them at start-up (a no-op once they exist).
 const UPGRADES: &[(&str, &str, &str)] = &[
     ("tombstones", "stamp_xid", "ALTER TABLE pgferry.tombstones ADD COLUMN IF NOT EXISTS stamp_xid bigint"),
     ("tombstones", "ts_us", "ALTER TABLE pgferry.tombstones ADD COLUMN IF NOT EXISTS ts_us bigint"),
+    ("conflicts_outbox", "published_upto", outbox_sql!()),
 ];
 
 /// Adds what [`UPGRADES`] lists where it is missing (an ALTER only then: it takes a lock).

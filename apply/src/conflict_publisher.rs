@@ -1,10 +1,18 @@
 //! Publishing each conflict recorded in `pgferry.conflicts` to `<cluster>.conflicts` as a
 //! `pgferry.ConflictReport` (DESIGN.md, "Conflicts").
 //!
-//! An outbox: apply records a conflict in the transaction that settles it, and this task
-//! publishes committed rows whose `published_at` is still NULL, then marks them. A crash between
-//! the two publishes a row again (at least once; node + id identify a report). Failures (Kafka
-//! or the registry away) are logged and retried; they never hold up applying changes.
+//! An outbox read by snapshot, not by marking rows: apply records a conflict in the transaction
+//! that settles it (the row's `writer_xid` is that transaction), and each round of this task
+//! publishes, from one repeatable-read snapshot, the rows visible in it that were not visible in
+//! the snapshot the previous round published up to (`pgferry.conflicts_outbox`), then stores the
+//! new snapshot. So publishing writes one row per round, not one per conflict, and a transaction
+//! that commits late, whatever its conflicts' ids, is published in the round that first sees it.
+//! A crash between publishing and storing the snapshot publishes those rows again (at least once;
+//! node + id identify a report). Failures (Kafka or the registry away) are logged and retried;
+//! they never hold up applying changes.
+//!
+//! Until a node's first round has stored a snapshot (a node initialized before the outbox
+//! existed), that round publishes the rows whose `published_at` is NULL, the earlier outbox's mark.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,30 +56,81 @@ async fn publish(config: &Config, node: &str, dsn: &str) -> Result<(), ApplyErro
         .register(&subject(&topic, CONFLICT_REPORT_NAME), CONFLICT_REPORT_NAME, CONFLICT_REPORT_SCHEMA)
         .await?;
     loop {
-        let reports = unpublished(&sql, node).await?;
-        if reports.is_empty() {
+        let published = publish_round(&sql, node, &producer, &topic, &schema, schema_id).await?;
+        if published == 0 {
             tokio::time::sleep(POLL).await;
-            continue;
+        } else {
+            tracing::debug!(node = %node, count = published, topic = %topic, "conflicts published");
         }
+    }
+}
+
+/// One round: every conflict committed since the stored snapshot, published in pages from one
+/// snapshot, which is then stored. Returns how many were published.
+async fn publish_round(
+    sql: &PgSession,
+    node: &str,
+    producer: &FutureProducer,
+    topic: &str,
+    schema: &apache_avro::Schema,
+    schema_id: u32,
+) -> Result<usize, ApplyError> {
+    sql.client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(sql.err("starting to read conflicts"))?;
+    let snapshots = sql
+        .client
+        .query_one(
+            "SELECT (SELECT published_upto::text FROM pgferry.conflicts_outbox WHERE id = 1), pg_current_snapshot()::text",
+            &[],
+        )
+        .await
+        .map_err(sql.err("reading the conflicts outbox"))?;
+    let (since, now): (Option<String>, String) = (snapshots.get(0), snapshots.get(1));
+    let mut after = Page::Start;
+    let mut published = 0;
+    loop {
+        let reports = page(sql, node, since.as_deref(), &after).await?;
+        let Some(last) = reports.last() else { break };
+        after = Page::After {
+            writer_xid: last.1.clone(),
+            id: last.0.id,
+        };
         let mut sends = Vec::with_capacity(reports.len());
-        for r in &reports {
-            let datum = r.encode(&schema).map_err(|source| ApplyError::Setup {
+        for (r, _) in &reports {
+            let datum = r.encode(schema).map_err(|source| ApplyError::Setup {
                 node: node.into(),
                 message: format!("encoding conflict {}: {source}", r.id),
             })?;
-            sends.push(send(&producer, &topic, format!("{node}/{}", r.id), encode_frame(schema_id, &datum)));
+            sends.push(send(producer, topic, format!("{node}/{}", r.id), encode_frame(schema_id, &datum)));
         }
         futures::future::try_join_all(sends).await?;
-        let ids: Vec<i64> = reports.iter().map(|r| r.id).collect();
+        published += reports.len();
+    }
+    sql.client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(sql.err("ending the read of conflicts"))?;
+    // Nothing new since `since`: the rows visible now and not then are none, so `since` stays.
+    if published > 0 || since.is_none() {
         sql.client
             .execute(
-                "UPDATE pgferry.conflicts SET published_at = clock_timestamp() WHERE id = ANY($1)",
-                &[&ids],
+                "INSERT INTO pgferry.conflicts_outbox (id, published_upto) VALUES (1, $1::text::pg_snapshot)
+                 ON CONFLICT (id) DO UPDATE SET published_upto = EXCLUDED.published_upto",
+                &[&now],
             )
             .await
-            .map_err(sql.err("marking conflicts published"))?;
-        tracing::debug!(node = %node, count = ids.len(), topic = %topic, "conflicts published");
+            .map_err(sql.err("storing the snapshot conflicts are published up to"))?;
     }
+    Ok(published)
+}
+
+/// Where a page of [`page`] starts.
+enum Page {
+    Start,
+    /// After the row with this `writer_xid` (text; NULL for the first round's rows) and id.
+    After { writer_xid: Option<String>, id: i64 },
 }
 
 async fn send(producer: &FutureProducer, topic: &str, key: String, payload: Vec<u8>) -> Result<(), ApplyError> {
@@ -87,27 +146,51 @@ async fn send(producer: &FutureProducer, topic: &str, key: String, payload: Vec<
         })
 }
 
-/// The oldest committed conflicts not published yet.
-async fn unpublished(sql: &PgSession, node: &str) -> Result<Vec<ConflictReport>, ApplyError> {
+/// The next page of conflicts to publish in this round's snapshot, with each row's
+/// `writer_xid`: those not visible in the stored snapshot `since`, in `(writer_xid, id)` order;
+/// without a stored snapshot (the node's first round), those whose `published_at` is NULL, by id.
+async fn page(sql: &PgSession, node: &str, since: Option<&str>, after: &Page) -> Result<Vec<(ConflictReport, Option<String>)>, ApplyError> {
     let us = |col: &str| format!("(extract(epoch FROM {col}) * 1000000)::int8");
-    let rows = sql
-        .client
-        .query(
-            &format!(
-                "SELECT id, {}, tbl, key::text, conflict_type, resolver, resolution, local_row::text, local_origin,
-                        {}, remote_op, remote_row::text, remote_origin, {}, remote_commit_lsn::text
-                 FROM pgferry.conflicts WHERE published_at IS NULL ORDER BY id LIMIT {BATCH}",
-                us("detected_at"),
-                us("local_commit_ts"),
-                us("remote_commit_ts")
-            ),
-            &[],
-        )
-        .await
-        .map_err(sql.err("reading unpublished conflicts"))?;
+    let columns = format!(
+        "id, {}, tbl, key::text, conflict_type, resolver, resolution, local_row::text, local_origin,
+         {}, remote_op, remote_row::text, remote_origin, {}, remote_commit_lsn::text, writer_xid::text",
+        us("detected_at"),
+        us("local_commit_ts"),
+        us("remote_commit_ts")
+    );
+    let (after_xid, after_id) = match after {
+        Page::Start => (Some("0".to_string()), 0),
+        Page::After { writer_xid, id } => (writer_xid.clone(), *id),
+    };
+    let rows = match since {
+        Some(since) => {
+            sql.client
+                .query(
+                    &format!(
+                        "SELECT {columns} FROM pgferry.conflicts
+                         WHERE writer_xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+                           AND NOT pg_visible_in_snapshot(writer_xid, $1::text::pg_snapshot)
+                           AND (writer_xid, id) > ($2::text::xid8, $3)
+                         ORDER BY writer_xid, id LIMIT {BATCH}"
+                    ),
+                    &[&since, &after_xid, &after_id],
+                )
+                .await
+        }
+        None => {
+            sql.client
+                .query(
+                    &format!("SELECT {columns} FROM pgferry.conflicts WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT {BATCH}"),
+                    &[&after_id],
+                )
+                .await
+        }
+    }
+    .map_err(sql.err("reading conflicts to publish"))?;
     Ok(rows
         .iter()
-        .map(|r| ConflictReport {
+        .map(|r| {
+            let report = ConflictReport {
             node: node.to_string(),
             id: r.get(0),
             detected_at_us: r.get(1),
@@ -124,6 +207,8 @@ async fn unpublished(sql: &PgSession, node: &str) -> Result<Vec<ConflictReport>,
             remote_origin: r.get(12),
             remote_commit_ts_us: r.get(13),
             remote_commit_lsn: r.get(14),
+            };
+            (report, r.get(15))
         })
         .collect())
 }

@@ -307,3 +307,89 @@ async fn error_resolver_stops_the_stream_until_the_operator_acts() -> anyhow::Re
     drop(_captures);
     cluster.cleanup().await
 }
+
+/// The outbox publishes by snapshot, not by id: a conflict whose transaction commits after a
+/// later id was already published still reaches the topic, once; on a node whose conflict rows
+/// predate the outbox (no `writer_xid`), the first round publishes the rows the earlier outbox had
+/// not marked published, and only those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_committed_out_of_id_order_are_published_once() -> anyhow::Result<()> {
+    let cluster = Cluster::create("cf_outbox", &["r1", "r1"], "CREATE TABLE t (id int PRIMARY KEY);", &["public.t"]).await?;
+    cluster.init()?;
+    let name2 = cluster.nodes[1].name.clone();
+    let record = |key: i32| {
+        format!(
+            "INSERT INTO pgferry.conflicts (tbl, key, conflict_type, resolver, resolution, remote_op, remote_origin,
+                 remote_commit_ts, remote_commit_lsn)
+             VALUES ('public.t', '[{key}]', 'insert_exists', 'last_update_wins', 'apply_remote', 'c', '{name2}', now(), '0/0')
+             RETURNING id"
+        )
+    };
+    let n1 = cluster.sql(0).await?;
+    // As an earlier pgferry left them: one row published (marked), one not, neither with a writer.
+    let legacy_published: i64 = n1.query_one(&record(1), &[]).await?.get(0);
+    let legacy_unpublished: i64 = n1.query_one(&record(2), &[]).await?.get(0);
+    n1.batch_execute(&format!(
+        "UPDATE pgferry.conflicts SET writer_xid = NULL;
+         UPDATE pgferry.conflicts SET published_at = now() WHERE id = {legacy_published};"
+    ))
+    .await?;
+
+    let _apply = cluster.spawn("apply", 0)?;
+    let topic = format!("{}.conflicts", cluster.name);
+    let schema = ConflictReport::schema()?;
+    let published = || -> anyhow::Result<Vec<i64>> {
+        let mut ids = Vec::new();
+        for m in read_topic(&cluster.endpoints.kafka, &topic)? {
+            ids.push(ConflictReport::decode(&schema, &m.value[5..])?.id);
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    };
+    wait_until("the legacy unpublished conflict published", Duration::from_secs(60), || async {
+        Ok(published()?.contains(&legacy_unpublished))
+    })
+    .await?;
+
+    // A takes an id and stays open; B takes a later id and commits; B is published first.
+    let a = cluster.sql(0).await?;
+    a.batch_execute("BEGIN").await?;
+    let early: i64 = a.query_one(&record(3), &[]).await?.get(0);
+    let late: i64 = n1.query_one(&record(4), &[]).await?.get(0);
+    assert!(early < late);
+    wait_until("the later id published", Duration::from_secs(60), || async {
+        Ok(published()?.contains(&late))
+    })
+    .await?;
+    // The round that published B has stored its snapshot before A commits (the outbox's row
+    // changes after B is sent): wait for that, so A commits after the snapshot moved past B.
+    wait_until("the outbox's snapshot past B", Duration::from_secs(60), || async {
+        let r = n1
+            .query_opt(
+                "SELECT 1 FROM pgferry.conflicts_outbox o, pgferry.conflicts c
+                 WHERE c.id = $1 AND pg_visible_in_snapshot(c.writer_xid, o.published_upto)",
+                &[&late],
+            )
+            .await?;
+        Ok(r.is_some())
+    })
+    .await?;
+    a.batch_execute("COMMIT").await?;
+    wait_until("the earlier id, committed later, published", Duration::from_secs(60), || async {
+        Ok(published()?.contains(&early))
+    })
+    .await?;
+    // One more conflict after it: once it is out, every round up to it has run.
+    let after: i64 = n1.query_one(&record(5), &[]).await?.get(0);
+    wait_until("the last conflict published", Duration::from_secs(60), || async {
+        Ok(published()?.contains(&after))
+    })
+    .await?;
+    assert_eq!(
+        published()?,
+        vec![legacy_unpublished, early, late, after],
+        "each conflict published once; the one the earlier outbox had marked published is not published again"
+    );
+    drop(_apply);
+    cluster.cleanup().await
+}
