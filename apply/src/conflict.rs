@@ -26,6 +26,30 @@ CREATE TABLE IF NOT EXISTS pgferry.conflicts_outbox (
     };
 }
 
+/// Which transactions wrote `pgferry.row_stamps` overrides (their 32-bit xid, as a row
+/// version's `xmin` shows it), kept by a statement trigger on `row_stamps` whoever writes it: a
+/// read of a row's stamp looks for an override only when the version's `xmin` is listed, so rows
+/// written without one (local writes, one-by-one apply) cost no probe of `row_stamps`. A listed
+/// xid without overrides (a statement that wrote none, or a wrapped-around xid) only costs a
+/// probe. Also the upgrade of nodes initialized before it existed (the last statement lists
+/// the writers of the overrides they have).
+macro_rules! stamped_xacts_sql {
+    () => {
+        "
+CREATE TABLE IF NOT EXISTS pgferry.stamped_xacts (xid bigint PRIMARY KEY);
+CREATE OR REPLACE FUNCTION pgferry.note_stamped_xact() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO pgferry.stamped_xacts VALUES (txid_current() % 4294967296) ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER pgferry_stamped_xact AFTER INSERT OR UPDATE ON pgferry.row_stamps
+    FOR EACH STATEMENT EXECUTE FUNCTION pgferry.note_stamped_xact();
+ALTER TABLE pgferry.row_stamps ENABLE ALWAYS TRIGGER pgferry_stamped_xact;
+INSERT INTO pgferry.stamped_xacts SELECT DISTINCT xid % 4294967296 FROM pgferry.row_stamps ON CONFLICT DO NOTHING;
+"
+    };
+}
+
 /// The tables and trigger function apply needs on every node (installed by `pgferry init`):
 /// tombstones, conflicts, exceptions.
 pub const SCHEMA_SQL: &str = concat!(
@@ -75,6 +99,9 @@ CREATE TABLE IF NOT EXISTS pgferry.row_stamps (
     origin text,
     PRIMARY KEY (tbl, key)
 );
+",
+    stamped_xacts_sql!(),
+    "
 -- Messages apply could not use, kept whole (they are also in the dead-letter topic).
 CREATE TABLE IF NOT EXISTS pgferry.exceptions (
     id           bigserial   PRIMARY KEY,
@@ -113,6 +140,7 @@ const UPGRADES: &[(&str, &str, &str)] = &[
     ("tombstones", "stamp_xid", "ALTER TABLE pgferry.tombstones ADD COLUMN IF NOT EXISTS stamp_xid bigint"),
     ("tombstones", "ts_us", "ALTER TABLE pgferry.tombstones ADD COLUMN IF NOT EXISTS ts_us bigint"),
     ("conflicts_outbox", "published_upto", outbox_sql!()),
+    ("stamped_xacts", "xid", stamped_xacts_sql!()),
 ];
 
 /// Adds what [`UPGRADES`] lists where it is missing (an ALTER only then: it takes a lock).

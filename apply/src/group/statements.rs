@@ -83,7 +83,10 @@ pub fn lock_rows(table: &LocalTable) -> String {
 /// its JSON form, whether a row exists, the row's stamp (commit time, or the override in
 /// `pgferry.row_stamps` tied to the version's xmin) and replication origin, the row as JSON, the
 /// override's origin, and the key's tombstone stamp (its override, or its deleting transaction's
-/// commit time) and origin. Parameters: the key columns, then the table name.
+/// commit time) and origin. `row_stamps` is probed only for versions whose writer is listed in
+/// `pgferry.stamped_xacts` (a one-time filter per key; `OFFSET 0` keeps the subquery apart so
+/// the planner gates the probe instead of joining it). Parameters: the key columns, then the
+/// table name.
 pub fn read_state(table: &LocalTable) -> String {
     let n = table.key.len();
     format!(
@@ -99,8 +102,11 @@ pub fn read_state(table: &LocalTable) -> String {
          CROSS JOIN LATERAL (SELECT {} AS key) kj
          LEFT JOIN {} t ON {}
          LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) c ON t.ctid IS NOT NULL
-         LEFT JOIN pgferry.row_stamps s
-                ON s.tbl = ${tbl} AND s.key = kj.key AND s.xid % 4294967296 = t.xmin::text::int8
+         LEFT JOIN LATERAL (
+              SELECT s.ts_us, s.origin FROM pgferry.row_stamps s
+              WHERE EXISTS (SELECT FROM pgferry.stamped_xacts x WHERE x.xid = t.xmin::text::int8)
+                AND s.tbl = ${tbl} AND s.key = kj.key AND s.xid % 4294967296 = t.xmin::text::int8
+              OFFSET 0) s ON true
          LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${tbl} AND tb.key = kj.key
          LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) tc
                 ON tb.xid IS NOT NULL
