@@ -32,6 +32,7 @@ pub enum ConfigError {
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The cluster.
@@ -57,6 +58,7 @@ pub struct Config {
 
 /// `[health]`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     /// Apply reports unhealthy while any origin lags more than this (ms of origin time behind
@@ -68,6 +70,7 @@ pub struct HealthConfig {
 /// source transactions of one origin it has already fetched — never waiting for more — and writes
 /// them in one local transaction, up to these bounds.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct ApplyConfig {
     /// Most source transactions in one group (1: no grouping).
@@ -102,6 +105,7 @@ fn default_max_group_rows() -> usize {
 
 /// `[cluster]`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Cluster name: prefix of topics, Avro namespaces and Kafka transactional ids.
@@ -110,6 +114,7 @@ pub struct ClusterConfig {
 
 /// `[kafka]`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `host:port[,host:port…]`.
@@ -147,6 +152,7 @@ pub struct KafkaConfig {
 
 /// `kafka.security_protocol`: librdkafka's `security.protocol`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub enum SecurityProtocol {
     /// No TLS, no authentication.
     #[default]
@@ -187,6 +193,7 @@ impl SecurityProtocol {
 
 /// `kafka.sasl_mechanism`: librdkafka's `sasl.mechanisms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub enum SaslMechanism {
     /// User name and password sent as they are (use with TLS).
     #[serde(rename = "PLAIN")]
@@ -240,6 +247,7 @@ fn default_replication_factor() -> i32 {
 
 /// `[registry]`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Base URL of the Confluent-compatible API (Apicurio: `…/apis/ccompat/v7`).
@@ -255,6 +263,7 @@ pub struct RegistryConfig {
 
 /// `[[nodes]]`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// Node name (unique; used in slot, origin and transactional-id names).
@@ -292,6 +301,7 @@ impl NodeConfig {
 
 /// `[replication]`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
     /// Replicated tables as `schema.table` (or `table`, meaning `public.table`).
@@ -326,6 +336,7 @@ fn default_tombstone_margin_ms() -> u64 {
 
 /// `[replication.table."schema.table"]`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct TableOptions {
     /// This table's conflict resolver (default: `replication.resolver`).
@@ -353,6 +364,7 @@ pub struct TableOptions {
 
 /// A kind of row change, for [`TableOptions::operations`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "snake_case")]
 pub enum Operation {
     /// `INSERT`.
@@ -367,6 +379,7 @@ pub enum Operation {
 
 /// How apply settles a conflict (DESIGN.md, "Conflicts"). Every node must pick the same winner.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "snake_case")]
 pub enum Resolver {
     /// The later origin commit wins; equal times: the greater node id.
@@ -388,6 +401,7 @@ pub enum Resolver {
 /// the local type refuses, a trigger that raises): DESIGN.md, "Errors". Whatever is skipped is
 /// kept whole in `pgferry.exceptions` and the dead-letter topic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
     /// The origin's stream stops at the change and retries it with backoff until the cause is
@@ -1269,6 +1283,103 @@ tables = ["public.accounts", "items"]
         let e = Config::parse(&GOOD.replace("/demo\"\n[[nodes]]", "/demo?sslmode=verify-full&sslrootcert=/nonexistent/ca\"\n[[nodes]]"), "t.toml");
         let e = e.unwrap_err().to_string();
         assert!(e.contains("nodes[0].dsn") && e.contains("sslrootcert") && e.contains("/nonexistent/ca"), "{e}");
+    }
+
+    /// `deploy/pgferry.example.toml`, the documented example of every key.
+    const EXAMPLE: &str = include_str!("../../deploy/pgferry.example.toml");
+
+    /// Tables whose keys are names the user picks (not struct fields): their entries are
+    /// compared as one, `*`. A map missing here is compared entry by entry, which is stricter.
+    const MAPS: [&str; 2] = ["kafka.properties", "replication.table"];
+
+    /// The example with its switched-off settings (`# key = value`, `# [section]`) switched on.
+    fn example_uncommented() -> String {
+        EXAMPLE
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if is_setting(rest) => rest,
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Whether a line (without its `# `) is a TOML setting or table header rather than prose.
+    fn is_setting(line: &str) -> bool {
+        line.starts_with('[')
+            || line.split_once(" = ").is_some_and(|(key, _)| {
+                !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || "_.-\"".contains(c))
+            })
+    }
+
+    /// Every key path of a TOML or JSON document: `a.b`, array elements as `a[]`, the entries
+    /// of [`MAPS`] as `*`.
+    fn key_paths(value: &serde_json::Value, path: &str, out: &mut std::collections::BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(entries) => {
+                for (key, v) in entries {
+                    let key = if MAPS.contains(&path) { "*" } else { key.as_str() };
+                    let p = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+                    out.insert(p.clone());
+                    key_paths(v, &p, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for v in items {
+                    key_paths(v, &format!("{path}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn example_config_loads_and_validates() {
+        std::env::set_var("PGFERRY_PASSWORD", "example-pw");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pgferry.example.toml");
+        let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.nodes.len(), 3);
+        assert_eq!(c.regions(), ["eu", "us"]);
+        assert!(c.secrets().dsn_passwords.contains(&"example-pw".to_string()));
+    }
+
+    /// Every key the config structs accept is in the example, set or switched off (`# key =`):
+    /// the example's settings all switched on are parsed into a [`Config`] (an unknown key
+    /// fails), which is serialized back with every field, defaults and `None`s included; each
+    /// of its key paths must be one the example writes. So a field added to a struct fails
+    /// here until the example documents it. (`Serialize` is derived for this test only.)
+    #[test]
+    fn example_config_has_every_key() {
+        let text = example_uncommented();
+        let full: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("the example with every setting on: {e}"));
+        let written: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        let written = serde_json::to_value(written).unwrap_or_else(|e| panic!("{e}"));
+        let known = serde_json::to_value(&full).unwrap_or_else(|e| panic!("{e}"));
+        let (mut have, mut need) = (Default::default(), Default::default());
+        key_paths(&written, "", &mut have);
+        key_paths(&known, "", &mut need);
+        let missing: Vec<&String> = need.difference(&have).collect();
+        assert!(missing.is_empty(), "keys missing from deploy/pgferry.example.toml: {missing:?}");
+        assert!(need.contains("replication.table.*.delta_columns") && need.contains("nodes[].partition"), "{need:?}");
+    }
+
+    /// Every setting of the example, on or off, has a comment: on its line, or on the line
+    /// before (a comment block explains the key after it).
+    #[test]
+    fn example_config_comments_every_key() {
+        let mut previous_is_comment = false;
+        for line in EXAMPLE.lines() {
+            let setting = line.strip_prefix("# ").unwrap_or(line);
+            if is_setting(setting) && !setting.starts_with('[') {
+                let commented = setting.contains(" # ") || previous_is_comment;
+                assert!(commented, "no comment explains {line:?}");
+            }
+            // A table header leaves it as it was: the comment before `# [kafka.properties]`
+            // explains the property under it.
+            if !setting.starts_with('[') {
+                previous_is_comment = line.starts_with('#') && !is_setting(setting);
+            }
+        }
     }
 
     /// n1 (region a) → hub n2 (forwards n1) → n3 (reads only the hub).

@@ -262,8 +262,8 @@ pub fn check_reachable(cfg: &KafkaConfig, timeout: Duration) -> Result<(), Kafka
 }
 
 /// Creates `topic` with `partitions` partitions unless it exists; an existing topic with
-/// fewer partitions is an error.
-pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+/// fewer partitions is an error. Whether it created the topic (`false`: it was there).
+pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str, partitions: i32) -> Result<bool, KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(cfg)
         .create()
         .map_err(client_err(cfg, "creating admin client"))?;
@@ -276,9 +276,11 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str, partitions: i32) -> Re
         .create_topics([&new], &opts)
         .await
         .map_err(|e| unreachable_or(cfg, &format!("creating topic {topic}"), e))?;
+    let mut created = false;
     for r in results {
         match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(_) => created = true,
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((t, code)) => {
                 return Err(KafkaError::Topic {
                     topic: t,
@@ -321,7 +323,7 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str, partitions: i32) -> Re
             message: format!("has {have} partitions, pgferry needs at least {partitions}"),
         });
     }
-    Ok(())
+    Ok(created)
 }
 
 /// The value of header `name` as UTF-8.

@@ -5,7 +5,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio_postgres::Client;
+use tokio_postgres::error::{DbError, Severity};
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::pg_tls::TlsDsn;
 use crate::redact::dsn_endpoint;
@@ -51,7 +52,7 @@ impl PgError {
     /// shutdown, permissions) that a retry can get past.
     pub fn rejects_data(&self) -> bool {
         match self.sqlstate() {
-            Some(s) if s == "42501" => false,
+            Some("42501") => false,
             Some(s) => ["22", "23", "42", "44", "P0"].iter().any(|class| s.starts_with(class)),
             None => false,
         }
@@ -129,17 +130,37 @@ pub async fn connect_with(dsn: &str, tweak: impl FnOnce(&mut tokio_postgres::Con
         endpoint: endpoint.clone(),
         message,
     })?;
-    let (client, connection) = config.connect(tls).await.map_err(|source| PgError::Connect {
+    let (client, mut connection) = config.connect(tls).await.map_err(|source| PgError::Connect {
         endpoint: endpoint.clone(),
         source,
     })?;
     let ep = endpoint.clone();
+    // Polled by hand rather than awaited: awaiting the connection logs every server notice at
+    // INFO (`event trigger … does not exist, skipping` and the like).
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(endpoint = %ep, error = %e, "PostgreSQL session ended");
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notice(notice))) => log_notice(&ep, &notice),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(endpoint = %ep, error = %e, "PostgreSQL session ended");
+                    break;
+                }
+                None => break,
+            }
         }
     });
     Ok(PgSession { client, endpoint })
+}
+
+/// Logs a server notice: a `WARNING` as a warning, anything else (`NOTICE`, `INFO`, `LOG`,
+/// `DEBUG`) at debug level, seen with `PGFERRY_LOG=debug`.
+fn log_notice(endpoint: &str, notice: &DbError) {
+    if notice.parsed_severity() == Some(Severity::Warning) || notice.severity() == "WARNING" {
+        tracing::warn!(endpoint, "PostgreSQL {}: {}", notice.severity(), notice.message());
+    } else {
+        tracing::debug!(endpoint, "PostgreSQL {}: {}", notice.severity(), notice.message());
+    }
 }
 
 /// Quotes an identifier for SQL (`"a""b"`).
@@ -220,9 +241,11 @@ pub async fn table_columns(sql: &PgSession, schema: &str, table: &str) -> Result
     }))
 }
 
-/// Creates the replication origin `name` unless it exists (origins are server-wide).
-pub async fn create_replication_origin(sql: &PgSession, name: &str) -> Result<(), PgError> {
-    sql.client
+/// Creates the replication origin `name` unless it exists (origins are server-wide); whether
+/// it created it (`false`: it was there).
+pub async fn create_replication_origin(sql: &PgSession, name: &str) -> Result<bool, PgError> {
+    let created = sql
+        .client
         .execute(
             "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS
                (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
@@ -230,7 +253,7 @@ pub async fn create_replication_origin(sql: &PgSession, name: &str) -> Result<()
         )
         .await
         .map_err(sql.err(format!("creating replication origin {name}")))?;
-    Ok(())
+    Ok(created == 1)
 }
 
 /// The tables `node` replicates now: those `replication.tables` names, and those of its
