@@ -3,8 +3,8 @@
 //!
 //! An outbox read by snapshot, not by marking rows: apply records a conflict in the transaction
 //! that settles it (the row's `writer_xid` is that transaction), and each round of this task
-//! publishes, from one repeatable-read snapshot, the rows visible in it that were not visible in
-//! the snapshot the previous round published up to (`pgferry.conflicts_outbox`), then stores the
+//! takes a snapshot, publishes the rows whose writer is visible in it and was not in the
+//! snapshot the previous round published up to (`pgferry.conflicts_outbox`), then stores the
 //! new snapshot. So publishing writes one row per round, not one per conflict, and a transaction
 //! that commits late, whatever its conflicts' ids, is published in the round that first sees it.
 //! A crash between publishing and storing the snapshot publishes those rows again (at least once;
@@ -65,8 +65,13 @@ async fn publish(config: &Config, node: &str, dsn: &str) -> Result<(), ApplyErro
     }
 }
 
-/// One round: every conflict committed since the stored snapshot, published in pages from one
-/// snapshot, which is then stored. Returns how many were published.
+/// One round: every conflict committed between the stored snapshot and a snapshot taken now,
+/// published in pages, then the new snapshot stored. Returns how many were published.
+///
+/// No transaction spans the round: which rows it publishes is fixed by the two snapshots (rows
+/// whose writer is visible in the new one and not in the stored one, all committed when the
+/// round began), so each page is a query of its own, and a long round (a backlog of conflicts)
+/// never holds back the server's cleanup of dead rows the way an open snapshot would.
 async fn publish_round(
     sql: &PgSession,
     node: &str,
@@ -75,10 +80,6 @@ async fn publish_round(
     schema: &apache_avro::Schema,
     schema_id: u32,
 ) -> Result<usize, ApplyError> {
-    sql.client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(sql.err("starting to read conflicts"))?;
     let snapshots = sql
         .client
         .query_one(
@@ -91,7 +92,7 @@ async fn publish_round(
     let mut after = Page::Start;
     let mut published = 0;
     loop {
-        let reports = page(sql, node, since.as_deref(), &after).await?;
+        let reports = page(sql, node, since.as_deref(), &now, &after).await?;
         let Some(last) = reports.last() else { break };
         after = Page::After {
             writer_xid: last.1.clone(),
@@ -108,10 +109,6 @@ async fn publish_round(
         futures::future::try_join_all(sends).await?;
         published += reports.len();
     }
-    sql.client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(sql.err("ending the read of conflicts"))?;
     // Nothing new since `since`: the rows visible now and not then are none, so `since` stays.
     if published > 0 || since.is_none() {
         sql.client
@@ -146,10 +143,11 @@ async fn send(producer: &FutureProducer, topic: &str, key: String, payload: Vec<
         })
 }
 
-/// The next page of conflicts to publish in this round's snapshot, with each row's
-/// `writer_xid`: those not visible in the stored snapshot `since`, in `(writer_xid, id)` order;
-/// without a stored snapshot (the node's first round), those whose `published_at` is NULL, by id.
-async fn page(sql: &PgSession, node: &str, since: Option<&str>, after: &Page) -> Result<Vec<(ConflictReport, Option<String>)>, ApplyError> {
+/// The next page of conflicts to publish in the round up to snapshot `upto`, with each row's
+/// `writer_xid`: those whose writer is visible in `upto` and not in the stored snapshot `since`,
+/// in `(writer_xid, id)` order; without a stored snapshot (the node's first round), those whose
+/// `published_at` is NULL (and whose writer, if recorded, is visible in `upto`), by id.
+async fn page(sql: &PgSession, node: &str, since: Option<&str>, upto: &str, after: &Page) -> Result<Vec<(ConflictReport, Option<String>)>, ApplyError> {
     let us = |col: &str| format!("(extract(epoch FROM {col}) * 1000000)::int8");
     let columns = format!(
         "id, {}, tbl, key::text, conflict_type, resolver, resolution, local_row::text, local_origin,
@@ -169,19 +167,26 @@ async fn page(sql: &PgSession, node: &str, since: Option<&str>, after: &Page) ->
                     &format!(
                         "SELECT {columns} FROM pgferry.conflicts
                          WHERE writer_xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+                           AND writer_xid < pg_snapshot_xmax($4::text::pg_snapshot)
                            AND NOT pg_visible_in_snapshot(writer_xid, $1::text::pg_snapshot)
+                           AND pg_visible_in_snapshot(writer_xid, $4::text::pg_snapshot)
                            AND (writer_xid, id) > ($2::text::xid8, $3)
                          ORDER BY writer_xid, id LIMIT {BATCH}"
                     ),
-                    &[&since, &after_xid, &after_id],
+                    &[&since, &after_xid, &after_id, &upto],
                 )
                 .await
         }
         None => {
             sql.client
                 .query(
-                    &format!("SELECT {columns} FROM pgferry.conflicts WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT {BATCH}"),
-                    &[&after_id],
+                    &format!(
+                        "SELECT {columns} FROM pgferry.conflicts
+                         WHERE published_at IS NULL AND id > $1
+                           AND (writer_xid IS NULL OR pg_visible_in_snapshot(writer_xid, $2::text::pg_snapshot))
+                         ORDER BY id LIMIT {BATCH}"
+                    ),
+                    &[&after_id, &upto],
                 )
                 .await
         }
