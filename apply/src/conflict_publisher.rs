@@ -165,13 +165,17 @@ async fn page(sql: &PgSession, node: &str, since: Option<&str>, upto: &str, afte
             sql.client
                 .query(
                     &format!(
-                        "SELECT {columns} FROM pgferry.conflicts
-                         WHERE writer_xid >= pg_snapshot_xmin($1::text::pg_snapshot)
-                           AND writer_xid < pg_snapshot_xmax($4::text::pg_snapshot)
+                        // `c.writer_xid` in ORDER BY: a bare `writer_xid` would name the
+                        // output column (its text), and pages would follow text order. The
+                        // lower bound is one row comparison (writers below the stored
+                        // snapshot's xmin were all visible to it), so the index scan starts
+                        // there instead of filtering from the index's start.
+                        "SELECT {columns} FROM pgferry.conflicts c
+                         WHERE writer_xid < pg_snapshot_xmax($4::text::pg_snapshot)
                            AND NOT pg_visible_in_snapshot(writer_xid, $1::text::pg_snapshot)
                            AND pg_visible_in_snapshot(writer_xid, $4::text::pg_snapshot)
-                           AND (writer_xid, id) > ($2::text::xid8, $3)
-                         ORDER BY writer_xid, id LIMIT {BATCH}"
+                           AND (writer_xid, id) > (greatest($2::text::xid8, pg_snapshot_xmin($1::text::pg_snapshot)), $3)
+                         ORDER BY c.writer_xid, c.id LIMIT {BATCH}"
                     ),
                     &[&since, &after_xid, &after_id, &upto],
                 )
