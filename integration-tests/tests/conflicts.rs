@@ -393,3 +393,49 @@ async fn conflicts_committed_out_of_id_order_are_published_once() -> anyhow::Res
     drop(_apply);
     cluster.cleanup().await
 }
+
+/// A round of several pages (1,200 conflicts, each from its own transaction, recorded while
+/// apply is stopped after its first round stored a snapshot): every one is published, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_of_many_pages_publishes_every_conflict_once() -> anyhow::Result<()> {
+    let cluster = Cluster::create("cf_pages", &["r1", "r1"], "CREATE TABLE t (id int PRIMARY KEY);", &["public.t"]).await?;
+    cluster.init()?;
+    let name2 = cluster.nodes[1].name.clone();
+    let n1 = cluster.sql(0).await?;
+    let apply = cluster.spawn("apply", 0)?;
+    wait_until("the outbox's first snapshot stored", Duration::from_secs(60), || async {
+        Ok(n1.query_opt("SELECT 1 FROM pgferry.conflicts_outbox", &[]).await?.is_some())
+    })
+    .await?;
+    drop(apply);
+    let mut want = Vec::new();
+    for key in 0..1200 {
+        let id: i64 = n1
+            .query_one(
+                "INSERT INTO pgferry.conflicts (tbl, key, conflict_type, resolver, resolution, remote_op, remote_origin,
+                     remote_commit_ts, remote_commit_lsn)
+                 VALUES ('public.t', jsonb_build_array($1::int), 'insert_exists', 'last_update_wins', 'apply_remote', 'c',
+                         $2, now(), '0/0')
+                 RETURNING id",
+                &[&key, &name2],
+            )
+            .await?
+            .get(0);
+        want.push(id);
+    }
+    let _apply = cluster.spawn("apply", 0)?;
+    let topic = format!("{}.conflicts", cluster.name);
+    let schema = ConflictReport::schema()?;
+    let published = || -> anyhow::Result<Vec<i64>> {
+        let mut ids = Vec::new();
+        for m in read_topic(&cluster.endpoints.kafka, &topic)? {
+            ids.push(ConflictReport::decode(&schema, &m.value[5..])?.id);
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    };
+    wait_until("1,200 conflicts published", Duration::from_secs(120), || async { Ok(published()?.len() >= want.len()) }).await?;
+    assert_eq!(published()?, want, "every conflict published once");
+    drop(_apply);
+    cluster.cleanup().await
+}
