@@ -308,6 +308,31 @@ async fn error_resolver_stops_the_stream_until_the_operator_acts() -> anyhow::Re
     cluster.cleanup().await
 }
 
+/// Records a conflict of key `key` from `origin` by hand in `c` (as apply would), returning its id.
+async fn record_conflict(c: &tokio_postgres::Client, key: i32, origin: &str) -> anyhow::Result<i64> {
+    Ok(c.query_one(
+        "INSERT INTO pgferry.conflicts (tbl, key, conflict_type, resolver, resolution, remote_op, remote_origin,
+             remote_commit_ts, remote_commit_lsn)
+         VALUES ('public.t', jsonb_build_array($1::int), 'insert_exists', 'last_update_wins', 'apply_remote', 'c',
+                 $2, now(), '0/0')
+         RETURNING id",
+        &[&key, &origin],
+    )
+    .await?
+    .get(0))
+}
+
+/// The ids of the conflict reports in `<cluster>.conflicts`, sorted (duplicates kept).
+fn published_conflict_ids(cluster: &Cluster) -> anyhow::Result<Vec<i64>> {
+    let schema = ConflictReport::schema()?;
+    let mut ids = Vec::new();
+    for m in read_topic(&cluster.endpoints.kafka, &format!("{}.conflicts", cluster.name))? {
+        ids.push(ConflictReport::decode(&schema, &m.value[5..])?.id);
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
 /// The outbox publishes by snapshot, not by id: a conflict whose transaction commits after a
 /// later id was already published still reaches the topic, once; on a node whose conflict rows
 /// predate the outbox (no `writer_xid`), the first round publishes the rows the earlier outbox had
@@ -317,18 +342,10 @@ async fn conflicts_committed_out_of_id_order_are_published_once() -> anyhow::Res
     let cluster = Cluster::create("cf_outbox", &["r1", "r1"], "CREATE TABLE t (id int PRIMARY KEY);", &["public.t"]).await?;
     cluster.init()?;
     let name2 = cluster.nodes[1].name.clone();
-    let record = |key: i32| {
-        format!(
-            "INSERT INTO pgferry.conflicts (tbl, key, conflict_type, resolver, resolution, remote_op, remote_origin,
-                 remote_commit_ts, remote_commit_lsn)
-             VALUES ('public.t', '[{key}]', 'insert_exists', 'last_update_wins', 'apply_remote', 'c', '{name2}', now(), '0/0')
-             RETURNING id"
-        )
-    };
     let n1 = cluster.sql(0).await?;
     // As an earlier pgferry left them: one row published (marked), one not, neither with a writer.
-    let legacy_published: i64 = n1.query_one(&record(1), &[]).await?.get(0);
-    let legacy_unpublished: i64 = n1.query_one(&record(2), &[]).await?.get(0);
+    let legacy_published = record_conflict(&n1, 1, &name2).await?;
+    let legacy_unpublished = record_conflict(&n1, 2, &name2).await?;
     n1.batch_execute(&format!(
         "UPDATE pgferry.conflicts SET writer_xid = NULL;
          UPDATE pgferry.conflicts SET published_at = now() WHERE id = {legacy_published};"
@@ -336,16 +353,7 @@ async fn conflicts_committed_out_of_id_order_are_published_once() -> anyhow::Res
     .await?;
 
     let _apply = cluster.spawn("apply", 0)?;
-    let topic = format!("{}.conflicts", cluster.name);
-    let schema = ConflictReport::schema()?;
-    let published = || -> anyhow::Result<Vec<i64>> {
-        let mut ids = Vec::new();
-        for m in read_topic(&cluster.endpoints.kafka, &topic)? {
-            ids.push(ConflictReport::decode(&schema, &m.value[5..])?.id);
-        }
-        ids.sort_unstable();
-        Ok(ids)
-    };
+    let published = || published_conflict_ids(&cluster);
     wait_until("the legacy unpublished conflict published", Duration::from_secs(60), || async {
         Ok(published()?.contains(&legacy_unpublished))
     })
@@ -354,8 +362,8 @@ async fn conflicts_committed_out_of_id_order_are_published_once() -> anyhow::Res
     // A takes an id and stays open; B takes a later id and commits; B is published first.
     let a = cluster.sql(0).await?;
     a.batch_execute("BEGIN").await?;
-    let early: i64 = a.query_one(&record(3), &[]).await?.get(0);
-    let late: i64 = n1.query_one(&record(4), &[]).await?.get(0);
+    let early = record_conflict(&a, 3, &name2).await?;
+    let late = record_conflict(&n1, 4, &name2).await?;
     assert!(early < late);
     wait_until("the later id published", Duration::from_secs(60), || async {
         Ok(published()?.contains(&late))
@@ -380,7 +388,7 @@ async fn conflicts_committed_out_of_id_order_are_published_once() -> anyhow::Res
     })
     .await?;
     // One more conflict after it: once it is out, every round up to it has run.
-    let after: i64 = n1.query_one(&record(5), &[]).await?.get(0);
+    let after = record_conflict(&n1, 5, &name2).await?;
     wait_until("the last conflict published", Duration::from_secs(60), || async {
         Ok(published()?.contains(&after))
     })
@@ -410,30 +418,10 @@ async fn a_round_of_many_pages_publishes_every_conflict_once() -> anyhow::Result
     drop(apply);
     let mut want = Vec::new();
     for key in 0..1200 {
-        let id: i64 = n1
-            .query_one(
-                "INSERT INTO pgferry.conflicts (tbl, key, conflict_type, resolver, resolution, remote_op, remote_origin,
-                     remote_commit_ts, remote_commit_lsn)
-                 VALUES ('public.t', jsonb_build_array($1::int), 'insert_exists', 'last_update_wins', 'apply_remote', 'c',
-                         $2, now(), '0/0')
-                 RETURNING id",
-                &[&key, &name2],
-            )
-            .await?
-            .get(0);
-        want.push(id);
+        want.push(record_conflict(&n1, key, &name2).await?);
     }
     let _apply = cluster.spawn("apply", 0)?;
-    let topic = format!("{}.conflicts", cluster.name);
-    let schema = ConflictReport::schema()?;
-    let published = || -> anyhow::Result<Vec<i64>> {
-        let mut ids = Vec::new();
-        for m in read_topic(&cluster.endpoints.kafka, &topic)? {
-            ids.push(ConflictReport::decode(&schema, &m.value[5..])?.id);
-        }
-        ids.sort_unstable();
-        Ok(ids)
-    };
+    let published = || published_conflict_ids(&cluster);
     wait_until("1,200 conflicts published", Duration::from_secs(120), || async { Ok(published()?.len() >= want.len()) }).await?;
     assert_eq!(published()?, want, "every conflict published once");
     drop(_apply);
