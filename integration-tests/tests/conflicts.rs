@@ -308,6 +308,15 @@ async fn error_resolver_stops_the_stream_until_the_operator_acts() -> anyhow::Re
     cluster.cleanup().await
 }
 
+/// A two-node cluster of one table, initialized, nothing running: n1's session and n2's name.
+async fn outbox_cluster(name: &str) -> anyhow::Result<(Cluster, tokio_postgres::Client, String)> {
+    let cluster = Cluster::create(name, &["r1", "r1"], "CREATE TABLE t (id int PRIMARY KEY);", &["public.t"]).await?;
+    cluster.init()?;
+    let n1 = cluster.sql(0).await?;
+    let name2 = cluster.nodes[1].name.clone();
+    Ok((cluster, n1, name2))
+}
+
 /// Records a conflict of key `key` from `origin` by hand in `c` (as apply would), returning its id.
 async fn record_conflict(c: &tokio_postgres::Client, key: i32, origin: &str) -> anyhow::Result<i64> {
     Ok(c.query_one(
@@ -339,10 +348,7 @@ fn published_conflict_ids(cluster: &Cluster) -> anyhow::Result<Vec<i64>> {
 /// not marked published, and only those.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicts_committed_out_of_id_order_are_published_once() -> anyhow::Result<()> {
-    let cluster = Cluster::create("cf_outbox", &["r1", "r1"], "CREATE TABLE t (id int PRIMARY KEY);", &["public.t"]).await?;
-    cluster.init()?;
-    let name2 = cluster.nodes[1].name.clone();
-    let n1 = cluster.sql(0).await?;
+    let (cluster, n1, name2) = outbox_cluster("cf_outbox").await?;
     // As an earlier pgferry left them: one row published (marked), one not, neither with a writer.
     let legacy_published = record_conflict(&n1, 1, &name2).await?;
     let legacy_unpublished = record_conflict(&n1, 2, &name2).await?;
@@ -406,10 +412,7 @@ async fn conflicts_committed_out_of_id_order_are_published_once() -> anyhow::Res
 /// apply is stopped after its first round stored a snapshot): every one is published, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_of_many_pages_publishes_every_conflict_once() -> anyhow::Result<()> {
-    let cluster = Cluster::create("cf_pages", &["r1", "r1"], "CREATE TABLE t (id int PRIMARY KEY);", &["public.t"]).await?;
-    cluster.init()?;
-    let name2 = cluster.nodes[1].name.clone();
-    let n1 = cluster.sql(0).await?;
+    let (cluster, n1, name2) = outbox_cluster("cf_pages").await?;
     let apply = cluster.spawn("apply", 0)?;
     wait_until("the outbox's first snapshot stored", Duration::from_secs(60), || async {
         Ok(n1.query_opt("SELECT 1 FROM pgferry.conflicts_outbox", &[]).await?.is_some())
