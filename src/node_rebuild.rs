@@ -274,12 +274,17 @@ async fn copy_table(psql: &PgSession, nsql: &PgSession, meta: &TableMeta) -> Res
 }
 
 /// Streams each row's stamp on the peer (commit time and origin of its version there, or the
-/// peer's own `pgferry.row_stamps` entry for it) into the node's staging table.
+/// peer's own `pgferry.row_stamps` entry for it, or the exact time its group's
+/// `pgferry.xact_stamps` record keeps) into the node's staging table. The groups' records are
+/// expanded once and joined by hash (looking one key up decompresses a whole record).
 async fn copy_stamps(psql: &PgSession, nsql: &PgSession, peer: &str, name: &str, meta: &TableMeta) -> Result<u64> {
     let key: Vec<String> = meta.key.iter().map(|k| format!("r.{}", quote_ident(k))).collect();
     let key = format!("jsonb_build_array({})", key.join(", "));
     let text = format!(
-        "COPY (SELECT {tbl}, k.key, coalesce(s.ts_us, (extract(epoch FROM c.timestamp) * 1000000)::int8),
+        "COPY (WITH g AS MATERIALIZED (
+                   SELECT x.xid, e.key, e.value::text::int8 AS ts_us
+                   FROM pgferry.xact_stamps x CROSS JOIN LATERAL jsonb_each(x.stamps -> {tbl}) e)
+               SELECT {tbl}, k.key, coalesce(s.ts_us, g.ts_us, (extract(epoch FROM c.timestamp) * 1000000)::int8),
                       coalesce(s.origin, CASE WHEN c.roident = 0 THEN {peer}
                                               ELSE (SELECT substr(o.roname, 9) FROM pg_replication_origin o
                                                     WHERE o.roident = c.roident AND o.roname LIKE 'pgferry\\_%') END)
@@ -287,7 +292,8 @@ async fn copy_stamps(psql: &PgSession, nsql: &PgSession, peer: &str, name: &str,
                CROSS JOIN LATERAL (SELECT {key} AS key) k
                CROSS JOIN LATERAL pg_xact_commit_timestamp_origin(r.xmin) c
                LEFT JOIN pgferry.row_stamps s ON s.tbl = {tbl} AND s.key = k.key AND s.xid % 4294967296 = r.xmin::text::int8
-               WHERE c.timestamp IS NOT NULL OR s.ts_us IS NOT NULL) TO STDOUT",
+               LEFT JOIN g ON g.xid = r.xmin::text::int8 AND g.key = k.key::text
+               WHERE c.timestamp IS NOT NULL OR s.ts_us IS NOT NULL OR g.ts_us IS NOT NULL) TO STDOUT",
         tbl = quote_literal(name),
         peer = quote_literal(peer),
         table = meta.qualified,

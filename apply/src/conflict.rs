@@ -50,6 +50,41 @@ INSERT INTO pgferry.stamped_xacts SELECT DISTINCT xid % 4294967296 FROM pgferry.
     };
 }
 
+/// The exact stamps of the rows a group wrote (grouped apply; docs/decisions.md "Grouped
+/// apply"), per local transaction that applied a group, keyed by its 32-bit xid (as a row
+/// version's `xmin` shows it): `xact_stamp_groups` says that the transaction has stamps, in how
+/// many buckets, and the group's (last) commit time; `xact_stamps` holds, per bucket, the source
+/// commit time of every row version it wrote whose source transaction is not the group's last,
+/// as `{table: {key: µs}}` (keys in the tombstone trigger's JSON text form; the bucket of a key
+/// is `group/stamps.rs`'s hash of table and key). A version whose writer has stamps but whose
+/// key is not among them carries the group's own commit time, which is exact for it. Small
+/// buckets keep a lookup from decompressing a whole group's stamps. Once every origin is applied
+/// past a group's commit time (`tombstone_gc.rs`) the exact times cannot decide anything and
+/// the group's stamps go. `pgferry.group_stamp` reads one version's stamp. Also the upgrade of
+/// nodes initialized before they existed.
+macro_rules! xact_stamps_sql {
+    () => {
+        "
+CREATE TABLE IF NOT EXISTS pgferry.xact_stamp_groups (
+    xid     bigint PRIMARY KEY,
+    buckets int    NOT NULL,
+    ts_us   bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS xact_stamp_groups_ts ON pgferry.xact_stamp_groups (ts_us);
+CREATE TABLE IF NOT EXISTS pgferry.xact_stamps (
+    xid    bigint NOT NULL,
+    bucket int    NOT NULL,
+    stamps jsonb  NOT NULL,
+    PRIMARY KEY (xid, bucket)
+);
+CREATE OR REPLACE FUNCTION pgferry.group_stamp(tbl text, key jsonb, version xid) RETURNS bigint
+    LANGUAGE sql STABLE AS $$
+    SELECT ((x.stamps -> tbl) ->> key::text)::bigint FROM pgferry.xact_stamps x
+    WHERE x.xid = version::text::bigint AND (x.stamps -> tbl) ? key::text $$;
+"
+    };
+}
+
 /// The tables and trigger function apply needs on every node (installed by `pgferry init`):
 /// tombstones, conflicts, exceptions.
 pub const SCHEMA_SQL: &str = concat!(
@@ -101,6 +136,7 @@ CREATE TABLE IF NOT EXISTS pgferry.row_stamps (
 );
 ",
     stamped_xacts_sql!(),
+    xact_stamps_sql!(),
     "
 -- Messages apply could not use, kept whole (they are also in the dead-letter topic).
 CREATE TABLE IF NOT EXISTS pgferry.exceptions (
@@ -141,6 +177,7 @@ const UPGRADES: &[(&str, &str, &str)] = &[
     ("tombstones", "ts_us", "ALTER TABLE pgferry.tombstones ADD COLUMN IF NOT EXISTS ts_us bigint"),
     ("conflicts_outbox", "published_upto", outbox_sql!()),
     ("stamped_xacts", "xid", stamped_xacts_sql!()),
+    ("xact_stamp_groups", "buckets", xact_stamps_sql!()),
 ];
 
 /// Adds what [`UPGRADES`] lists where it is missing (an ALTER only then: it takes a lock).

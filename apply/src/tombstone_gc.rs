@@ -6,7 +6,8 @@
 //! whatever still arrives from it is dated at least about `w`, and would win over a tombstone
 //! older than `w` anyway. So tombstones older than `min(w) − margin` go; the margin
 //! (`[replication] tombstone_margin_ms`) covers commit times that are not quite in commit
-//! order. Until every origin has a `w` (right after start-up) nothing is dropped.
+//! order. Until every origin has a `w` (right after start-up) nothing is dropped. Groups'
+//! records of exact stamps (`pgferry.xact_stamps`) go by the same rule.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +62,22 @@ async fn collect(config: &Config, node: &str, dsn: &str, metrics: &ApplyMetrics)
         if dropped > 0 {
             metrics.tombstones_dropped(dropped);
             tracing::debug!(node = %node, dropped, watermark_us = w, "tombstones dropped");
+        }
+        // Groups' exact stamps (`pgferry.xact_stamps`) by the same rule: once every origin is
+        // applied past a group's commit time, whatever still arrives is later than every stamp
+        // in it and than the group's own commit time, which its rows then show, so the exact
+        // times cannot change a decision any more.
+        let records = sql
+            .client
+            .execute(
+                "WITH g AS (DELETE FROM pgferry.xact_stamp_groups WHERE ts_us < $1 RETURNING xid)
+                 DELETE FROM pgferry.xact_stamps x USING g WHERE x.xid = g.xid",
+                &[&w],
+            )
+            .await
+            .map_err(sql.err("dropping old group stamps"))?;
+        if records > 0 {
+            tracing::debug!(node = %node, buckets = records, watermark_us = w, "group stamp buckets dropped");
         }
     }
 }

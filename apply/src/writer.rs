@@ -75,6 +75,8 @@ pub struct Writer {
     origins: HashMap<i64, String>,
     /// When the config file was last re-read for a table outside the replication sets.
     reloaded: Option<std::time::Instant>,
+    /// Recent groups' exact stamps (grouped apply).
+    pub(crate) group_stamps: crate::group::stamps::StampCache,
 }
 
 /// A conflict that was detected and settled.
@@ -97,6 +99,7 @@ impl Writer {
             statements: HashMap::new(),
             origins: HashMap::new(),
             reloaded: None,
+            group_stamps: Default::default(),
         }
     }
 
@@ -860,9 +863,10 @@ fn key_json(table: &LocalTable, first: usize) -> String {
 }
 
 /// The select list that reads a local row version `t` for conflict checks: its stamp (commit
-/// time, or the stamp `pgferry.row_stamps` keeps for it), the replication origin of its last
-/// write, the row as JSON, and the origin `row_stamps` keeps. `$tbl_param` is the table's name,
-/// `key` the row's key as the tombstone trigger writes it.
+/// time, or the stamp `pgferry.row_stamps` or the writing group's `pgferry.xact_stamps` keeps
+/// for it), the replication origin of its last write, the row as JSON, and the origin
+/// `row_stamps` keeps (a group's stamps keep the origin its commit records). `$tbl_param` is the
+/// table's name, `key` the row's key as the tombstone trigger writes it.
 fn version_columns(tbl_param: usize, key: &str) -> String {
     let stamp = |col: &str| {
         format!(
@@ -870,7 +874,8 @@ fn version_columns(tbl_param: usize, key: &str) -> String {
         )
     };
     format!(
-        "coalesce({}, (extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).timestamp) * 1000000)::int8),
+        "coalesce({}, pgferry.group_stamp(${tbl_param}, {key}, t.xmin),
+                  (extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).timestamp) * 1000000)::int8),
          (pg_xact_commit_timestamp_origin(t.xmin)).roident::int8, to_jsonb(t)::text, {}",
         stamp("ts_us"),
         stamp("origin")

@@ -123,7 +123,10 @@ impl Replication {
 
     async fn set_up(&mut self, tables: &[&str]) -> Result<()> {
         match self.system {
-            System::Pgferry => self.cluster.init(),
+            System::Pgferry => {
+                self.cluster.init()?;
+                self.rows_as_replicated().await
+            }
             System::Native => {
                 let list = tables.join(", ");
                 for p in self.providers() {
@@ -193,6 +196,55 @@ impl Replication {
                 self.stop().await
             }
         }
+    }
+
+    /// pgferry only: makes each subscriber's pgbench rows look replicated from the node that
+    /// writes them (the provider of a pair; in a mesh, node `i` for branch `i + 1`, which is
+    /// the branch it writes): rewritten under that node's replication origin, then compacted
+    /// (`VACUUM FULL` keeps each version's xmin, so its commit time and origin). That is how a
+    /// running cluster has them — copied by `node add` or written through replication — and
+    /// without it every first remote update of a row would be an `update_origin_differs`
+    /// conflict (recorded and published by pgferry; native and pglogical do not detect it),
+    /// an artifact of loading every node separately. The conflict-heavy drain measures
+    /// conflicts on purpose.
+    async fn rows_as_replicated(&self) -> Result<()> {
+        const LOADED: [&str; 3] = ["pgbench_branches", "pgbench_tellers", "pgbench_accounts"];
+        let pair = self.links.len() == 1;
+        for s in 0..self.cluster.nodes.len() {
+            let c = self.sql(s).await?;
+            let exists: bool = c
+                .query_one("SELECT to_regclass('pgbench_accounts') IS NOT NULL", &[])
+                .await
+                .context("looking for the pgbench tables")?
+                .get(0);
+            let providers: Vec<usize> = self.links.iter().filter(|&&(sub, _)| sub == s).map(|&(_, p)| p).collect();
+            if !exists || providers.is_empty() {
+                continue;
+            }
+            for p in providers {
+                let origin = pgferry_schemas::naming::replication_origin(&self.cluster.nodes[p].name);
+                let filter = if pair { "true".to_string() } else { format!("bid = {}", p + 1) };
+                c.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+                    .await
+                    .with_context(|| format!("setting up replication origin {origin} on n{}", s + 1))?;
+                let updates: Vec<String> = LOADED
+                    .iter()
+                    .map(|t| format!("UPDATE {t} SET bid = bid WHERE {filter};"))
+                    .collect();
+                let rewritten = c.batch_execute(&format!("BEGIN; {} COMMIT;", updates.join(" "))).await;
+                c.batch_execute("SELECT pg_replication_origin_session_reset()")
+                    .await
+                    .context("resetting the replication origin")?;
+                rewritten.with_context(|| format!("rewriting n{}'s rows under {origin}", s + 1))?;
+            }
+            // Two statements: VACUUM cannot run in the implicit transaction of a batch.
+            for stmt in ["VACUUM FULL", "ANALYZE"] {
+                c.batch_execute(&format!("{stmt} {}", LOADED.join(", ")))
+                    .await
+                    .with_context(|| format!("{stmt} of n{}'s pgbench tables", s + 1))?;
+            }
+        }
+        Ok(())
     }
 
     /// Node indexes that send changes.

@@ -60,7 +60,8 @@ async fn state(dsn: &str) -> anyhow::Result<Vec<String>> {
         // and the node that wrote it.
         let q = format!(
             "SELECT t::text,
-                    coalesce(s.ts_us, (extract(epoch FROM x.timestamp) * 1000000)::int8)::text,
+                    coalesce(s.ts_us, pgferry.group_stamp('public.{table}', jsonb_build_array(t.id), t.xmin),
+                             (extract(epoch FROM x.timestamp) * 1000000)::int8)::text,
                     coalesce(s.origin, (SELECT substr(roname, 9) FROM pg_replication_origin o WHERE o.roident = x.roident), 'local')
              FROM {table} t
              CROSS JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) x
@@ -158,10 +159,14 @@ async fn grouped_apply_equals_one_by_one_in_every_group_size() -> anyhow::Result
         let dsn = with_db(&target.dsn, db);
         let overrides: i64 = connect(&dsn)
             .await?
-            .query_one("SELECT count(*) FROM pgferry.row_stamps WHERE tbl = 'public.d'", &[])
+            .query_one(
+                "SELECT coalesce(sum((SELECT count(*) FROM jsonb_object_keys(x.stamps -> 'public.d'))), 0)::int8
+                 FROM pgferry.xact_stamps x WHERE x.stamps ? 'public.d'",
+                &[],
+            )
             .await?
             .get(0);
-        // Only a group whose last transaction is not a row's last writer stamps that row.
+        // Only a group whose last transaction is not a row's last writer records that row's stamp.
         if *group == 1 {
             assert_eq!(overrides, 0, "one by one writes no stamp overrides for a table without delta columns");
         } else {

@@ -94,7 +94,7 @@ async fn apply_killed_mid_stream_resumes_exactly() -> anyhow::Result<()> {
         .get(0);
     assert_eq!(conflicts, 0, "a source transaction was applied more than once");
     // Never merged into another's stamp: each row carries its own source transaction's commit
-    // time, whether it was applied alone or in a group (then the override tied to its version).
+    // time, whether it was applied alone or in a group (then the group's record for its version).
     let source = stamps(
         &cluster.sql(0).await?,
         "SELECT id, (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::int8 FROM log",
@@ -102,7 +102,8 @@ async fn apply_killed_mid_stream_resumes_exactly() -> anyhow::Result<()> {
     .await?;
     let applied = stamps(
         &n2,
-        "SELECT t.id, coalesce(s.ts_us, (extract(epoch FROM pg_xact_commit_timestamp(t.xmin)) * 1000000)::int8)
+        "SELECT t.id, coalesce(s.ts_us, pgferry.group_stamp('public.log', jsonb_build_array(t.id), t.xmin),
+                              (extract(epoch FROM pg_xact_commit_timestamp(t.xmin)) * 1000000)::int8)
          FROM log t LEFT JOIN pgferry.row_stamps s
            ON s.tbl = 'public.log' AND s.key = jsonb_build_array(t.id) AND s.xid % 4294967296 = t.xmin::text::int8",
     )

@@ -78,6 +78,8 @@ pub struct KeyWrite<'e> {
 pub struct ConflictRecord<'e> {
     /// Table index.
     pub table: usize,
+    /// The key's values, in key order.
+    pub key: Vec<&'e str>,
     /// The key as JSON text.
     pub key_json: String,
     /// Its type.
@@ -352,6 +354,7 @@ fn settle<'e>(
     }
     Ok(Some(ConflictRecord {
         table: c.table,
+        key: c.key.clone(),
         key_json: pre.key_json.clone(),
         conflict,
         resolver,

@@ -3,13 +3,17 @@
 //!
 //! 1. **read** ([`Writer::write_group`], first round trip): `BEGIN`, the key locks of every key an
 //!    insert or delete touches, the row locks of every touched key (both in a fixed order), then
-//!    the local state of every key — row, stamp, origin, tombstone — one statement per table;
+//!    the local state of every key — whether a row exists, its stamp, origin, tombstone — one
+//!    statement per table (plus, for versions other groups wrote, their exact stamps where not
+//!    cached: [`stamps`]);
 //! 2. **decide** ([`decide::plan`], pure): every change settled as the one-by-one path settles it,
-//!    folded per key in source order, the group cut where that could differ;
+//!    folded per key in source order, the group cut where that could differ; then, only if there
+//!    are conflicts, the local rows their records show;
 //! 3. **write** (second round trip): per table and statement shape one array statement (`DELETE …
-//!    USING unnest`, `INSERT … SELECT unnest`, `UPDATE … FROM unnest`), the stamp overrides of row
-//!    versions and tombstones whose source transaction is not the group's last (tied to this
-//!    transaction's xid), the conflict records, then the replication origin's LSN and time and
+//!    USING unnest`, `INSERT … SELECT unnest`, `UPDATE … FROM unnest`), the group's record of the
+//!    exact stamps of row versions whose source transaction is not the group's last (tied to
+//!    this transaction's xid), the stamps of such tombstones, the conflict records, then the
+//!    replication origin's LSN and time and
 //!    `pgferry.apply_progress` of the last applied transaction, and COMMIT. Each write fails on
 //!    the server unless it touches the planned number of rows, so COMMIT never keeps a partial
 //!    group.
@@ -18,6 +22,7 @@
 //! transactions one by one.
 
 pub mod decide;
+pub(crate) mod stamps;
 mod statements;
 
 use std::collections::{BTreeMap, HashMap};
@@ -158,7 +163,7 @@ impl Writer {
 
         // 2. Decide.
         let resolvers: Vec<_> = names.iter().map(|n| self.tables[n].resolver).collect();
-        let (plan, cut) = decide::plan(&changes, &before, &resolvers, origin, origin_id);
+        let (mut plan, cut) = decide::plan(&changes, &before, &resolvers, origin, origin_id);
         let mut outcome = GroupOutcome {
             txns: plan.txns,
             rows: changes.iter().filter(|c| c.txn < plan.txns).count() as u64,
@@ -176,9 +181,12 @@ impl Writer {
             .count() as u64;
         let last = plan.txns - 1;
 
+        // The local rows the conflict records show (a round trip only when there are some).
+        self.read_local_rows(sql, &names, &mut plan.conflicts).await?;
+
         // 3. Write.
         let t_plan = t0.elapsed();
-        self.write_plan(sql, origin, &names, &table_names, txns, &plan, last, commit, while_writing).await?;
+        self.write_plan(sql, origin, &names, &table_names, &before, txns, &plan, last, commit, while_writing).await?;
         tracing::debug!(origin = %origin, txns = plan.txns, rows = outcome.rows, conflicts = plan.conflicts.len(),
             read_us = t_read.as_micros() as u64, decide_us = (t_plan - t_read).as_micros() as u64,
             write_us = (t0.elapsed() - t_plan).as_micros() as u64, "group applied");
@@ -237,11 +245,39 @@ impl Writer {
             futures::future::try_join_all(reads)
         )
         .map_err(sql.err("locking and reading the local rows of a group"))?;
+        // The stamp buckets of the versions read that groups wrote, where not cached.
+        let bucket = |i: usize, r: &tokio_postgres::Row| -> Option<(i64, i32)> {
+            let buckets: Option<i32> = r.get(9);
+            (r.get::<_, bool>(2) && buckets.is_some()).then(|| {
+                let key: &str = r.get(1);
+                (r.get::<_, i64>(5), stamps::bucket_of(&table_names[i], key, buckets.unwrap_or(1)))
+            })
+        };
+        let missing: std::collections::BTreeSet<(i64, i32)> = state_rows
+            .iter()
+            .enumerate()
+            .flat_map(|(i, rows)| rows.iter().filter_map(move |r| bucket(i, r)))
+            .filter(|(xid, b)| self.group_stamps.get(*xid, *b).is_none())
+            .collect();
+        if !missing.is_empty() {
+            let (xids, numbers): (Vec<i64>, Vec<i32>) = missing.into_iter().unzip();
+            let fetch = self.prepared_typed(sql, stamps::FETCH, &[Type::INT8_ARRAY, Type::INT4_ARRAY]).await?;
+            for r in sql.client.query(&fetch, &[&xids, &numbers]).await.map_err(sql.err("reading groups' stamps"))? {
+                let (xid, b): (i64, i32) = (r.get(0), r.get(1));
+                let stamps = stamps::from_json(r.get(2)).map_err(|e| ApplyError::Write {
+                    origin: String::new(),
+                    table: "pgferry.xact_stamps".into(),
+                    message: format!("the stamps of transaction {xid}, bucket {b}, do not parse: {e}"),
+                })?;
+                self.group_stamps.put(xid, b, std::sync::Arc::new(stamps));
+            }
+        }
         let mut before: Vec<HashMap<Vec<&str>, Before>> = vec![HashMap::new(); names.len()];
         for (i, rows) in state_rows.iter().enumerate() {
             for r in rows {
                 let pos: i64 = r.get(0);
                 let Some(key) = usize::try_from(pos - 1).ok().and_then(|p| keys[i].get(p)) else { continue };
+                let key_json: String = r.get(1);
                 let row = if r.get::<_, bool>(2) {
                     let stamped: Option<String> = r.get(6);
                     let origin_name = match (stamped, r.get::<_, Option<i64>>(4)) {
@@ -249,10 +285,19 @@ impl Writer {
                         (None, Some(id)) => self.origin_of(sql, id).await?,
                         (None, None) => None,
                     };
+                    // A version a group wrote for an earlier transaction than its last carries
+                    // that transaction's time in the group's record.
+                    let mut ts: Option<i64> = r.get(3);
+                    if let Some((xid, b)) = bucket(i, r) {
+                        if let Some(t) = self.group_stamps.get(xid, b).and_then(|m| m.get(&table_names[i])?.get(&key_json)) {
+                            ts = Some(*t);
+                        }
+                    }
                     Some(LocalVersion {
-                        stamp: self.stamp(r.get(3), origin_name.as_deref()),
+                        stamp: self.stamp(ts, origin_name.as_deref()),
                         origin: origin_name,
-                        row_json: r.get::<_, Option<String>>(5).unwrap_or_default(),
+                        // Read only for the keys a conflict record shows (`local_rows`).
+                        row_json: String::new(),
                     })
                 } else {
                     None
@@ -264,17 +309,59 @@ impl Writer {
                     }
                     None => None,
                 };
-                before[i].insert(
-                    key.clone(),
-                    Before {
-                        row,
-                        tombstone,
-                        key_json: r.get(1),
-                    },
-                );
+                before[i].insert(key.clone(), Before { row, tombstone, key_json });
             }
         }
         Ok(before)
+    }
+
+    /// Fills in the local row (`to_jsonb`) of every conflict record that shows one: one
+    /// statement per table with such records, pipelined. The rows are locked since the read, so
+    /// they are the versions the conflicts were settled against.
+    async fn read_local_rows(
+        &mut self,
+        sql: &PgSession,
+        names: &[(String, String)],
+        conflicts: &mut [decide::ConflictRecord<'_>],
+    ) -> Result<(), ApplyError> {
+        let mut wanted: Vec<Vec<usize>> = vec![Vec::new(); names.len()];
+        for (ci, c) in conflicts.iter().enumerate() {
+            if c.local.is_some() {
+                wanted[c.table].push(ci);
+            }
+        }
+        let tables: Vec<usize> = (0..names.len()).filter(|&t| !wanted[t].is_empty()).collect();
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let mut prepared = Vec::new();
+        for &t in &tables {
+            let table = &self.tables[&names[t]];
+            let text = statements::local_rows(table);
+            let types = vec![Type::TEXT_ARRAY; table.key.len()];
+            prepared.push(self.prepared_typed(sql, &text, &types).await?);
+        }
+        let key_params: Vec<Vec<TextArray>> = tables
+            .iter()
+            .map(|&t| {
+                let keys: Vec<Vec<&str>> = wanted[t].iter().map(|&ci| conflicts[ci].key.clone()).collect();
+                columns(&keys, self.tables[&names[t]].key.len())
+            })
+            .collect();
+        let params: Vec<_> = key_params.iter().map(|k| params(k, None)).collect();
+        let rows = futures::future::try_join_all(prepared.iter().zip(&params).map(|(s, p)| sql.client.query(s, p)))
+            .await
+            .map_err(sql.err("reading the local rows of a group's conflicts"))?;
+        for (&t, rows) in tables.iter().zip(rows) {
+            for r in rows {
+                let pos: i64 = r.get(0);
+                let Some(&ci) = usize::try_from(pos - 1).ok().and_then(|p| wanted[t].get(p)) else { continue };
+                if let Some(local) = conflicts[ci].local.as_mut() {
+                    local.row_json = r.get(1);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs the plan's writes, pipelined, checking each statement's row count.
@@ -285,6 +372,7 @@ impl Writer {
         origin: &str,
         names: &[(String, String)],
         table_names: &[String],
+        before: &[HashMap<Vec<&str>, Before>],
         txns: &[SourceTxn],
         plan: &decide::Plan<'_>,
         last: usize,
@@ -321,6 +409,7 @@ impl Writer {
             }
         }
         let mut writes: Vec<GroupWrite> = Vec::new();
+        let mut group_stamps: Vec<(String, String, i64)> = Vec::new();
         for (ti, name) in names.iter().enumerate() {
             let t = &self.tables[name];
             let ws: Vec<&decide::KeyWrite> = plan.writes.iter().filter(|w| w.table == ti).collect();
@@ -362,8 +451,13 @@ impl Writer {
                 }
                 writes.push(w);
             }
-            // Stamp overrides for versions written by a transaction other than the last.
-            writes.push(GroupWrite::keyed(t, statements::row_stamps(t), &early_rows, Some(with_ts(&early_rows)), vec![t.name.clone(), origin.to_string()]));
+            // The exact stamps of versions written by a transaction other than the last.
+            for w in &early_rows {
+                let Some(b) = before[ti].get(&w.key) else {
+                    return Err(self.group_err(origin, name, "a written key was not read".into()));
+                };
+                group_stamps.push((table_names[ti].clone(), b.key_json.clone(), txns[w.txn].commit_ts_us));
+            }
             writes.push(GroupWrite::keyed(t, statements::tombstone_stamps(t), &early_tombs, Some(with_ts(&early_tombs)), vec![t.name.clone()]));
         }
         if !plan.conflicts.is_empty() {
@@ -402,9 +496,32 @@ impl Writer {
         let progress: [&(dyn ToSql + Sync); 6] =
             [&origin, &commit.topic, &commit.partition, &last_txn.last_offset, &lsn, &last_txn.commit_ts_us];
         let written = futures::future::try_join_all(stmts.iter().zip(&params).map(|(s, p)| sql.client.query_one(s, p)));
+        // The group's exact stamps, if any version needs one, in buckets.
+        let buckets = stamps::buckets_for(group_stamps.len());
+        let split: Vec<(i32, std::sync::Arc<stamps::Stamps>)> = stamps::split(group_stamps, buckets)
+            .into_iter()
+            .map(|(b, s)| (b, std::sync::Arc::new(s)))
+            .collect();
+        let numbers: Vec<i32> = split.iter().map(|(b, _)| *b).collect();
+        let texts: Vec<String> = split.iter().map(|(_, s)| stamps::to_json(s)).collect();
+        let insert_stamps = match split.is_empty() {
+            false => Some(self.prepared_typed(sql, stamps::INSERT, &[Type::INT4, Type::INT8, Type::INT4_ARRAY, Type::TEXT_ARRAY]).await?),
+            true => None,
+        };
+        let recorded = async {
+            match &insert_stamps {
+                Some(st) => sql
+                    .client
+                    .query_one(st, &[&buckets, &last_txn.commit_ts_us, &numbers, &texts])
+                    .await
+                    .map(|r| Some(r.get::<_, i64>(0))),
+                None => Ok(None),
+            }
+        };
         let all = async {
             futures::try_join!(
                 written,
+                recorded,
                 sql.client.execute(commit.xact_setup, &setup),
                 sql.client.execute(commit.progress, &progress),
                 sql.client.batch_execute("COMMIT")
@@ -419,7 +536,12 @@ impl Writer {
             std::task::Poll::Ready(r) => r,
             std::task::Poll::Pending => all.await,
         };
-        done.map_err(sql.err("writing and committing a group"))?;
+        let (_, xid, ..) = done.map_err(sql.err("writing and committing a group"))?;
+        if let Some(xid) = xid {
+            for (b, s) in split {
+                self.group_stamps.put(xid, b, s);
+            }
+        }
         Ok(())
     }
 

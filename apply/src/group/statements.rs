@@ -81,23 +81,27 @@ pub fn lock_rows(table: &LocalTable) -> String {
 
 /// Reads the state of every key in `$1..$n` (one row per key, in input order): its position,
 /// its JSON form, whether a row exists, the row's stamp (commit time, or the override in
-/// `pgferry.row_stamps` tied to the version's xmin) and replication origin, the row as JSON, the
-/// override's origin, and the key's tombstone stamp (its override, or its deleting transaction's
-/// commit time) and origin. `row_stamps` is probed only for versions whose writer is listed in
-/// `pgferry.stamped_xacts` (a one-time filter per key; `OFFSET 0` keeps the subquery apart so
-/// the planner gates the probe instead of joining it). Parameters: the key columns, then the
-/// table name.
+/// `pgferry.row_stamps` tied to the version's xmin) and replication origin, the version's xmin,
+/// the override's origin, the key's tombstone stamp (its override, or its deleting
+/// transaction's commit time) and origin, and in how many buckets the version's writer, if a
+/// group, keeps exact stamps (`pgferry.xact_stamp_groups`; the caller looks them up, see
+/// `stamps.rs`).
+/// `row_stamps` is probed only for versions whose writer is listed in `pgferry.stamped_xacts`
+/// (a one-time filter per key; `OFFSET 0` keeps the subquery apart so the planner gates the
+/// probe instead of joining it). The row itself is not read: only a conflict record needs it
+/// ([`local_rows`]). Parameters: the key columns, then the table name.
 pub fn read_state(table: &LocalTable) -> String {
     let n = table.key.len();
     format!(
         "SELECT k.i::int8, kj.key::text, t.ctid IS NOT NULL,
                 coalesce(s.ts_us, (extract(epoch FROM c.timestamp) * 1000000)::int8),
                 c.roident::int8,
-                CASE WHEN t.ctid IS NULL THEN NULL ELSE to_jsonb(t)::text END,
+                t.xmin::text::int8,
                 s.origin,
                 coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END,
                          (extract(epoch FROM tc.timestamp) * 1000000)::int8),
-                tc.roident::int8
+                tc.roident::int8,
+                x.buckets
          FROM {}
          CROSS JOIN LATERAL (SELECT {} AS key) kj
          LEFT JOIN {} t ON {}
@@ -107,6 +111,7 @@ pub fn read_state(table: &LocalTable) -> String {
               WHERE EXISTS (SELECT FROM pgferry.stamped_xacts x WHERE x.xid = t.xmin::text::int8)
                 AND s.tbl = ${tbl} AND s.key = kj.key AND s.xid % 4294967296 = t.xmin::text::int8
               OFFSET 0) s ON true
+         LEFT JOIN pgferry.xact_stamp_groups x ON x.xid = t.xmin::text::int8
          LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${tbl} AND tb.key = kj.key
          LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) tc
                 ON tb.xid IS NOT NULL
@@ -116,6 +121,17 @@ pub fn read_state(table: &LocalTable) -> String {
         table.qualified,
         key_match(table),
         tbl = n + 1,
+    )
+}
+
+/// The rows at the keys in `$1..$n` as JSON (`to_jsonb`), with the key's position: the local
+/// rows a group's conflict records show. Parameters: the key columns.
+pub fn local_rows(table: &LocalTable) -> String {
+    format!(
+        "SELECT k.i::int8, to_jsonb(t)::text FROM {} JOIN {} t ON {}",
+        unnest(1, table.key.len(), &key_aliases(table), true),
+        table.qualified,
+        key_match(table)
     )
 }
 
@@ -177,25 +193,6 @@ pub fn tombstones(table: &LocalTable) -> String {
         n + 1,
         key_json(table),
         unnest(1, n, &key_aliases(table), false)
-    )
-}
-
-/// Stamps the row versions this transaction wrote at the keys in `$1..$n` with the commit time
-/// in `$n+1` (µs, text) of the source transaction that wrote them: an override tied to this
-/// transaction's xid, so any later write of the row (another xmin) does not inherit it.
-/// Parameters: the key columns, the times, the table name, the origin.
-pub fn row_stamps(table: &LocalTable) -> String {
-    let n = table.key.len();
-    let mut names = key_aliases(table);
-    names.push("ts".into());
-    format!(
-        "INSERT INTO pgferry.row_stamps (tbl, key, xid, ts_us, origin)
-         SELECT ${tbl}, {}, txid_current(), k.ts::int8, ${origin} FROM {}
-         ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid, ts_us = EXCLUDED.ts_us, origin = EXCLUDED.origin",
-        key_json(table),
-        unnest(1, n + 1, &names, false),
-        tbl = n + 2,
-        origin = n + 3,
     )
 }
 
@@ -264,6 +261,6 @@ mod tests {
         );
         assert!(read_state(&t).contains("tb.tbl = $2 AND tb.key = kj.key"), "{}", read_state(&t));
         assert!(lock_keys(&t).contains("hashtext($2 || jsonb_build_array(to_jsonb(k.c1::integer))::text)"), "{}", lock_keys(&t));
-        assert!(row_stamps(&t).contains("SELECT $3, jsonb_build_array(to_jsonb(k.c1::integer)), txid_current(), k.ts::int8, $4"));
+        assert!(local_rows(&t).contains("JOIN \"public\".\"t\" t ON t.\"id\" = k.c1::integer"), "{}", local_rows(&t));
     }
 }
