@@ -66,7 +66,7 @@ pub async fn wait(config: &Config, nodes: &[NodeSession], timeout: Duration) -> 
         if receivers.is_empty() {
             continue;
         }
-        let slot = pgferry_capture::slot_name(&x.name);
+        let slot = pgferry_schemas::naming::slot_name(&config.cluster.name, &x.name);
         let published = poll(deadline, || async {
             let flushed = lsn(
                 x,

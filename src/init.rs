@@ -1,6 +1,8 @@
 //! `pgferry init`: topics in Kafka; on every node the `pgferry` schema, the publication of the
 //! replicated tables, the node's slot and one replication origin per other node. Idempotent.
-//! Refuses tables without a primary key, naming them.
+//! Refuses tables without a primary key, naming them, and a slot or origin of pgferry's name
+//! that something else holds (another database, another plugin), naming what holds it. Moves a
+//! node's slot from its name of earlier versions (`pgferry_<node>`) to the current one.
 
 use std::time::Duration;
 
@@ -8,6 +10,8 @@ use anyhow::{bail, Context, Result};
 use pgferry_connectors::config::{Config, NodeConfig};
 use pgferry_connectors::kafka;
 use pgferry_connectors::postgres::{self, quote_ident, PgSession};
+use pgferry_schemas::naming;
+use tokio_postgres::error::SqlState;
 
 /// The `pgferry` schema's tables.
 const SCHEMA_SQL: &str = "
@@ -157,7 +161,188 @@ async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Resu
         }
     }
     pgferry_capture::check_delta_tables(config, &node.name, sql).await?;
+    check_slot(config, node, sql).await?;
+    check_origins(config, node, sql).await?;
     Ok(())
+}
+
+/// A replication slot as `pg_replication_slots` shows it.
+struct SlotRow {
+    /// `logical` or `physical`.
+    kind: String,
+    /// Its database (none for a physical slot).
+    database: Option<String>,
+    plugin: Option<String>,
+    temporary: bool,
+    /// The process streaming from it, if any.
+    active_pid: Option<i32>,
+}
+
+/// The slot named `name` on the node's server, if there is one.
+async fn slot_row(sql: &PgSession, name: &str) -> Result<Option<SlotRow>> {
+    let row = sql
+        .client
+        .query_opt(
+            "SELECT slot_type, database::text, plugin::text, temporary, active_pid
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(sql.err(format!("looking up replication slot {name}")))?;
+    Ok(row.map(|r| SlotRow {
+        kind: r.get(0),
+        database: r.get(1),
+        plugin: r.get(2),
+        temporary: r.get(3),
+        active_pid: r.get(4),
+    }))
+}
+
+/// The database of the node's session.
+async fn current_database(sql: &PgSession) -> Result<String> {
+    Ok(sql
+        .client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(sql.err("reading the database name"))?
+        .get(0))
+}
+
+/// Refuses a slot of the node's slot name that is not this node's (another database, another
+/// plugin, physical or temporary), and a legacy slot of the node that a capture still streams
+/// from (init would move it).
+async fn check_slot(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<()> {
+    let slot = naming::slot_name(&config.cluster.name, &node.name);
+    let db = current_database(sql).await?;
+    let at = format!("node {} ({})", node.name, sql.endpoint);
+    if let Some(s) = slot_row(sql, &slot).await? {
+        let what = match s.database.as_deref() {
+            _ if s.kind != "logical" => Some(format!("is a {} slot", s.kind)),
+            Some(d) if d != db => Some(format!(
+                "belongs to database {d:?} on this server (another pgferry cluster named {:?}, or another tool), not to this node's database {db:?}",
+                config.cluster.name
+            )),
+            _ if s.plugin.as_deref() != Some("pgoutput") => Some(format!(
+                "decodes with plugin {}, not pgoutput: it is not pgferry's",
+                s.plugin.as_deref().unwrap_or("(none)")
+            )),
+            _ if s.temporary => Some(format!(
+                "is a temporary slot of the session with pid {}",
+                s.active_pid.map_or("(none)".into(), |p| p.to_string())
+            )),
+            _ => None,
+        };
+        if let Some(what) = what {
+            bail!(
+                "{at}: replication slot {slot} already exists and {what}; pgferry will not reuse it. \
+                 Give this cluster another [cluster] name, or drop the slot if nothing uses it \
+                 (SELECT pg_drop_replication_slot('{slot}'))"
+            );
+        }
+    }
+    let legacy = naming::legacy_slot_name(&node.name);
+    if legacy != slot {
+        if let Some(s) = slot_row(sql, &legacy).await? {
+            let ours = s.kind == "logical" && s.database.as_deref() == Some(db.as_str()) && s.plugin.as_deref() == Some("pgoutput");
+            if let (true, Some(pid)) = (ours, s.active_pid) {
+                bail!(
+                    "{at}: replication slot {legacy} (this node's, from an earlier pgferry) is in use by pid {pid}: \
+                     stop the node's capture, then run init again to move the slot to {slot}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a replication origin of one of the node's origin names that a session of another
+/// database holds. Origins are server-wide and record no database; the session that has one
+/// set up is all PostgreSQL tells of its user.
+async fn check_origins(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<()> {
+    let at = format!("node {} ({})", node.name, sql.endpoint);
+    for other in &config.nodes {
+        if other.name == node.name {
+            continue;
+        }
+        let origin = naming::replication_origin(&config.cluster.name, &node.name, &other.name);
+        let exists = sql
+            .client
+            .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&origin])
+            .await
+            .map_err(sql.err(format!("looking up replication origin {origin}")))?
+            .is_some();
+        if !exists {
+            continue;
+        }
+        // Setting it up in this session fails while another session has it.
+        let probe = sql
+            .client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await;
+        match probe {
+            Ok(_) => {
+                sql.client
+                    .batch_execute("SELECT pg_replication_origin_session_reset()")
+                    .await
+                    .map_err(sql.err("resetting the session's replication origin"))?;
+            }
+            Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) => {
+                let message = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string());
+                if let Some(holder) = origin_holder(sql, &message, &node.name, &other.name).await? {
+                    bail!(
+                        "{at}: replication origin {origin} is in use by {holder}, not by this node's apply; \
+                         pgferry will not share it. Is another pgferry cluster named {:?} running on this server? \
+                         Give this cluster another [cluster] name",
+                        config.cluster.name
+                    );
+                }
+            }
+            Err(e) => return Err(sql.err(format!("checking replication origin {origin}"))(e).into()),
+        }
+    }
+    Ok(())
+}
+
+/// Who holds a replication origin, from PostgreSQL's "… is already active for PID n": `None`
+/// when it is this node's own apply (a session of this database), else the holder's database,
+/// application and pid as far as they can be read.
+async fn origin_holder(sql: &PgSession, message: &str, node: &str, origin: &str) -> Result<Option<String>> {
+    let pid: Option<i32> = message
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .find(|w| !w.is_empty())
+        .and_then(|w| w.parse().ok());
+    let row = sql
+        .client
+        .query_opt(
+            "SELECT datname::text, application_name, datname = current_database()
+             FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .await
+        .map_err(sql.err("looking up the session that holds a replication origin"))?;
+    match (pid, row) {
+        (_, Some(r)) if r.get::<_, Option<bool>>(2) == Some(true) => Ok(None),
+        (Some(pid), Some(r)) => Ok(Some(format!(
+            "the session with pid {pid} of database {:?} (application {:?})",
+            r.get::<_, Option<String>>(0).unwrap_or_default(),
+            r.get::<_, Option<String>>(1).unwrap_or_default()
+        ))),
+        _ => {
+            // The pid could not be read (a translated message): this node's apply of that
+            // origin, connected here, is the only holder init accepts.
+            let own: bool = sql
+                .client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                    WHERE datname = current_database() AND application_name = $1)",
+                    &[&format!("pgferry-apply-{node}-from-{origin}")],
+                )
+                .await
+                .map_err(sql.err("looking up the node's apply sessions"))?
+                .get(0);
+            Ok((!own).then(|| format!("another session ({message})")))
+        }
+    }
 }
 
 /// Installs pgferry on one node (idempotent); what it created and found.
@@ -250,7 +435,7 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         objects.push(format!("TABLES IN SCHEMA {}", schemas.join(", ")));
     }
     let objects = objects.join(", ");
-    let publication = pgferry_capture::publication_name();
+    let publication = naming::publication_name();
     let exists = sql
         .client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
@@ -274,25 +459,67 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         (true, false) => report.updated.push(what),
         (true, true) => report.found.push(what),
     }
-    let slot = pgferry_capture::slot_name(&node.name);
-    let slot_created = sql
-        .client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')
-             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-            &[&slot],
-        )
-        .await
-        .map_err(sql.err(format!("creating replication slot {slot}")))?;
-    report.note(slot_created == 1, format!("slot {slot}"));
+    let cluster = &config.cluster.name;
+    let slot = naming::slot_name(cluster, &node.name);
+    // A node set up by an earlier pgferry has its slot under the legacy name, in its own
+    // database (check_slot refused it while a capture streams from it): its origins' progress
+    // is carried to the new names, then the slot is copied (same position) and the old one
+    // dropped, last, so an init cut short finds it again.
+    let legacy = naming::legacy_slot_name(&node.name);
+    let db = current_database(sql).await?;
+    let legacy_here = legacy != slot
+        && slot_row(sql, &legacy)
+            .await?
+            .is_some_and(|s| s.kind == "logical" && s.database.as_deref() == Some(db.as_str()) && s.plugin.as_deref() == Some("pgoutput"));
     let (mut origins_created, mut origins_found) = (Vec::new(), Vec::new());
     for other in config.nodes.iter().filter(|n| n.name != node.name) {
-        let origin = pgferry_apply::origin_name(&other.name);
+        let origin = naming::replication_origin(cluster, &node.name, &other.name);
         if postgres::create_replication_origin(sql, &origin).await? {
+            if legacy_here {
+                // Where the legacy origin stood (apply resumes by pgferry.apply_progress; this
+                // keeps pg_replication_origin_status telling the same).
+                let old = naming::legacy_replication_origin(&other.name);
+                let progress: Option<String> = sql
+                    .client
+                    .query_opt(
+                        "SELECT pg_replication_origin_progress(roname, false)::text FROM pg_replication_origin WHERE roname = $1",
+                        &[&old],
+                    )
+                    .await
+                    .map_err(sql.err(format!("reading the progress of replication origin {old}")))?
+                    .and_then(|r| r.get(0));
+                if let Some(lsn) = progress {
+                    sql.client
+                        .execute("SELECT pg_replication_origin_advance($1, $2::text::pg_lsn)", &[&origin, &lsn])
+                        .await
+                        .map_err(sql.err(format!("carrying the progress of {old} to {origin}")))?;
+                }
+            }
             origins_created.push(origin);
         } else {
             origins_found.push(origin);
         }
+    }
+    let slot_exists = slot_row(sql, &slot).await?.is_some();
+    if legacy_here && !slot_exists {
+        sql.client
+            .execute("SELECT pg_copy_logical_replication_slot($1, $2)", &[&legacy, &slot])
+            .await
+            .map_err(sql.err(format!("copying replication slot {legacy} to {slot}")))?;
+    } else if !slot_exists {
+        sql.client
+            .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+            .await
+            .map_err(sql.err(format!("creating replication slot {slot}")))?;
+    }
+    if legacy_here {
+        sql.client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&legacy])
+            .await
+            .map_err(sql.err(format!("dropping replication slot {legacy} (moved to {slot})")))?;
+        report.created.push(format!("slot {slot} (moved from {legacy})"));
+    } else {
+        report.note(!slot_exists, format!("slot {slot}"));
     }
     for (created, origins) in [(true, origins_created), (false, origins_found)] {
         if let Some(what) = named("origin", &origins) {

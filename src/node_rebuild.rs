@@ -8,12 +8,12 @@
 //!    holds), every replicated table (streamed COPY, never held in memory), and each row's
 //!    stamp — the commit time and origin of its version on P, which last-update-wins compares
 //!    with changes still to come.
-//! 3. On N, in one transaction under the replication origin `pgferry-rebuild-<N>` (which capture
-//!    does not publish): truncate the replicated tables, copy P's rows in, record the stamps in
-//!    `pgferry.row_stamps` (apply reads a row's stamp there while the row is the copied
-//!    version), and set `pgferry.apply_progress`: origin P at the snapshot's LSN (resuming from
-//!    P's partition a minute before the snapshot; dedup skips the overlap), every other origin
-//!    where P stood in the snapshot.
+//! 3. On N, in one transaction under the replication origin `pgferry_<cluster>_<N>_rebuild`
+//!    (which capture does not publish): truncate the replicated tables, copy P's rows in,
+//!    record the stamps in `pgferry.row_stamps` (apply reads a row's stamp there while the row
+//!    is the copied version), and set `pgferry.apply_progress`: origin P at the snapshot's LSN
+//!    (resuming from P's partition a minute before the snapshot; dedup skips the overlap),
+//!    every other origin where P stood in the snapshot.
 //! 4. N's own transactions that P had not applied yet are replayed into N from N's partition
 //!    (`replay --origin N --force --after-lsn <P's progress for N>`).
 //!
@@ -30,6 +30,7 @@ use pgferry_apply::replay::{self, ReplayRequest, ReplayStart};
 use pgferry_connectors::config::Config;
 use pgferry_connectors::postgres::{self, quote_ident, quote_literal, PgSession};
 use pgferry_connectors::replication;
+use pgferry_schemas::naming;
 
 use crate::row_sql::{table_meta, TableMeta};
 use crate::table_compare::Progress as CopyProgress;
@@ -75,11 +76,6 @@ pub async fn run(config: Arc<Config>, config_path: &std::path::Path, command: No
     }
 }
 
-/// The replication origin a rebuild writes `node` under (a `-` cannot occur in node names).
-fn rebuild_origin(node: &str) -> String {
-    format!("pgferry-rebuild-{node}")
-}
-
 /// One row of P's `pgferry.apply_progress`.
 struct Progress {
     origin: String,
@@ -89,14 +85,14 @@ struct Progress {
     commit_lsn: String,
 }
 
-async fn refuse_if_running(sql: &PgSession, node: &str) -> Result<()> {
+async fn refuse_if_running(sql: &PgSession, cluster: &str, node: &str) -> Result<()> {
     let row = sql
         .client
         .query_one(
             "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
                        AND application_name LIKE 'pgferry-apply-%'),
                     (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND active)",
-            &[&pgferry_capture::slot_name(node)],
+            &[&naming::slot_name(cluster, node)],
         )
         .await
         .map_err(sql.err("checking for running pgferry services"))?;
@@ -121,10 +117,11 @@ async fn rebuild(config: Arc<Config>, a: RebuildArgs) -> Result<()> {
     }
     let nsql = postgres::connect(&n.dsn, "pgferry-rebuild").await.context("the node to rebuild")?;
     let psql = postgres::connect(&p.dsn, "pgferry-rebuild").await.context("the peer")?;
-    refuse_if_running(&nsql, &n.name).await?;
+    let cluster = &config.cluster.name;
+    refuse_if_running(&nsql, cluster, &n.name).await?;
 
     // 1. The snapshot and its LSN.
-    let snapshot = replication::export_snapshot(&p.dsn, &format!("pgferry_rebuild_{}", n.name)).await?;
+    let snapshot = replication::export_snapshot(&p.dsn, &naming::rebuild_snapshot_slot(cluster, &n.name)).await?;
     psql.client
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT {}",
@@ -165,7 +162,7 @@ async fn rebuild(config: Arc<Config>, a: RebuildArgs) -> Result<()> {
     );
 
     // 2 and 3: the copy, in one transaction on N under the rebuild origin.
-    let origin = rebuild_origin(&n.name);
+    let origin = naming::rebuild_origin(cluster, &n.name);
     postgres::create_replication_origin(&nsql, &origin).await?;
     nsql.client
         .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
@@ -208,7 +205,7 @@ async fn rebuild(config: Arc<Config>, a: RebuildArgs) -> Result<()> {
         .map_err(nsql.err("emptying the replicated tables"))?;
     for ((schema, table), meta) in tables.iter().zip(&metas) {
         let rows = copy_table(&psql, &nsql, meta).await?;
-        copy_stamps(&psql, &nsql, &p.name, &format!("{schema}.{table}"), meta).await?;
+        copy_stamps(&psql, &nsql, &config, &p.name, &format!("{schema}.{table}"), meta).await?;
         eprintln!("rebuild {}: {schema}.{table}: {rows} rows copied from {}", n.name, p.name);
     }
     nsql.client
@@ -276,18 +273,35 @@ async fn copy_table(psql: &PgSession, nsql: &PgSession, meta: &TableMeta) -> Res
 /// Streams each row's stamp on the peer (commit time and origin of its version there, or the
 /// peer's own `pgferry.row_stamps` entry for it, or the exact time its group's
 /// `pgferry.xact_stamps` record keeps) into the node's staging table. The groups' records are
-/// expanded once and joined by hash (looking one key up decompresses a whole record).
-async fn copy_stamps(psql: &PgSession, nsql: &PgSession, peer: &str, name: &str, meta: &TableMeta) -> Result<u64> {
+/// expanded once and joined by hash (looking one key up in SQL reads a whole bucket).
+async fn copy_stamps(
+    psql: &PgSession,
+    nsql: &PgSession,
+    config: &Config,
+    peer: &str,
+    name: &str,
+    meta: &TableMeta,
+) -> Result<u64> {
     let key: Vec<String> = meta.key.iter().map(|k| format!("r.{}", quote_ident(k))).collect();
     let key = format!("jsonb_build_array({})", key.join(", "));
+    // The names of the peer's replication origins (current and legacy) → the node each stands for.
+    let origins: Vec<String> = config
+        .nodes
+        .iter()
+        .flat_map(|o| {
+            naming::replication_origins_read(&config.cluster.name, peer, &o.name)
+                .map(|roname| format!("({}, {})", quote_literal(&roname), quote_literal(&o.name)))
+        })
+        .collect();
     let text = format!(
         "COPY (WITH g AS MATERIALIZED (
                    SELECT x.xid, e.key, e.value::text::int8 AS ts_us
                    FROM pgferry.xact_stamps x CROSS JOIN LATERAL jsonb_each(x.stamps -> {tbl}) e)
                SELECT {tbl}, k.key, coalesce(s.ts_us, g.ts_us, (extract(epoch FROM c.timestamp) * 1000000)::int8),
                       coalesce(s.origin, CASE WHEN c.roident = 0 THEN {peer}
-                                              ELSE (SELECT substr(o.roname, 9) FROM pg_replication_origin o
-                                                    WHERE o.roident = c.roident AND o.roname LIKE 'pgferry\\_%') END)
+                                              ELSE (SELECT m.node FROM pg_replication_origin o
+                                                    JOIN (VALUES {origins}) m (roname, node) ON m.roname = o.roname
+                                                    WHERE o.roident = c.roident LIMIT 1) END)
                FROM {table} r
                CROSS JOIN LATERAL (SELECT {key} AS key) k
                CROSS JOIN LATERAL pg_xact_commit_timestamp_origin(r.xmin) c
@@ -296,6 +310,7 @@ async fn copy_stamps(psql: &PgSession, nsql: &PgSession, peer: &str, name: &str,
                WHERE c.timestamp IS NOT NULL OR s.ts_us IS NOT NULL OR g.ts_us IS NOT NULL) TO STDOUT",
         tbl = quote_literal(name),
         peer = quote_literal(peer),
+        origins = origins.join(", "),
         table = meta.qualified,
     );
     copy(psql, &text, nsql, "COPY pgferry_rebuild_stamps FROM STDIN", &format!("copying the row stamps of {name}"), None).await

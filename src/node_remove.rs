@@ -27,6 +27,7 @@ use clap::Args;
 use pgferry_connectors::config::{Config, NodeConfig};
 use pgferry_connectors::kafka;
 use pgferry_connectors::postgres::{self, quote_ident, PgSession};
+use pgferry_schemas::naming;
 
 #[derive(Args)]
 pub struct RemoveArgs {
@@ -73,7 +74,7 @@ pub async fn run(config: Arc<Config>, config_path: &Path, args: RemoveArgs) -> R
                 if !args.force {
                     wait_applied(&config, node, deadline).await?;
                 }
-                drop_on_node(node, &others, &sql).await?;
+                drop_on_node(&config, node, &others, &sql).await?;
             }
             Err(e) if args.force => {
                 eprintln!("node {}: {e}; its slot and publication stay on it (--force)", node.name);
@@ -99,13 +100,13 @@ pub async fn run(config: Arc<Config>, config_path: &Path, args: RemoveArgs) -> R
             config_path.display()
         );
     }
-    drop_origins(&args.node, &others, deadline).await
+    drop_origins(&config.cluster.name, &args.node, &others, deadline).await
 }
 
 /// Fails unless `node`'s capture and apply are stopped and its slot holds no local transaction
 /// that capture has not published.
 async fn check_stopped_and_published(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<()> {
-    let slot = pgferry_capture::slot_name(&node.name);
+    let slot = naming::slot_name(&config.cluster.name, &node.name);
     let row = sql
         .client
         .query_opt(
@@ -183,7 +184,7 @@ async fn unpublished_transactions(sql: &PgSession, slot: &str, published: u64) -
         .query(
             "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL,
                  'proto_version', '1', 'publication_names', $2, 'messages', 'true')",
-            &[&slot, &pgferry_capture::publication_name()],
+            &[&slot, &naming::publication_name()],
         )
         .await
         .map_err(sql.err(format!("reading what slot {slot} holds")))?;
@@ -233,8 +234,8 @@ async fn wait_applied(config: &Config, node: &NodeConfig, deadline: Instant) -> 
         .iter()
         .filter(|t| t.name != node.name && !config.carriers(t, &node.name).is_empty())
         .collect();
-    let origin = pgferry_apply::origin_name(&node.name);
     for reader in readers {
+        let origin = naming::replication_origin(&config.cluster.name, &reader.name, &node.name);
         let sql = postgres::connect(&reader.dsn, "pgferry-node-remove").await?;
         let mut said = false;
         loop {
@@ -274,16 +275,19 @@ async fn wait_applied(config: &Config, node: &NodeConfig, deadline: Instant) -> 
 }
 
 /// Drops on `node` what pgferry set up there for replication. Replication origins are
-/// server-wide: only those of `others` (the cluster's nodes) are dropped, so other databases'
-/// stay.
-async fn drop_on_node(node: &NodeConfig, others: &[&NodeConfig], sql: &PgSession) -> Result<()> {
-    let origins: Vec<String> = others.iter().map(|o| pgferry_apply::origin_name(&o.name)).collect();
+/// server-wide: only those the node's apply wrote the other nodes' changes under are dropped,
+/// so other databases' stay. Legacy origins (`pgferry_<node>`, from before names carried the
+/// cluster) stay too: PostgreSQL cannot tell which database uses one (docs/decisions.md,
+/// "Names of slots and origins").
+async fn drop_on_node(config: &Config, node: &NodeConfig, others: &[&NodeConfig], sql: &PgSession) -> Result<()> {
+    let cluster = &config.cluster.name;
+    let origins: Vec<String> = others.iter().map(|o| naming::replication_origin(cluster, &node.name, &o.name)).collect();
     let origins = origins
         .iter()
         .map(|o| postgres::quote_literal(o))
         .collect::<Vec<_>>()
         .join(", ");
-    let slot = pgferry_capture::slot_name(&node.name);
+    let slot = naming::slot_name(cluster, &node.name);
     let steps = [
         (
             pgferry_apply::ddl::DROP_TRIGGERS_SQL.to_string(),
@@ -292,7 +296,7 @@ async fn drop_on_node(node: &NodeConfig, others: &[&NodeConfig], sql: &PgSession
         (
             format!(
                 "DROP PUBLICATION IF EXISTS {}",
-                quote_ident(pgferry_capture::publication_name())
+                quote_ident(naming::publication_name())
             ),
             "the publication".to_string(),
         ),
@@ -360,44 +364,51 @@ fn rewrite_config(config: &Config, path: &Path, node: &str) -> Result<()> {
 }
 
 /// Drops `node`'s replication origin on every other node, waiting while an apply that still
-/// reads the node's partition holds it.
-async fn drop_origins(node: &str, others: &[&NodeConfig], deadline: Instant) -> Result<()> {
-    let origin = pgferry_apply::origin_name(node);
+/// reads the node's partition holds it (legacy names stay, as in [`drop_on_node`]).
+async fn drop_origins(cluster: &str, node: &str, others: &[&NodeConfig], deadline: Instant) -> Result<()> {
     for other in others {
         let sql = postgres::connect(&other.dsn, "pgferry-node-remove").await?;
-        let mut said = false;
-        loop {
-            let result = sql
-                .client
-                .execute(
-                    "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
-                    &[&origin],
-                )
-                .await;
-            match result {
-                Ok(_) => {
-                    eprintln!("node {}: dropped replication origin {origin}", other.name);
-                    break;
-                }
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
-                    if Instant::now() > deadline {
-                        bail!(
-                            "node {}: replication origin {origin} is still in use by its apply: restart that apply with the new config and run `pgferry node remove {node}` again",
-                            other.name
-                        );
-                    }
-                    if !said {
-                        eprintln!(
-                            "node {}: its apply still reads {node}'s partition; waiting for it to be restarted with the new config …",
-                            other.name
-                        );
-                        said = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => return Err(sql.err(format!("dropping replication origin {origin}"))(e).into()),
-            }
-        }
+        let origin = naming::replication_origin(cluster, &other.name, node);
+        drop_origin(&sql, other, node, &origin, deadline).await?;
     }
     Ok(())
+}
+
+/// Drops replication origin `origin` of `node` on `other`, if there, waiting while it is in use.
+async fn drop_origin(sql: &PgSession, other: &NodeConfig, node: &str, origin: &str, deadline: Instant) -> Result<()> {
+    let mut said = false;
+    loop {
+        let result = sql
+            .client
+            .execute(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+                &[&origin],
+            )
+            .await;
+        match result {
+            Ok(dropped) => {
+                if dropped > 0 {
+                    eprintln!("node {}: dropped replication origin {origin}", other.name);
+                }
+                return Ok(());
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                if Instant::now() > deadline {
+                    bail!(
+                        "node {}: replication origin {origin} is still in use by its apply: restart that apply with the new config and run `pgferry node remove {node}` again",
+                        other.name
+                    );
+                }
+                if !said {
+                    eprintln!(
+                        "node {}: its apply still reads {node}'s partition; waiting for it to be restarted with the new config …",
+                        other.name
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(sql.err(format!("dropping replication origin {origin}"))(e).into()),
+        }
+    }
 }

@@ -7,7 +7,7 @@
 //! what gets written), the target's row is locked, and if they still differ the target gets
 //! N's row (upsert) or loses its row (N has none).
 //!
-//! The writes run under the replication origin `pgferry-repair-<target>`, which no node
+//! The writes run under the replication origin `pgferry_<cluster>_<target>_repair`, which no node
 //! forwards, so the target's capture does not publish them (capture publishes only local
 //! transactions and forwarded origins): a repair changes the target only. Each transaction is
 //! stamped (`pg_replication_origin_xact_setup`) with the commit time of N's row version — or,
@@ -47,12 +47,6 @@ pub struct RepairArgs {
     /// No progress lines on stderr.
     #[arg(long, short)]
     quiet: bool,
-}
-
-/// The replication origin repair writes `node` under (a name no node can have: node names
-/// have no `-`), so capture never publishes the repair.
-pub fn repair_origin(node: &str) -> String {
-    format!("pgferry-repair-{node}")
 }
 
 /// One row to change on one target.
@@ -144,7 +138,8 @@ pub async fn run(config: &Config, a: RepairArgs) -> Result<()> {
             continue;
         }
         let target_meta = table_meta(&target.sql, &target.name, &schema, &table).await?;
-        let written = repair_target(&nodes[0], compare.meta(), target, &target_meta, &changes, &compare).await?;
+        let origin = pgferry_schemas::naming::repair_origin(&config.cluster.name, &target.name);
+        let written = repair_target(&nodes[0], compare.meta(), target, &target_meta, &changes, &compare, &origin).await?;
         println!("{}: {written} rows changed to match {source}", target.name);
         total += written;
     }
@@ -154,8 +149,8 @@ pub async fn run(config: &Config, a: RepairArgs) -> Result<()> {
     Ok(())
 }
 
-/// Settles `changes` on `target`, one transaction each, under the repair origin; the number
-/// of rows written.
+/// Settles `changes` on `target`, one transaction each, under the repair replication origin
+/// `origin` (which no capture publishes); the number of rows written.
 async fn repair_target(
     source: &NodeSession,
     source_meta: &TableMeta,
@@ -163,10 +158,10 @@ async fn repair_target(
     target_meta: &TableMeta,
     changes: &[Change],
     compare: &TableCompare<'_>,
+    origin: &str,
 ) -> Result<usize> {
     let sql = &target.sql;
-    let origin = repair_origin(&target.name);
-    postgres::create_replication_origin(sql, &origin)
+    postgres::create_replication_origin(sql, origin)
         .await
         .with_context(|| format!("node {}", target.name))?;
     sql.client
@@ -270,6 +265,5 @@ mod tests {
         assert!(!same_row(&None, &r(&[("id", Some("1"))])));
         assert!(same_row(&r(&[("v", None), ("id", Some("1"))]), &r(&[("id", Some("1")), ("v", None)])));
         assert!(!same_row(&r(&[("id", Some("1")), ("v", Some("a"))]), &r(&[("id", Some("1")), ("v", None)])));
-        assert_eq!(repair_origin("n2"), "pgferry-repair-n2");
     }
 }

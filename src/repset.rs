@@ -226,7 +226,7 @@ async fn list(config: &Config, as_json: bool) -> Result<()> {
                 sql.client
                     .query(
                         "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
-                        &[&pgferry_capture::publication_name()],
+                        &[&pgferry_schemas::naming::publication_name()],
                     )
                     .await
                     .map_err(sql.err("reading the publication's tables"))?

@@ -118,15 +118,15 @@ async fn node_status(config: &Config, node: &NodeConfig) -> (NodeStatus, Option<
             return (s, None);
         }
     };
-    let slot = pgferry_capture::slot_name(&node.name);
-    let app = format!("pgferry-apply-{}%", node.name);
+    let slot = pgferry_schemas::naming::slot_name(&config.cluster.name, &node.name);
+    let app = format!("pgferry-apply-{}-%", node.name);
     let row = sql
         .client
         .query_one(
             "SELECT (SELECT active FROM pg_replication_slots WHERE slot_name = $1),
                     (SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1),
                     (SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1),
-                    (SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $2),
+                    (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE $2),
                     (SELECT count(*) FROM pgferry.conflicts),
                     (SELECT count(*) FROM pgferry.conflicts WHERE resolution = 'parked' AND resolved_at IS NULL),
                     (SELECT count(*) FROM pgferry.exceptions)",

@@ -57,7 +57,7 @@ pub async fn capture(config: Arc<Config>, node: String, registry: MetricsRegistr
     // The slot is measured whether or not capture is up: a growing backlog while capture is
     // down is exactly what this gauge is for.
     if let Some(n) = config.node(&node) {
-        let slot = pgferry_capture::slot_name(&n.name);
+        let slot = pgferry_schemas::naming::slot_name(&config.cluster.name, &n.name);
         tokio::spawn(pgferry_capture::metrics::poll_slot_retained_wal(
             metrics.clone(),
             n.dsn.clone(),

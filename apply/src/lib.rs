@@ -4,7 +4,8 @@
 //! node reads (`read_regions`) with `read_committed`, one task and one PostgreSQL session per
 //! partition (partitions apply in parallel). A partition carries its node's transactions and
 //! those it forwards; events of this node's own origin are ignored.
-//! Source transactions are applied under the replication origin `pgferry_<origin>` with
+//! Source transactions are applied under the replication origin
+//! `pgferry_<cluster>_<node>_from_<origin>` (`pgferry_schemas::naming`) with
 //! `pg_replication_origin_xact_setup(commit_lsn, commit_ts)`, writing `pgferry.apply_progress` in
 //! the same local transaction, so a restart resumes exactly where the last commit left off and
 //! anything at or below the recorded commit LSN is a duplicate. Consecutive transactions of one
@@ -32,5 +33,5 @@ mod writer;
 pub use conflict::{tombstone_trigger_sql, SCHEMA_SQL as CONFLICT_SCHEMA_SQL};
 pub use error::ApplyError;
 pub use metrics::ApplyMetrics;
-pub use progress::{format_lsn, origin_name};
+pub use progress::format_lsn;
 pub use service::{run, ApplyOptions};

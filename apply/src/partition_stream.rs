@@ -51,7 +51,7 @@ pub struct PartitionStream {
     pub readers: HashMap<u32, Arc<EnvelopeReader>>,
     /// Writer schema id → parsed fixed-record schema (truncate, message).
     pub fixed_schemas: HashMap<u32, Arc<apache_avro::Schema>>,
-    /// Local node name (for logs).
+    /// Local node name (names its replication origins; logs).
     pub node: String,
     /// Statements prepared by [`OriginStream::prepare`].
     pub statements: Option<SessionStatements>,
@@ -197,7 +197,7 @@ impl PartitionStream {
         if self.session_origin.as_deref() == Some(origin) {
             return Ok(());
         }
-        let name = progress::origin_name(origin);
+        let name = pgferry_schemas::naming::replication_origin(&self.config.cluster.name, &self.node, origin);
         if self.session_origin.take().is_some() {
             self.exec("SELECT pg_replication_origin_session_reset()", "resetting the session's replication origin").await?;
         }

@@ -4,11 +4,6 @@ use pgferry_connectors::postgres::PgSession;
 
 use crate::error::ApplyError;
 
-/// The replication origin that marks rows written from node `origin`.
-pub fn origin_name(origin: &str) -> String {
-    pgferry_schemas::naming::replication_origin(origin)
-}
-
 /// Where a partition's stream resumes: the Kafka offset after the last message applied from
 /// it (whatever the origin), and each origin's commit LSN (the highest recorded for that
 /// origin on any partition: the dedup key).

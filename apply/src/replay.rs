@@ -29,7 +29,7 @@ use crate::dead_letter::DeadLetters;
 use crate::error::ApplyError;
 use crate::metrics::ApplyMetrics;
 use crate::partition_stream::{PartitionStream, StreamProgress, Until};
-use crate::progress::{self, format_lsn, origin_name};
+use crate::progress::{self, format_lsn};
 
 /// Where a replay starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +222,7 @@ pub async fn run(
     let sql = postgres::connect(dsn, "pgferry-replay").await?;
     crate::conflict::upgrade_schema(&sql).await?;
     if req.force {
-        reset_progress(&sql, plan, req.after_lsn.unwrap_or(0)).await?;
+        reset_progress(&sql, &config.cluster.name, plan, req.after_lsn.unwrap_or(0)).await?;
     }
     let resume = progress::read(&sql, &plan.topic, plan.partition).await?;
     let applied: HashMap<String, u64> = resume.origins;
@@ -283,8 +283,8 @@ pub async fn run(
 
 /// Sets `plan.origin`'s progress on the node back to `lsn` (its replication origin and
 /// `pgferry.apply_progress`), and the partition's resume offset for it to `plan.start − 1`.
-async fn reset_progress(sql: &PgSession, plan: &ReplayPlan, lsn: u64) -> Result<(), ApplyError> {
-    let name = origin_name(&plan.origin);
+async fn reset_progress(sql: &PgSession, cluster: &str, plan: &ReplayPlan, lsn: u64) -> Result<(), ApplyError> {
+    let name = pgferry_schemas::naming::replication_origin(cluster, &plan.node, &plan.origin);
     let lsn_text = format_lsn(lsn);
     postgres::create_replication_origin(sql, &name).await?;
     sql.client

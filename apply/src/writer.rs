@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 
 use pgferry_connectors::config::{Config, Resolver};
 use pgferry_connectors::postgres::{quote_ident, table_columns, PgSession};
+use pgferry_schemas::naming::replication_origins_read;
 use pgferry_schemas::truncate::Truncate;
 use pgferry_schemas::{DecodedEvent, Op};
 use tokio_postgres::types::{ToSql, Type};
@@ -22,7 +23,7 @@ use tokio_postgres::Statement;
 
 use crate::conflict::{decide, ConflictType, LocalVersion, Resolution, Stamp};
 use crate::error::ApplyError;
-use crate::progress::{format_lsn, origin_name};
+use crate::progress::format_lsn;
 
 /// A local table as apply writes it.
 pub(crate) struct LocalTable {
@@ -71,8 +72,10 @@ pub struct Writer {
     local: (String, u16),
     pub(crate) tables: HashMap<(String, String), LocalTable>,
     statements: HashMap<String, Statement>,
-    /// `pg_replication_origin.roident` → node name.
+    /// `pg_replication_origin.roident` → node name (current and legacy origin names).
     origins: HashMap<i64, String>,
+    /// Node name → `roident` of the origin this node's apply writes its changes under now.
+    current_origins: HashMap<String, i64>,
     /// When the config file was last re-read for a table outside the replication sets.
     reloaded: Option<std::time::Instant>,
     /// Recent groups' exact stamps (grouped apply).
@@ -98,6 +101,7 @@ impl Writer {
             tables: HashMap::new(),
             statements: HashMap::new(),
             origins: HashMap::new(),
+            current_origins: HashMap::new(),
             reloaded: None,
             group_stamps: Default::default(),
         }
@@ -241,25 +245,35 @@ impl Writer {
             .map_err(ApplyError::from)
     }
 
-    /// The replication origin id of node `origin` on this server, if it exists.
+    /// The id of the replication origin this node writes node `origin`'s changes under, if it
+    /// exists.
     async fn roident_of(&mut self, sql: &PgSession, origin: &str) -> Result<Option<i64>, ApplyError> {
-        if let Some((id, _)) = self.origins.iter().find(|(_, n)| n.as_str() == origin) {
+        if let Some(id) = self.current_origins.get(origin) {
             return Ok(Some(*id));
         }
         self.load_origins(sql).await?;
-        Ok(self.origins.iter().find(|(_, n)| n.as_str() == origin).map(|(id, _)| *id))
+        Ok(self.current_origins.get(origin).copied())
     }
 
+    /// Reads which replication origin ids stand for which nodes: the names this node's apply
+    /// writes under, and the legacy ones rows written before an upgrade carry.
     async fn load_origins(&mut self, sql: &PgSession) -> Result<(), ApplyError> {
         let rows = sql
             .client
             .query("SELECT roident::int8, roname FROM pg_replication_origin", &[])
             .await
             .map_err(sql.err("reading pg_replication_origin"))?;
+        let cluster = &self.config.cluster.name;
         for r in rows {
             let name: String = r.get(1);
-            if let Some(node) = self.config.nodes.iter().find(|n| origin_name(&n.name) == name) {
-                self.origins.insert(r.get(0), node.name.clone());
+            for node in &self.config.nodes {
+                let [current, legacy] = replication_origins_read(cluster, &self.local.0, &node.name);
+                if name == current {
+                    self.current_origins.insert(node.name.clone(), r.get(0));
+                }
+                if name == current || name == legacy {
+                    self.origins.insert(r.get(0), node.name.clone());
+                }
             }
         }
         Ok(())

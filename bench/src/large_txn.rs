@@ -36,7 +36,7 @@ pub async fn run(args: &LargeTxnArgs) -> Result<String> {
     let timeout = Duration::from_secs(args.timeout_secs);
     eprintln!("[bench] setting up node 1");
     let cluster = Cluster::start("bench_big", &["r1"], SETUP, &["public.bench_big"]).await?;
-    let slot = format!("pgferry_{}", cluster.nodes[0].name);
+    let slot = cluster.slot_of(0);
     let n1 = cluster.sql(0).await?;
     let probe = tokio::task::block_in_place(|| PartitionProbe::new(&cluster.endpoints.kafka, &cluster.topic_of(0), 0))?;
 

@@ -222,7 +222,7 @@ impl Replication {
                 continue;
             }
             for p in providers {
-                let origin = pgferry_schemas::naming::replication_origin(&self.cluster.nodes[p].name);
+                let origin = self.cluster.origin_on(s, &self.cluster.nodes[p].name);
                 let filter = if pair { "true".to_string() } else { format!("bid = {}", p + 1) };
                 c.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
                     .await

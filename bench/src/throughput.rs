@@ -57,7 +57,7 @@ pub async fn run(args: &ThroughputArgs, pg_bin: &std::path::Path) -> Result<Stri
     let cluster = Cluster::start("bench_tp", &["r1"], &workload::setup_sql(args.scale), TABLES).await?;
     let node = cluster.nodes[0].clone();
     let n1 = cluster.sql(0).await?;
-    let capture_slot = format!("pgferry_{}", node.name);
+    let capture_slot = cluster.slot_of(0);
     let recv_slot = format!("bench_recv_{}", node.name);
     // A second slot, made before the backlog like capture's: both decode the identical WAL.
     n1.execute(
@@ -196,7 +196,8 @@ fn recvlogical(pg_bin: &std::path::Path, dsn: &str, slot: &str, end_lsn: u64, ti
     let mut child = Command::new(&bin)
         .args(["-d", dsn, "--slot", slot, "--start", "--no-loop", "-f", "/dev/null"])
         .args(["--endpos", &lsn_text(end_lsn)])
-        .args(["-o", "proto_version=1", "-o", "publication_names=pgferry_default"])
+        .args(["-o", "proto_version=1", "-o"])
+        .arg(format!("publication_names={}", pgferry_integration_tests::naming::publication_name()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

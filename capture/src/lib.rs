@@ -17,4 +17,4 @@ mod service;
 
 pub use error::CaptureError;
 pub use metrics::CaptureMetrics;
-pub use service::{check_delta_tables, publication_name, run, slot_name, CaptureOptions};
+pub use service::{check_delta_tables, run, CaptureOptions};

@@ -14,7 +14,7 @@ use pgferry_schemas::codec::{encode_event_framed, encode_frame};
 use pgferry_schemas::event::Row;
 use pgferry_schemas::heartbeat::{Heartbeat, HEARTBEAT_NAME, HEARTBEAT_SCHEMA};
 use pgferry_schemas::logical_message::{LogicalMessage, MESSAGE_NAME, MESSAGE_SCHEMA};
-use pgferry_schemas::naming::{replication_origin, subject};
+use pgferry_schemas::naming::{legacy_slot_name, publication_name, replication_origins_read, slot_name, subject};
 use pgferry_schemas::truncate::{Truncate, TRUNCATE_NAME, TRUNCATE_SCHEMA};
 use pgferry_schemas::{ChangeEvent, Op, SourceInfo};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -51,16 +51,6 @@ impl Default for CaptureOptions {
             metrics: CaptureMetrics::default(),
         }
     }
-}
-
-/// The slot name of a node.
-pub fn slot_name(node: &str) -> String {
-    format!("pgferry_{node}")
-}
-
-/// The publication a node's capture reads.
-pub fn publication_name() -> &'static str {
-    "pgferry_default"
 }
 
 /// Which node a transaction's events name as their origin, and where they go.
@@ -112,28 +102,41 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         message: "not in the config's [[nodes]]".into(),
     })?;
     let sql = postgres::connect(&node.dsn, &format!("pgferry-capture-{}", node.name)).await?;
-    let slot = slot_name(&node.name);
-    let exists = sql
+    let slot = slot_name(&config.cluster.name, &node.name);
+    let legacy = legacy_slot_name(&node.name);
+    let row = sql
         .client
-        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_one(
+            "SELECT current_database()::text,
+                    (SELECT database::text FROM pg_replication_slots WHERE slot_name = $1),
+                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $2 AND database = current_database())",
+            &[&slot, &legacy],
+        )
         .await
         .map_err(sql.err("looking up the replication slot"))?;
-    if exists.is_none() {
+    let (db, slot_db, legacy_here): (String, Option<String>, bool) = (row.get(0), row.get(1), row.get(2));
+    let wrong = match slot_db {
+        Some(d) if d == db => None,
+        Some(d) => Some(format!(
+            "replication slot {slot} at {} belongs to database {d:?}, not this node's {db:?} (another cluster named {:?} on this server?); `pgferry init` says more",
+            sql.endpoint, config.cluster.name
+        )),
+        None if legacy_here => Some(format!(
+            "replication slot {slot} does not exist at {}, but {legacy} of an earlier pgferry does: with capture stopped, run `pgferry init` to move it to its new name",
+            sql.endpoint
+        )),
+        None => Some(format!(
+            "replication slot {slot} does not exist at {}; run `pgferry init` first",
+            sql.endpoint
+        )),
+    };
+    if let Some(message) = wrong {
         return Err(CaptureError::Setup {
             node: node.name.clone(),
-            message: format!(
-                "replication slot {slot} does not exist at {}; run `pgferry init` first",
-                sql.endpoint
-            ),
+            message,
         });
     }
     check_delta_tables(&config, &node.name, &sql).await?;
-    let db: String = sql
-        .client
-        .query_one("SELECT current_database()::text", &[])
-        .await
-        .map_err(sql.err("reading the database name"))?
-        .get(0);
 
     let topic = config.region_topic(&node.region);
     let partition = config.node_partition(&node);
@@ -173,12 +176,16 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     tracing::info!(node = %node.name, %topic, partition, last_produced_commit_lsn = ?last_lsn,
         registered_ms = registered.as_millis() as u64, kafka_ready_ms = began.elapsed().as_millis() as u64,
         "capture starting");
-    // Replication origin name → the node whose applied transactions this node forwards.
+    // Replication origin name → the node whose applied transactions this node forwards (its
+    // legacy name too: the slot may still hold transactions applied before an upgrade).
     let forward = node
         .forward_origins
         .iter()
         .filter_map(|f| config.node(f))
-        .map(|o| (replication_origin(&o.name), (Arc::from(o.name.as_str()), o.id, Arc::from(o.region.as_str()))))
+        .flat_map(|o| {
+            let to = (Arc::<str>::from(o.name.as_str()), o.id, Arc::<str>::from(o.region.as_str()));
+            replication_origins_read(&config.cluster.name, &node.name, &o.name).map(|name| (name, to.clone()))
+        })
         .collect();
     let stream = WalStream::start(&node.dsn, &slot, publication_name()).await?;
     let _connected = options.metrics.connected();

@@ -108,7 +108,8 @@ fn default_max_group_rows() -> usize {
 #[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// Cluster name: prefix of topics, Avro namespaces and Kafka transactional ids.
+    /// Cluster name: prefix of topics, Avro namespaces and Kafka transactional ids; part of
+    /// replication slot and origin names (`pgferry_schemas::naming`).
     pub name: String,
 }
 

@@ -2,9 +2,10 @@
 //! `deploy/local/up.sh`, and the real `pgferry` binary.
 //!
 //! Contract: every [`Cluster`] gets its own databases (one per PostgreSQL server), its own
-//! cluster name (so its own topics and registry subjects) and its own node names (so its own
-//! slots and origins); tests never share state. Waiting is always [`wait_until`] with a
-//! deadline. Endpoints come from the variables `deploy/local/env.sh` prints.
+//! cluster name (so its own topics, registry subjects, and slots and origins, whose names
+//! carry the cluster: [`naming`]) and its own node names; tests never share state. Waiting is
+//! always [`wait_until`] with a deadline. Endpoints come from the variables
+//! `deploy/local/env.sh` prints.
 //!
 //! Large groups everywhere: apply groups consecutive source transactions of one origin into one
 //! local transaction, taking only what has already arrived, so under the light, paced loads of
@@ -31,6 +32,10 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_postgres::Client;
 
 pub mod secure;
+
+/// pgferry's names of slots, origins and publications (tests and benchmarks use these, never
+/// their own spelling).
+pub use pgferry_schemas::naming;
 
 /// Password of the local test servers (deploy/local/common.sh).
 pub const PG_PASSWORD: &str = "pgferry";
@@ -463,6 +468,31 @@ impl Cluster {
         out
     }
 
+    /// The replication slot of node `i` (pgferry's naming rule, `pgferry_schemas::naming`).
+    pub fn slot_of(&self, i: usize) -> String {
+        pgferry_schemas::naming::slot_name(&self.name, &self.nodes[i].name)
+    }
+
+    /// The replication origin under which node `i` applies the changes of node `origin`.
+    pub fn origin_on(&self, i: usize, origin: &str) -> String {
+        pgferry_schemas::naming::replication_origin(&self.name, &self.nodes[i].name, origin)
+    }
+
+    /// Every replication origin this cluster's nodes may have on their servers: each node's
+    /// origin of every node (apply's, and a replay's of its own changes), its repair and
+    /// rebuild origins.
+    pub fn origins(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for o in &self.nodes {
+                out.push(self.origin_on(i, &o.name));
+            }
+            out.push(pgferry_schemas::naming::repair_origin(&self.name, &n.name));
+            out.push(pgferry_schemas::naming::rebuild_origin(&self.name, &n.name));
+        }
+        out
+    }
+
     /// Drops the databases and slots (call at the end of a passing test; services must be stopped).
     pub async fn cleanup(self) -> Result<()> {
         for n in &self.nodes {
@@ -477,9 +507,9 @@ impl Cluster {
                 .batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", n.db))
                 .await?;
             // Replication origins are server-wide and hold one of the server's
-            // max_replication_slots progress slots until dropped: the nodes' own
-            // (`pgferry_<node>`) and those named `pgferry-<purpose>-<node>` (repair's, tests').
-            let origins: Vec<String> = self.nodes.iter().map(|o| format!("pgferry_{}", o.name)).collect();
+            // max_replication_slots progress slots until dropped: the cluster's own
+            // ([`Cluster::origins`]) and the tests' `pgferry-<purpose>-<node>`.
+            let origins = self.origins();
             let names: Vec<String> = self.nodes.iter().map(|o| o.name.clone()).collect();
             admin
                 .execute(
@@ -521,7 +551,7 @@ impl Cluster {
     /// (its slot's confirmed flush position passed the current WAL position).
     pub async fn wait_published(&self, i: usize, timeout: Duration) -> Result<()> {
         let c = self.sql(i).await?;
-        let slot = format!("pgferry_{}", self.nodes[i].name);
+        let slot = self.slot_of(i);
         let wal: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
         wait_until(&format!("capture of {} to publish up to {wal}", self.nodes[i].name), timeout, || async {
             let row = c

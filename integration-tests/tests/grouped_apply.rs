@@ -52,8 +52,12 @@ fn transaction(rng: &mut XorShift, node: u64, step: u64, local_only: bool) -> St
 }
 
 /// Everything grouping must not change, as text: rows, row stamps, tombstones, conflicts.
-async fn state(dsn: &str) -> anyhow::Result<Vec<String>> {
+/// `origins` is every replication origin name the target writes under, with the node it
+/// stands for.
+async fn state(dsn: &str, origins: &(Vec<String>, Vec<String>)) -> anyhow::Result<Vec<String>> {
     let c = connect(dsn).await?;
+    let writer = "(SELECT m.node FROM pg_replication_origin o JOIN unnest($1::text[], $2::text[]) m (roname, node)
+                     ON m.roname = o.roname WHERE o.roident = x.roident)";
     let mut out = Vec::new();
     for table in ["d", "c", "u"] {
         // Each row with its stamp: the override tied to this version, else its commit time,
@@ -62,25 +66,27 @@ async fn state(dsn: &str) -> anyhow::Result<Vec<String>> {
             "SELECT t::text,
                     coalesce(s.ts_us, pgferry.group_stamp('public.{table}', jsonb_build_array(t.id), t.xmin),
                              (extract(epoch FROM x.timestamp) * 1000000)::int8)::text,
-                    coalesce(s.origin, (SELECT substr(roname, 9) FROM pg_replication_origin o WHERE o.roident = x.roident), 'local')
+                    coalesce(s.origin, {writer}, 'local')
              FROM {table} t
              CROSS JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) x
              LEFT JOIN pgferry.row_stamps s ON s.tbl = 'public.{table}' AND s.key = jsonb_build_array(t.id)
                                            AND s.xid % 4294967296 = t.xmin::text::int8
              ORDER BY t.id"
         );
-        for r in c.query(&q, &[]).await? {
+        for r in c.query(&q, &[&origins.0, &origins.1]).await? {
             out.push(format!("{table} {} @{} by {}", r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, String>(2)));
         }
     }
-    let q = "SELECT tb.tbl, tb.key::text,
-                    coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END,
-                             (extract(epoch FROM x.timestamp) * 1000000)::int8)::text,
-                    coalesce((SELECT substr(roname, 9) FROM pg_replication_origin o WHERE o.roident = x.roident), 'local')
-             FROM pgferry.tombstones tb
-             CROSS JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) x
-             ORDER BY 1, 2";
-    for r in c.query(q, &[]).await? {
+    let q = format!(
+        "SELECT tb.tbl, tb.key::text,
+                coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END,
+                         (extract(epoch FROM x.timestamp) * 1000000)::int8)::text,
+                coalesce({writer}, 'local')
+         FROM pgferry.tombstones tb
+         CROSS JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) x
+         ORDER BY 1, 2"
+    );
+    for r in c.query(&q, &[&origins.0, &origins.1]).await? {
         out.push(format!(
             "tombstone {} {} @{} by {}",
             r.get::<_, String>(0),
@@ -172,7 +178,8 @@ async fn grouped_apply_equals_one_by_one_in_every_group_size() -> anyhow::Result
         } else {
             assert!(overrides > 0, "groups of {group}: no row was written by a group's earlier transaction");
         }
-        states.push(state(&dsn).await?);
+        let origins = cluster.nodes.iter().map(|o| (cluster.origin_on(2, &o.name), o.name.clone())).unzip();
+        states.push(state(&dsn, &origins).await?);
     }
     let conflicts = states[0].iter().filter(|l| l.starts_with("conflict")).count();
     let tombstones = states[0].iter().filter(|l| l.starts_with("tombstone")).count();

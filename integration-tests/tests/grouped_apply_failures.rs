@@ -228,7 +228,7 @@ async fn apply_killed_in_the_middle_of_large_groups_applies_each_transaction_onc
     let origin_lsn: String = n2
         .query_one(
             "SELECT (pg_replication_origin_progress($1, true) - '0/0'::pg_lsn)::text",
-            &[&format!("pgferry_{}", cluster.nodes[0].name)],
+            &[&cluster.origin_on(1, &cluster.nodes[0].name)],
         )
         .await?
         .get(0);

@@ -16,7 +16,7 @@ async fn idle_slot_keeps_advancing() -> anyhow::Result<()> {
     .await?;
     let _capture = cluster.spawn("capture", 0)?;
     let n1 = cluster.sql(0).await?;
-    let slot = format!("pgferry_{}", cluster.nodes[0].name);
+    let slot = cluster.slot_of(0);
     let position = || async {
         let row = n1
             .query_one(

@@ -4,6 +4,7 @@
 use std::process::{Command, Output};
 
 use anyhow::{ensure, Result};
+use pgferry_integration_tests::naming::PUBLICATION;
 use pgferry_integration_tests::{pgferry_bin, Cluster, PG_PASSWORD};
 
 const TABLES: &str = "CREATE TABLE items (id bigint PRIMARY KEY, name text);
@@ -39,18 +40,17 @@ fn node_line<'a>(cluster: &Cluster, stdout: &'a str, i: usize) -> &'a str {
     lines[0]
 }
 
-/// Asserts that each node's line ends with `want(slot, origins)`, given the node's slot
-/// (`pgferry_<node>`) and its origins as the report lists them (`origins pgferry_<a> and
-/// pgferry_<b>`).
+/// Asserts that each node's line ends with `want(slot, origins)`, given the node's slot and
+/// its origins as the report lists them (`origins <a's> and <b's>`).
 fn expect_node_lines(cluster: &Cluster, stdout: &str, want: impl Fn(&str, &str) -> String) {
     for (i, node) in cluster.nodes.iter().enumerate() {
         let others: Vec<String> = cluster
             .nodes
             .iter()
             .filter(|o| o.name != node.name)
-            .map(|o| format!("pgferry_{}", o.name))
+            .map(|o| cluster.origin_on(i, &o.name))
             .collect();
-        let want = want(&format!("pgferry_{}", node.name), &format!("origins {}", others.join(" and ")));
+        let want = want(&cluster.slot_of(i), &format!("origins {}", others.join(" and ")));
         let line = node_line(cluster, stdout, i);
         assert!(line.ends_with(&want), "node {i}: want …{want:?}, got {line:?}");
     }
@@ -64,7 +64,7 @@ async fn init_reports_one_line_per_node_without_notices() -> Result<()> {
     let (stdout, stderr) = init(&cluster, None)?;
     eprintln!("first init:\n{stdout}{stderr}");
     expect_node_lines(&cluster, &stdout, |slot, origins| {
-        format!("created schema pgferry, publication pgferry_default (1 table), slot {slot}, {origins}, tombstone triggers on 1 table")
+        format!("created schema pgferry, publication {PUBLICATION} (1 table), slot {slot}, {origins}, tombstone triggers on 1 table")
     });
     assert_eq!(stdout.lines().count(), 3 + 3, "3 topics and 3 nodes, nothing else:\n{stdout}");
     // Init drops event triggers IF EXISTS and creates tables IF NOT EXISTS: the server's
@@ -80,7 +80,7 @@ async fn init_reports_one_line_per_node_without_notices() -> Result<()> {
     eprintln!("second init:\n{stdout}{stderr}");
     expect_node_lines(&cluster, &stdout, |slot, origins| {
         format!(
-            "created tombstone triggers on 1 table; updated publication pgferry_default (2 tables); found slot {slot}, {origins}, tombstone triggers on 1 table; schema pgferry up to date"
+            "created tombstone triggers on 1 table; updated publication {PUBLICATION} (2 tables); found slot {slot}, {origins}, tombstone triggers on 1 table; schema pgferry up to date"
         )
     });
     assert!(!stderr.contains("NOTICE"), "notices in init's output:\n{stderr}");
@@ -89,7 +89,7 @@ async fn init_reports_one_line_per_node_without_notices() -> Result<()> {
     let (stdout, stderr) = init(&cluster, Some("debug"))?;
     let line = node_line(&cluster, &stdout, 0);
     assert!(
-        line.contains(": found publication pgferry_default (2 tables), slot") && !line.contains("created"),
+        line.contains(&format!(": found publication {PUBLICATION} (2 tables), slot")) && !line.contains("created"),
         "{line}"
     );
     let notice = stderr

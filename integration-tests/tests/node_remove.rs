@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgferry_integration_tests::{wait_until, Cluster};
+use pgferry_integration_tests::{naming, wait_until, Cluster};
 
 const SETUP: &str = "
 CREATE TABLE t (id bigint PRIMARY KEY, node text NOT NULL);
@@ -166,15 +166,16 @@ async fn node_remove_leaves_the_rest_replicating() -> anyhow::Result<()> {
         "n3's partition pinned:\n{config_text}"
     );
     // n2: no slot, no publication, no origins of the cluster.
-    let slot = format!("pgferry_{}", names[1]);
+    let slot = cluster.slot_of(1);
     let left: i64 = n2
         .query_one(
             "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1)
-                  + (SELECT count(*) FROM pg_publication WHERE pubname = 'pgferry_default')
+                  + (SELECT count(*) FROM pg_publication WHERE pubname = $3)
                   + (SELECT count(*) FROM pg_replication_origin WHERE roname = ANY($2))",
             &[
                 &slot,
-                &vec![format!("pgferry_{}", names[0]), format!("pgferry_{}", names[2])],
+                &vec![cluster.origin_on(1, &names[0]), cluster.origin_on(1, &names[2])],
+                &naming::publication_name(),
             ],
         )
         .await?
@@ -184,7 +185,7 @@ async fn node_remove_leaves_the_rest_replicating() -> anyhow::Result<()> {
         let origins: i64 = cluster
             .sql(i)
             .await?
-            .query_one("SELECT count(*) FROM pg_replication_origin WHERE roname = $1", &[&slot])
+            .query_one("SELECT count(*) FROM pg_replication_origin WHERE roname = $1", &[&cluster.origin_on(i, &names[1])])
             .await?
             .get(0);
         assert_eq!(origins, 0, "n2's origin is dropped on {}", names[i]);

@@ -112,7 +112,7 @@ async fn python_consumer_rebuilds_the_table() -> Result<()> {
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
         .get(0);
-    let slot = format!("pgferry_{}", cluster.nodes[0].name);
+    let slot = cluster.slot_of(0);
     let waited = wait_until("capture to confirm the writes", Duration::from_secs(60), || {
         let (n1, slot, lsn) = (&n1, slot.clone(), lsn.clone());
         async move {

@@ -179,7 +179,7 @@ async fn restore_from_dump_and_replay_rolls_the_node_forward_exactly() -> anyhow
             &[&db],
         )
         .await?;
-    let slot = format!("pgferry_{}", names[1]);
+    let slot = cluster.slot_of(1);
     wait_until("n2's slot to be free", Duration::from_secs(30), || async {
         let dropped = admin
             .execute(

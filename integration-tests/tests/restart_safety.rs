@@ -37,7 +37,7 @@ async fn start_load(cluster: &Cluster, txns: i64) -> anyhow::Result<tokio::task:
 
 /// The confirmed flush LSN of node 0's slot.
 async fn confirmed_lsn(cluster: &Cluster) -> anyhow::Result<u64> {
-    let slot = format!("pgferry_{}", cluster.nodes[0].name);
+    let slot = cluster.slot_of(0);
     let lsn: String = cluster
         .sql(0)
         .await?

@@ -124,10 +124,10 @@ async fn three_nodes_all_ways_converge_exactly_once() -> anyhow::Result<()> {
                 .query_one(
                     "SELECT (p.commit_lsn - '0/0')::text, (s.remote_lsn - '0/0')::text, count(*) OVER ()
                      FROM pgferry.apply_progress p
-                     JOIN pg_replication_origin o ON o.roname = 'pgferry_' || p.origin
+                     JOIN pg_replication_origin o ON o.roname = $2
                      JOIN pg_replication_origin_status s ON s.local_id = o.roident
                      WHERE p.origin = $1",
-                    &[&origin.name],
+                    &[&origin.name, &cluster.origin_on(i, &origin.name)],
                 )
                 .await?;
             let progress: u64 = row.get::<_, String>(0).parse()?;
