@@ -25,6 +25,7 @@ pub mod metrics;
 mod partition_stream;
 mod progress;
 pub mod replay;
+pub mod replica_role;
 mod service;
 pub mod tombstone_gc;
 mod writer;
