@@ -15,6 +15,7 @@
 //! Beside the streams, [`conflict_publisher`] publishes `pgferry.conflicts` to
 //! `<cluster>.conflicts` and [`tombstone_gc`] drops tombstones every origin has passed.
 
+mod clock_skew;
 mod conflict;
 pub mod conflict_publisher;
 mod dead_letter;
