@@ -13,7 +13,9 @@
 //!    record the stamps in `pgferry.row_stamps` (apply reads a row's stamp there while the row
 //!    is the copied version), and set `pgferry.apply_progress`: origin P at the snapshot's LSN
 //!    (resuming from P's partition a minute before the snapshot; dedup skips the overlap),
-//!    every other origin where P stood in the snapshot.
+//!    every other origin where P stood in the snapshot. N's session writes as a replica, as
+//!    apply does (`pgferry_apply::replica_role`): users' triggers do not fire on the copied
+//!    rows, and foreign keys are not checked while the tables fill in any order.
 //! 4. N's own transactions that P had not applied yet are replayed into N from N's partition
 //!    (`replay --origin N --force --after-lsn <P's progress for N>`).
 //!
@@ -116,6 +118,12 @@ async fn rebuild(config: Arc<Config>, a: RebuildArgs) -> Result<()> {
         bail!("a node cannot be rebuilt from itself");
     }
     let nsql = postgres::connect(&n.dsn, "pgferry-rebuild").await.context("the node to rebuild")?;
+    // The copied rows are written as apply writes them, as a replica: users' triggers do not
+    // fire on them (an audit trigger would add rows the copy already holds).
+    nsql.client
+        .batch_execute(pgferry_apply::replica_role::SET_REPLICA_ROLE)
+        .await
+        .map_err(nsql.err(pgferry_apply::replica_role::ROLE_NEEDS))?;
     let psql = postgres::connect(&p.dsn, "pgferry-rebuild").await.context("the peer")?;
     let cluster = &config.cluster.name;
     refuse_if_running(&nsql, cluster, &n.name).await?;

@@ -13,7 +13,9 @@
 //! stamped (`pg_replication_origin_xact_setup`) with the commit time of N's row version — or,
 //! for a delete, the time N was read — so a change of that row that N commits later, still
 //! on its way, wins over the repair by last-update-wins, and a tie goes to the real origin
-//! (the repair origin is no node, id 0).
+//! (the repair origin is no node, id 0). They run as a replica (`session_replication_role =
+//! replica`, as apply writes; see `pgferry_apply::replica_role`), so users' triggers do not
+//! rewrite the row being copied.
 
 use std::time::Duration;
 
@@ -211,10 +213,12 @@ async fn settle_key(
     row: &Option<Row>,
     stamp_us: String,
 ) -> Result<bool> {
+    // Written as apply writes, as a replica: users' triggers (an `updated_at = now()`) would
+    // otherwise change the row the repair copies.
     sql.client
-        .batch_execute("BEGIN; SET LOCAL lock_timeout = '10s'")
+        .batch_execute("BEGIN; SET LOCAL lock_timeout = '10s'; SET LOCAL session_replication_role = replica")
         .await
-        .map_err(sql.err("starting a transaction"))?;
+        .map_err(sql.err(format!("starting a transaction; {}", pgferry_apply::replica_role::ROLE_NEEDS)))?;
     let result = async {
         exec(
             sql,

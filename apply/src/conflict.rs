@@ -180,7 +180,8 @@ const UPGRADES: &[(&str, &str, &str)] = &[
     ("xact_stamp_groups", "buckets", xact_stamps_sql!()),
 ];
 
-/// Adds what [`UPGRADES`] lists where it is missing (an ALTER only then: it takes a lock).
+/// Adds what [`UPGRADES`] lists where it is missing (an ALTER only then: it takes a lock), and
+/// makes pgferry's triggers fire on applied rows (`crate::replica_role`).
 pub async fn upgrade_schema(sql: &pgferry_connectors::postgres::PgSession) -> Result<(), crate::ApplyError> {
     for (table, column, statement) in UPGRADES {
         let present: bool = sql
@@ -200,6 +201,9 @@ pub async fn upgrade_schema(sql: &pgferry_connectors::postgres::PgSession) -> Re
                 .map_err(sql.err(format!("adding pgferry.{table}.{column}")))?;
         }
     }
+    // Apply writes as a replica: pgferry's triggers must be ENABLE ALWAYS (earlier versions
+    // made some ENABLE only).
+    crate::replica_role::enable_own_triggers_always(sql).await?;
     Ok(())
 }
 

@@ -13,6 +13,10 @@
 //!
 //! A session that sets `pgferry.local_ddl = on` (pgferry's own `init`) is not replicated.
 //!
+//! The event triggers are `ENABLE ALWAYS`: apply's sessions write as a replica
+//! (`crate::replica_role`), and applying a `CREATE TABLE` must still install the table's
+//! tombstone trigger.
+//!
 //! The whole query string of the statement is what is sent, so a string holding more statements
 //! than the DDL (`ALTER …; INSERT …` in one simple query) is refused with an error: the others
 //! would run again on every node. `CREATE TABLE` replicates only in a schema replicated whole
@@ -168,7 +172,12 @@ pub fn trigger_sql(tables: &[(String, String)], whole: &[String]) -> String {
          CREATE EVENT TRIGGER pgferry_ddl ON ddl_command_end EXECUTE FUNCTION pgferry.replicate_ddl();
          CREATE EVENT TRIGGER pgferry_ddl_start ON ddl_command_start WHEN TAG IN ('DROP INDEX')
              EXECUTE FUNCTION pgferry.note_indexes();
-         CREATE EVENT TRIGGER pgferry_ddl_drop ON sql_drop EXECUTE FUNCTION pgferry.replicate_drop();",
+         CREATE EVENT TRIGGER pgferry_ddl_drop ON sql_drop EXECUTE FUNCTION pgferry.replicate_drop();
+         -- they fire in apply's sessions too (session_replication_role = replica): a replicated
+         -- CREATE TABLE gets its tombstone trigger there
+         ALTER EVENT TRIGGER pgferry_ddl ENABLE ALWAYS;
+         ALTER EVENT TRIGGER pgferry_ddl_start ENABLE ALWAYS;
+         ALTER EVENT TRIGGER pgferry_ddl_drop ENABLE ALWAYS;",
         tables = array(qualified),
         whole = array(whole),
         schemas = array(schemas),

@@ -16,6 +16,7 @@
 //! Beside the streams, [`conflict_publisher`] publishes `pgferry.conflicts` to
 //! `<cluster>.conflicts` and [`tombstone_gc`] drops tombstones every origin has passed.
 
+mod clock_skew;
 mod conflict;
 pub mod conflict_publisher;
 mod dead_letter;
@@ -26,6 +27,7 @@ pub mod metrics;
 mod partition_stream;
 mod progress;
 pub mod replay;
+pub mod replica_role;
 mod service;
 pub mod tombstone_gc;
 mod writer;

@@ -326,6 +326,33 @@ impl OriginMetrics {
             .inc();
     }
 
+    /// Apply waited `waited` for this node's clock to pass the commit time of a source
+    /// transaction (or group) of this origin dated in its future (`crate::clock_skew`).
+    pub fn clock_skew_wait(&self, waited: std::time::Duration) {
+        self.shared
+            .registry
+            .histogram(
+                "pgferry_apply_clock_skew_wait_seconds",
+                "Waits for this node's clock to pass the commit time of a source transaction dated in its future, per origin (count and total seconds).",
+                &[("node", self.shared.node.as_str()), ("origin", self.origin.as_str())],
+                pgferry_connectors::metrics::LATENCY_BUCKETS,
+            )
+            .observe(waited.as_secs_f64());
+    }
+
+    /// A source transaction of this origin was dated further ahead of this node's clock than
+    /// `[apply] max_clock_skew_ms` and was applied without waiting.
+    pub fn clock_skew_exceeded(&self) {
+        self.shared
+            .registry
+            .counter(
+                "pgferry_apply_clock_skew_exceeded_total",
+                "Source transactions dated further ahead of this node's clock than [apply] max_clock_skew_ms, applied without waiting, per origin.",
+                &[("node", self.shared.node.as_str()), ("origin", self.origin.as_str())],
+            )
+            .inc();
+    }
+
     /// A table was truncated in the open transaction.
     pub fn truncate(&mut self) {
         self.pending_truncates += 1;
@@ -426,6 +453,21 @@ mod tests {
             text.contains("pgferry_healthy{node=\"n2\",service=\"apply\"} 1\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn counts_clock_skew_waits_and_excesses() {
+        let registry = MetricsRegistry::new();
+        let apply = ApplyMetrics::new(&registry, "n2");
+        let m = apply.origin("n1");
+        m.clock_skew_wait(std::time::Duration::from_millis(1500));
+        m.clock_skew_wait(std::time::Duration::from_millis(500));
+        m.clock_skew_exceeded();
+        let text = registry.render();
+        let l = "{node=\"n2\",origin=\"n1\"}";
+        assert!(text.contains(&format!("pgferry_apply_clock_skew_wait_seconds_count{l} 2\n")), "{text}");
+        assert!(text.contains(&format!("pgferry_apply_clock_skew_wait_seconds_sum{l} 2\n")), "{text}");
+        assert!(text.contains(&format!("pgferry_apply_clock_skew_exceeded_total{l} 1\n")), "{text}");
     }
 
     #[test]

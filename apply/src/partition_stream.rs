@@ -20,6 +20,7 @@ use rdkafka::consumer::DefaultConsumerContext;
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Message};
 
+use crate::clock_skew::{ClockSkew, SkewWait};
 use crate::error::ApplyError;
 use crate::dead_letter::DeadLetters;
 use crate::metrics::{ApplyMetrics, OriginMetrics};
@@ -79,6 +80,8 @@ pub struct PartitionStream {
     /// transaction had to go one by one it starts small again and doubles with each group, so
     /// a run of such transactions is not read and decided again and again.
     pub group_budget: usize,
+    /// Waits for this node's clock to pass the commit time of what it applies.
+    pub clock_skew: ClockSkew,
 }
 
 /// Counts of one stream, updated as it goes.
@@ -162,6 +165,7 @@ impl PartitionStream {
         dead_letters: Arc<DeadLetters>,
         registry: Registry,
     ) -> PartitionStream {
+        let clock_skew = ClockSkew::new(config.apply.max_clock_skew_ms);
         PartitionStream {
             metrics,
             dead_letters,
@@ -183,6 +187,7 @@ impl PartitionStream {
             only_origin: None,
             apply_own: false,
             group_budget: usize::MAX,
+            clock_skew,
             predecoded: HashMap::new(),
             progress: Arc::new(StreamProgress {
                 offset: AtomicI64::new(-1),
@@ -484,6 +489,10 @@ impl PartitionStream {
     /// progress; how many of `txns` it applied (0: none, rolled back). On error the transaction is
     /// rolled back.
     async fn apply_group(&mut self, origin: &str, txns: &[SourceTxn], next: &[BorrowedMessage<'_>]) -> Result<usize, ApplyError> {
+        // One wait for the whole group: its latest commit time.
+        if let (Some(last), Some(latest)) = (txns.last(), txns.iter().map(|t| t.commit_ts_us).max()) {
+            self.wait_for_clock(origin, last.commit_lsn, latest).await?;
+        }
         let stmts = self
             .statements
             .as_ref()
@@ -521,6 +530,30 @@ impl PartitionStream {
         self.progress.applied.fetch_add(outcome.txns as u64, Ordering::Relaxed);
         self.progress.offset.store(last.last_offset, Ordering::Relaxed);
         Ok(outcome.txns)
+    }
+
+    /// Waits until this node's clock has passed `commit_ts_us`, the commit time of the source
+    /// transaction `commit_lsn` of `origin` about to be applied (of a group: its latest), at
+    /// most `[apply] max_clock_skew_ms` (`crate::clock_skew`).
+    async fn wait_for_clock(&mut self, origin: &str, commit_lsn: u64, commit_ts_us: i64) -> Result<(), ApplyError> {
+        match self.clock_skew.wait_past(&self.sql, commit_ts_us).await? {
+            SkewWait::None => {}
+            SkewWait::Waited(waited) => {
+                tracing::debug!(node = %self.node, origin = %origin, lsn = %format_lsn(commit_lsn),
+                    waited_ms = waited.as_millis() as u64,
+                    "waited for this node's clock to pass the origin commit time (clock skew)");
+                self.origin_metrics(origin).clock_skew_wait(waited);
+            }
+            SkewWait::Exceeded(ahead_us) => {
+                self.origin_metrics(origin).clock_skew_exceeded();
+                if self.clock_skew.warning_due() {
+                    tracing::warn!(node = %self.node, origin = %origin, lsn = %format_lsn(commit_lsn),
+                        ahead_ms = ahead_us / 1000, max_clock_skew_ms = self.clock_skew.max_wait_ms() as u64,
+                        "origin commit time is further ahead of this node's clock than [apply] max_clock_skew_ms: applied without waiting, so a local write made right after it may lose to it; synchronize the nodes' clocks (NTP) (repeated at most once a minute)");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn origin_metrics(&mut self, origin: &str) -> &mut OriginMetrics {
@@ -702,6 +735,7 @@ impl PartitionStream {
             Item::Message(m) => (m.ts_us, m.txn_last),
         };
         if open.is_none() {
+            self.wait_for_clock(origin, commit_lsn, commit_ts_us).await?;
             self.begin(open, origin, offset, commit_lsn, commit_ts_us).await?;
         }
         match &item {

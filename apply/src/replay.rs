@@ -220,6 +220,8 @@ pub async fn run(
         return Ok(report);
     }
     let sql = postgres::connect(dsn, "pgferry-replay").await?;
+    // Written as apply writes: as a replica (`crate::replica_role`).
+    crate::replica_role::set(&sql).await?;
     crate::conflict::upgrade_schema(&sql).await?;
     if req.force {
         reset_progress(&sql, &config.cluster.name, plan, req.after_lsn.unwrap_or(0)).await?;

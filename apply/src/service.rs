@@ -67,6 +67,9 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             .batch_execute("SET synchronous_commit = off")
             .await
             .map_err(sql.err("setting synchronous_commit for apply"))?;
+        // As PostgreSQL's own apply: users' ordinary triggers and foreign-key actions do not
+        // fire again on applied rows (`crate::replica_role`).
+        crate::replica_role::set(&sql).await?;
         crate::conflict::upgrade_schema(&sql).await?;
         let resume = progress::read(&sql, &topic, partition).await?;
         let offset = match resume.kafka_offset {

@@ -46,11 +46,12 @@ pub(crate) struct LocalTable {
 }
 
 /// Whether a table (`$1`, quoted `schema.table`) has a foreign key from or to it, and whether a
-/// user trigger fires on it when apply writes (enabled for origin or always).
+/// user trigger fires on it when apply writes (apply writes as a replica, `crate::replica_role`:
+/// triggers enabled for replica or always).
 const TABLE_LINKS: &str = "SELECT
     EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' AND (conrelid = $1::text::regclass OR confrelid = $1::text::regclass)),
     EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal
-            AND tgname <> 'pgferry_tombstone' AND tgenabled IN ('O', 'A'))";
+            AND tgname <> 'pgferry_tombstone' AND tgenabled IN ('R', 'A'))";
 
 /// How a change's secondary unique keys were settled.
 enum UniqueCheck {

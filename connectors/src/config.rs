@@ -83,6 +83,12 @@ pub struct ApplyConfig {
     /// wait). For tests that must see large groups; it adds latency.
     #[serde(default)]
     pub group_wait_ms: u64,
+    /// Longest wait (ms) for this node's clock to pass the commit time of a source transaction
+    /// dated in its future (clock skew), before applying it: local writes made after an applied
+    /// change are then always dated later than it, as last-update-wins needs. A transaction
+    /// dated further ahead than this is applied at once, with a warning (0: never wait).
+    #[serde(default = "default_max_clock_skew_ms")]
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for ApplyConfig {
@@ -91,9 +97,18 @@ impl Default for ApplyConfig {
             max_group_txns: default_max_group_txns(),
             max_group_rows: default_max_group_rows(),
             group_wait_ms: 0,
+            max_clock_skew_ms: default_max_clock_skew_ms(),
         }
     }
 }
+
+fn default_max_clock_skew_ms() -> u64 {
+    5000
+}
+
+/// Largest `[apply] max_clock_skew_ms`: a stream waiting longer than this for a clock is
+/// stalled, not protected.
+pub const MAX_CLOCK_SKEW_LIMIT_MS: u64 = 60_000;
 
 fn default_max_group_txns() -> usize {
     1000
@@ -505,6 +520,15 @@ impl Config {
             if v == 0 {
                 return Err(invalid(key.into(), "must be at least 1".into()));
             }
+        }
+        if self.apply.max_clock_skew_ms > MAX_CLOCK_SKEW_LIMIT_MS {
+            return Err(invalid(
+                "apply.max_clock_skew_ms".into(),
+                format!(
+                    "{} is more than {MAX_CLOCK_SKEW_LIMIT_MS} (a minute): clocks that far apart need fixing (NTP), not waiting out",
+                    self.apply.max_clock_skew_ms
+                ),
+            ));
         }
         let mut names = HashSet::new();
         let mut ids = HashSet::new();
@@ -1132,6 +1156,17 @@ tables = ["public.accounts", "items"]
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn max_clock_skew_is_bounded() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        assert_eq!(Config::parse(GOOD, "t.toml").unwrap().apply.max_clock_skew_ms, 5000);
+        let with = |ms: u64| format!("{GOOD}[apply]\nmax_clock_skew_ms = {ms}\n");
+        assert_eq!(Config::parse(&with(0), "t.toml").unwrap().apply.max_clock_skew_ms, 0);
+        assert!(Config::parse(&with(60_000), "t.toml").is_ok());
+        let e = Config::parse(&with(60_001), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("t.toml: apply.max_clock_skew_ms:") && e.contains("60000"), "{e}");
     }
 
     #[test]
