@@ -36,7 +36,8 @@ pub struct Change<'e> {
     pub ev: &'e DecodedEvent,
 }
 
-/// A key's local state before the group (read under lock).
+/// A key's local state before the group (read after the key locks; see the module doc of
+/// `group` for the row locks).
 #[derive(Debug, Clone, Default)]
 pub struct Before {
     /// The row, if one exists.
@@ -45,6 +46,9 @@ pub struct Before {
     pub tombstone: Option<Stamp>,
     /// The key as the tombstone trigger writes it (JSON array text).
     pub key_json: String,
+    /// The row version's `xmin` (32-bit, as `int8`): the group's writes touch only that
+    /// version, so a row changed since the read fails the group instead of being overwritten.
+    pub xmin: Option<i64>,
 }
 
 /// What the group does to a key, folded over all its changes.
@@ -457,6 +461,7 @@ mod tests {
             }),
             tombstone: None,
             key_json: "[1]".into(),
+            xmin: Some(1),
         }
     }
 

@@ -2,8 +2,8 @@
 //! written in one local transaction with a bounded number of round trips, whatever their size:
 //!
 //! 1. **read** ([`Writer::write_group`], first round trip): `BEGIN`, the key locks of every key an
-//!    insert or delete touches, the row locks of every touched key (both in a fixed order), then
-//!    the local state of every key — whether a row exists, its stamp, origin, tombstone — one
+//!    insert or delete touches, the row locks of every key an update or delete touches (both in
+//!    a fixed order), then the local state of every key — whether a row exists, its stamp, origin, tombstone — one
 //!    statement per table (plus, for versions other groups wrote, their exact stamps where not
 //!    cached: [`stamps`]);
 //! 2. **decide** ([`decide::plan`], pure): every change settled as the one-by-one path settles it,
@@ -15,8 +15,9 @@
 //!    this transaction's xid), the stamps of such tombstones, the conflict records, then the
 //!    replication origin's LSN and time and
 //!    `pgferry.apply_progress` of the last applied transaction, and COMMIT. Each write fails on
-//!    the server unless it touches the planned number of rows, so COMMIT never keeps a partial
-//!    group.
+//!    the server unless it touches the planned number of rows — and updates and deletes touch a
+//!    row only while its `xmin` is the one read — so COMMIT never keeps a partial group or
+//!    overwrites a version the group did not decide against.
 //!
 //! Any error leaves the transaction to be rolled back, and the caller applies the same
 //! transactions one by one.
@@ -182,7 +183,7 @@ impl Writer {
         let last = plan.txns - 1;
 
         // The local rows the conflict records show (a round trip only when there are some).
-        self.read_local_rows(sql, &names, &mut plan.conflicts).await?;
+        self.read_local_rows(sql, &names, &before, &mut plan.conflicts).await?;
 
         // 3. Write.
         let t_plan = t0.elapsed();
@@ -205,13 +206,17 @@ impl Writer {
     ) -> Result<Vec<HashMap<Vec<&'e str>, Before>>, ApplyError> {
         let mut keys: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
         let mut lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
-        let mut seen: Vec<std::collections::HashSet<(bool, &Vec<&str>)>> = vec![Default::default(); names.len()];
+        let mut row_lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
+        let mut seen: Vec<std::collections::HashSet<(u8, &Vec<&str>)>> = vec![Default::default(); names.len()];
         for c in changes {
-            if seen[c.table].insert((false, &c.key)) {
+            if seen[c.table].insert((0, &c.key)) {
                 keys[c.table].push(c.key.clone());
             }
-            if matches!(c.ev.op, Op::Create | Op::Read | Op::Delete) && seen[c.table].insert((true, &c.key)) {
+            if matches!(c.ev.op, Op::Create | Op::Read | Op::Delete) && seen[c.table].insert((1, &c.key)) {
                 lock[c.table].push(c.key.clone());
+            }
+            if matches!(c.ev.op, Op::Update | Op::Delete) && seen[c.table].insert((2, &c.key)) {
+                row_lock[c.table].push(c.key.clone());
             }
         }
         let mut prepared = Vec::new();
@@ -230,13 +235,16 @@ impl Writer {
         let n = |i: usize| self.tables[&names[i]].key.len();
         let key_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&keys[i], n(i))).collect();
         let lock_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&lock[i], n(i))).collect();
+        let row_lock_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&row_lock[i], n(i))).collect();
         let lock_p: Vec<_> = (0..names.len()).map(|i| params(&lock_params[i], Some(&table_names[i]))).collect();
-        let row_p: Vec<_> = (0..names.len()).map(|i| params(&key_params[i], None)).collect();
+        let row_p: Vec<_> = (0..names.len()).map(|i| params(&row_lock_params[i], None)).collect();
         let read_p: Vec<_> = (0..names.len()).map(|i| params(&key_params[i], Some(&table_names[i]))).collect();
         let locks = (0..names.len())
             .filter(|&i| !lock[i].is_empty())
             .map(|i| sql.client.query_one(&prepared[i].0, &lock_p[i]));
-        let row_locks = (0..names.len()).map(|i| sql.client.query_one(&prepared[i].1, &row_p[i]));
+        let row_locks = (0..names.len())
+            .filter(|&i| !row_lock[i].is_empty())
+            .map(|i| sql.client.query_one(&prepared[i].1, &row_p[i]));
         let reads = (0..names.len()).map(|i| sql.client.query(&prepared[i].2, &read_p[i]));
         let (_, _, _, state_rows) = futures::try_join!(
             sql.client.batch_execute("BEGIN"),
@@ -309,7 +317,16 @@ impl Writer {
                     }
                     None => None,
                 };
-                before[i].insert(key.clone(), Before { row, tombstone, key_json });
+                let xmin = if row.is_some() { r.get::<_, Option<i64>>(5) } else { None };
+                before[i].insert(
+                    key.clone(),
+                    Before {
+                        row,
+                        tombstone,
+                        key_json,
+                        xmin,
+                    },
+                );
             }
         }
         Ok(before)
@@ -322,6 +339,7 @@ impl Writer {
         &mut self,
         sql: &PgSession,
         names: &[(String, String)],
+        before: &[HashMap<Vec<&str>, Before>],
         conflicts: &mut [decide::ConflictRecord<'_>],
     ) -> Result<(), ApplyError> {
         let mut wanted: Vec<Vec<usize>> = vec![Vec::new(); names.len()];
@@ -338,14 +356,26 @@ impl Writer {
         for &t in &tables {
             let table = &self.tables[&names[t]];
             let text = statements::local_rows(table);
-            let types = vec![Type::TEXT_ARRAY; table.key.len()];
+            let types = vec![Type::TEXT_ARRAY; table.key.len() + 1];
             prepared.push(self.prepared_typed(sql, &text, &types).await?);
         }
-        let key_params: Vec<Vec<TextArray>> = tables
+        let xmins: Vec<Vec<Option<String>>> = tables
             .iter()
             .map(|&t| {
+                wanted[t]
+                    .iter()
+                    .map(|&ci| before[t].get(&conflicts[ci].key).and_then(|b| b.xmin).map(|x| x.to_string()))
+                    .collect()
+            })
+            .collect();
+        let key_params: Vec<Vec<TextArray>> = tables
+            .iter()
+            .zip(&xmins)
+            .map(|(&t, x)| {
                 let keys: Vec<Vec<&str>> = wanted[t].iter().map(|&ci| conflicts[ci].key.clone()).collect();
-                columns(&keys, self.tables[&names[t]].key.len())
+                let mut arrays = columns(&keys, self.tables[&names[t]].key.len());
+                arrays.push(x.iter().map(|v| v.as_deref()).collect());
+                arrays
             })
             .collect();
         let params: Vec<_> = key_params.iter().map(|k| params(k, None)).collect();
@@ -353,6 +383,11 @@ impl Writer {
             .await
             .map_err(sql.err("reading the local rows of a group's conflicts"))?;
         for (&t, rows) in tables.iter().zip(rows) {
+            if rows.len() != wanted[t].len() {
+                // A row changed since the read (a writer that takes no key lock): the group's
+                // decisions may be stale, so it goes one by one.
+                return Err(self.group_err("", &names[t], "a conflicting row changed since the group read it".into()));
+            }
             for r in rows {
                 let pos: i64 = r.get(0);
                 let Some(&ci) = usize::try_from(pos - 1).ok().and_then(|p| wanted[t].get(p)) else { continue };
@@ -408,6 +443,16 @@ impl Writer {
                 col.push(v);
             }
         }
+        // The xmin each written row had when read (the writes touch only that version).
+        let xmins: Vec<HashMap<&Vec<&str>, String>> = (0..names.len())
+            .map(|ti| {
+                plan.writes
+                    .iter()
+                    .filter(|w| w.table == ti)
+                    .filter_map(|w| before[ti].get(&w.key).and_then(|b| b.xmin).map(|x| (&w.key, x.to_string())))
+                    .collect()
+            })
+            .collect();
         let mut writes: Vec<GroupWrite> = Vec::new();
         let mut group_stamps: Vec<(String, String, i64)> = Vec::new();
         for (ti, name) in names.iter().enumerate() {
@@ -419,7 +464,7 @@ impl Writer {
             let early_rows = pick(&|w| w.txn != last && matches!(w.action, Action::Insert(_) | Action::Update(_)));
             let early_tombs = pick(&|w| w.txn != last && matches!(w.action, Action::Delete | Action::Tombstone));
             let with_ts = |ws: &[&decide::KeyWrite<'_>]| -> Vec<Option<&str>> { ws.iter().map(|w| Some(ts_text[w.txn].as_str())).collect() };
-            writes.push(GroupWrite::keyed(t, statements::delete(t), &deletes, None, vec![]));
+            writes.push(GroupWrite::keyed(t, statements::delete(t), &deletes, Some(xmin_array(&xmins, &deletes)), vec![]));
             writes.push(GroupWrite::keyed(t, statements::tombstones(t), &tombs, None, vec![t.name.clone()]));
             // Inserts and updates, one statement per set of columns.
             let mut shapes: BTreeMap<(bool, Vec<&str>), Vec<(&decide::KeyWrite, Vec<Option<&str>>)>> = BTreeMap::new();
@@ -440,7 +485,7 @@ impl Writer {
                 let mut w = if insert {
                     GroupWrite::keyed(t, statements::insert(t, &shape), &keyed, None, vec![])
                 } else {
-                    GroupWrite::keyed(t, statements::update(t, &shape), &keyed, None, vec![])
+                    GroupWrite::keyed(t, statements::update(t, &shape), &keyed, Some(xmin_array(&xmins, &keyed)), vec![])
                 };
                 if insert {
                     // An insert's key is among its columns.
@@ -576,6 +621,11 @@ impl<'a> GroupWrite<'a> {
             expected: ws.len() as u64,
         }
     }
+}
+
+/// The xmin read for each of `ws` (NULL for none: the guarded write then fails the group).
+fn xmin_array<'x, 'k, 'e>(xmins: &'x [HashMap<&'k Vec<&'e str>, String>], ws: &[&decide::KeyWrite<'e>]) -> TextArray<'x> {
+    ws.iter().map(|w| xmins[w.table].get(&w.key).map(String::as_str)).collect()
 }
 
 /// Key columns `0..n` of `keys` as one `text[]` each.

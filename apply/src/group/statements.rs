@@ -79,6 +79,11 @@ pub fn lock_rows(table: &LocalTable) -> String {
     )
 }
 
+/// `AND t.xmin = k.x`: the row is still the version the group read.
+fn same_version() -> &'static str {
+    " AND t.xmin::text::int8 = k.x::int8"
+}
+
 /// Reads the state of every key in `$1..$n` (one row per key, in input order): its position,
 /// its JSON form, whether a row exists, the row's stamp (commit time, or the override in
 /// `pgferry.row_stamps` tied to the version's xmin) and replication origin, the version's xmin,
@@ -124,24 +129,32 @@ pub fn read_state(table: &LocalTable) -> String {
     )
 }
 
-/// The rows at the keys in `$1..$n` as JSON (`to_jsonb`), with the key's position: the local
-/// rows a group's conflict records show. Parameters: the key columns.
+/// The rows at the keys in `$1..$n` as JSON (`to_jsonb`), with the key's position, where the
+/// row is still the version read (`xmin` in `$n+1`): the local rows a group's conflict records
+/// show. Parameters: the key columns, the xmins.
 pub fn local_rows(table: &LocalTable) -> String {
+    let mut names = key_aliases(table);
+    names.push("x".into());
     format!(
-        "SELECT k.i::int8, to_jsonb(t)::text FROM {} JOIN {} t ON {}",
-        unnest(1, table.key.len(), &key_aliases(table), true),
+        "SELECT k.i::int8, to_jsonb(t)::text FROM {} JOIN {} t ON {}{}",
+        unnest(1, table.key.len() + 1, &names, true),
         table.qualified,
-        key_match(table)
+        key_match(table),
+        same_version()
     )
 }
 
-/// Deletes the rows at the keys in `$1..$n`; the count it returns must be their number.
+/// Deletes the rows at the keys in `$1..$n` whose `xmin` is still the one read (`$n+1`); the
+/// count it returns must be their number.
 pub fn delete(table: &LocalTable) -> String {
+    let mut names = key_aliases(table);
+    names.push("x".into());
     format!(
-        "DELETE FROM {} t USING {} WHERE {}",
+        "DELETE FROM {} t USING {} WHERE {}{}",
         table.qualified,
-        unnest(1, table.key.len(), &key_aliases(table), false),
-        key_match(table)
+        unnest(1, table.key.len() + 1, &names, false),
+        key_match(table),
+        same_version()
     )
 }
 
@@ -163,10 +176,12 @@ pub fn insert(table: &LocalTable, columns: &[&str]) -> String {
     )
 }
 
-/// Updates the rows at the keys in `$1..$n` setting `columns` (`$n+1…`, one per column).
+/// Updates the rows at the keys in `$1..$n` whose `xmin` is still the one read (`$n+1`),
+/// setting `columns` (`$n+2…`, one per column).
 pub fn update(table: &LocalTable, columns: &[&str]) -> String {
-    let n = table.key.len();
+    let n = table.key.len() + 1;
     let mut names = key_aliases(table);
+    names.push("x".into());
     names.extend((1..=columns.len()).map(|i| format!("v{i}")));
     let sets: Vec<String> = columns
         .iter()
@@ -174,11 +189,12 @@ pub fn update(table: &LocalTable, columns: &[&str]) -> String {
         .map(|(i, c)| format!("{} = k.v{}::{}", quote_ident(c), i + 1, ty(table, c)))
         .collect();
     format!(
-        "UPDATE {} t SET {} FROM {} WHERE {}",
+        "UPDATE {} t SET {} FROM {} WHERE {}{}",
         table.qualified,
         sets.join(", "),
         unnest(1, n + columns.len(), &names, false),
-        key_match(table)
+        key_match(table),
+        same_version()
     )
 }
 
@@ -253,7 +269,7 @@ mod tests {
         let t = table();
         assert_eq!(
             update(&t, &["v"]),
-            "UPDATE \"public\".\"t\" t SET \"v\" = k.v1::text FROM unnest($1::text[], $2::text[]) AS k(c1, v1) WHERE t.\"id\" = k.c1::integer"
+            "UPDATE \"public\".\"t\" t SET \"v\" = k.v1::text FROM unnest($1::text[], $2::text[], $3::text[]) AS k(c1, x, v1) WHERE t.\"id\" = k.c1::integer AND t.xmin::text::int8 = k.x::int8"
         );
         assert_eq!(
             insert(&t, &["id", "v"]),
