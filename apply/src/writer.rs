@@ -81,6 +81,8 @@ pub struct Writer {
     reloaded: Option<std::time::Instant>,
     /// Recent groups' exact stamps (grouped apply).
     pub(crate) group_stamps: crate::group::stamps::StampCache,
+    /// Groups still to take row locks before their read (grouped apply, after a failure).
+    pub(crate) locked_groups: u32,
 }
 
 /// A conflict that was detected and settled.
@@ -105,6 +107,7 @@ impl Writer {
             current_origins: HashMap::new(),
             reloaded: None,
             group_stamps: Default::default(),
+            locked_groups: 0,
         }
     }
 

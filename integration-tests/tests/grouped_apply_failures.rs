@@ -178,8 +178,8 @@ async fn apply_killed_in_the_middle_of_large_groups_applies_each_transaction_onc
     let addr = free_local_addr()?;
     let mut apply = cluster.spawn_with("apply", 1, &["--metrics-listen", &addr])?;
     // Kill twice during the drain, each time in the middle of a group: once the running apply
-    // has committed something, as soon as its next local transaction is open and holds locks or
-    // rows (its backend has an xid). Polled often: a group's transaction lasts tens of ms.
+    // has committed something, as soon as its next local transaction is open (it holds the key
+    // locks from its first round trip on). Polled often: a group's transaction lasts tens of ms.
     let session = format!("pgferry-apply-{}-from-{}", node, cluster.nodes[0].name);
     let mut killed_backends: Vec<i32> = Vec::new();
     let mut killed_at = vec![0i64];
@@ -194,7 +194,7 @@ async fn apply_killed_in_the_middle_of_large_groups_applies_each_transaction_onc
                 let pid = n2
                     .query_opt(
                         "SELECT pid FROM pg_stat_activity
-                     WHERE application_name = $1 AND backend_xid IS NOT NULL AND pid <> ALL($2)
+                     WHERE application_name = left($1, 63) AND xact_start IS NOT NULL AND pid <> ALL($2)
                        AND (SELECT count(*) FROM t) > $3
                      LIMIT 1",
                         &[&session, &killed_backends, &committed],
@@ -439,4 +439,79 @@ fn without_colours(text: &str) -> String {
         }
     }
     out
+}
+
+/// A group reads its rows without locking them (docs/decisions.md, "Grouped apply"), so a
+/// local transaction can change a row between a group's read and its write. Here one does: n2
+/// updates a "last writer" row of `w` in a transaction it holds open while n2's apply starts on
+/// a backlog of n1's updates of that row; the group's update waits on the row, then finds
+/// another version than it read, so the group fails and its transactions go one by one, which
+/// weigh each remote update against n2's newer local version. n2's write, the latest, must
+/// end on both nodes: a group that overwrote it would leave n2 with n1's older value and n1
+/// with n2's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_written_locally_between_a_groups_read_and_write_fails_the_group() -> anyhow::Result<()> {
+    const TXNS: i32 = 400;
+    let cluster = Cluster::start("grplocal", &["r1", "r1"], SETUP, &TABLES).await?;
+    let node = cluster.nodes[1].name.clone();
+    let (n1, n2) = (cluster.sql(0).await?, cluster.sql(1).await?);
+    let captures = (cluster.spawn("capture", 0)?, cluster.spawn("capture", 1)?);
+    let apply_n1 = cluster.spawn("apply", 0)?;
+    // The rows exist on both nodes first.
+    n1.batch_execute("INSERT INTO w SELECT g, 0 FROM generate_series(0, 3) g").await?;
+    let addr = free_local_addr()?;
+    let apply = cluster.spawn_with("apply", 1, &["--metrics-listen", &addr])?;
+    wait_until("w's rows on n2", Duration::from_secs(60), || async {
+        Ok(count(&n2, "SELECT count(*) FROM w").await? == 4)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+    drop(apply);
+
+    // A backlog of n1's updates of every row of `w` while n2's apply is stopped.
+    write_backlog(&cluster, TXNS, 0).await?;
+    let last_lsn = source_txns(&cluster)?.last().expect("transactions in the topic").0;
+
+    // n2 changes row 2 in a transaction it holds open, then apply starts.
+    let local = cluster.sql(1).await?;
+    local.batch_execute("BEGIN; UPDATE w SET last = -1 WHERE id = 2").await?;
+    let apply = cluster.spawn_with("apply", 1, &["--metrics-listen", &addr])?;
+    let session = format!("pgferry-apply-{}-from-{}", node, cluster.nodes[0].name);
+    wait_until("n2's apply to wait for the locally updated row", Duration::from_secs(60), || async {
+        Ok(n2
+            .query_opt(
+                // (application_name is cut to 63 bytes)
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = left($1, 63) AND wait_event_type = 'Lock'",
+                &[&session],
+            )
+            .await?
+            .is_some())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+    local.batch_execute("COMMIT").await?;
+
+    wait_applied_to(&cluster, last_lsn, Duration::from_secs(60)).await?;
+    wait_until("n2's local write of row 2 on n1", Duration::from_secs(60), || async {
+        Ok(count(&n1, "SELECT last::int8 FROM w WHERE id = 2").await? == -1)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+    let mut want = expected_w(TXNS, None);
+    want[2].1 = -1;
+    assert_eq!(w_rows(&n2).await?, want, "last writers on n2");
+    assert_eq!(w_rows(&n1).await?, want, "last writers on n1");
+    assert_same_on_both(&cluster, 0).await?;
+    assert!(
+        scrape(&addr, "pgferry_apply_group_fallbacks_total", &node, None).await? >= 1.0,
+        "the group that met the changed row did not fall back\n{}",
+        cluster.logs()
+    );
+    // The remote updates that met n2's newer version are recorded as conflicts n2's row won.
+    assert!(
+        count(&n2, "SELECT count(*) FROM pgferry.conflicts WHERE tbl = 'public.w' AND key = '[2]'").await? > 0,
+        "no conflict recorded for row 2 on n2"
+    );
+    drop((apply, apply_n1, captures));
+    cluster.cleanup().await
 }

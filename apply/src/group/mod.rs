@@ -2,8 +2,7 @@
 //! written in one local transaction with a bounded number of round trips, whatever their size:
 //!
 //! 1. **read** ([`Writer::write_group`], first round trip): `BEGIN`, the key locks of every key an
-//!    insert or delete touches, the row locks of every key an update or delete touches (both in
-//!    a fixed order), then the local state of every key — whether a row exists, its stamp, origin, tombstone — one
+//!    insert or delete touches (in a fixed order), then the local state of every key — whether a row exists, its stamp, origin, tombstone — one
 //!    statement per table (plus, for versions other groups wrote, their exact stamps where not
 //!    cached: [`stamps`]);
 //! 2. **decide** ([`decide::plan`], pure): every change settled as the one-by-one path settles it,
@@ -18,6 +17,14 @@
 //!    the server unless it touches the planned number of rows — and updates and deletes touch a
 //!    row only while its `xmin` is the one read — so COMMIT never keeps a partial group or
 //!    overwrites a version the group did not decide against.
+//!
+//! Rows are not locked before the read (the lock cost more than the write: it dirtied every page
+//! the update then dirtied again). Instead every update and delete, and the read of a conflict
+//! record's local row, touch a row only while its `xmin` is the one read: a row that another
+//! writer changed in between fails the group. After a failed group, the next
+//! [`LOCKED_GROUPS_AFTER_FAILURE`] groups of the stream also lock the rows they update or delete
+//! (`FOR UPDATE`, in key order, before the read), so streams that write the same rows at the
+//! same time queue on them instead of failing again and again.
 //!
 //! Any error leaves the transaction to be rolled back, and the caller applies the same
 //! transactions one by one.
@@ -79,6 +86,9 @@ pub struct Commit<'a> {
     pub partition: i32,
 }
 
+/// How many groups take row locks after a group failed (see the module doc).
+const LOCKED_GROUPS_AFTER_FAILURE: u32 = 16;
+
 /// A `text[]` parameter.
 type TextArray<'a> = Vec<Option<&'a str>>;
 
@@ -110,6 +120,24 @@ impl Writer {
     /// transactions: nothing was written and the transaction is left open; on `Err` it may be
     /// open too: the caller rolls back either way.
     pub async fn write_group(
+        &mut self,
+        sql: &PgSession,
+        origin: &str,
+        txns: &[SourceTxn],
+        commit: Commit<'_>,
+        while_writing: &mut (dyn FnMut() + Send),
+    ) -> Result<GroupOutcome, ApplyError> {
+        let written = self.write_group_once(sql, origin, txns, commit, while_writing).await;
+        if written.is_err() {
+            // Possibly a row that another writer changed since the read: lock rows for a while.
+            self.locked_groups = LOCKED_GROUPS_AFTER_FAILURE;
+        } else {
+            self.locked_groups = self.locked_groups.saturating_sub(1);
+        }
+        written
+    }
+
+    async fn write_group_once(
         &mut self,
         sql: &PgSession,
         origin: &str,
@@ -215,7 +243,7 @@ impl Writer {
             if matches!(c.ev.op, Op::Create | Op::Read | Op::Delete) && seen[c.table].insert((1, &c.key)) {
                 lock[c.table].push(c.key.clone());
             }
-            if matches!(c.ev.op, Op::Update | Op::Delete) && seen[c.table].insert((2, &c.key)) {
+            if self.locked_groups > 0 && matches!(c.ev.op, Op::Update | Op::Delete) && seen[c.table].insert((2, &c.key)) {
                 row_lock[c.table].push(c.key.clone());
             }
         }
