@@ -161,8 +161,12 @@ async fn check_node(config: &Config, node: &NodeConfig, sql: &PgSession) -> Resu
         }
     }
     pgferry_capture::check_delta_tables(config, &node.name, sql).await?;
-    check_slot(config, node, sql).await?;
-    check_origins(config, node, sql).await?;
+    if let Some(refusal) = check_slot(config, node, sql).await? {
+        bail!("{refusal}");
+    }
+    if let Some(refusal) = check_origins(config, node, sql).await? {
+        bail!("{refusal}");
+    }
     Ok(())
 }
 
@@ -210,8 +214,9 @@ async fn current_database(sql: &PgSession) -> Result<String> {
 
 /// Refuses a slot of the node's slot name that is not this node's (another database, another
 /// plugin, physical or temporary), and a legacy slot of the node that a capture still streams
-/// from (init would move it).
-async fn check_slot(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<()> {
+/// from (init would move it): why, naming the slot, what holds it and what to do (`None`: the
+/// slot is fine). Also run by `pgferry check`.
+pub(crate) async fn check_slot(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<Option<String>> {
     let slot = naming::slot_name(&config.cluster.name, &node.name);
     let db = current_database(sql).await?;
     let at = format!("node {} ({})", node.name, sql.endpoint);
@@ -233,11 +238,11 @@ async fn check_slot(config: &Config, node: &NodeConfig, sql: &PgSession) -> Resu
             _ => None,
         };
         if let Some(what) = what {
-            bail!(
+            return Ok(Some(format!(
                 "{at}: replication slot {slot} already exists and {what}; pgferry will not reuse it. \
                  Give this cluster another [cluster] name, or drop the slot if nothing uses it \
                  (SELECT pg_drop_replication_slot('{slot}'))"
-            );
+            )));
         }
     }
     let legacy = naming::legacy_slot_name(&node.name);
@@ -245,20 +250,21 @@ async fn check_slot(config: &Config, node: &NodeConfig, sql: &PgSession) -> Resu
         if let Some(s) = slot_row(sql, &legacy).await? {
             let ours = s.kind == "logical" && s.database.as_deref() == Some(db.as_str()) && s.plugin.as_deref() == Some("pgoutput");
             if let (true, Some(pid)) = (ours, s.active_pid) {
-                bail!(
+                return Ok(Some(format!(
                     "{at}: replication slot {legacy} (this node's, from an earlier pgferry) is in use by pid {pid}: \
                      stop the node's capture, then run init again to move the slot to {slot}"
-                );
+                )));
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Refuses a replication origin of one of the node's origin names that a session of another
-/// database holds. Origins are server-wide and record no database; the session that has one
-/// set up is all PostgreSQL tells of its user.
-async fn check_origins(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<()> {
+/// database holds: why, naming the origin and its holder (`None`: the origins are fine).
+/// Origins are server-wide and record no database; the session that has one set up is all
+/// PostgreSQL tells of its user. Also run by `pgferry check`.
+pub(crate) async fn check_origins(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<Option<String>> {
     let at = format!("node {} ({})", node.name, sql.endpoint);
     for other in &config.nodes {
         if other.name == node.name {
@@ -289,18 +295,18 @@ async fn check_origins(config: &Config, node: &NodeConfig, sql: &PgSession) -> R
             Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) => {
                 let message = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string());
                 if let Some(holder) = origin_holder(sql, &message, &node.name, &other.name).await? {
-                    bail!(
+                    return Ok(Some(format!(
                         "{at}: replication origin {origin} is in use by {holder}, not by this node's apply; \
                          pgferry will not share it. Is another pgferry cluster named {:?} running on this server? \
                          Give this cluster another [cluster] name",
                         config.cluster.name
-                    );
+                    )));
                 }
             }
             Err(e) => return Err(sql.err(format!("checking replication origin {origin}"))(e).into()),
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Who holds a replication origin, from PostgreSQL's "… is already active for PID n": `None`

@@ -3,6 +3,7 @@
 
 mod catch_up;
 mod bench_cmd;
+mod check;
 mod conflicts_cmd;
 mod diff;
 mod init;
@@ -39,6 +40,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check every prerequisite (config, nodes, Kafka, registry), before `init` and in
+    /// monitoring; exit status 0 all good, 1 problems found, 2 something could not be checked.
+    ///
+    /// On every node: server version, wal_level, track_commit_timestamp, room for the slot,
+    /// origins, WAL sender and sessions, the replicated tables (primary key, REPLICA IDENTITY
+    /// FULL for delta columns) and the role's privileges; Kafka: reachable, transactions, the
+    /// topics' partitions, retention and min.insync.replicas; the registry: reachable,
+    /// compatibility level. Warnings leave the exit status 0.
+    Check(check::CheckArgs),
     /// Create topics, and on every node the `pgferry` schema, publication, slot and origins.
     Init,
     /// Run the capture service of a node (its changes → Kafka).
@@ -93,7 +103,7 @@ impl Command {
     /// The exit status when the command fails.
     fn error_status(&self) -> i32 {
         match self {
-            Command::Diff(_) => diff::EXIT_ERROR,
+            Command::Diff(_) | Command::Check(_) => diff::EXIT_ERROR,
             _ => 1,
         }
     }
@@ -135,6 +145,10 @@ fn main() {
             std::process::exit(error_status);
         }
     };
+    // check reports a config it cannot load as a finding, so it loads the config itself.
+    if let Command::Check(args) = &cli.command {
+        std::process::exit(runtime.block_on(check::run(&cli.config, args)));
+    }
     match runtime.block_on(run(cli)) {
         Ok(0) => {}
         Ok(status) => std::process::exit(status),
@@ -182,6 +196,7 @@ async fn run_command(cli: Cli, config: Arc<Config>) -> Result<i32> {
             return Ok(if status.healthy() { 0 } else { 1 });
         }
         Command::Bench { .. } => anyhow::bail!("pgferry bench is run before the config is read"),
+        Command::Check(_) => anyhow::bail!("pgferry check is run before the config is read"),
         Command::Capture(args) => {
             let node = node_of(&args.node)?;
             let registry = serve_metrics(&config, &node, args.metrics_listen, &cli.config).await?;

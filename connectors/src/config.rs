@@ -141,6 +141,12 @@ pub struct KafkaConfig {
     /// Replication factor of created topics.
     #[serde(default = "default_replication_factor")]
     pub replication_factor: i32,
+    /// How long the topics keep events (`retention.ms` of the topics `init` creates; -1:
+    /// forever): the longest outage after which a node can still catch up from Kafka.
+    /// `pgferry check` reports a topic that keeps them for less. Default: the brokers'
+    /// `log.retention.*`.
+    #[serde(default)]
+    pub retention_ms: Option<i64>,
     /// Extra librdkafka properties, applied to every client (they may not repeat a property
     /// that a key below sets).
     #[serde(default)]
@@ -572,6 +578,14 @@ impl Config {
             crate::pg_tls::TlsDsn::parse(&n.dsn)
                 .and_then(|d| d.tls.check_files())
                 .map_err(|message| invalid(key("dsn"), message))?;
+        }
+        if let Some(ms) = self.kafka.retention_ms {
+            if ms != -1 && ms < 1 {
+                return Err(invalid(
+                    "kafka.retention_ms".into(),
+                    format!("{ms}: use a number of milliseconds, or -1 to keep events forever"),
+                ));
+            }
         }
         self.validate_kafka_security()
             .map_err(|(key, message)| invalid(key, message))?;
@@ -1265,6 +1279,17 @@ tables = ["public.accounts", "items"]
         let none = GOOD.replace("tables = [\"public.accounts\", \"items\"]", "");
         let e = Config::parse(&none, "t.toml").unwrap_err().to_string();
         assert!(e.contains("replication.tables"), "{e}");
+    }
+
+    #[test]
+    fn retention_is_milliseconds_or_forever() {
+        std::env::set_var("PGFERRY_TEST_PW", "pw1");
+        let with = |v: &str| GOOD.replace("[registry]", &format!("retention_ms = {v}\n[registry]"));
+        assert_eq!(Config::parse(&with("604800000"), "t.toml").unwrap().kafka.retention_ms, Some(604_800_000));
+        assert_eq!(Config::parse(&with("-1"), "t.toml").unwrap().kafka.retention_ms, Some(-1));
+        assert_eq!(Config::parse(GOOD, "t.toml").unwrap().kafka.retention_ms, None);
+        let e = Config::parse(&with("0"), "t.toml").unwrap_err().to_string();
+        assert_eq!(e, "config t.toml: kafka.retention_ms: 0: use a number of milliseconds, or -1 to keep events forever");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Kafka clients (rdkafka): the transactional producer capture uses, the `read_committed`
 //! consumer apply uses, topic creation, and reading a partition's last committed message.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, ConfigResource, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -267,8 +268,12 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str, partitions: i32) -> Re
     let admin: AdminClient<DefaultClientContext> = client_config(cfg)
         .create()
         .map_err(client_err(cfg, "creating admin client"))?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(cfg.replication_factor))
+    let retention = cfg.retention_ms.map(|ms| ms.to_string());
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(cfg.replication_factor))
         .set("cleanup.policy", "delete");
+    if let Some(ms) = &retention {
+        new = new.set("retention.ms", ms);
+    }
     let opts = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(30)))
         .request_timeout(Some(Duration::from_secs(30)));
@@ -324,6 +329,127 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str, partitions: i32) -> Re
         });
     }
     Ok(created)
+}
+
+/// What `pgferry check` reads of a Kafka cluster ([`describe`]).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterDescription {
+    /// The brokers' ids.
+    pub brokers: Vec<i32>,
+    /// The configuration of one broker (the first in the metadata), every entry it reports.
+    pub broker_config: BTreeMap<String, String>,
+    /// The topics asked about that exist (and `__transaction_state` if it exists), by name.
+    pub topics: BTreeMap<String, TopicDescription>,
+}
+
+/// One topic as [`describe`] reads it.
+#[derive(Debug, Clone, Default)]
+pub struct TopicDescription {
+    /// Number of partitions.
+    pub partitions: usize,
+    /// Replicas of its first partition.
+    pub replication_factor: usize,
+    /// Its configuration (every entry the broker reports, defaults included).
+    pub config: BTreeMap<String, String>,
+}
+
+/// The name of Kafka's transaction state topic.
+pub const TRANSACTION_STATE_TOPIC: &str = "__transaction_state";
+
+/// The brokers, one broker's configuration, and the partitions, replication factor and
+/// configuration of each of `topics` that exists (plus [`TRANSACTION_STATE_TOPIC`]).
+pub async fn describe(cfg: &KafkaConfig, topics: &[String]) -> Result<ClusterDescription, KafkaError> {
+    let cfg2 = cfg.clone();
+    let mut wanted: Vec<String> = topics.to_vec();
+    wanted.push(TRANSACTION_STATE_TOPIC.to_string());
+    let (brokers, shapes) = tokio::task::spawn_blocking(move || -> Result<_, KafkaError> {
+        let consumer: BaseConsumer = client_config(&cfg2)
+            .create()
+            .map_err(client_err(&cfg2, "creating client"))?;
+        let md = consumer
+            .fetch_metadata(None, Duration::from_secs(15))
+            .map_err(|e| unreachable_or(&cfg2, "reading the cluster's metadata", e))?;
+        let brokers: Vec<i32> = md.brokers().iter().map(|b| b.id()).collect();
+        let shapes: Vec<(String, usize, usize)> = md
+            .topics()
+            .iter()
+            .filter(|t| wanted.iter().any(|w| w == t.name()) && t.error().is_none())
+            .map(|t| {
+                let rf = t.partitions().first().map_or(0, |p| p.replicas().len());
+                (t.name().to_string(), t.partitions().len(), rf)
+            })
+            .collect();
+        Ok((brokers, shapes))
+    })
+    .await
+    .map_err(|e| KafkaError::Unreachable {
+        bootstrap: cfg.bootstrap_servers.clone(),
+        message: format!("metadata task failed: {e}"),
+    })??;
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg)
+        .create()
+        .map_err(client_err(cfg, "creating admin client"))?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(15)));
+    let mut resources = Vec::new();
+    if let Some(first) = brokers.first() {
+        resources.push(ResourceSpecifier::Broker(*first));
+    }
+    resources.extend(shapes.iter().map(|(name, _, _)| ResourceSpecifier::Topic(name)));
+    let results = admin
+        .describe_configs(&resources, &opts)
+        .await
+        .map_err(|e| unreachable_or(cfg, "reading configurations", e))?;
+    let mut out = ClusterDescription {
+        brokers: brokers.clone(),
+        ..Default::default()
+    };
+    let entries = |r: &ConfigResource| -> BTreeMap<String, String> {
+        r.entries
+            .iter()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    };
+    let mut results = results.into_iter();
+    if !brokers.is_empty() {
+        match results.next() {
+            Some(Ok(r)) => out.broker_config = entries(&r),
+            Some(Err(code)) => {
+                return Err(KafkaError::Unreachable {
+                    bootstrap: cfg.bootstrap_servers.clone(),
+                    message: format!("reading the configuration of broker {}: {code}", brokers[0]),
+                })
+            }
+            None => {}
+        }
+    }
+    for ((name, partitions, replication_factor), result) in shapes.into_iter().zip(results) {
+        let config = match result {
+            Ok(r) => entries(&r),
+            Err(code) => {
+                return Err(KafkaError::Topic {
+                    topic: name,
+                    message: format!("reading its configuration: {code}"),
+                })
+            }
+        };
+        out.topics.insert(
+            name,
+            TopicDescription {
+                partitions,
+                replication_factor,
+                config,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Initializes a transactional producer with `transactional.id` = `txn_id` (the one capture
+/// makes, with its timeouts), which shows the cluster takes transactions from this client:
+/// the transaction coordinator answers, the id is authorized, `transaction.timeout.ms` is
+/// allowed. Blocking.
+pub fn probe_transactions(cfg: &KafkaConfig, txn_id: &str) -> Result<(), KafkaError> {
+    transactional_producer(cfg, txn_id, None).map(|_| ())
 }
 
 /// The value of header `name` as UTF-8.

@@ -25,6 +25,9 @@ pub enum RegistryError {
         subject: String,
         message: String,
     },
+    /// A request (`GET <path>`) failed or was refused.
+    #[error("schema registry {url}: GET {path}: {message}")]
+    Request { url: String, path: String, message: String },
     /// Fetching a schema by id failed.
     #[error("schema registry {url}: fetching schema id {id}: {message}")]
     Fetch { url: String, id: u32, message: String },
@@ -45,6 +48,9 @@ impl RegistryError {
 pub struct Registry {
     url: String,
     settings: SrSettings,
+    /// For the requests the converter crate has no call for (compatibility, subjects).
+    http: reqwest::Client,
+    basic_auth: Option<(String, Option<String>)>,
     registered: Arc<Mutex<HashMap<(String, String), u32>>>,
     by_id: Arc<Mutex<HashMap<u32, Arc<String>>>>,
 }
@@ -61,27 +67,18 @@ impl Registry {
         if let Some(user) = &cfg.username {
             builder.set_basic_authorization(user, cfg.password.as_deref());
         }
-        let mut http = reqwest::Client::builder().tls_backend_native();
-        if let Some(file) = &cfg.ca_file {
-            let pem = std::fs::read(file).map_err(|e| client_error(format!("ca_file {}: {e}", file.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| client_error(format!("ca_file {}: {e}", file.display())))?;
-            if certs.is_empty() {
-                return Err(client_error(format!(
-                    "ca_file {}: holds no PEM certificate",
-                    file.display()
-                )));
-            }
-            for cert in certs {
-                http = http.add_root_certificate(cert);
-            }
-        }
         let settings = builder
-            .build_with(http)
+            .build_with(http_builder(cfg, &url)?)
             .map_err(|e| client_error(format!("setting up the HTTP client: {}", describe(&e))))?;
+        let http = http_builder(cfg, &url)?
+            .timeout(std::time::Duration::from_secs(15))
+            .build()
+            .map_err(|e| client_error(format!("setting up the HTTP client: {e}")))?;
         Ok(Registry {
             settings,
             url,
+            http,
+            basic_auth: cfg.username.clone().map(|u| (u, cfg.password.clone())),
             registered: Arc::default(),
             by_id: Arc::default(),
         })
@@ -133,6 +130,115 @@ impl Registry {
         }
         Ok(s)
     }
+}
+
+/// An HTTP client builder for the registry: the system's CAs plus `ca_file`'s.
+fn http_builder(cfg: &RegistryConfig, url: &str) -> Result<reqwest::ClientBuilder, RegistryError> {
+    let client_error = |message: String| RegistryError::Client {
+        url: url.to_string(),
+        message,
+    };
+    let mut http = reqwest::Client::builder().tls_backend_native();
+    if let Some(file) = &cfg.ca_file {
+        let pem = std::fs::read(file).map_err(|e| client_error(format!("ca_file {}: {e}", file.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| client_error(format!("ca_file {}: {e}", file.display())))?;
+        if certs.is_empty() {
+            return Err(client_error(format!(
+                "ca_file {}: holds no PEM certificate",
+                file.display()
+            )));
+        }
+        for cert in certs {
+            http = http.add_root_certificate(cert);
+        }
+    }
+    Ok(http)
+}
+
+impl Registry {
+    /// `GET <url>/<path>`: the JSON answer. A 404 is `Ok(None)`.
+    async fn get_json(&self, path: &str) -> Result<Option<serde_json::Value>, RegistryError> {
+        let err = |message: String| RegistryError::Request {
+            url: self.url.clone(),
+            path: path.to_string(),
+            message,
+        };
+        let mut request = self.http.get(format!("{}/{path}", self.url));
+        if let Some((user, password)) = &self.basic_auth {
+            request = request.basic_auth(user, password.as_deref());
+        }
+        let response = request.send().await.map_err(|e| {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(c) = source {
+                let t = c.to_string();
+                if !text.contains(&t) {
+                    text = format!("{text}: {t}");
+                }
+                source = c.source();
+            }
+            err(text)
+        })?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let body = response.text().await.map_err(|e| err(e.to_string()))?;
+        if !status.is_success() {
+            let mut message = format!("HTTP {status}: {}", body.chars().take(200).collect::<String>());
+            if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+                message += " (check registry.username and registry.password)";
+            }
+            return Err(err(message));
+        }
+        serde_json::from_str(&body)
+            .map(Some)
+            .map_err(|e| err(format!("the answer is not JSON ({e}): {}", body.chars().take(200).collect::<String>())))
+    }
+
+    /// The compatibility level (`NONE`, `BACKWARD`, …) of `subject`, or the global one.
+    /// A subject without a level of its own has the global one.
+    pub async fn compatibility(&self, subject: Option<&str>) -> Result<String, RegistryError> {
+        let path = match subject {
+            Some(s) => format!("config/{}", encode_path_segment(s)),
+            None => "config".to_string(),
+        };
+        let answer = self.get_json(&path).await?;
+        if answer.is_none() && subject.is_some() {
+            return Box::pin(self.compatibility(None)).await;
+        }
+        answer
+            .as_ref()
+            .and_then(|v| v.get("compatibilityLevel").or_else(|| v.get("compatibility")))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| RegistryError::Request {
+                url: self.url.clone(),
+                path,
+                message: format!("no compatibilityLevel in the answer {answer:?}"),
+            })
+    }
+
+    /// Every subject the registry holds.
+    pub async fn subjects(&self) -> Result<Vec<String>, RegistryError> {
+        let answer = self.get_json("subjects").await?;
+        Ok(answer
+            .as_ref()
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+            .unwrap_or_default())
+    }
+}
+
+/// `text` percent-encoded for one URL path segment.
+fn encode_path_segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A registry client error: what failed, the registry's own message when it sent one, and the

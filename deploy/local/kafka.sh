@@ -15,6 +15,10 @@
 # credentials created when the storage is formatted, ';'-separated kafka-storage --add-scram
 # values, e.g. 'SCRAM-SHA-512=[name=pgferry,password=secret]'. The PLAINTEXT listener stays for
 # the controller, inter-broker traffic and the readiness check.
+#
+# PGFERRY_KAFKA_EXTRA_PROPS: server.properties lines appended after pgferry's (a later line wins),
+# for tests that run a broker of their own with a setting of their own (e.g. `pgferry check`'s
+# transactions test: transaction.state.log.replication.factor=2 on one broker).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PGFERRY_LOG_TAG=kafka
@@ -28,6 +32,7 @@ KAFKA_LIBS="$PGFERRY_KAFKA_HOME/libs"
 : "${PGFERRY_KAFKA_SASL_SSL_PORT:=}"
 : "${PGFERRY_KAFKA_SSL_PEM:=}"
 : "${PGFERRY_KAFKA_SCRAM_USERS:=}"
+: "${PGFERRY_KAFKA_EXTRA_PROPS:=}"
 : "${PGFERRY_KAFKA_HEAP:=-Xms512m -Xmx1g}"
 
 require_libs() {
@@ -124,6 +129,9 @@ listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.se
 listener.name.sasl_ssl.ssl.keystore.type=PEM
 listener.name.sasl_ssl.ssl.keystore.location=$PGFERRY_KAFKA_SSL_PEM
 EOF
+    fi
+    if [[ -n "$PGFERRY_KAFKA_EXTRA_PROPS" ]]; then
+        printf '# PGFERRY_KAFKA_EXTRA_PROPS (later lines win)\n%s\n' "$PGFERRY_KAFKA_EXTRA_PROPS" >>"$KAFKA_PROPS"
     fi
 }
 

@@ -82,6 +82,9 @@ pub struct KafkaOptions {
     pub proxied: bool,
     /// Put the broker's log directory on a tmpfs of this many MiB (to fill it up).
     pub tmpfs_mib: Option<u64>,
+    /// `server.properties` lines appended after the script's own (a later line wins), e.g.
+    /// `transaction.state.log.replication.factor=2`.
+    pub extra_properties: Vec<String>,
 }
 
 /// A single-node KRaft broker of one test.
@@ -107,6 +110,9 @@ impl OwnKafka {
             ("PGFERRY_KAFKA_CONTROLLER_PORT", controller.to_string()),
             ("PGFERRY_KAFKA_HEAP", "-Xms256m -Xmx512m".to_string()),
         ];
+        if !options.extra_properties.is_empty() {
+            env.push(("PGFERRY_KAFKA_EXTRA_PROPS", options.extra_properties.join("\n")));
+        }
         let mut proxy = None;
         if options.proxied {
             let proxied = free_port()?;
