@@ -7,7 +7,8 @@
 //! the target's `pgferry.apply_progress`, read and counted, heartbeats left out), the lag in ms (apply's
 //! `pgferry_apply_lag_milliseconds` when the target serves metrics, else the age of the last
 //! applied commit), and the retention headroom: how long until Kafka deletes the oldest message
-//! the target still needs (the topic's `retention.ms` minus that message's age).
+//! the target still needs (the topic's `retention.ms` minus that message's age), and — when the
+//! target's stream of that origin stopped at a change and waits to retry — why (its `/healthz`).
 //! A node that does not answer is reported as down; status never fails because one part is.
 
 use std::collections::BTreeMap;
@@ -50,6 +51,9 @@ struct NodeStatus {
     dead_letters: Option<i64>,
     /// `/healthz` of the node's services: "ok", the failing checks, or why it was not reached.
     health: Option<String>,
+    /// Origins whose stream on this node waits after a failure, with the reason (from `/healthz`).
+    #[serde(skip)]
+    waiting: Vec<(String, String)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +68,9 @@ struct Lag {
     /// applied commit; grows while the origin is idle).
     lag_source: Option<&'static str>,
     retention_headroom_ms: Option<i64>,
+    /// Why the target's stream of this origin stopped and waits to retry (the change it cannot
+    /// apply yet); None while it applies, or when the target serves no `/healthz`.
+    waiting: Option<String>,
 }
 
 /// Gathers the report.
@@ -77,7 +84,8 @@ pub async fn gather(config: &Config) -> Status {
             sessions.insert(node.name.clone(), s);
         }
     }
-    let lag = lag_matrix(config, &sessions).await;
+    let waiting: BTreeMap<String, Vec<(String, String)>> = nodes.iter().map(|n| (n.name.clone(), n.waiting.clone())).collect();
+    let lag = lag_matrix(config, &sessions, &waiting).await;
     Status {
         cluster: config.cluster.name.clone(),
         nodes,
@@ -99,11 +107,15 @@ async fn node_status(config: &Config, node: &NodeConfig) -> (NodeStatus, Option<
         conflicts_parked: None,
         dead_letters: None,
         health: None,
+        waiting: Vec::new(),
     };
     if let Some(addr) = node.metrics_listen.as_deref().and_then(|a| a.parse::<std::net::SocketAddr>().ok()) {
         s.health = Some(match pgferry_connectors::http_endpoint::get(addr, "/healthz", TIMEOUT).await {
             Ok((200, _)) => "ok".into(),
-            Ok((code, body)) => format!("{code}: {}", body.trim().replace('\n', "; ")),
+            Ok((code, body)) => {
+                s.waiting = pgferry_apply::metrics::waiting_origins(&body);
+                format!("{code}: {}", body.trim().replace('\n', "; "))
+            }
             Err(e) => format!("not reached: {e}"),
         });
     }
@@ -148,8 +160,9 @@ async fn node_status(config: &Config, node: &NodeConfig) -> (NodeStatus, Option<
     (s, Some(sql))
 }
 
-/// Origin → target cells for every target that answered.
-async fn lag_matrix(config: &Config, sessions: &BTreeMap<String, PgSession>) -> Vec<Lag> {
+/// Origin → target cells for every target that answered; `waiting`: per target, the streams
+/// its `/healthz` names as waiting (by the node whose partition carries them).
+async fn lag_matrix(config: &Config, sessions: &BTreeMap<String, PgSession>, waiting: &BTreeMap<String, Vec<(String, String)>>) -> Vec<Lag> {
     let mut cells = Vec::new();
     for target in &config.nodes {
         for origin in config.nodes.iter().filter(|o| o.name != target.name) {
@@ -165,6 +178,10 @@ async fn lag_matrix(config: &Config, sessions: &BTreeMap<String, PgSession>) -> 
                 lag_ms: None,
                 lag_source: None,
                 retention_headroom_ms: None,
+                waiting: waiting
+                    .get(&target.name)
+                    .and_then(|w| w.iter().find(|(o, _)| *o == carrier.name))
+                    .map(|(_, reason)| reason.clone()),
             };
             if let Some(sql) = sessions.get(&target.name) {
                 let applied = applied(sql, &topic, partition, &origin.name).await;
@@ -352,6 +369,9 @@ impl Status {
                 duration_ms(l.retention_headroom_ms),
                 l.partition
             );
+            if let Some(reason) = &l.waiting {
+                out += &format!("{:<12} {} → {} waits: {reason}\n", "", l.origin, l.target);
+            }
         }
         out
     }

@@ -1,7 +1,8 @@
 //! Keeps the services running: each restarts after an error with exponential backoff
 //! (0.5 s doubling to 30 s, back to 0.5 s after a run of 10 s or more), logging the error,
 //! until the process is stopped. Each service reports into the process's metrics registry;
-//! its last error shows in `/healthz`.
+//! its last error shows in `/healthz`. Inside apply, a stream of one origin that fails retries
+//! on its own with the same steps and does not end the service (issue 16, scenario 3).
 
 use std::future::Future;
 use std::sync::Arc;

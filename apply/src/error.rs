@@ -38,6 +38,15 @@ pub enum ApplyError {
         table: String,
         message: String,
     },
+    /// A change names a table or column this node does not have yet while DDL replication is
+    /// on: the DDL that creates it may still be on its way in another origin's stream, so the
+    /// change's origin waits for it (its stream retries) instead of dead-lettering the change.
+    #[error("origin {origin}: table {table}: {message}; waiting for the DDL that creates it (DDL replication is on)")]
+    NotYet {
+        origin: String,
+        table: String,
+        message: String,
+    },
     /// A message apply can never use (no or unknown origin, unknown kind, an origin routed
     /// through another partition): it goes to the dead-letter topic.
     #[error("{topic}/{partition} (partition of {source_node}) offset {offset}: {message}")]
@@ -79,5 +88,11 @@ impl ApplyError {
     /// the dead-letter topic (the stream goes on) rather than stopping the stream (retried).
     pub fn dead_letter(&self) -> bool {
         matches!(self, ApplyError::Decode { .. } | ApplyError::Unusable { .. } | ApplyError::Write { .. })
+    }
+
+    /// Whether this waits for DDL from another origin ([`ApplyError::NotYet`]): its stream
+    /// retries as soon as another stream of the node has applied DDL, not only after its backoff.
+    pub fn waits_for_ddl(&self) -> bool {
+        matches!(self, ApplyError::NotYet { .. })
     }
 }

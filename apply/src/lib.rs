@@ -12,7 +12,8 @@
 //! origin that have already arrived are applied as one group (module `group`: read, decide, write
 //! set-based), with the outcome of applying them one by one; everything else goes one by one.
 //! [`metrics`] counts what each origin's committed transactions wrote and tracks each origin's
-//! lag and whether its stream runs.
+//! lag and whether its stream runs. A stream that fails (a change it cannot apply yet, a lost
+//! session) rolls back, waits and retries alone (`origin_retry`) while the others go on.
 //! Beside the streams, [`conflict_publisher`] publishes `pgferry.conflicts` to
 //! `<cluster>.conflicts` and [`tombstone_gc`] drops tombstones every origin has passed.
 
@@ -24,6 +25,7 @@ pub mod ddl;
 mod error;
 mod group;
 pub mod metrics;
+mod origin_retry;
 mod partition_stream;
 mod progress;
 pub mod replay;

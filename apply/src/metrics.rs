@@ -20,14 +20,73 @@ use rdkafka::message::{BorrowedMessage, Message};
 
 #[derive(Default)]
 struct State {
-    /// Origin → (stream running, origin time of the last applied txn or heartbeat in µs; 0: none).
-    origins: BTreeMap<String, (bool, Arc<AtomicI64>)>,
+    /// Origin → its stream's state.
+    origins: BTreeMap<String, OriginState>,
     /// The last error apply stopped with (already scrubbed of secrets).
     last_error: Option<String>,
     /// Whether an origin's partition holds messages not applied yet (None: unknown).
     pending: Option<PendingProbe>,
     /// The consumer's last "all brokers down" error.
     kafka_error: Option<String>,
+}
+
+/// The state of one origin's stream.
+#[derive(Default)]
+struct OriginState {
+    /// Whether the stream runs.
+    running: bool,
+    /// Origin time of the last applied transaction or heartbeat in µs (0: none).
+    last_origin_us: Arc<AtomicI64>,
+    /// Why the stream stopped and waits to retry, until it gets past where it failed.
+    waiting: Option<Waiting>,
+}
+
+/// An origin's stream that failed and waits to retry (`crate::origin_retry`).
+#[derive(Debug, Clone)]
+struct Waiting {
+    /// The last error (already scrubbed of secrets), on one line.
+    reason: String,
+    /// When it first failed at this point.
+    since: chrono::DateTime<chrono::Utc>,
+    /// Failures in a row at this point.
+    failures: u64,
+    /// When the stream tries again (it is running the retry once this has passed).
+    retry_at: std::time::Instant,
+}
+
+/// The `/healthz` line of an origin whose stream waits:
+/// `origin <name> waits (since <RFC 3339>, <n> failures, <next try>): <reason>`.
+fn waiting_line(origin: &str, w: &Waiting) -> String {
+    let next = match w.retry_at.checked_duration_since(std::time::Instant::now()) {
+        Some(d) if !d.is_zero() => format!("next try in {:.1} s", d.as_secs_f64()),
+        _ => "retrying now".to_string(),
+    };
+    format!(
+        "origin {origin} waits (since {}, {} failure{}, {next}): {}",
+        w.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        w.failures,
+        if w.failures == 1 { "" } else { "s" },
+        w.reason
+    )
+}
+
+/// The origins a `/healthz` answer names as waiting, each with its reason (the lines
+/// [`ApplyMetrics`] writes there; `pgferry status` shows them in its lag matrix).
+pub fn waiting_origins(healthz: &str) -> Vec<(String, String)> {
+    healthz
+        .lines()
+        .filter_map(|line| {
+            // The first line of a service carries the registry's `<service> <node>: ` prefix.
+            let at = line.find("origin ")?;
+            let rest = &line[at + "origin ".len()..];
+            let (origin, rest) = rest.split_once(" waits (")?;
+            if origin.contains(' ') || (at > 0 && !line[..at].ends_with(": ")) {
+                return None;
+            }
+            let (_, reason) = rest.split_once("): ")?;
+            Some((origin.to_string(), reason.to_string()))
+        })
+        .collect()
 }
 
 /// Apply is unhealthy for this long after its consumer reported every broker down, unless a
@@ -99,10 +158,16 @@ impl ApplyMetrics {
             node,
             Arc::new(move || {
                 let state = s.lock();
+                // A waiting stream is not running either; it is named with its reason instead.
+                let waiting: Vec<String> = state
+                    .origins
+                    .iter()
+                    .filter_map(|(o, st)| st.waiting.as_ref().map(|w| waiting_line(o, w)))
+                    .collect();
                 let idle: Vec<&str> = state
                     .origins
                     .iter()
-                    .filter(|(_, (running, _))| !running)
+                    .filter(|(_, st)| !st.running && st.waiting.is_none())
                     .map(|(o, _)| o.as_str())
                     .collect();
                 let now = now_us();
@@ -110,8 +175,8 @@ impl ApplyMetrics {
                     Some(max) => state
                         .origins
                         .iter()
-                        .filter_map(|(o, (_, t))| {
-                            let t = t.load(Ordering::Relaxed);
+                        .filter_map(|(o, st)| {
+                            let t = st.last_origin_us.load(Ordering::Relaxed);
                             let lag_ms = (now - t) / 1000;
                             // An origin that sends nothing (down, or idle without heartbeats)
                             // is not this node lagging: only count it while messages wait.
@@ -128,18 +193,25 @@ impl ApplyMetrics {
                     return Err(format!("Kafka unreachable: {e}"));
                 }
                 let problem = if state.origins.is_empty() {
-                    "not started".to_string()
+                    Some("not started".to_string())
                 } else if idle.is_empty() && lagging.is_empty() {
-                    return Ok(());
+                    None
                 } else if idle.is_empty() {
-                    lagging.join(", ")
+                    Some(lagging.join(", "))
                 } else {
-                    format!("origin stream not running: {}", idle.join(", "))
+                    Some(format!("origin stream not running: {}", idle.join(", ")))
                 };
-                Err(match &state.last_error {
-                    Some(e) => format!("{problem} (last error: {e})"),
-                    None => problem,
-                })
+                let problem = problem.map(|p| match &state.last_error {
+                    Some(e) => format!("{p} (last error: {e})"),
+                    None => p,
+                });
+                // One line per waiting origin, then the rest.
+                let lines: Vec<String> = waiting.into_iter().chain(problem).collect();
+                if lines.is_empty() {
+                    Ok(())
+                } else {
+                    Err(lines.join("\n"))
+                }
             }),
         );
         ApplyMetrics(shared)
@@ -154,6 +226,47 @@ impl ApplyMetrics {
     /// Records why apply stopped (shown by `/healthz` while it is unhealthy).
     pub fn failed(&self, error: &str) {
         self.0.lock().last_error = Some(error.to_string());
+    }
+
+    /// `origin`'s stream failed with `error` (already scrubbed of secrets) and tries again in
+    /// `retry_in`: apply is unhealthy, and `/healthz` names the origin, why, since when and
+    /// when it retries, until [`ApplyMetrics::origin_resumed`]. `again`: it failed before at
+    /// the same point (the count goes on and `since` stays).
+    pub fn origin_waiting(&self, origin: &str, error: &str, retry_in: std::time::Duration, again: bool) {
+        {
+            let mut state = self.0.lock();
+            let st = state.origins.entry(origin.to_string()).or_default();
+            let (since, failures) = match (&st.waiting, again) {
+                (Some(w), true) => (w.since, w.failures + 1),
+                _ => (chrono::Utc::now(), 1),
+            };
+            st.waiting = Some(Waiting {
+                reason: error.replace(['\n', '\r'], " "),
+                since,
+                failures,
+                retry_at: std::time::Instant::now() + retry_in,
+            });
+        }
+        self.0
+            .registry
+            .counter(
+                "pgferry_apply_origin_retries_total",
+                "Failures of an origin's stream, each followed by a wait and a retry of that stream alone.",
+                &[("node", self.0.node.as_str()), ("origin", origin)],
+            )
+            .inc();
+    }
+
+    /// Whether `origin`'s stream waits after a failure.
+    pub fn is_waiting(&self, origin: &str) -> bool {
+        self.0.lock().origins.get(origin).is_some_and(|st| st.waiting.is_some())
+    }
+
+    /// `origin`'s stream got past the point where it failed: it no longer waits.
+    pub fn origin_resumed(&self, origin: &str) {
+        if let Some(st) = self.0.lock().origins.get_mut(origin) {
+            st.waiting = None;
+        }
     }
 
     /// The consumer reported that no broker can be reached: unhealthy until a message arrives
@@ -216,7 +329,7 @@ impl ApplyMetrics {
     /// its last applied transaction or, when idle, its last heartbeat. None before either.
     pub fn caught_up_to(&self, origin: &str) -> Option<i64> {
         let state = self.0.lock();
-        let t = state.origins.get(origin)?.1.load(Ordering::Relaxed);
+        let t = state.origins.get(origin)?.last_origin_us.load(Ordering::Relaxed);
         (t != 0).then_some(t)
     }
 
@@ -224,14 +337,14 @@ impl ApplyMetrics {
     pub fn origin(&self, origin: &str) -> OriginMetrics {
         let s = &self.0;
         let l = [("node", s.node.as_str()), ("origin", origin)];
-        let last_origin_us = {
-            let mut state = s.lock();
-            let entry = state
-                .origins
-                .entry(origin.to_string())
-                .or_insert_with(|| (false, Arc::new(AtomicI64::new(0))));
-            entry.1.clone()
-        };
+        let last_origin_us = s.lock().origins.entry(origin.to_string()).or_default().last_origin_us.clone();
+        let (shared, o) = (s.clone(), origin.to_string());
+        s.registry.gauge_fn(
+            "pgferry_apply_origin_waiting",
+            "1 while the origin's stream waits to retry a change it failed at (why: /healthz), else 0.",
+            &l,
+            Arc::new(move || Some(f64::from(u8::from(shared.lock().origins.get(&o).is_some_and(|st| st.waiting.is_some()))))),
+        );
         let t = last_origin_us.clone();
         s.registry.gauge_fn(
             "pgferry_apply_lag_milliseconds",
@@ -293,7 +406,7 @@ impl OriginMetrics {
 
     fn set_running(&self, running: bool) {
         if let Some(o) = self.shared.lock().origins.get_mut(&self.origin) {
-            o.0 = running;
+            o.running = running;
         }
     }
 
@@ -395,7 +508,7 @@ pub struct RunningGuard {
 impl Drop for RunningGuard {
     fn drop(&mut self) {
         if let Some(o) = self.shared.lock().origins.get_mut(&self.origin) {
-            o.0 = false;
+            o.running = false;
         }
     }
 }
@@ -453,6 +566,42 @@ mod tests {
             text.contains("pgferry_healthy{node=\"n2\",service=\"apply\"} 1\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn names_a_waiting_origin_and_why_until_it_resumes() {
+        let registry = MetricsRegistry::new();
+        let apply = ApplyMetrics::new(&registry, "n1");
+        let m2 = apply.origin("n2");
+        let _running2 = m2.running();
+        let m3 = apply.origin("n3");
+        let running3 = m3.running();
+        assert!(registry.health().is_ok());
+        // n3's stream fails twice at the same change; n2's runs on.
+        drop(running3);
+        let reason = "origin n3: table public.t: change rejected (on_error = stop): new row violates check constraint \"not_bad\"\nsecond line";
+        apply.origin_waiting("n3", reason, std::time::Duration::from_secs(4), false);
+        apply.origin_waiting("n3", reason, std::time::Duration::from_secs(8), true);
+        assert!(apply.is_waiting("n3") && !apply.is_waiting("n2"));
+        let e = registry.health().unwrap_err();
+        assert!(e.starts_with("apply n1: origin n3 waits (since "), "{e}");
+        assert!(e.contains("2 failures, next try in ") && e.contains("not_bad") && e.contains("second line"), "{e}");
+        assert!(!e.contains("n2") && !e.contains("not running"), "only the waiting origin is named: {e}");
+        let waiting = waiting_origins(&e);
+        assert_eq!(waiting.len(), 1, "{waiting:?}");
+        assert_eq!(waiting[0].0, "n3");
+        assert!(waiting[0].1.starts_with("origin n3: table public.t: change rejected") && waiting[0].1.ends_with("second line"), "{waiting:?}");
+        let text = registry.render();
+        assert!(text.contains("pgferry_apply_origin_waiting{node=\"n1\",origin=\"n3\"} 1\n"), "{text}");
+        assert!(text.contains("pgferry_apply_origin_waiting{node=\"n1\",origin=\"n2\"} 0\n"), "{text}");
+        assert!(text.contains("pgferry_apply_origin_retries_total{node=\"n1\",origin=\"n3\"} 2\n"), "{text}");
+        // Past the change: healthy again.
+        let _running3 = m3.running();
+        apply.origin_resumed("n3");
+        assert!(registry.health().is_ok());
+        assert!(registry.render().contains("pgferry_apply_origin_waiting{node=\"n1\",origin=\"n3\"} 0\n"));
+        // A line that is not a waiting origin's is not taken for one.
+        assert!(waiting_origins("apply n1: origin stream not running: n2 (last error: x)").is_empty());
     }
 
     #[test]

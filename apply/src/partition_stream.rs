@@ -82,6 +82,15 @@ pub struct PartitionStream {
     pub group_budget: usize,
     /// Waits for this node's clock to pass the commit time of what it applies.
     pub clock_skew: ClockSkew,
+    /// While the stream waits after a failure (`crate::origin_retry`): the offset of the last
+    /// message it had handled when it failed; handling a later one means it got past the point
+    /// where it failed, and it no longer waits.
+    pub waiting_at: Option<i64>,
+    /// Told whenever a stream of this node commits a transaction that ran replicated DDL (a
+    /// stream waiting for a table or column, [`ApplyError::NotYet`], then retries at once).
+    pub schema_changed: Arc<tokio::sync::Notify>,
+    /// Whether the open transaction ran replicated DDL.
+    ran_ddl: bool,
 }
 
 /// Counts of one stream, updated as it goes.
@@ -188,6 +197,9 @@ impl PartitionStream {
             apply_own: false,
             group_budget: usize::MAX,
             clock_skew,
+            waiting_at: None,
+            schema_changed: Arc::new(tokio::sync::Notify::new()),
+            ran_ddl: false,
             predecoded: HashMap::new(),
             progress: Arc::new(StreamProgress {
                 offset: AtomicI64::new(-1),
@@ -252,8 +264,63 @@ impl PartitionStream {
     }
 
     /// Applies messages until the stream or a write fails.
-    pub async fn run(mut self, queue: StreamPartitionQueue<DefaultConsumerContext>) -> Result<(), ApplyError> {
+    pub async fn run(&mut self, queue: &StreamPartitionQueue<DefaultConsumerContext>) -> Result<(), ApplyError> {
         self.run_stream(queue.stream(), Until::Forever).await
+    }
+
+    /// Makes the stream ready to run again after it failed: the open transaction (if any)
+    /// rolled back — or, when the session is gone, a new session (`open_session`) whose
+    /// replication origin is set up again at the next transaction —, table metadata and prepared
+    /// statements read again (the cause may have been fixed by DDL), and the applied positions
+    /// read from `pgferry.apply_progress` again. Returns the offset to resume the partition at.
+    pub(crate) async fn recover<F, Fut>(&mut self, open_session: F) -> Result<rdkafka::Offset, ApplyError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<PgSession, ApplyError>>,
+    {
+        self.skipping = None;
+        self.predecoded.clear();
+        self.ran_ddl = false;
+        self.group_budget = usize::MAX;
+        self.writer.forget_tables();
+        if !self.session_usable().await {
+            self.sql = open_session().await?;
+            self.session_origin = None;
+            self.statements = None;
+        }
+        let resume = progress::read(&self.sql, &self.topic, self.partition).await?;
+        for (origin, lsn) in resume.origins {
+            let applied = self.applied.entry(origin).or_insert(0);
+            *applied = (*applied).max(lsn);
+        }
+        Ok(match resume.kafka_offset {
+            Some(o) => rdkafka::Offset::Offset(o + 1),
+            None => rdkafka::Offset::Beginning,
+        })
+    }
+
+    /// Whether the session answers outside any transaction, rolling back one that a failure
+    /// left open (an aborted one, or one whose statements all succeeded before a failure
+    /// elsewhere).
+    async fn session_usable(&self) -> bool {
+        if self.sql.client.is_closed() {
+            return false;
+        }
+        // Inside a transaction block `now()` is the block's start, earlier than the statement's;
+        // outside, a simple-protocol statement is its own transaction and both are the same (the
+        // extended protocol would stamp Bind and Execute apart).
+        let probe = self.sql.client.simple_query("SELECT now() <> statement_timestamp()").await;
+        let in_block = probe.as_ref().map(|msgs| {
+            msgs.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t")))
+        });
+        match in_block {
+            Ok(false) => true,
+            Ok(true) => self.sql.client.batch_execute("ROLLBACK").await.is_ok(),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION) => {
+                self.sql.client.batch_execute("ROLLBACK").await.is_ok()
+            }
+            Err(_) => false,
+        }
     }
 
     /// Applies the messages of `stream` (this partition's) until `until`, or until the stream
@@ -339,12 +406,26 @@ impl PartitionStream {
             let applied = self.apply_batch(&batch, &mut open).await;
             batch.clear();
             applied?;
+            self.note_resumed();
             if let Some(e) = failed {
                 return Err(e);
             }
             if end {
                 return Ok(());
             }
+        }
+    }
+
+    /// After a batch: a stream that waited after a failure and has now handled a message past
+    /// the point where it failed no longer waits.
+    fn note_resumed(&mut self) {
+        let Some(at) = self.waiting_at else { return };
+        if self.progress.offset.load(Ordering::Relaxed) > at {
+            self.waiting_at = None;
+            self.metrics.origin_resumed(&self.source);
+            tracing::info!(node = %self.node, origin = %self.source, topic = %self.topic, partition = self.partition,
+                lsn = %format_lsn(self.applied.get(&self.source).copied().unwrap_or(0)),
+                "origin stream got past the change it waited at; applying again");
         }
     }
 
@@ -863,6 +944,7 @@ impl PartitionStream {
                 self.exec("RELEASE SAVEPOINT pgferry_ddl", "releasing a savepoint").await?;
                 // Tables may have new columns or types: read them again.
                 self.writer.forget_tables();
+                self.ran_ddl = true;
                 tracing::info!(node = %self.node, source = %self.source, offset = msg.offset(), sql = %ddl.sql, "replicated DDL applied");
                 Ok(true)
             }
@@ -912,6 +994,7 @@ impl PartitionStream {
         let setup = self.sql.client.execute(&stmts.xact_setup, &params);
         futures::try_join!(self.sql.client.batch_execute("BEGIN"), setup)
             .map_err(self.sql.err("beginning a transaction under the replication origin"))?;
+        self.ran_ddl = false;
         *open = Some(OpenTxn {
             origin: origin.to_string(),
             first_offset: offset,
@@ -945,6 +1028,10 @@ impl PartitionStream {
             futures::try_join!(record, self.sql.client.batch_execute("COMMIT"))
                 .map_err(self.sql.err("recording pgferry.apply_progress and committing"))?;
             *open = None;
+            if std::mem::take(&mut self.ran_ddl) {
+                // Streams waiting for a table or column this DDL may have created retry now.
+                self.schema_changed.notify_waiters();
+            }
             self.origin_metrics(&origin).txn_applied(commit_ts_us);
             self.applied.insert(origin, commit_lsn);
             self.progress.applied.fetch_add(1, Ordering::Relaxed);

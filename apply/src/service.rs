@@ -24,7 +24,8 @@ pub struct ApplyOptions {
     pub metrics: ApplyMetrics,
 }
 
-/// Runs apply for `node_name` until an error (the caller restarts it with backoff).
+/// Runs apply for `node_name` until an error that is not one origin's (the caller restarts it
+/// with backoff): each origin's stream retries on its own (`crate::origin_retry`).
 pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) -> Result<(), ApplyError> {
     let node = config.node(node_name).cloned().ok_or_else(|| ApplyError::Setup {
         node: node_name.into(),
@@ -55,21 +56,13 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
     // its last applied message.
     let mut streams = Vec::new();
     let mut tpl = TopicPartitionList::new();
+    // Shared by the streams: one that commits replicated DDL wakes those waiting for a table
+    // or column (`crate::origin_retry`).
+    let schema_changed = Arc::new(tokio::sync::Notify::new());
     for remote in config.sources(&node) {
         let topic = config.region_topic(&remote.region);
         let partition = config.node_partition(remote);
-        let sql = postgres::connect(&node.dsn, &format!("pgferry-apply-{}-from-{}", node.name, remote.name)).await?;
-        // As PostgreSQL's own subscriptions do: an applied transaction need not wait for its WAL
-        // flush. Its rows, its progress and its origin position commit together, so a crash
-        // that loses the commit loses all three and the transaction is applied again from Kafka
-        // (the benchmark measured 3x the drain rate; the flush was half of the session's CPU).
-        sql.client
-            .batch_execute("SET synchronous_commit = off")
-            .await
-            .map_err(sql.err("setting synchronous_commit for apply"))?;
-        // As PostgreSQL's own apply: users' ordinary triggers and foreign-key actions do not
-        // fire again on applied rows (`crate::replica_role`).
-        crate::replica_role::set(&sql).await?;
+        let sql = open_session(&node.dsn, &node.name, &remote.name).await?;
         crate::conflict::upgrade_schema(&sql).await?;
         let resume = progress::read(&sql, &topic, partition).await?;
         let offset = match resume.kafka_offset {
@@ -82,7 +75,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
                 what: format!("assigning {topic}/{partition}"),
                 source,
             })?;
-        streams.push(PartitionStream::new(
+        let mut stream = PartitionStream::new(
             config.clone(),
             &node.name,
             &remote.name,
@@ -93,7 +86,9 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             options.metrics.clone(),
             dead_letters.clone(),
             registry.clone(),
-        ));
+        );
+        stream.schema_changed = schema_changed.clone();
+        streams.push(stream);
     }
     // Each partition gets its own queue before the assignment starts fetching: a queue split
     // off afterwards can miss the first messages, which librdkafka has by then put on the
@@ -125,8 +120,15 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
         crate::tombstone_gc::run(c, n, dsn, m).await;
         Ok(())
     });
+    // Each stream fails, waits and retries alone (`crate::origin_retry`): one origin that cannot
+    // be applied does not hold up the others.
     for (o, queue) in streams.into_iter().zip(queues) {
-        tasks.spawn(o.run(queue));
+        let (dsn, me, remote) = (node.dsn.clone(), node.name.clone(), o.source.clone());
+        let reopen: crate::origin_retry::OpenSession = Arc::new(move || {
+            let (dsn, me, remote) = (dsn.clone(), me.clone(), remote.clone());
+            Box::pin(async move { open_session(&dsn, &me, &remote).await })
+        });
+        tasks.spawn(crate::origin_retry::run(o, queue, consumer.clone(), reopen));
     }
     // The main queue must be polled for the client to make progress; it carries no messages
     // since every assigned partition has its own queue. Should one arrive there anyway, the
@@ -171,6 +173,23 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
 }
 
 use rdkafka::message::Message;
+
+/// Opens the session a stream of `node` applies `remote`'s partition on.
+async fn open_session(dsn: &str, node: &str, remote: &str) -> Result<postgres::PgSession, ApplyError> {
+    let sql = postgres::connect(dsn, &format!("pgferry-apply-{node}-from-{remote}")).await?;
+    // As PostgreSQL's own subscriptions do: an applied transaction need not wait for its WAL
+    // flush. Its rows, its progress and its origin position commit together, so a crash
+    // that loses the commit loses all three and the transaction is applied again from Kafka
+    // (the benchmark measured 3x the drain rate; the flush was half of the session's CPU).
+    sql.client
+        .batch_execute("SET synchronous_commit = off")
+        .await
+        .map_err(sql.err("setting synchronous_commit for apply"))?;
+    // As PostgreSQL's own apply: users' ordinary triggers and foreign-key actions do not
+    // fire again on applied rows (`crate::replica_role`).
+    crate::replica_role::set(&sql).await?;
+    Ok(sql)
+}
 
 /// For each other node: whether the stream of the partition that carries its changes here has
 /// work (a message in hand, or one within the last 10 s). A down or silent origin's stream

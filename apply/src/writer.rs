@@ -140,7 +140,7 @@ impl Writer {
                 return Err(write_err(ev, "not in this node's replication set".into()));
             }
             let Some(cols) = table_columns(sql, &ev.schema, &ev.table).await? else {
-                return Err(write_err(ev, format!("table does not exist at {}", sql.endpoint)));
+                return Err(self.missing(ev, format!("table does not exist at {}", sql.endpoint)));
             };
             if cols.key.is_empty() {
                 return Err(write_err(ev, format!("has no primary key at {}", sql.endpoint)));
@@ -168,6 +168,43 @@ impl Writer {
             );
         }
         Ok(&self.tables[&id])
+    }
+
+    /// The error for a table or columns a change names that this node does not have: with DDL
+    /// replication on, [`ApplyError::NotYet`] — the DDL that creates them can still be on its way
+    /// from another origin (a node that applied it writes rows using it, and this node reads that
+    /// node's stream first), so the origin waits for it; with DDL replication off nothing the
+    /// cluster sends will create them, so the change is dead-lettered ([`ApplyError::Write`]).
+    fn missing(&self, ev: &DecodedEvent, message: String) -> ApplyError {
+        if self.config.replication.ddl {
+            ApplyError::NotYet {
+                origin: ev.origin.clone(),
+                table: format!("{}.{}", ev.schema, ev.table),
+                message,
+            }
+        } else {
+            write_err(ev, message)
+        }
+    }
+
+    /// Fails unless this node's table has every column `ev` writes (its after image, unchanged
+    /// TOAST values aside). Cached columns that lack some are read again once first: another
+    /// origin's stream may have applied the DDL that added them.
+    async fn require_columns(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<(), ApplyError> {
+        if missing_columns(self.table(sql, ev).await?, ev).is_empty() {
+            return Ok(());
+        }
+        self.tables.remove(&(ev.schema.clone(), ev.table.clone()));
+        let missing = missing_columns(self.table(sql, ev).await?, ev);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = missing.iter().map(|c| format!("{c:?}")).collect();
+        let message = match names.len() {
+            1 => format!("column {} does not exist locally", names[0]),
+            _ => format!("columns {} do not exist locally", names.join(", ")),
+        };
+        Err(self.missing(ev, message))
     }
 
     /// Forgets every table's columns and every prepared statement (after DDL changed tables).
@@ -302,6 +339,7 @@ impl Writer {
             // Region-local to another region (data residency): never held on this node.
             return Ok(None);
         }
+        self.require_columns(sql, ev).await?;
         let result = match self.apply_settling(sql, ev).await {
             // The table may have changed since its columns were read (a column added here to
             // match the origin): read them again once before calling the change unusable.
@@ -824,6 +862,16 @@ pub(crate) fn row_json(row: &EventRow) -> String {
         .map(|(c, v)| (c.clone(), v.as_ref().map_or(serde_json::Value::Null, |t| serde_json::Value::String(t.clone()))))
         .collect();
     serde_json::Value::Object(map).to_string()
+}
+
+/// The columns of `ev`'s after image (unchanged TOAST values aside) that `table` lacks.
+fn missing_columns<'e>(table: &LocalTable, ev: &'e DecodedEvent) -> Vec<&'e str> {
+    let Some(after) = ev.after.as_ref() else { return Vec::new() };
+    after
+        .iter()
+        .map(|(c, _)| c.as_str())
+        .filter(|c| !table.types.contains_key(*c) && !ev.unchanged_toast.iter().any(|u| u == c))
+        .collect()
 }
 
 fn cast<'t>(table: &'t LocalTable, col: &str) -> Result<&'t str, String> {
