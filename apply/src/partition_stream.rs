@@ -541,7 +541,14 @@ impl PartitionStream {
         self.progress.last_received_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         self.progress.busy.store(true, Ordering::Relaxed);
         let next = &msgs[ends[ends.len() - 1]..];
-        let written = self.apply_group(&origin, &txns, next).await;
+        let unlocked = !self.writer.locks_rows();
+        let mut written = self.apply_group(&origin, &txns, next).await;
+        if written.is_err() && unlocked {
+            // The group read its rows without locking them, and a row may have changed before
+            // its write (another origin's stream writing the same rows): once more with row
+            // locks, which the writer takes after a failure, before going one by one.
+            written = self.apply_group(&origin, &txns, next).await;
+        }
         self.progress.busy.store(false, Ordering::Relaxed);
         match written {
             Ok(0) => {

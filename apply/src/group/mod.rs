@@ -2,9 +2,9 @@
 //! written in one local transaction with a bounded number of round trips, whatever their size:
 //!
 //! 1. **read** ([`Writer::write_group`], first round trip): `BEGIN`, the key locks of every key an
-//!    insert or delete touches (in a fixed order), then the local state of every key — whether a row exists, its stamp, origin, tombstone — one
-//!    statement per table (plus, for versions other groups wrote, their exact stamps where not
-//!    cached: [`stamps`]);
+//!    insert or delete touches (in a fixed order), then the local state of every key — whether
+//!    a row exists, its version, stamp, origin, tombstone — one statement per table (plus, for
+//!    versions other groups wrote, their exact stamps where not cached: [`stamps`]);
 //! 2. **decide** ([`decide::plan`], pure): every change settled as the one-by-one path settles it,
 //!    folded per key in source order, the group cut where that could differ; then, only if there
 //!    are conflicts, the local rows their records show;
@@ -12,8 +12,8 @@
 //!    USING unnest`, `INSERT … SELECT unnest`, `UPDATE … FROM unnest`), the group's record of the
 //!    exact stamps of row versions whose source transaction is not the group's last (tied to
 //!    this transaction's xid), the stamps of such tombstones, the conflict records, then the
-//!    replication origin's LSN and time and
-//!    `pgferry.apply_progress` of the last applied transaction, and COMMIT. Each write fails on
+//!    replication origin's LSN and time and `pgferry.apply_progress` of the last applied
+//!    transaction, and COMMIT. Each write fails on
 //!    the server unless it touches the planned number of rows — and updates and deletes touch a
 //!    row only while its `xmin` is the one read — so COMMIT never keeps a partial group or
 //!    overwrites a version the group did not decide against.
@@ -24,7 +24,8 @@
 //! writer changed in between fails the group. After a failed group, the next
 //! [`LOCKED_GROUPS_AFTER_FAILURE`] groups of the stream also lock the rows they update or delete
 //! (`FOR UPDATE`, in key order, before the read), so streams that write the same rows at the
-//! same time queue on them instead of failing again and again.
+//! same time queue on them instead of failing again and again; the stream tries the failed
+//! group once more that way before it goes one by one (`partition_stream.rs`).
 //!
 //! Any error leaves the transaction to be rolled back, and the caller applies the same
 //! transactions one by one.
@@ -135,6 +136,12 @@ impl Writer {
             self.locked_groups = self.locked_groups.saturating_sub(1);
         }
         written
+    }
+
+    /// Whether the next group locks the rows it updates or deletes before reading them (for a
+    /// while after a group failed).
+    pub fn locks_rows(&self) -> bool {
+        self.locked_groups > 0
     }
 
     async fn write_group_once(
