@@ -817,7 +817,11 @@ pub fn document(r: &Results, tables: &str, name: &str, notes: bool) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     d += ". Each system gets fresh databases. pgferry: `pgferry init`, then `pgferry capture` on n1 and \
-          `pgferry apply` on n2 (`pgferry run` on each node for three nodes), default settings. Native: \
+          `pgferry apply` on n2 (`pgferry run` on each node for three nodes), default settings; after \
+          `init` each receiving node's pgbench rows are rewritten under the writing node's replication \
+          origin (in three nodes, each branch under the node that writes it), so they look replicated, \
+          as `node add` leaves them, and a first remote update is not a conflict the other systems do not \
+          detect (the conflict-heavy drain measures conflicts). Native: \
           `CREATE PUBLICATION ... FOR TABLE` on n1, `CREATE SUBSCRIPTION ... WITH (copy_data = false)` \
           on n2, defaults otherwise (one apply worker, `streaming = off`). pglogical: \
           `replication_set_add_all_tables('default', ARRAY['public'])`, `create_subscription(..., \
