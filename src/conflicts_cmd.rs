@@ -44,6 +44,9 @@ pub struct ListArgs {
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
+    /// Counts per node, table, type and resolution instead of one line per conflict.
+    #[arg(long, conflicts_with = "limit")]
+    summary: bool,
 }
 
 #[derive(Args)]
@@ -107,6 +110,65 @@ async fn connect(config: &Config, node: &str) -> Result<PgSession> {
 }
 
 
+/// `conflicts list --summary`: per node, the count of conflicts by table, type and resolution.
+async fn summary(config: &Config, nodes: &[String], table: Option<&str>, parked: bool, json: bool) -> Result<()> {
+    let mut rows: Vec<[String; 5]> = Vec::new();
+    for node in nodes {
+        let sql = connect(config, node).await?;
+        let found = sql
+            .client
+            .query(
+                "SELECT tbl, conflict_type, resolution, count(*)::text FROM pgferry.conflicts
+                 WHERE ($1::text IS NULL OR tbl = $1::text)
+                   AND (NOT $2::bool OR (resolution = 'parked' AND resolved_at IS NULL))
+                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                &[&table, &parked],
+            )
+            .await
+            .map_err(sql.err("counting pgferry.conflicts (has `pgferry init` run?)"))
+            .with_context(|| format!("node {node}"))?;
+        for r in found {
+            rows.push([node.clone(), r.get(0), r.get(1), r.get(2), r.get(3)]);
+        }
+    }
+    if json {
+        for r in &rows {
+            let line = json!({
+                "node": r[0],
+                "table": r[1],
+                "type": r[2],
+                "resolution": r[3],
+                "count": r[4].parse::<i64>().unwrap_or_default(),
+            });
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    print_table(&["NODE", "TABLE", "TYPE", "RESOLUTION", "COUNT"], &rows);
+    Ok(())
+}
+
+/// Prints `rows` under `header`, in columns; `(no conflicts)` when there are none.
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    if rows.is_empty() {
+        println!("(no conflicts)");
+    }
+}
+
 async fn list(config: &Config, a: ListArgs) -> Result<()> {
     let nodes: Vec<String> = match &a.node {
         Some(n) => {
@@ -118,6 +180,9 @@ async fn list(config: &Config, a: ListArgs) -> Result<()> {
         None => config.nodes.iter().map(|n| n.name.clone()).collect(),
     };
     let table = a.table.as_deref().map(qualified_name);
+    if a.summary {
+        return summary(config, &nodes, table.as_deref(), a.parked, a.json).await;
+    }
     let mut rows: Vec<[String; 10]> = Vec::new();
     for node in &nodes {
         let sql = connect(config, node).await?;
@@ -169,35 +234,21 @@ async fn list(config: &Config, a: ListArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let header = [
-        "ID",
-        "NODE",
-        "DETECTED_AT",
-        "TABLE",
-        "KEY",
-        "TYPE",
-        "RESOLUTION",
-        "REMOTE_ORIGIN",
-        "RESOLVED_AT",
-        "RESOLVED_BY",
-    ];
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for r in &rows {
-        line(r.iter().map(String::as_str).collect());
-    }
-    if rows.is_empty() {
-        println!("(no conflicts)");
-    }
+    print_table(
+        &[
+            "ID",
+            "NODE",
+            "DETECTED_AT",
+            "TABLE",
+            "KEY",
+            "TYPE",
+            "RESOLUTION",
+            "REMOTE_ORIGIN",
+            "RESOLVED_AT",
+            "RESOLVED_BY",
+        ],
+        &rows,
+    );
     Ok(())
 }
 

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The main job: a local 3-node active-active cluster replicating through Kafka.
-# Starts PostgreSQL x3, Kafka and the registry; makes database `demo` with table `accounts` on
-# every node; runs `pgferry init` and `pgferry run` for n1, n2, n3; runs a write workload on
-# all three nodes at once (pgbench, disjoint keys per node); then shows, per node, the row
-# count and a checksum of the table until all three agree.
+# Starts PostgreSQL x3, Kafka and the registry; makes database `demo` with tables `accounts`
+# and `ledger` on every node; runs `pgferry init` and `pgferry run` for n1, n2, n3; then runs
+# two workloads on all three nodes at once (pgbench): inserts and updates of each node's own
+# keys in `accounts`, and transfers between the same 100 rows of `ledger` from every node —
+# concurrent updates of the same rows, settled by last-update-wins, with `balance` a delta
+# column so that every transfer counts. It shows, per node, the row count and a checksum of
+# both tables until all three agree, then the conflicts each node detected and how they were
+# settled (`pgferry conflicts list --summary`) and the ledger's total, which must be exactly
+# what it started with (the script fails otherwise).
 #   deploy/local/demo.sh            run it (DEMO_SECONDS=20 sets the workload length)
 #   deploy/local/demo.sh status     show the per-node view again
 #   deploy/local/demo.sh stop       stop the pgferry processes (deploy/local/down.sh stops the rest)
@@ -34,14 +39,21 @@ stop_services() {
     done
 }
 
+LEDGER_ROWS=100
+LEDGER_START=1000.00
+
 status() { # prints the per-node view; returns 0 when all nodes agree
-    printf '\n%-5s %-22s %10s  %s\n' node endpoint rows "checksum (md5 of all rows)"
+    printf '\n%-5s %-22s %8s  %-32s  %6s  %-32s  %s\n' node endpoint accounts "checksum (md5 of all rows)" \
+        ledger "checksum (md5 of all rows)" "ledger total"
     local sums=()
     for i in 1 2 3; do
         local line
         line=$(psql_node "$i" -d demo -At -F ' ' -c \
-            "SELECT count(*), coalesce(md5(string_agg(a::text, ',' ORDER BY a::text)), '-') FROM accounts a")
-        printf '%-5s %-22s %10s  %s\n' "n$i" "127.0.0.1:$(pg_port "$i")" ${line}
+            "SELECT (SELECT count(*) FROM accounts), (SELECT coalesce(md5(string_agg(a::text, ',' ORDER BY a::text)), '-') FROM accounts a),
+                    (SELECT count(*) FROM ledger), (SELECT coalesce(md5(string_agg(l::text, ',' ORDER BY l::text)), '-') FROM ledger l),
+                    (SELECT coalesce(sum(balance), 0) FROM ledger)")
+        # shellcheck disable=SC2086 # the line's fields are the columns
+        printf '%-5s %-22s %8s  %-32s  %6s  %-32s  %s\n' "n$i" "127.0.0.1:$(pg_port "$i")" ${line}
         sums+=("$line")
     done
     [[ "${sums[0]}" == "${sums[1]}" && "${sums[1]}" == "${sums[2]}" ]]
@@ -76,7 +88,9 @@ for i in 1 2 3; do
     # Drop what an earlier demo left (its slot pins the database).
     psql_node "$i" -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = 'demo'" >/dev/null
     psql_node "$i" -d postgres -c "DROP DATABASE IF EXISTS demo WITH (FORCE)" -c "CREATE DATABASE demo"
-    psql_node "$i" -d demo -c "CREATE TABLE accounts (id bigint PRIMARY KEY, node int NOT NULL, balance numeric(12,2) NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"
+    psql_node "$i" -d demo -c "CREATE TABLE accounts (id bigint PRIMARY KEY, node int NOT NULL, balance numeric(12,2) NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())" \
+        -c "CREATE TABLE ledger (id int PRIMARY KEY, balance numeric(14,2) NOT NULL, last_node int NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())" \
+        -c "ALTER TABLE ledger REPLICA IDENTITY FULL"
 done
 
 cat >"$CONFIG" <<TOML
@@ -113,7 +127,12 @@ dsn = "postgres://$PGFERRY_PG_USER:\${PGFERRY_PG_PASSWORD}@127.0.0.1:$(pg_port 3
 metrics_listen = "127.0.0.1:$((19180 + 3))"
 
 [replication]
-tables = ["public.accounts"]
+tables = ["public.accounts", "public.ledger"]
+
+# Transfers move amounts between ledger rows from every node at once: the balance merges
+# (every node adds each remote change's new - old), whoever wins the row.
+[replication.table."public.ledger"]
+delta_columns = ["balance"]
 TOML
 export PGFERRY_PG_PASSWORD
 
@@ -124,22 +143,48 @@ for i in 1 2 3; do
 done
 log "pgferry running on n1..n3 (logs: $PGFERRY_LOGS/demo-n*.log)"
 
-# Workload: every node writes its own key range (node * 1e6 + k), inserts then updates.
+# The ledger's rows, written once on n1; every node must have them before the transfers start.
+psql_node 1 -d demo -c "INSERT INTO ledger (id, balance, last_node) SELECT g, $LEDGER_START, 1 FROM generate_series(1, $LEDGER_ROWS) g"
+deadline=$((SECONDS + 60))
+for i in 2 3; do
+    until [[ "$(psql_node "$i" -d demo -At -c "SELECT count(*) FROM ledger")" == "$LEDGER_ROWS" ]]; do
+        ((SECONDS < deadline)) || die "the ledger's rows did not reach n$i in 60s; see $PGFERRY_LOGS/demo-n*.log"
+        sleep 0.5
+    done
+done
+total_before=$(psql_node 1 -d demo -At -c "SELECT sum(balance) FROM ledger")
+
+# Workload 1: every node writes its own key range (node * 1e6 + k), inserts then updates.
 cat >"$DEMO_DIR/workload.sql" <<'SQL'
 \set k random(1, 2000)
 INSERT INTO accounts (id, node, balance) VALUES (:node * 1000000 + :k, :node, 100)
   ON CONFLICT (id) DO UPDATE SET balance = accounts.balance + 1, updated_at = now();
 SQL
-log "workload: pgbench on all three nodes for ${DEMO_SECONDS}s"
+# Workload 2: every node moves amounts between the same ledger rows (conflicts on purpose).
+cat >"$DEMO_DIR/transfer.sql" <<SQL
+\set a random(1, $LEDGER_ROWS)
+\set b random(1, $LEDGER_ROWS)
+\set amount random(1, 5000)
+BEGIN;
+UPDATE ledger SET balance = balance - :amount / 100.0, last_node = :node, updated_at = now() WHERE id = :a;
+UPDATE ledger SET balance = balance + :amount / 100.0, last_node = :node, updated_at = now() WHERE id = :b;
+END;
+SQL
+log "workloads: pgbench on all three nodes for ${DEMO_SECONDS}s (own keys, and transfers between shared rows)"
 pids=()
 for i in 1 2 3; do
-    PGPASSWORD="$PGFERRY_PG_PASSWORD" "$PGFERRY_PG_BIN/pgbench" -n -h 127.0.0.1 -p "$(pg_port "$i")" \
-        -U "$PGFERRY_PG_USER" -c 2 -T "$DEMO_SECONDS" -D node="$i" -f "$DEMO_DIR/workload.sql" demo \
-        >"$DEMO_DIR/pgbench-n$i.out" 2>&1 &
-    pids+=($!)
+    for script in workload transfer; do
+        # Transfers at 200 a second per node: delta-column tables are applied one change at a time.
+        rate=()
+        [[ "$script" == transfer ]] && rate=(-R 200)
+        PGPASSWORD="$PGFERRY_PG_PASSWORD" "$PGFERRY_PG_BIN/pgbench" -n -h 127.0.0.1 -p "$(pg_port "$i")" \
+            -U "$PGFERRY_PG_USER" -c 2 "${rate[@]}" -T "$DEMO_SECONDS" -D node="$i" -f "$DEMO_DIR/$script.sql" demo \
+            >"$DEMO_DIR/pgbench-$script-n$i.out" 2>&1 &
+        pids+=($!)
+    done
 done
-for p in "${pids[@]}"; do wait "$p" || die "pgbench failed: see $DEMO_DIR/pgbench-n*.out"; done
-grep -h "tps" "$DEMO_DIR"/pgbench-n*.out | sed 's/^/  /' >&2 || true
+for p in "${pids[@]}"; do wait "$p" || die "pgbench failed: see $DEMO_DIR/pgbench-*.out"; done
+grep -h "tps" "$DEMO_DIR"/pgbench-*.out | sed 's/^/  /' >&2 || true
 
 log "waiting for all nodes to agree"
 deadline=$((SECONDS + 120))
@@ -149,7 +194,16 @@ until status; do
 done
 pgferry_status
 echo
-echo "all three nodes hold the same rows. pgferry keeps running:"
+echo "conflicts each node detected, and how they were settled (pgferry conflicts list --summary):"
+"$BIN" --config "$CONFIG" conflicts list --summary
+echo
+for i in 1 2 3; do
+    total=$(psql_node "$i" -d demo -At -c "SELECT sum(balance) FROM ledger")
+    echo "n$i: ledger total $total (started with $total_before)"
+    [[ "$total" == "$total_before" ]] || die "n$i's ledger total $total is not the $total_before it started with"
+done
+echo
+echo "all three nodes hold the same rows, and the ledger's total is what it started with. pgferry keeps running:"
 echo "  write on any node:  PGPASSWORD=$PGFERRY_PG_PASSWORD psql -h 127.0.0.1 -p $(pg_port 1) -U postgres demo"
 echo "  per-node view:      deploy/local/demo.sh status"
 echo "  stop:               deploy/local/demo.sh stop && deploy/local/down.sh"

@@ -125,6 +125,19 @@ async fn list_show_and_resolve_parked_conflicts() -> anyhow::Result<()> {
     assert_eq!(one.len(), 3, "{one:?}");
     let table = ok(&cluster.pgferry(&["conflicts", "list", "--limit", "1"])?, "list")?;
     assert!(table.starts_with("ID") && table.lines().count() == 3, "{table}");
+    // --summary: per node, the count by table, type and resolution.
+    let counts = json_lines(&ok(&cluster.pgferry(&["conflicts", "list", "--summary", "--json"])?, "list --summary")?);
+    let count = |node: &str, ty: &str| -> i64 {
+        counts
+            .iter()
+            .filter(|c| c["node"] == node && c["type"] == ty && c["resolution"] == "parked" && c["table"] == "public.t")
+            .map(|c| c["count"].as_i64().expect("numeric count"))
+            .sum()
+    };
+    assert_eq!((count(&name1, "insert_exists"), count(&name1, "update_deleted")), (2, 1), "{counts:?}");
+    assert_eq!((count(&name2, "insert_exists"), count(&name2, "delete_origin_differs")), (2, 1), "{counts:?}");
+    let summary = ok(&cluster.pgferry(&["conflicts", "list", "--summary"])?, "list --summary")?;
+    assert!(summary.starts_with("NODE") && summary.contains("insert_exists") && summary.contains("parked"), "{summary}");
 
     // show: both rows, origins and the commit LSN.
     let shown = ok(
