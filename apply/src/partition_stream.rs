@@ -272,7 +272,7 @@ impl PartitionStream {
     /// rolled back — or, when the session is gone, a new session (`open_session`) whose
     /// replication origin is set up again at the next transaction —, table metadata and prepared
     /// statements read again (the cause may have been fixed by DDL), and the applied positions
-    /// read from `pgferry.apply_progress` again. Returns the offset to resume the partition at.
+    /// replaced by `pgferry.apply_progress`. Returns the offset to resume the partition at.
     pub(crate) async fn recover<F, Fut>(&mut self, open_session: F) -> Result<rdkafka::Offset, ApplyError>
     where
         F: FnOnce() -> Fut,
@@ -288,11 +288,11 @@ impl PartitionStream {
             self.session_origin = None;
             self.statements = None;
         }
+        // The recorded progress replaces what this stream remembers applying: apply commits
+        // with synchronous_commit = off, so a server crash can lose the last commits it saw
+        // succeed, and those transactions must be applied again, not skipped as duplicates.
         let resume = progress::read(&self.sql, &self.topic, self.partition).await?;
-        for (origin, lsn) in resume.origins {
-            let applied = self.applied.entry(origin).or_insert(0);
-            *applied = (*applied).max(lsn);
-        }
+        self.applied = resume.origins;
         Ok(match resume.kafka_offset {
             Some(o) => rdkafka::Offset::Offset(o + 1),
             None => rdkafka::Offset::Beginning,
