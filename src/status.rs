@@ -5,7 +5,7 @@
 //! (`pgferry.exceptions`), and — when the node has `metrics_listen` — its `/healthz`.
 //! Per origin → target: data messages the target has not applied yet (those after the offset in
 //! the target's `pgferry.apply_progress`, read and counted, heartbeats left out), the lag in ms (apply's
-//! `pgferry_apply_lag_milliseconds` when the target serves metrics, else the age of the last
+//! `pgferry_apply_lag_seconds` when the target serves metrics, else the age of the last
 //! applied commit), and the retention headroom: how long until Kafka deletes the oldest message
 //! the target still needs (the topic's `retention.ms` minus that message's age), and — when the
 //! target's stream of that origin stopped at a change and waits to retry — why (its `/healthz`).
@@ -201,7 +201,7 @@ async fn lag_matrix(config: &Config, sessions: &BTreeMap<String, PgSession>, wai
             }
             if let Some(addr) = target.metrics_listen.as_deref().and_then(|a| a.parse::<std::net::SocketAddr>().ok()) {
                 if let Ok((200, body)) = pgferry_connectors::http_endpoint::get(addr, "/metrics", TIMEOUT).await {
-                    if let Some(v) = gauge(&body, "pgferry_apply_lag_milliseconds", &origin.name) {
+                    if let Some(v) = apply_lag_ms(&body, &origin.name) {
                         cell.lag_ms = Some(v);
                         cell.lag_source = Some("metrics");
                     }
@@ -278,6 +278,14 @@ fn retention_ms(cfg: &pgferry_connectors::config::KafkaConfig, topic: &str) -> O
     let resource = results.into_iter().next()?.ok()?;
     let value = resource.get("retention.ms")?.value.clone()?;
     value.parse::<i64>().ok().filter(|v| *v >= 0)
+}
+
+/// Apply's lag behind `origin` in ms, from its `/metrics`: `pgferry_apply_lag_seconds`, or
+/// `pgferry_apply_lag_milliseconds` as a node of an earlier version still names it.
+fn apply_lag_ms(text: &str, origin: &str) -> Option<f64> {
+    gauge(text, "pgferry_apply_lag_seconds", origin)
+        .map(|s| s * 1000.0)
+        .or_else(|| gauge(text, "pgferry_apply_lag_milliseconds", origin))
 }
 
 /// The value of `name{…origin="<origin>"…}` in a Prometheus text exposition.
@@ -388,6 +396,11 @@ mod tests {
                     pgferry_apply_lag_milliseconds{node=\"n2\",origin=\"n3\"} 40\n";
         assert_eq!(gauge(text, "pgferry_apply_lag_milliseconds", "n3"), Some(40.0));
         assert_eq!(gauge(text, "pgferry_apply_lag_milliseconds", "n4"), None);
+        assert_eq!(apply_lag_ms(text, "n1"), Some(12.5), "an earlier version's name");
+        let text = "# TYPE pgferry_apply_lag_seconds gauge\n\
+                    pgferry_apply_lag_seconds{node=\"n2\",origin=\"n1\"} 0.25\n";
+        assert_eq!(apply_lag_ms(text, "n1"), Some(250.0));
+        assert_eq!(apply_lag_ms(text, "n3"), None);
     }
 
     #[test]

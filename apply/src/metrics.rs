@@ -89,6 +89,20 @@ pub fn waiting_origins(healthz: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+// Counters exported from the start at 0 (per node, or per origin once its stream is set up), so
+// a rule such as `increase(…) > 0` sees their first increment.
+const DEAD_LETTERS: &str = "pgferry_apply_dead_letters_total";
+const DEAD_LETTERS_HELP: &str = "Messages apply could never use, sent to the dead-letter topic and pgferry.exceptions.";
+const GROUP_FALLBACKS: &str = "pgferry_apply_group_fallbacks_total";
+const GROUP_FALLBACKS_HELP: &str = "Groups that failed and were applied again one transaction at a time.";
+const TOMBSTONES_DROPPED: &str = "pgferry_apply_tombstones_dropped_total";
+const TOMBSTONES_DROPPED_HELP: &str = "Tombstones dropped once every origin's progress had passed them.";
+const RETRIES: &str = "pgferry_apply_origin_retries_total";
+const RETRIES_HELP: &str = "Failures of an origin's stream, each followed by a wait and a retry of that stream alone.";
+const SKEW_EXCEEDED: &str = "pgferry_apply_clock_skew_exceeded_total";
+const SKEW_EXCEEDED_HELP: &str =
+    "Source transactions dated further ahead of this node's clock than [apply] max_clock_skew_ms, applied without waiting, per origin.";
+
 /// Apply is unhealthy for this long after its consumer reported every broker down, unless a
 /// message arrives first (librdkafka repeats the error about every 10 s while it lasts).
 pub const KAFKA_DOWN_FOR: std::time::Duration = std::time::Duration::from_secs(15);
@@ -214,6 +228,10 @@ impl ApplyMetrics {
                 }
             }),
         );
+        let l = [("node", node)];
+        registry.counter(DEAD_LETTERS, DEAD_LETTERS_HELP, &l);
+        registry.counter(GROUP_FALLBACKS, GROUP_FALLBACKS_HELP, &l);
+        registry.counter(TOMBSTONES_DROPPED, TOMBSTONES_DROPPED_HELP, &l);
         ApplyMetrics(shared)
     }
 
@@ -249,11 +267,7 @@ impl ApplyMetrics {
         }
         self.0
             .registry
-            .counter(
-                "pgferry_apply_origin_retries_total",
-                "Failures of an origin's stream, each followed by a wait and a retry of that stream alone.",
-                &[("node", self.0.node.as_str()), ("origin", origin)],
-            )
+            .counter(RETRIES, RETRIES_HELP, &[("node", self.0.node.as_str()), ("origin", origin)])
             .inc();
     }
 
@@ -280,11 +294,7 @@ impl ApplyMetrics {
     pub fn tombstones_dropped(&self, n: u64) {
         self.0
             .registry
-            .counter(
-                "pgferry_apply_tombstones_dropped_total",
-                "Tombstones dropped once every origin's progress had passed them.",
-                &[("node", self.0.node.as_str())],
-            )
+            .counter(TOMBSTONES_DROPPED, TOMBSTONES_DROPPED_HELP, &[("node", self.0.node.as_str())])
             .inc_by(n);
     }
 
@@ -305,11 +315,7 @@ impl ApplyMetrics {
     pub fn group_fallback(&self) {
         self.0
             .registry
-            .counter(
-                "pgferry_apply_group_fallbacks_total",
-                "Groups that failed and were applied again one transaction at a time.",
-                &[("node", self.0.node.as_str())],
-            )
+            .counter(GROUP_FALLBACKS, GROUP_FALLBACKS_HELP, &[("node", self.0.node.as_str())])
             .inc();
     }
 
@@ -317,11 +323,7 @@ impl ApplyMetrics {
     pub fn dead_letter(&self) {
         self.0
             .registry
-            .counter(
-                "pgferry_apply_dead_letters_total",
-                "Messages apply could never use, sent to the dead-letter topic and pgferry.exceptions.",
-                &[("node", self.0.node.as_str())],
-            )
+            .counter(DEAD_LETTERS, DEAD_LETTERS_HELP, &[("node", self.0.node.as_str())])
             .inc();
     }
 
@@ -347,14 +349,17 @@ impl ApplyMetrics {
         );
         let t = last_origin_us.clone();
         s.registry.gauge_fn(
-            "pgferry_apply_lag_milliseconds",
-            "Now minus the origin commit time of the last applied transaction (or last heartbeat when idle), in ms.",
+            "pgferry_apply_lag_seconds",
+            "Now minus the origin commit time of the last applied transaction (or last heartbeat when idle), in seconds.",
             &l,
             Arc::new(move || {
                 let t = t.load(Ordering::Relaxed);
-                (t != 0).then(|| (now_us() - t).max(0) as f64 / 1000.0)
+                (t != 0).then(|| (now_us() - t).max(0) as f64 / 1e6)
             }),
         );
+        // Exported from the start at 0, so the first increment shows as one (alerting rules).
+        s.registry.counter(RETRIES, RETRIES_HELP, &l);
+        s.registry.counter(SKEW_EXCEEDED, SKEW_EXCEEDED_HELP, &l);
         OriginMetrics {
             shared: s.clone(),
             origin: origin.to_string(),
@@ -459,8 +464,8 @@ impl OriginMetrics {
         self.shared
             .registry
             .counter(
-                "pgferry_apply_clock_skew_exceeded_total",
-                "Source transactions dated further ahead of this node's clock than [apply] max_clock_skew_ms, applied without waiting, per origin.",
+                SKEW_EXCEEDED,
+                SKEW_EXCEEDED_HELP,
                 &[("node", self.shared.node.as_str()), ("origin", self.origin.as_str())],
             )
             .inc();
@@ -523,6 +528,17 @@ mod tests {
         let apply = ApplyMetrics::new(&registry, "n2");
         assert!(registry.health().unwrap_err().contains("not started"));
         let mut m = apply.origin("n1");
+        // Counters of rare events are there from the start, at 0.
+        let text = registry.render();
+        for series in [
+            "pgferry_apply_dead_letters_total{node=\"n2\"} 0\n",
+            "pgferry_apply_group_fallbacks_total{node=\"n2\"} 0\n",
+            "pgferry_apply_tombstones_dropped_total{node=\"n2\"} 0\n",
+            "pgferry_apply_origin_retries_total{node=\"n2\",origin=\"n1\"} 0\n",
+            "pgferry_apply_clock_skew_exceeded_total{node=\"n2\",origin=\"n1\"} 0\n",
+        ] {
+            assert!(text.contains(series), "{series}{text}");
+        }
         apply.failed("PostgreSQL at x: down");
         let e = registry.health().unwrap_err();
         assert!(e.contains("not running: n1") && e.contains("down"), "{e}");
@@ -559,7 +575,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("pgferry_apply_lag_milliseconds{node=\"n2\",origin=\"n1\"} 15"),
+            text.contains("pgferry_apply_lag_seconds{node=\"n2\",origin=\"n1\"} 1.5"),
             "{text}"
         );
         assert!(

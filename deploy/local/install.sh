@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the local services need on a fresh Debian 12 machine:
-#   - apt packages (PostgreSQL 15 server/client, build deps for rdkafka/libpq, tools, Java, Maven)
+#   - apt packages (PostgreSQL 15 server/client, build deps for rdkafka/libpq, tools, Java, Maven,
+#     systemd-analyze and promtool for the deploy files' checks)
 #   - Apache Kafka broker + tools jars from Maven Central   -> $PGFERRY_CACHE/kafka-<ver>/libs
 #   - Apicurio Registry runnable app zip from Maven Central -> $PGFERRY_CACHE/apicurio-registry-<ver>
 #   - Kafka Connect plugins (Debezium JDBC sink, Apicurio Avro converter) from Maven Central
@@ -19,6 +20,10 @@ APT_PACKAGES=(
     libpq-dev libsasl2-dev libssl-dev libzstd-dev cmake pkg-config curl unzip python3 python3-venv
     haproxy # the failover test routes clients by /healthz; the security test's registry front (deploy/haproxy)
     openssl # certs.sh: the security test's CA and server certificates
+    # The deploy files' checks (integration-tests/tests/deploy_files.rs): systemd-analyze verifies
+    # deploy/systemd, promtool (in Debian's prometheus package) checks and tests
+    # deploy/prometheus and lints pgferry's /metrics.
+    systemd prometheus
 )
 # JDK (not only a JRE): smoke.sh runs a Java source file, which needs the compiler module.
 command -v javac >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jdk-headless)
@@ -42,6 +47,12 @@ install_apt() {
     "${sudo[@]}" apt-get update -q || die "apt-get update failed"
     "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" \
         || die "apt-get install failed for: ${missing[*]}"
+    # Only promtool is wanted from the prometheus package: on a host run by systemd, its postinst
+    # has just enabled and started a Prometheus server (port 9090); stop and disable it.
+    if [[ " ${missing[*]} " == *" prometheus "* && -d /run/systemd/system ]]; then
+        log "prometheus: installed for promtool; stopping and disabling the prometheus service it started"
+        "${sudo[@]}" systemctl disable --now prometheus.service || log "could not disable prometheus.service"
+    fi
 }
 
 # Kafka: copy kafka_2.13 + kafka-tools + kafka-storage + log4j2 binding with all runtime deps.
