@@ -362,6 +362,14 @@ impl Cluster {
         Ok(c)
     }
 
+    /// `pgferry status --json`: its exit status and the parsed report.
+    pub fn status_json(&self) -> Result<(i32, serde_json::Value)> {
+        let out = self.pgferry(&["status", "--json"])?;
+        let json = serde_json::from_slice(&out.stdout)
+            .map_err(|e| anyhow::anyhow!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+        Ok((out.status.code().unwrap_or(-1), json))
+    }
+
     /// Runs `pgferry --config <cfg> ARGS` to completion.
     pub fn pgferry(&self, args: &[&str]) -> Result<std::process::Output> {
         Command::new(pgferry_bin())
@@ -801,4 +809,12 @@ mod tests {
         assert_eq!(without_password("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(without_password("host=h dbname=d"), "host=h dbname=d");
     }
+}
+
+/// The `origin → target` cell of the lag matrix in a `pgferry status --json` report.
+pub fn lag_cell<'a>(report: &'a serde_json::Value, origin: &str, target: &str) -> Result<&'a serde_json::Value> {
+    report["lag"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["origin"] == origin && c["target"] == target))
+        .ok_or_else(|| anyhow::anyhow!("no {origin} → {target} cell in {report}"))
 }

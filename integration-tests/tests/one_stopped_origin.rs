@@ -10,24 +10,11 @@
 
 use std::time::{Duration, Instant};
 
-use pgferry_integration_tests::{free_local_addr, http_get, metric, wait_until, Cluster};
+use pgferry_integration_tests::{free_local_addr, http_get, lag_cell, metric, wait_until, Cluster};
 
 /// How long each of n2's rows may take to reach n1 while n3's stream waits there.
 const N2_DEADLINE: Duration = Duration::from_secs(5);
 
-fn status(cluster: &Cluster) -> anyhow::Result<(i32, serde_json::Value)> {
-    let out = cluster.pgferry(&["status", "--json"])?;
-    let json = serde_json::from_slice(&out.stdout)
-        .map_err(|e| anyhow::anyhow!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
-    Ok((out.status.code().unwrap_or(-1), json))
-}
-
-fn cell<'a>(s: &'a serde_json::Value, origin: &str, target: &str) -> anyhow::Result<&'a serde_json::Value> {
-    s["lag"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["origin"] == origin && c["target"] == target))
-        .ok_or_else(|| anyhow::anyhow!("no {origin} → {target} cell in {s}"))
-}
 
 async fn has_row(c: &tokio_postgres::Client, id: i32) -> anyhow::Result<bool> {
     Ok(c.query_one("SELECT count(*) FROM t WHERE id = $1", &[&id])
@@ -130,15 +117,15 @@ async fn one_stopped_origin_stops_only_its_own_stream() -> anyhow::Result<()> {
         retries >= Some(3.0),
         "n3's stream retried alone again and again: {retries:?}"
     );
-    let (code, s) = status(&cluster)?;
+    let (code, s) = cluster.status_json()?;
     assert_eq!(code, 1, "an origin waits somewhere: {s}");
-    let reason = cell(&s, &n3_name, &n1_name)?["waiting"]
+    let reason = lag_cell(&s, &n3_name, &n1_name)?["waiting"]
         .as_str()
         .unwrap_or_default()
         .to_string();
     assert!(reason.contains("not_bad"), "status says why n3 → n1 waits: {s}");
     assert!(
-        cell(&s, &n2_name, &n1_name)?["waiting"].is_null(),
+        lag_cell(&s, &n2_name, &n1_name)?["waiting"].is_null(),
         "n2 → n1 does not wait: {s}"
     );
     let text = cluster.pgferry(&["status"])?;

@@ -5,21 +5,8 @@
 
 use std::time::Duration;
 
-use pgferry_integration_tests::{free_local_addr, wait_until, Cluster};
+use pgferry_integration_tests::{free_local_addr, lag_cell, wait_until, Cluster};
 
-fn status(cluster: &Cluster) -> anyhow::Result<(i32, serde_json::Value)> {
-    let out = cluster.pgferry(&["status", "--json"])?;
-    let json = serde_json::from_slice(&out.stdout)
-        .map_err(|e| anyhow::anyhow!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
-    Ok((out.status.code().unwrap_or(-1), json))
-}
-
-fn cell<'a>(s: &'a serde_json::Value, origin: &str, target: &str) -> anyhow::Result<&'a serde_json::Value> {
-    s["lag"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["origin"] == origin && c["target"] == target))
-        .ok_or_else(|| anyhow::anyhow!("no {origin} → {target} cell in {s}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_state_lag_and_backlog() -> anyhow::Result<()> {
@@ -36,12 +23,12 @@ async fn status_shows_state_lag_and_backlog() -> anyhow::Result<()> {
     n1.batch_execute("INSERT INTO t SELECT generate_series(1, 100)").await?;
     cluster.wait_converged("t", Duration::from_secs(60)).await?;
     wait_until("a healthy status with nothing behind", Duration::from_secs(60), || async {
-        let (code, s) = status(&cluster)?;
-        let c = cell(&s, &n1_name, &n2_name)?;
+        let (code, s) = cluster.status_json()?;
+        let c = lag_cell(&s, &n1_name, &n2_name)?;
         Ok(code == 0 && c["messages_behind"] == 0 && c["lag_source"] == "metrics")
     })
     .await?;
-    let (_, s) = status(&cluster)?;
+    let (_, s) = cluster.status_json()?;
     for n in s["nodes"].as_array().into_iter().flatten() {
         assert!(n["down"].is_null(), "{n}");
         assert_eq!(n["capture_slot_active"], true, "{n}");
@@ -54,13 +41,13 @@ async fn status_shows_state_lag_and_backlog() -> anyhow::Result<()> {
     n1.batch_execute("INSERT INTO t SELECT generate_series(101, 150)").await?;
     n1.batch_execute("INSERT INTO t SELECT generate_series(151, 160)").await?;
     wait_until("the backlog in the status", Duration::from_secs(60), || async {
-        let (code, s) = status(&cluster)?;
-        let c = cell(&s, &n1_name, &n2_name)?;
+        let (code, s) = cluster.status_json()?;
+        let c = lag_cell(&s, &n1_name, &n2_name)?;
         Ok(code == 1 && c["messages_behind"].as_i64() >= Some(60))
     })
     .await?;
-    let (_, s) = status(&cluster)?;
-    let c = cell(&s, &n1_name, &n2_name)?;
+    let (_, s) = cluster.status_json()?;
+    let c = lag_cell(&s, &n1_name, &n2_name)?;
     let headroom = c["retention_headroom_ms"].as_i64().unwrap_or(i64::MAX);
     assert!(headroom < 7 * 86_400_000, "headroom counts the age of the oldest unapplied message: {c}");
     let n2 = s["nodes"].as_array().and_then(|a| a.iter().find(|n| n["name"] == n2_name.as_str())).cloned();
