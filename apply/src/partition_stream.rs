@@ -594,7 +594,9 @@ impl PartitionStream {
         // While the group's writes and COMMIT travel, decode what follows (the next group).
         let (readers, predecoded, budget) = (&self.readers, &mut self.predecoded, self.config.apply.max_group_rows);
         let mut decode_ahead = || predecode(readers, predecoded, next, budget);
-        let outcome = match self.writer.write_group(&self.sql, origin, txns, commit, &mut decode_ahead).await {
+        let written = self.writer.write_group(&self.sql, origin, txns, commit, &mut decode_ahead).await;
+        self.writer.group_ended(written.is_err());
+        let outcome = match written {
             Ok(o) if o.txns > 0 => o,
             other => {
                 let _ = self.sql.client.batch_execute("ROLLBACK").await;

@@ -128,30 +128,6 @@ impl Writer {
         commit: Commit<'_>,
         while_writing: &mut (dyn FnMut() + Send),
     ) -> Result<GroupOutcome, ApplyError> {
-        let written = self.write_group_once(sql, origin, txns, commit, while_writing).await;
-        if written.is_err() {
-            // Possibly a row that another writer changed since the read: lock rows for a while.
-            self.locked_groups = LOCKED_GROUPS_AFTER_FAILURE;
-        } else {
-            self.locked_groups = self.locked_groups.saturating_sub(1);
-        }
-        written
-    }
-
-    /// Whether the next group locks the rows it updates or deletes before reading them (for a
-    /// while after a group failed).
-    pub fn locks_rows(&self) -> bool {
-        self.locked_groups > 0
-    }
-
-    async fn write_group_once(
-        &mut self,
-        sql: &PgSession,
-        origin: &str,
-        txns: &[SourceTxn],
-        commit: Commit<'_>,
-        while_writing: &mut (dyn FnMut() + Send),
-    ) -> Result<GroupOutcome, ApplyError> {
         let origin_id = self.config.node(origin).map_or(0, |n| n.id);
         // The group's tables in a fixed order (the lock order), and its changes.
         let names: Vec<(String, String)> = txns
@@ -227,6 +203,22 @@ impl Writer {
             read_us = t_read.as_micros() as u64, decide_us = (t_plan - t_read).as_micros() as u64,
             write_us = (t0.elapsed() - t_plan).as_micros() as u64, "group applied");
         Ok(outcome)
+    }
+
+    /// Whether the next group locks the rows it updates or deletes before reading them (for a
+    /// while after a group failed).
+    pub fn locks_rows(&self) -> bool {
+        self.locked_groups > 0
+    }
+
+    /// Notes how a group ended: after a failure (possibly a row another writer changed since
+    /// the read) the next [`LOCKED_GROUPS_AFTER_FAILURE`] groups lock their rows.
+    pub fn group_ended(&mut self, failed: bool) {
+        self.locked_groups = if failed {
+            LOCKED_GROUPS_AFTER_FAILURE
+        } else {
+            self.locked_groups.saturating_sub(1)
+        };
     }
 
     /// First round trip of a group: `BEGIN`, the key locks of every key an insert or delete
