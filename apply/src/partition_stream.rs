@@ -338,8 +338,11 @@ impl PartitionStream {
         let mut stream = std::pin::pin!(stream);
         let mut open: Option<OpenTxn> = None;
         let max_messages = self.config.apply.max_group_rows.max(1);
+        // The messages held: up to two groups' worth, so that while one group's writes travel
+        // the next group is decoded (`apply_group`'s `while_writing`).
+        let window = 2 * max_messages;
         let wait = std::time::Duration::from_millis(self.config.apply.group_wait_ms);
-        let mut batch: Vec<BorrowedMessage<'m>> = Vec::with_capacity(max_messages);
+        let mut batch: Vec<BorrowedMessage<'m>> = Vec::with_capacity(window);
         // Whether the last message read left a source transaction unfinished.
         let mut in_txn = false;
         loop {
@@ -351,10 +354,10 @@ impl PartitionStream {
             // `group_wait_ms` counts from the batch's first message.
             let mut deadline = tokio::time::Instant::now() + wait;
             loop {
-                let must_wait = batch.is_empty() || (in_txn && batch.len() < 2 * max_messages);
+                let must_wait = batch.is_empty() || (in_txn && batch.len() < 2 * window);
                 let next = if must_wait {
                     stream.next().await
-                } else if batch.len() >= max_messages {
+                } else if batch.len() >= window {
                     break;
                 } else if !wait.is_zero() {
                     match tokio::time::timeout_at(deadline, stream.next()).await {
@@ -403,9 +406,19 @@ impl PartitionStream {
                 }
                 batch.push(msg);
             }
-            let applied = self.apply_batch(&batch, &mut open).await;
-            batch.clear();
-            applied?;
+            // A full window applies its first group (or message) and keeps the rest, topped up
+            // next round; otherwise everything held is applied.
+            let full = batch.len() >= window && !end && failed.is_none();
+            let applied = self.apply_batch(&batch, full, &mut open).await;
+            match applied {
+                Ok(n) => {
+                    batch.drain(..n);
+                }
+                Err(e) => {
+                    self.predecoded.clear();
+                    return Err(e);
+                }
+            }
             self.note_resumed();
             if let Some(e) = failed {
                 return Err(e);
@@ -429,11 +442,12 @@ impl PartitionStream {
         }
     }
 
-    /// Applies a batch of messages: complete source transactions in groups where they can be,
-    /// everything else one message at a time.
-    async fn apply_batch(&mut self, batch: &[BorrowedMessage<'_>], open: &mut Option<OpenTxn>) -> Result<(), ApplyError> {
+    /// Applies messages at the head of `batch`: complete source transactions in groups where
+    /// they can be, everything else one message at a time; all of them, or with `first_only`
+    /// only the first group (or message). Returns how many messages it applied.
+    async fn apply_batch(&mut self, batch: &[BorrowedMessage<'_>], first_only: bool, open: &mut Option<OpenTxn>) -> Result<usize, ApplyError> {
         let mut i = 0;
-        while i < batch.len() {
+        while i < batch.len() && !(first_only && i > 0) {
             if open.is_none() && self.skipping.is_none() {
                 let n = self.try_group(&batch[i..], open).await?;
                 if n > 0 {
@@ -444,8 +458,12 @@ impl PartitionStream {
             self.handle_one(&batch[i], open).await?;
             i += 1;
         }
-        self.predecoded.clear();
-        Ok(())
+        // Decoded ahead but applied one by one (or not at all): dropped.
+        match batch.get(i) {
+            Some(next) => self.predecoded.retain(|offset, _| *offset >= next.offset()),
+            None => self.predecoded.clear(),
+        }
+        Ok(i)
     }
 
     /// Applies one message on the one-by-one path; on an error the open transaction is rolled back.
@@ -593,8 +611,14 @@ impl PartitionStream {
         };
         // While the group's writes and COMMIT travel, decode what follows (the next group).
         let (readers, predecoded, budget) = (&self.readers, &mut self.predecoded, self.config.apply.max_group_rows);
-        let mut decode_ahead = || predecode(readers, predecoded, next, budget);
+        let mut decode_us = 0;
+        let mut decode_ahead = || {
+            let t = std::time::Instant::now();
+            predecode(readers, predecoded, next, budget);
+            decode_us = t.elapsed().as_micros() as u64;
+        };
         let written = self.writer.write_group(&self.sql, origin, txns, commit, &mut decode_ahead).await;
+        tracing::debug!(origin = %origin, decode_ahead_us = decode_us, "decoded the next group while writing");
         self.writer.group_ended(written.is_err());
         let outcome = match written {
             Ok(o) if o.txns > 0 => o,
@@ -1060,6 +1084,9 @@ fn predecode(
     for m in msgs.iter().take(budget) {
         if header(m, HEADER_KIND) != Some("change") {
             return;
+        }
+        if into.contains_key(&m.offset()) {
+            continue;
         }
         let Ok((schema_id, datum)) = decode_frame(m.payload().unwrap_or_default()) else { return };
         let Some(Ok(ev)) = readers.get(&schema_id).map(|r| r.decode(datum)) else { return };

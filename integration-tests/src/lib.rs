@@ -404,7 +404,7 @@ impl Cluster {
             .arg(&self.config_path)
             .args([service, "--node", &n.name])
             .args(extra)
-            .env("PGFERRY_LOG", "info,pg_walstream=error,rdkafka=error")
+            .env("PGFERRY_LOG", service_log_filter())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -529,9 +529,20 @@ impl Cluster {
                 )
                 .await?;
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os(SERVICE_LOG).is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
         Ok(())
     }
+}
+
+/// Environment variable: the log filter of the services clusters start (`PGFERRY_LOG` syntax,
+/// e.g. `info,pgferry_apply::group=debug` to see every group's read, decide and write times);
+/// when set, a cluster's directory (config and service logs) is also kept after it is dropped.
+pub const SERVICE_LOG: &str = "PGFERRY_SERVICE_LOG";
+
+fn service_log_filter() -> String {
+    std::env::var(SERVICE_LOG).unwrap_or_else(|_| "info,pg_walstream=error,rdkafka=error".into())
 }
 
 /// Recovery tests: writes that capture does not publish, and waiting for capture.

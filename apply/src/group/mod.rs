@@ -246,6 +246,7 @@ impl Writer {
                 row_lock[c.table].push(c.key.clone());
             }
         }
+        let t_start = std::time::Instant::now();
         let mut prepared = Vec::new();
         for name in names {
             let t = &self.tables[name];
@@ -280,6 +281,7 @@ impl Writer {
             futures::future::try_join_all(reads)
         )
         .map_err(sql.err("locking and reading the local rows of a group"))?;
+        let t_server = t_start.elapsed();
         // The stamp buckets of the versions read that groups wrote, where not cached.
         let bucket = |i: usize, r: &tokio_postgres::Row| -> Option<(i64, i32)> {
             let buckets: Option<i32> = r.get(9);
@@ -307,6 +309,7 @@ impl Writer {
                 self.group_stamps.put(xid, b, std::sync::Arc::new(stamps));
             }
         }
+        let t_fetched = t_start.elapsed();
         let mut before: Vec<HashMap<Vec<&str>, Before>> = vec![HashMap::new(); names.len()];
         for (i, rows) in state_rows.iter().enumerate() {
             for r in rows {
@@ -356,6 +359,9 @@ impl Writer {
                 );
             }
         }
+        tracing::debug!(keys = keys.iter().map(Vec::len).sum::<usize>(), until_read_us = t_server.as_micros() as u64,
+            stamps_us = (t_fetched - t_server).as_micros() as u64, rows_us = (t_start.elapsed() - t_fetched).as_micros() as u64,
+            "group read");
         Ok(before)
     }
 
@@ -600,9 +606,14 @@ impl Writer {
             )
         };
         let mut all = std::pin::pin!(all);
-        // The first poll hands every request to the connection task, which sends them while
-        // `while_writing` runs here (decoding the next group overlaps the server's work).
+        // The first poll hands every request to the connection task; yielding once lets it
+        // send them (woken from this worker, it would otherwise wait in the worker's LIFO slot
+        // until this task yields), and `while_writing` then runs here while the server works
+        // (decoding the next group overlaps the group's writes and COMMIT).
         let first = futures::poll!(all.as_mut());
+        if first.is_pending() {
+            tokio::task::yield_now().await;
+        }
         while_writing();
         let done = match first {
             std::task::Poll::Ready(r) => r,
