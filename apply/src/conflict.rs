@@ -204,20 +204,79 @@ pub async fn upgrade_schema(sql: &pgferry_connectors::postgres::PgSession) -> Re
     // Apply writes as a replica: pgferry's triggers must be ENABLE ALWAYS (earlier versions
     // made some ENABLE only).
     crate::replica_role::enable_own_triggers_always(sql).await?;
+    add_key_change_triggers(sql).await?;
     Ok(())
 }
 
-/// The statements that attach the tombstone trigger to `qualified` (quoted `schema.table`)
-/// whose primary key columns are `key` (in key order). Idempotent.
+/// The statements that attach the tombstone triggers to `qualified` (quoted `schema.table`)
+/// whose primary key columns are `key` (in key order): `pgferry_tombstone` for deletes and
+/// [`key_change_trigger_sql`]'s for primary-key changes. Idempotent.
 pub fn tombstone_trigger_sql(qualified: &str, key: &[String]) -> String {
     let args: Vec<String> = key.iter().map(|k| format!("'{}'", k.replace('\'', "''"))).collect();
     format!(
         "DROP TRIGGER IF EXISTS pgferry_tombstone ON {qualified};
          CREATE TRIGGER pgferry_tombstone AFTER DELETE ON {qualified}
            FOR EACH ROW EXECUTE FUNCTION pgferry.record_tombstone({});
-         ALTER TABLE {qualified} ENABLE ALWAYS TRIGGER pgferry_tombstone;",
+         ALTER TABLE {qualified} ENABLE ALWAYS TRIGGER pgferry_tombstone;
+         {}",
+        args.join(", "),
+        key_change_trigger_sql(qualified, key)
+    )
+}
+
+/// The statements that attach `pgferry_key_change` to `qualified`: an update that changes the
+/// primary key leaves a tombstone for the old key, as a delete does (issue 16, scenario 9), so
+/// a change of the old key dated before the move loses when it arrives after it. The `WHEN`
+/// clause keeps the many updates that set the key to itself from calling the function.
+/// Idempotent.
+pub fn key_change_trigger_sql(qualified: &str, key: &[String]) -> String {
+    let args: Vec<String> = key.iter().map(|k| format!("'{}'", k.replace('\'', "''"))).collect();
+    let columns: Vec<String> = key.iter().map(|k| pgferry_connectors::postgres::quote_ident(k)).collect();
+    let changed: Vec<String> = columns.iter().map(|c| format!("OLD.{c} IS DISTINCT FROM NEW.{c}")).collect();
+    format!(
+        "DROP TRIGGER IF EXISTS pgferry_key_change ON {qualified};
+         CREATE TRIGGER pgferry_key_change AFTER UPDATE OF {} ON {qualified}
+           FOR EACH ROW WHEN ({}) EXECUTE FUNCTION pgferry.record_tombstone({});
+         ALTER TABLE {qualified} ENABLE ALWAYS TRIGGER pgferry_key_change;",
+        columns.join(", "),
+        changed.join(" OR "),
         args.join(", ")
     )
+}
+
+/// Adds `pgferry_key_change` to every table that has pgferry's tombstone trigger but not it (a
+/// node set up by an earlier pgferry); its key is the table's primary key. Not replicated as
+/// DDL. Returns how many tables it changed.
+pub async fn add_key_change_triggers(sql: &pgferry_connectors::postgres::PgSession) -> Result<usize, crate::ApplyError> {
+    let tables: Vec<(String, Vec<String>)> = sql
+        .client
+        .query(
+            "SELECT tg.tgrelid::regclass::text, array_agg(a.attname::text ORDER BY k.ord)
+             FROM pg_trigger tg
+             JOIN pg_index i ON i.indrelid = tg.tgrelid AND i.indisprimary
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE tg.tgname = 'pgferry_tombstone' AND NOT tg.tgisinternal
+               AND NOT EXISTS (SELECT 1 FROM pg_trigger o WHERE o.tgrelid = tg.tgrelid AND o.tgname = 'pgferry_key_change')
+             GROUP BY tg.tgrelid",
+            &[],
+        )
+        .await
+        .map_err(sql.err("looking up tables without pgferry's key-change trigger"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (table, key) in &tables {
+        sql.client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL pgferry.local_ddl = on; {} COMMIT",
+                key_change_trigger_sql(table, key)
+            ))
+            .await
+            .map_err(sql.err(format!("adding pgferry's key-change trigger to {table}")))?;
+        tracing::info!(endpoint = %sql.endpoint, table = %table, "key-change trigger added (primary-key changes leave a tombstone)");
+    }
+    Ok(tables.len())
 }
 
 /// Who wrote a version of a row: origin commit time (µs since the Unix epoch), then node id.
@@ -313,6 +372,18 @@ pub fn decide(resolver: Resolver, local: Option<Stamp>, remote: Stamp) -> Option
     })
 }
 
+/// Whether an update or delete of a row another origin wrote last must first be compared with
+/// the local row (issue 16, scenario 12): a change whose before image equals the local row and
+/// that is dated after it was made on top of that very version (n1 inserts, n3 applies it and
+/// updates it), so it is not a conflict and is applied as it is. Only where the comparison can
+/// change the outcome: the change carries a before image (REPLICA IDENTITY FULL on its origin),
+/// the local version has a stamp, the change is later (with apply's clock wait, a change made on
+/// top of a version always is), and `resolver` would not apply the change anyway — so never
+/// under `last_update_wins` and `apply_remote`, whose outcome and records stay as they are.
+pub fn compare_before_image(resolver: Resolver, local: Option<Stamp>, remote: Stamp, has_before: bool) -> bool {
+    has_before && local.is_some_and(|l| remote > l) && decide(resolver, local, remote) != Some(Resolution::ApplyRemote)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,8 +420,24 @@ mod tests {
     }
 
     #[test]
+    fn before_images_are_compared_only_where_they_can_change_the_outcome() {
+        let (l, later, earlier) = (Some(s(10, 1)), s(20, 3), s(5, 3));
+        for resolver in [Resolver::FirstUpdateWins, Resolver::KeepLocal, Resolver::Manual, Resolver::Error] {
+            assert!(compare_before_image(resolver, l, later, true), "{resolver:?}");
+            assert!(!compare_before_image(resolver, l, later, false), "{resolver:?}: no before image");
+            assert!(!compare_before_image(resolver, l, earlier, true), "{resolver:?}: dated before the local row");
+            assert!(!compare_before_image(resolver, None, later, true), "{resolver:?}: no local stamp");
+        }
+        for resolver in [Resolver::LastUpdateWins, Resolver::ApplyRemote] {
+            assert!(!compare_before_image(resolver, l, later, true), "{resolver:?} applies it anyway");
+        }
+    }
+
+    #[test]
     fn trigger_sql_quotes_key_names() {
         let sql = tombstone_trigger_sql("\"public\".\"t\"", &["id".into(), "it's".into()]);
         assert!(sql.contains("record_tombstone('id', 'it''s')"), "{sql}");
+        assert!(sql.contains("AFTER UPDATE OF \"id\", \"it's\""), "{sql}");
+        assert!(sql.contains("WHEN (OLD.\"id\" IS DISTINCT FROM NEW.\"id\" OR OLD.\"it's\" IS DISTINCT FROM NEW.\"it's\")"), "{sql}");
     }
 }

@@ -129,6 +129,8 @@ pub fn trigger_sql(tables: &[(String, String)], whole: &[String]) -> String {
              tables oid[] := ARRAY(SELECT to_regclass(n)::oid FROM unnest(ARRAY[{tables}]::text[]) n);
              whole text[] := ARRAY[{whole}]::text[];
              keys text;
+             key_columns text;
+             key_changed text;
              replicate boolean := false;
          BEGIN
              -- pgferry's own set-up (`init` re-creating its triggers): not replicated
@@ -138,7 +140,10 @@ pub fn trigger_sql(tables: &[(String, String)], whole: &[String]) -> String {
              FOR r IN SELECT * FROM pg_event_trigger_ddl_commands()
                       WHERE command_tag = 'CREATE TABLE' AND object_type = 'table' AND NOT in_extension
                         AND schema_name = ANY (whole) LOOP
-                 SELECT string_agg(quote_literal(a.attname), ', ' ORDER BY k.ord) INTO keys
+                 SELECT string_agg(quote_literal(a.attname), ', ' ORDER BY k.ord),
+                        string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord),
+                        string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', a.attname), ' OR ' ORDER BY k.ord)
+                   INTO keys, key_columns, key_changed
                  FROM pg_index i
                  CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
@@ -148,6 +153,10 @@ pub fn trigger_sql(tables: &[(String, String)], whole: &[String]) -> String {
                      EXECUTE format('CREATE TRIGGER pgferry_tombstone AFTER DELETE ON %s FOR EACH ROW
                                      EXECUTE FUNCTION pgferry.record_tombstone(%s)', r.objid::regclass, keys);
                      EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgferry_tombstone', r.objid::regclass);
+                     -- a primary-key change leaves a tombstone for the old key too
+                     EXECUTE format('CREATE TRIGGER pgferry_key_change AFTER UPDATE OF %s ON %s FOR EACH ROW WHEN (%s)
+                                     EXECUTE FUNCTION pgferry.record_tombstone(%s)', key_columns, r.objid::regclass, key_changed, keys);
+                     EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgferry_key_change', r.objid::regclass);
                      PERFORM set_config('pgferry.local_ddl', 'off', true);
                  END IF;
              END LOOP;

@@ -21,9 +21,11 @@ use pgferry_schemas::{DecodedEvent, Op};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
-use crate::conflict::{decide, ConflictType, LocalVersion, Resolution, Stamp};
+use crate::conflict::{compare_before_image, decide, ConflictType, LocalVersion, Resolution, Stamp};
 use crate::error::ApplyError;
 use crate::progress::format_lsn;
+
+mod key_change;
 
 /// A local table as apply writes it.
 pub(crate) struct LocalTable {
@@ -51,7 +53,7 @@ pub(crate) struct LocalTable {
 const TABLE_LINKS: &str = "SELECT
     EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' AND (conrelid = $1::text::regclass OR confrelid = $1::text::regclass)),
     EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal
-            AND tgname <> 'pgferry_tombstone' AND tgenabled IN ('R', 'A'))";
+            AND tgname NOT IN ('pgferry_tombstone', 'pgferry_key_change') AND tgenabled IN ('R', 'A'))";
 
 /// How a change's secondary unique keys were settled.
 enum UniqueCheck {
@@ -92,6 +94,16 @@ pub struct Settled {
     pub conflict: ConflictType,
     /// What was done.
     pub resolution: Resolution,
+}
+
+/// A key's local state as a change is settled against it ([`Writer::read_key`]).
+pub(crate) struct KeyState {
+    /// The key as the tombstone trigger writes it (JSON array text).
+    pub(crate) key_json: String,
+    /// The row at the key, if any.
+    pub(crate) local: Option<LocalVersion>,
+    /// The key's tombstone, if any.
+    pub(crate) tombstone: Option<Stamp>,
 }
 
 impl Writer {
@@ -534,18 +546,12 @@ impl Writer {
         }
         .ok_or_else(|| write_err(ev, format!("{} without a row image", ev.op.code())))?;
         let key = key_values(table, key_row).map_err(|m| write_err(ev, m))?;
+        if let Some(new_key) = key_change::new_key(table, ev, &key).map_err(|m| write_err(ev, m))? {
+            // A primary-key change: the old key's delete and the new key's insert, each settled.
+            return self.apply_key_change(sql, ev, &key, &new_key).await;
+        }
         let name = table.name.clone();
-
-        // The key's lock (held to commit): serializes the streams of different origins that
-        // touch a key no row holds (an insert, and a delete or update that records a
-        // tombstone), which row locks cannot. It goes out pipelined with the next statement,
-        // which then starts after it is granted, in a snapshot that sees what the holder wrote.
-        let key_lock = format!(
-            "SELECT pg_advisory_xact_lock({KEY_LOCK_CLASS}, hashtext(${} || {}::text))",
-            key.len() + 1,
-            key_json(table, 1)
-        );
-        let key_lock = self.prepared(sql, &key_lock, key.len() + 1, ev).await?;
+        let key_lock = self.key_lock(sql, ev).await?;
         let table = &self.tables[&id];
         let mut lock_params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
         lock_params.push(&name);
@@ -576,69 +582,29 @@ impl Writer {
         }
 
         // Something to resolve: the local row and its last writer, and the key's tombstone.
-        let table = &self.tables[&id];
-        // A row whose last write only merged a losing change's delta columns keeps the stamp
-        // of the version that won (pgferry.row_stamps), not that write's.
-        // First lock the row, then read it and its stamps in a later statement: under READ
-        // COMMITTED that statement's snapshot includes whatever committed while the lock was
-        // awaited (a locking SELECT would return the new row version but evaluate joins and
-        // subqueries, such as the row's stamp, in its older snapshot). The two are pipelined.
-        let lock = format!("SELECT 1 FROM {} WHERE {} FOR UPDATE", table.qualified, where_key(table, 1));
-        let lookup = format!(
-            "SELECT {} FROM {} t WHERE {}",
-            version_columns(key.len() + 1, &key_json(table, 1)),
-            table.qualified,
-            where_key(table, 1)
-        );
-        let tomb = format!(
-            "SELECT k.key::text,
-                    coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END, (extract(epoch FROM c.timestamp) * 1000000)::int8),
-                    c.roident::int8
-             FROM (SELECT {} AS key) k
-             LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${} AND tb.key = k.key
-             LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) c ON true",
-            key_json(table, 1),
-            key.len() + 1
-        );
-        let (lock, lookup, tomb) = (
-            self.prepared(sql, &lock, key.len(), ev).await?,
-            self.prepared(sql, &lookup, key.len() + 1, ev).await?,
-            self.prepared(sql, &tomb, key.len() + 1, ev).await?,
-        );
-        let key_params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
-        let mut tomb_params = key_params.clone();
-        tomb_params.push(&name);
-        let take_key_lock = async {
-            if locked {
-                return Ok(None);
-            }
-            sql.client.query_one(&key_lock, &lock_params).await.map(Some)
-        };
-        let (_, _, local, tomb) = futures::try_join!(
-            take_key_lock,
-            sql.client.query_opt(&lock, &key_params),
-            sql.client.query_opt(&lookup, &tomb_params),
-            sql.client.query_one(&tomb, &tomb_params)
-        )
-        .map_err(sql.err(format!("looking up the local row of {name}")))?;
-        let key_json_text: String = tomb.get(0);
-        let local = match local {
-            None => None,
-            Some(r) => Some(self.local_version(sql, &r).await?),
-        };
-        let tombstone = match tomb.get::<_, Option<i64>>(2) {
-            Some(id) => {
-                let origin = self.origin_of(sql, id).await?;
-                self.stamp(tomb.get(1), origin.as_deref())
-            }
-            None => None,
-        };
+        let KeyState {
+            key_json: key_json_text,
+            local,
+            tombstone,
+        } = self.read_key(sql, ev, &key, !locked).await?;
         let remote = Stamp {
             ts_us: ev.commit_ts_us,
             node_id: self.config.node(&ev.origin).map_or(0, |n| n.id),
         };
+        let resolver = self.tables[&id].resolver;
+        // An update or delete made on top of the local version: written earlier in this
+        // transaction (no commit time), by the same origin, or — before image equal to the
+        // local row — by a node that had this version (`compare_before_image`).
+        let on_top = match (ev.op, &local) {
+            (Op::Update | Op::Delete, Some(l)) => {
+                l.stamp.is_none()
+                    || l.origin.as_deref() == Some(ev.origin.as_str())
+                    || (compare_before_image(resolver, l.stamp, remote, ev.before.is_some())
+                        && self.before_matches(sql, ev, &key).await?)
+            }
+            _ => false,
+        };
         let table = &self.tables[&id];
-        let resolver = table.resolver;
 
         // Classify.
         let (conflict, against) = match (ev.op, &local) {
@@ -646,11 +612,11 @@ impl Writer {
             (Op::Create | Op::Read, None) => match tombstone {
                 // A delete here that is newer than the insert (arrived out of order).
                 Some(t) if t > remote => (ConflictType::UpdateDeleted, Some(t)),
-                _ => return Ok(self.insert(sql, ev).await?.then_some(None)),
+                _ => return Ok(self.insert(sql, ev, Delta::Insert).await?.then_some(None)),
             },
             (Op::Update | Op::Delete, Some(l)) => {
-                if l.stamp.is_none() || l.origin.as_deref() == Some(ev.origin.as_str()) {
-                    // Written earlier in this transaction, or by the same origin: no conflict.
+                if on_top {
+                    // No conflict.
                     let (text, params) = plain(table, ev, &key).map_err(|m| write_err(ev, m))?;
                     self.execute(sql, &text, &params, ev).await?;
                     return Ok(Some(None));
@@ -701,8 +667,12 @@ impl Writer {
                     self.execute(sql, &text, &params, ev).await?;
                 }
                 (ConflictType::UpdateMissing | ConflictType::UpdateDeleted, _) => {
+                    // A row deleted here (a tombstone the update beats) comes back as the
+                    // update left it, as on the nodes where the delete lost; a row whose
+                    // insert has not arrived counts only the update's own delta.
+                    let delta = if conflict == ConflictType::UpdateMissing { Delta::Recreate } else { Delta::Insert };
                     if ev.unchanged_toast.is_empty() {
-                        if !self.insert(sql, ev).await? {
+                        if !self.insert(sql, ev, delta).await? {
                             return Ok(None);
                         }
                     } else {
@@ -714,14 +684,7 @@ impl Writer {
                 (ConflictType::UpdateExists, _) => {}
                 (ConflictType::DeleteMissing, _) => {
                     // Remember the delete so an older insert or update arriving later loses.
-                    self.execute(
-                        sql,
-                        "INSERT INTO pgferry.tombstones (tbl, key, xid) VALUES ($1, $2::text::jsonb, txid_current())
-                         ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid",
-                        &[Some(name.as_str()), Some(key_json_text.as_str())],
-                        ev,
-                    )
-                    .await?;
+                    self.write_tombstone(sql, ev, &name, &key_json_text).await?;
                 }
             }
         }
@@ -751,6 +714,86 @@ impl Writer {
         tracing::debug!(origin = %ev.origin, table = %name, key = %key_json_text, conflict = conflict.name(),
             resolution = resolution.name(), "conflict");
         Ok(Some(Some(Settled { conflict, resolution })))
+    }
+
+    /// The statement that takes the key lock of a key of `ev`'s table (held to commit; key
+    /// values, then the table's name): it serializes the streams of different origins that touch
+    /// a key no row holds (an insert, and a delete or update that records a tombstone), which
+    /// row locks cannot. It goes out pipelined with the next statement, which then starts after
+    /// it is granted, in a snapshot that sees what the holder wrote.
+    async fn key_lock(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<Statement, ApplyError> {
+        let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+        let n = table.key.len();
+        let text = format!("SELECT pg_advisory_xact_lock({KEY_LOCK_CLASS}, hashtext(${} || {}::text))", n + 1, key_json(table, 1));
+        self.prepared(sql, &text, n + 1, ev).await
+    }
+
+    /// Reads the local state of `key` in `ev`'s table for settling a change: takes the key lock
+    /// (unless `take_key_lock` is false: already held), locks the row, then — pipelined, in a
+    /// fresh READ COMMITTED snapshot — reads the row, its stamp and the key's tombstone. Reading
+    /// in the locking statement itself is wrong: after waiting for a lock PostgreSQL returns
+    /// the new row version but evaluates joins and subqueries, such as the row's stamp, in the
+    /// older snapshot. A row whose last write only merged a losing change's delta columns keeps
+    /// the stamp of the version that won (`pgferry.row_stamps`), not that write's.
+    pub(crate) async fn read_key(&mut self, sql: &PgSession, ev: &DecodedEvent, key: &[&str], take_key_lock: bool) -> Result<KeyState, ApplyError> {
+        let id = (ev.schema.clone(), ev.table.clone());
+        let key_lock = self.key_lock(sql, ev).await?;
+        let table = &self.tables[&id];
+        let name = table.name.clone();
+        let lock = format!("SELECT 1 FROM {} WHERE {} FOR UPDATE", table.qualified, where_key(table, 1));
+        let lookup = format!(
+            "SELECT {} FROM {} t WHERE {}",
+            version_columns(key.len() + 1, &key_json(table, 1)),
+            table.qualified,
+            where_key(table, 1)
+        );
+        let tomb = format!(
+            "SELECT k.key::text,
+                    coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END, (extract(epoch FROM c.timestamp) * 1000000)::int8),
+                    c.roident::int8
+             FROM (SELECT {} AS key) k
+             LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${} AND tb.key = k.key
+             LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) c ON true",
+            key_json(table, 1),
+            key.len() + 1
+        );
+        let (lock, lookup, tomb) = (
+            self.prepared(sql, &lock, key.len(), ev).await?,
+            self.prepared(sql, &lookup, key.len() + 1, ev).await?,
+            self.prepared(sql, &tomb, key.len() + 1, ev).await?,
+        );
+        let key_params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        let mut with_name = key_params.clone();
+        with_name.push(&name);
+        let take_key_lock = async {
+            if !take_key_lock {
+                return Ok(None);
+            }
+            sql.client.query_one(&key_lock, &with_name).await.map(Some)
+        };
+        let (_, _, local, tomb) = futures::try_join!(
+            take_key_lock,
+            sql.client.query_opt(&lock, &key_params),
+            sql.client.query_opt(&lookup, &with_name),
+            sql.client.query_one(&tomb, &with_name)
+        )
+        .map_err(sql.err(format!("looking up the local row of {name}")))?;
+        let local = match local {
+            None => None,
+            Some(r) => Some(self.local_version(sql, &r).await?),
+        };
+        let tombstone = match tomb.get::<_, Option<i64>>(2) {
+            Some(id) => {
+                let origin = self.origin_of(sql, id).await?;
+                self.stamp(tomb.get(1), origin.as_deref())
+            }
+            None => None,
+        };
+        Ok(KeyState {
+            key_json: tomb.get(0),
+            local,
+            tombstone,
+        })
     }
 
     /// The stamp of a local version: its commit time (None: written by the open transaction,
@@ -790,10 +833,49 @@ impl Writer {
         }
     }
 
-    /// Inserts the after image unless the key exists by now; whether it inserted.
-    async fn insert(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<bool, ApplyError> {
+    /// Records a tombstone for `key_json` of `table`, dated by the applying transaction (the
+    /// change's origin and commit time), for a key without a row.
+    async fn write_tombstone(&mut self, sql: &PgSession, ev: &DecodedEvent, table: &str, key_json: &str) -> Result<(), ApplyError> {
+        self.execute(
+            sql,
+            "INSERT INTO pgferry.tombstones (tbl, key, xid) VALUES ($1, $2::text::jsonb, txid_current())
+             ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid",
+            &[Some(table), Some(key_json)],
+            ev,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Whether the local row at `key` equals `ev`'s before image (its delta columns aside: they
+    /// merge whoever wins; columns this node lacks aside), compared as text after casting to
+    /// the column's type, as [`Writer::leaves_row_unchanged`] does.
+    pub(crate) async fn before_matches(&mut self, sql: &PgSession, ev: &DecodedEvent, key: &[&str]) -> Result<bool, ApplyError> {
         let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
-        let (text, params) = insert(table, ev).map_err(|m| write_err(ev, m))?;
+        let Some(before) = ev.before.as_ref() else { return Ok(false) };
+        let mut params: Vec<Option<&str>> = key.iter().map(|k| Some(*k)).collect();
+        let mut same = String::new();
+        for (c, v) in before.iter().filter(|(c, _)| !table.delta.contains(c)) {
+            let Some(ty) = table.types.get(c) else { continue };
+            params.push(v.as_deref());
+            same += &format!(" AND t.{}::text IS NOT DISTINCT FROM (${}::text::{ty})::text", quote_ident(c), params.len());
+        }
+        let text = format!("SELECT EXISTS (SELECT 1 FROM {} t WHERE {}{same})", table.qualified, where_key(table, 1));
+        let stmt = self.prepared(sql, &text, params.len(), ev).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let row = sql
+            .client
+            .query_one(&stmt, &refs)
+            .await
+            .map_err(sql.err(format!("comparing the local row of {}.{} with a before image", ev.schema, ev.table)))?;
+        Ok(row.get(0))
+    }
+
+    /// Inserts the after image (delta columns as `delta` says) unless the key exists by now;
+    /// whether it inserted.
+    pub(crate) async fn insert(&mut self, sql: &PgSession, ev: &DecodedEvent, delta: Delta) -> Result<bool, ApplyError> {
+        let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
+        let (text, params) = insert(table, ev, delta).map_err(|m| write_err(ev, m))?;
         Ok(self.execute(sql, &text, &params, ev).await? > 0)
     }
 
@@ -950,9 +1032,14 @@ fn version_columns(tbl_param: usize, key: &str) -> String {
 
 /// How delta columns are assigned.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Delta {
+pub(crate) enum Delta {
     /// Inserting a row: the value itself.
     Insert,
+    /// Re-creating the row an update found missing (no row, no tombstone: its insert from
+    /// another origin has not arrived yet): the update's own change, `remote_new − remote_old`.
+    /// The insert, arriving later, adds its value (it loses or wins the row, its delta counts
+    /// either way), so every node sums each change once (issue 16, scenario 4).
+    Recreate,
     /// Writing over an existing row: `local + (remote_new − remote_old)`, where an insert's
     /// old value is 0 (the row did not exist on its origin).
     Merge,
@@ -982,7 +1069,7 @@ fn assignments<'e>(
         let q = quote_ident(c);
         params.push(v.as_deref());
         let new = format!("${}::text::{ty}", params.len());
-        let expr = if is_delta && delta == Delta::Merge {
+        let expr = if is_delta && delta != Delta::Insert {
             let old = match ev.op {
                 Op::Update => ev
                     .before
@@ -995,7 +1082,8 @@ fn assignments<'e>(
             };
             params.push(old);
             let old = format!("${}::text::{ty}", params.len());
-            format!("coalesce({q}, 0) + (coalesce({new}, 0) - coalesce({old}, 0))")
+            let base = if delta == Delta::Merge { format!("coalesce({q}, 0)") } else { "0".into() };
+            format!("{base} + (coalesce({new}, 0) - coalesce({old}, 0))")
         } else {
             new
         };
@@ -1033,10 +1121,10 @@ fn update_by_key<'e>(table: &LocalTable, ev: &'e DecodedEvent, key: &[&'e str], 
 /// A statement's text and its text parameters.
 type Statement_<'e> = (String, Vec<Option<&'e str>>);
 
-/// `INSERT` of the after image.
-fn insert<'e>(table: &LocalTable, ev: &'e DecodedEvent) -> Result<Statement_<'e>, String> {
+/// `INSERT` of the after image, delta columns assigned as `delta` says.
+fn insert<'e>(table: &LocalTable, ev: &'e DecodedEvent, delta: Delta) -> Result<Statement_<'e>, String> {
     let mut params = Vec::new();
-    let cols = assignments(table, ev, &mut params, Delta::Insert, false)?;
+    let cols = assignments(table, ev, &mut params, delta, false)?;
     let names: Vec<&str> = cols.iter().map(|(c, _)| c.as_str()).collect();
     let vals: Vec<&str> = cols.iter().map(|(_, v)| v.as_str()).collect();
     Ok((

@@ -16,6 +16,7 @@
 //! itself in [`Cluster::apply_toml`] keeps its own value. Configs a test writes by hand (not
 //! through [`Cluster::write_config`]) are not affected.
 
+pub mod arrival_order;
 pub mod ledger;
 pub mod own_services;
 pub mod proxy;

@@ -10,6 +10,8 @@
 //! - a conflict against a row version or tombstone the group itself wrote (its record would need
 //!   that in-group version as the server would have shown it);
 //! - a conflict the resolver parks or stops on (`manual`, `error`);
+//! - an update or delete of another origin's row whose before image may equal the local row
+//!   and decide it ([`compare_before_image`]: the group does not read the rows themselves);
 //! - an update whose row is absent and whose key is not locked by the group (the key lock that
 //!   makes the row's absence stable is taken only for inserts and deletes);
 //! - a primary-key change; a delete then insert, or an insert then delete, of one key.
@@ -19,7 +21,7 @@ use std::collections::HashMap;
 use pgferry_connectors::config::Resolver;
 use pgferry_schemas::{DecodedEvent, Op};
 
-use crate::conflict::{decide, ConflictType, LocalVersion, Resolution, Stamp};
+use crate::conflict::{compare_before_image, decide, ConflictType, LocalVersion, Resolution, Stamp};
 
 /// One change of the group as the plan sees it.
 #[derive(Debug)]
@@ -142,6 +144,9 @@ pub enum CutReason {
     InGroupConflict,
     /// The resolver parks or stops.
     ResolverNeedsOneByOne,
+    /// Whether the change was made on top of the local row needs its before image compared with
+    /// the row (issue 16, scenario 12).
+    BeforeImage,
     /// An update of an absent, unlocked key.
     UnlockedMissingRow,
     /// A primary-key change.
@@ -328,6 +333,11 @@ fn settle<'e>(
     };
     if s.touched {
         return Err(CutReason::InGroupConflict);
+    }
+    if matches!(conflict, ConflictType::UpdateOriginDiffers | ConflictType::DeleteOriginDiffers)
+        && compare_before_image(resolver, against, remote, ev.before.is_some())
+    {
+        return Err(CutReason::BeforeImage);
     }
     let mut resolution = match decide(resolver, against, remote) {
         Some(Resolution::Parked) | None => return Err(CutReason::ResolverNeedsOneByOne),
@@ -592,6 +602,35 @@ mod tests {
         let c = changes(&evs);
         let (p, cut) = run(&c, &[], Resolver::LastUpdateWins);
         assert_eq!((p.txns, cut), (0, Some(CutReason::UnlockedMissingRow)));
+    }
+
+    #[test]
+    fn a_change_that_may_be_made_on_top_of_the_local_row_goes_one_by_one() {
+        // Another node's later update with a before image: only the row can tell whether it
+        // was made on top of the local version (then it is no conflict), so the group is cut
+        // under every resolver that would not apply it anyway.
+        let evs = vec![
+            (0, ev(Op::Update, 10, None, Some(&[("id", "2"), ("v", "a")]))),
+            (1, ev(Op::Update, 11, Some(&[("id", "1"), ("v", "old")]), Some(&[("id", "1"), ("v", "b")]))),
+        ];
+        let c = changes(&evs);
+        let before = [("1", local(5, "n2", 2)), ("2", local(5, ORIGIN, 1))];
+        for resolver in [Resolver::FirstUpdateWins, Resolver::KeepLocal, Resolver::Manual, Resolver::Error] {
+            let (p, cut) = run(&c, &before, resolver);
+            assert_eq!((p.txns, cut), (1, Some(CutReason::BeforeImage)), "{resolver:?}");
+        }
+        // Last update wins applies it whatever the row: no cut.
+        let (p, cut) = run(&c, &before, Resolver::LastUpdateWins);
+        assert_eq!((p.txns, cut), (2, None));
+        // Without a before image, or dated before the local row, it is a conflict as before.
+        let evs = vec![(0, ev(Op::Update, 11, None, Some(&[("id", "1"), ("v", "b")])))];
+        let c = changes(&evs);
+        let (p, cut) = run(&c, &before, Resolver::FirstUpdateWins);
+        assert_eq!((cut, p.conflicts[0].resolution), (None, Resolution::KeepLocal));
+        let evs = vec![(0, ev(Op::Delete, 3, Some(&[("id", "1"), ("v", "old")]), None))];
+        let c = changes(&evs);
+        let (p, cut) = run(&c, &before, Resolver::KeepLocal);
+        assert_eq!((cut, p.conflicts[0].conflict), (None, ConflictType::DeleteOriginDiffers));
     }
 
     #[test]
