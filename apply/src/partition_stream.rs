@@ -75,7 +75,7 @@ pub struct PartitionStream {
     pub progress: Arc<StreamProgress>,
     /// Changes decoded ahead (by Kafka offset) while the previous group's writes were on their
     /// way to the server; emptied with each batch.
-    pub predecoded: HashMap<i64, pgferry_schemas::DecodedEvent>,
+    pub predecoded: rustc_hash::FxHashMap<i64, pgferry_schemas::DecodedEvent>,
     /// Most transactions the next group attempt may take: after an attempt whose first
     /// transaction had to go one by one it starts small again and doubles with each group, so
     /// a run of such transactions is not read and decided again and again.
@@ -200,7 +200,7 @@ impl PartitionStream {
             waiting_at: None,
             schema_changed: Arc::new(tokio::sync::Notify::new()),
             ran_ddl: false,
-            predecoded: HashMap::new(),
+            predecoded: Default::default(),
             progress: Arc::new(StreamProgress {
                 offset: AtomicI64::new(-1),
                 ..Default::default()
@@ -342,7 +342,7 @@ impl PartitionStream {
         // the next group is decoded (`apply_group`'s `while_writing`).
         let window = 2 * max_messages;
         let wait = std::time::Duration::from_millis(self.config.apply.group_wait_ms);
-        let mut batch: Vec<BorrowedMessage<'m>> = Vec::with_capacity(window);
+        let mut batch: Vec<Held<'m>> = Vec::with_capacity(window);
         // Whether the last message read left a source transaction unfinished.
         let mut in_txn = false;
         loop {
@@ -398,13 +398,14 @@ impl PartitionStream {
                     end = true;
                     break;
                 }
-                if matches!(header(&msg, HEADER_KIND), Some("change" | "truncate" | "message")) {
-                    in_txn = header(&msg, HEADER_TXN_LAST) != Some("1");
+                let meta = Meta::of(&msg, &self.source);
+                if meta.in_txn_kind {
+                    in_txn = !meta.txn_last;
                 }
                 if batch.is_empty() {
                     deadline = tokio::time::Instant::now() + wait;
                 }
-                batch.push(msg);
+                batch.push((msg, meta));
             }
             // A full window applies its first group (or message) and keeps the rest, topped up
             // next round; otherwise everything held is applied.
@@ -445,7 +446,7 @@ impl PartitionStream {
     /// Applies messages at the head of `batch`: complete source transactions in groups where
     /// they can be, everything else one message at a time; all of them, or with `first_only`
     /// only the first group (or message). Returns how many messages it applied.
-    async fn apply_batch(&mut self, batch: &[BorrowedMessage<'_>], first_only: bool, open: &mut Option<OpenTxn>) -> Result<usize, ApplyError> {
+    async fn apply_batch(&mut self, batch: &[Held<'_>], first_only: bool, open: &mut Option<OpenTxn>) -> Result<usize, ApplyError> {
         let mut i = 0;
         while i < batch.len() && !(first_only && i > 0) {
             if open.is_none() && self.skipping.is_none() {
@@ -455,12 +456,12 @@ impl PartitionStream {
                     continue;
                 }
             }
-            self.handle_one(&batch[i], open).await?;
+            self.handle_one(&batch[i].0, open).await?;
             i += 1;
         }
         // Decoded ahead but applied one by one (or not at all): dropped.
         match batch.get(i) {
-            Some(next) => self.predecoded.retain(|offset, _| *offset >= next.offset()),
+            Some((next, _)) => self.predecoded.retain(|offset, _| *offset >= next.offset()),
             None => self.predecoded.clear(),
         }
         Ok(i)
@@ -487,19 +488,19 @@ impl PartitionStream {
     /// tables, within the bounds. Returns how many messages it consumed (0: none; the first
     /// goes one by one). A group that fails is rolled back and its transactions applied one by one
     /// here, so `on_error`, the dead-letter topic and `pgferry.exceptions` work as without groups.
-    async fn try_group(&mut self, msgs: &[BorrowedMessage<'_>], open: &mut Option<OpenTxn>) -> Result<usize, ApplyError> {
+    async fn try_group(&mut self, msgs: &[Held<'_>], open: &mut Option<OpenTxn>) -> Result<usize, ApplyError> {
         let limits = self.config.apply.clone();
-        let first = &msgs[0];
-        let origin = match header(first, HEADER_ORIGIN) {
-            Some(o) if o == self.source && (o != self.node || self.apply_own) => o.to_string(),
-            _ => return Ok(0),
-        };
+        let first = &msgs[0].1;
+        if !first.from_source || (self.source == self.node && !self.apply_own) {
+            return Ok(0);
+        }
+        let origin = self.source.clone();
         // A node that forwards this origin publishes what it applies (capture reads its WAL):
         // one group would go on as one transaction, dated by its last. So those go one by one.
         let forwards = self.config.node(&self.node).is_some_and(|me| me.forward_origins.contains(&origin));
         if limits.max_group_txns <= 1
             || forwards
-            || header(first, HEADER_KIND) != Some("change")
+            || !first.change
             || self.only_origin.as_deref().is_some_and(|o| o != origin)
             || self.config.node(&origin).is_none()
         {
@@ -511,11 +512,11 @@ impl PartitionStream {
         let mut ends: Vec<usize> = Vec::new();
         let mut current: Option<SourceTxn> = None;
         let mut rows = 0;
-        for (j, m) in msgs.iter().enumerate() {
-            if header(m, HEADER_ORIGIN) != Some(origin.as_str()) || header(m, HEADER_KIND) != Some("change") {
+        for (j, (m, meta)) in msgs.iter().enumerate() {
+            if !meta.from_source || !meta.change {
                 break;
             }
-            let Some(lsn) = header(m, HEADER_COMMIT_LSN).and_then(|v| v.parse::<u64>().ok()) else { break };
+            let Some(lsn) = meta.commit_lsn else { break };
             match &current {
                 Some(t) if t.commit_lsn != lsn => break,
                 None if lsn <= applied || txns.len() >= limits.max_group_txns.min(self.group_budget) => break,
@@ -583,7 +584,7 @@ impl PartitionStream {
                     transactions = txns.len(), error = %e, "a group failed; applying its transactions one by one");
                 self.metrics.group_fallback();
                 let n = ends[ends.len() - 1];
-                for m in &msgs[..n] {
+                for (m, _) in &msgs[..n] {
                     self.handle_one(m, open).await?;
                 }
                 Ok(n)
@@ -594,7 +595,7 @@ impl PartitionStream {
     /// Writes a group and commits it under its last transaction's commit LSN and time, with the
     /// progress; how many of `txns` it applied (0: none, rolled back). On error the transaction is
     /// rolled back.
-    async fn apply_group(&mut self, origin: &str, txns: &[SourceTxn], next: &[BorrowedMessage<'_>]) -> Result<usize, ApplyError> {
+    async fn apply_group(&mut self, origin: &str, txns: &[SourceTxn], next: &[Held<'_>]) -> Result<usize, ApplyError> {
         // One wait for the whole group: its latest commit time.
         if let (Some(last), Some(latest)) = (txns.last(), txns.iter().map(|t| t.commit_ts_us).max()) {
             self.wait_for_clock(origin, last.commit_lsn, latest).await?;
@@ -1077,12 +1078,12 @@ impl PartitionStream {
 /// a reader, into `into` by offset; stops at the first other message.
 fn predecode(
     readers: &HashMap<u32, Arc<EnvelopeReader>>,
-    into: &mut HashMap<i64, pgferry_schemas::DecodedEvent>,
-    msgs: &[BorrowedMessage<'_>],
+    into: &mut rustc_hash::FxHashMap<i64, pgferry_schemas::DecodedEvent>,
+    msgs: &[Held<'_>],
     budget: usize,
 ) {
-    for m in msgs.iter().take(budget) {
-        if header(m, HEADER_KIND) != Some("change") {
+    for (m, meta) in msgs.iter().take(budget) {
+        if !meta.change {
             return;
         }
         if into.contains_key(&m.offset()) {
@@ -1091,5 +1092,59 @@ fn predecode(
         let Ok((schema_id, datum)) = decode_frame(m.payload().unwrap_or_default()) else { return };
         let Some(Ok(ev)) = readers.get(&schema_id).map(|r| r.decode(datum)) else { return };
         into.insert(m.offset(), ev);
+    }
+}
+
+/// A message held for applying, with what the hot path reads from its headers.
+type Held<'m> = (BorrowedMessage<'m>, Meta);
+
+/// What grouping reads from a message's headers, read in one pass when the message arrives
+/// (each [`header`] lookup walks librdkafka's header list through FFI: several per message
+/// showed as ~10% of apply's CPU in a drain). The first occurrence of a header counts, as
+/// with [`header`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Meta {
+    /// `pgferry-kind` is `change`.
+    change: bool,
+    /// `pgferry-kind` is `change`, `truncate` or `message`: part of a source transaction.
+    in_txn_kind: bool,
+    /// `pgferry-txn-last` is `1`.
+    txn_last: bool,
+    /// `pgferry-origin` is the stream's source node.
+    from_source: bool,
+    /// `pgferry-commit-lsn`, if it parses.
+    commit_lsn: Option<u64>,
+}
+
+impl Meta {
+    fn of(msg: &BorrowedMessage<'_>, source: &str) -> Meta {
+        use rdkafka::message::Headers;
+        let mut meta = Meta::default();
+        let Some(headers) = msg.headers() else { return meta };
+        let (mut kind, mut last, mut origin, mut lsn) = (false, false, false, false);
+        for h in headers.iter() {
+            let value = h.value.and_then(|v| std::str::from_utf8(v).ok());
+            match h.key {
+                HEADER_KIND if !kind => {
+                    kind = true;
+                    meta.change = value == Some("change");
+                    meta.in_txn_kind = matches!(value, Some("change" | "truncate" | "message"));
+                }
+                HEADER_TXN_LAST if !last => {
+                    last = true;
+                    meta.txn_last = value == Some("1");
+                }
+                HEADER_ORIGIN if !origin => {
+                    origin = true;
+                    meta.from_source = value == Some(source);
+                }
+                HEADER_COMMIT_LSN if !lsn => {
+                    lsn = true;
+                    meta.commit_lsn = value.and_then(|v| v.parse().ok());
+                }
+                _ => {}
+            }
+        }
+        meta
     }
 }

@@ -18,6 +18,13 @@
 
 use std::collections::HashMap;
 
+use rustc_hash::{FxBuildHasher, FxHashSet};
+
+/// Per table, key → what the group holds for it. Fx-hashed: SipHash of the keys showed in apply's
+/// profile, and a group is bounded (`[apply] max_group_rows`), which bounds what colliding keys
+/// could cost.
+pub type KeyMap<'e, V> = HashMap<Vec<&'e str>, V, FxBuildHasher>;
+
 use pgferry_connectors::config::Resolver;
 use pgferry_schemas::{DecodedEvent, Op};
 
@@ -162,15 +169,15 @@ pub enum CutReason {
 /// are the group's.
 pub fn plan<'e>(
     changes: &[Change<'e>],
-    before: &[HashMap<Vec<&'e str>, Before>],
+    before: &[KeyMap<'e, Before>],
     resolvers: &[Resolver],
     origin: &str,
     origin_id: u16,
 ) -> (Plan<'e>, Option<CutReason>) {
-    let mut states: Vec<HashMap<Vec<&'e str>, State<'e>>> = vec![HashMap::new(); before.len()];
+    let mut states: Vec<KeyMap<'e, State<'e>>> = vec![KeyMap::default(); before.len()];
     let mut order: Vec<(usize, Vec<&'e str>)> = Vec::new();
     // Every key an insert or delete touches is locked by the group (see the module doc).
-    let mut locked: Vec<std::collections::HashSet<&Vec<&'e str>>> = vec![Default::default(); before.len()];
+    let mut locked: Vec<FxHashSet<&Vec<&'e str>>> = vec![Default::default(); before.len()];
     for c in changes {
         if matches!(c.ev.op, Op::Create | Op::Read | Op::Delete) {
             locked[c.table].insert(&c.key);
@@ -476,7 +483,7 @@ mod tests {
     }
 
     fn run<'e>(changes: &[Change<'e>], before: &[(&'e str, Before)], resolver: Resolver) -> (Plan<'e>, Option<CutReason>) {
-        let map: HashMap<Vec<&str>, Before> = before.iter().map(|(k, b)| (vec![*k], b.clone())).collect();
+        let map: KeyMap<'_, Before> = before.iter().map(|(k, b)| (vec![*k], b.clone())).collect();
         plan(changes, &[map], &[resolver], ORIGIN, ORIGIN_ID)
     }
 

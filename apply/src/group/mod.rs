@@ -34,7 +34,9 @@ pub mod decide;
 pub(crate) mod stamps;
 mod statements;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use pgferry_connectors::postgres::PgSession;
 use pgferry_schemas::{DecodedEvent, Op};
@@ -44,7 +46,7 @@ use crate::conflict::{ConflictType, LocalVersion, Resolution};
 use crate::error::ApplyError;
 use crate::progress::format_lsn;
 use crate::writer::{row_json, LocalTable, Writer};
-use decide::{Action, Before, Change};
+use decide::{Action, Before, Change, KeyMap};
 
 /// One source transaction of a group.
 #[derive(Debug)]
@@ -230,11 +232,11 @@ impl Writer {
         names: &[(String, String)],
         table_names: &[String],
         changes: &[Change<'e>],
-    ) -> Result<Vec<HashMap<Vec<&'e str>, Before>>, ApplyError> {
+    ) -> Result<Vec<KeyMap<'e, Before>>, ApplyError> {
         let mut keys: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
         let mut lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
         let mut row_lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
-        let mut seen: Vec<std::collections::HashSet<(u8, &Vec<&str>)>> = vec![Default::default(); names.len()];
+        let mut seen: Vec<FxHashSet<(u8, &Vec<&str>)>> = vec![Default::default(); names.len()];
         for c in changes {
             if seen[c.table].insert((0, &c.key)) {
                 keys[c.table].push(c.key.clone());
@@ -310,7 +312,7 @@ impl Writer {
             }
         }
         let t_fetched = t_start.elapsed();
-        let mut before: Vec<HashMap<Vec<&str>, Before>> = vec![HashMap::new(); names.len()];
+        let mut before: Vec<KeyMap<Before>> = vec![KeyMap::default(); names.len()];
         for (i, rows) in state_rows.iter().enumerate() {
             for r in rows {
                 let pos: i64 = r.get(0);
@@ -372,7 +374,7 @@ impl Writer {
         &mut self,
         sql: &PgSession,
         names: &[(String, String)],
-        before: &[HashMap<Vec<&str>, Before>],
+        before: &[KeyMap<'_, Before>],
         conflicts: &mut [decide::ConflictRecord<'_>],
     ) -> Result<(), ApplyError> {
         let mut wanted: Vec<Vec<usize>> = vec![Vec::new(); names.len()];
@@ -440,7 +442,7 @@ impl Writer {
         origin: &str,
         names: &[(String, String)],
         table_names: &[String],
-        before: &[HashMap<Vec<&str>, Before>],
+        before: &[KeyMap<'_, Before>],
         txns: &[SourceTxn],
         plan: &decide::Plan<'_>,
         last: usize,
@@ -477,7 +479,7 @@ impl Writer {
             }
         }
         // The xmin each written row had when read (the writes touch only that version).
-        let xmins: Vec<HashMap<&Vec<&str>, String>> = (0..names.len())
+        let xmins: Vec<FxHashMap<&Vec<&str>, String>> = (0..names.len())
             .map(|ti| {
                 plan.writes
                     .iter()
@@ -662,7 +664,7 @@ impl<'a> GroupWrite<'a> {
 }
 
 /// The xmin read for each of `ws` (NULL for none: the guarded write then fails the group).
-fn xmin_array<'x, 'k, 'e>(xmins: &'x [HashMap<&'k Vec<&'e str>, String>], ws: &[&decide::KeyWrite<'e>]) -> TextArray<'x> {
+fn xmin_array<'x, 'k, 'e>(xmins: &'x [FxHashMap<&'k Vec<&'e str>, String>], ws: &[&decide::KeyWrite<'e>]) -> TextArray<'x> {
     ws.iter().map(|w| xmins[w.table].get(&w.key).map(String::as_str)).collect()
 }
 

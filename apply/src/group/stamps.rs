@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 /// One bucket's stamps: table name → key (the tombstone trigger's JSON text) → source commit
 /// time (µs).
-pub type Stamps = HashMap<String, HashMap<String, i64>>;
+pub type Stamps = rustc_hash::FxHashMap<String, rustc_hash::FxHashMap<String, i64>>;
 
 /// Keys per bucket a group aims at (a bucket's JSON stays under PostgreSQL's TOAST threshold,
 /// so reading one key decompresses nothing).
