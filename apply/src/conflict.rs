@@ -384,6 +384,18 @@ pub fn compare_before_image(resolver: Resolver, local: Option<Stamp>, remote: St
     has_before && local.is_some_and(|l| remote > l) && decide(resolver, local, remote) != Some(Resolution::ApplyRemote)
 }
 
+/// Whether a change that lost to another row on a secondary unique key also removes the local
+/// row at its own key (issue 16, scenario 8): under the stamp-weighing resolvers
+/// (`last_update_wins`, `first_update_wins`), where the winner arrived second the change had
+/// replaced that row and was then deleted as the colliding row, so here it goes too — but only
+/// a row the change would have replaced: `on_top` (written by the change's origin, or equal to
+/// its before image), without a commit time, or one the change beats. A row there that the
+/// change loses to stays. Other resolvers never remove it.
+pub fn own_row_goes(resolver: Resolver, own: Option<Stamp>, remote: Stamp, on_top: bool) -> bool {
+    matches!(resolver, Resolver::LastUpdateWins | Resolver::FirstUpdateWins)
+        && (on_top || own.is_none() || decide(resolver, own, remote) == Some(Resolution::ApplyRemote))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +442,22 @@ mod tests {
         }
         for resolver in [Resolver::LastUpdateWins, Resolver::ApplyRemote] {
             assert!(!compare_before_image(resolver, l, later, true), "{resolver:?} applies it anyway");
+        }
+    }
+
+    #[test]
+    fn a_change_losing_on_a_unique_key_removes_only_the_row_it_would_replace() {
+        let remote = s(20, 1);
+        let luw = Resolver::LastUpdateWins;
+        assert!(own_row_goes(luw, Some(s(10, 2)), remote, false), "older: replaced, then lost");
+        assert!(!own_row_goes(luw, Some(s(30, 2)), remote, false), "newer: it stays");
+        assert!(own_row_goes(luw, Some(s(30, 2)), remote, true), "made on top of it");
+        assert!(own_row_goes(luw, None, remote, false), "no commit time");
+        let fuw = Resolver::FirstUpdateWins;
+        assert!(own_row_goes(fuw, Some(s(30, 2)), remote, false), "first update wins: the later row is replaced");
+        assert!(!own_row_goes(fuw, Some(s(10, 2)), remote, false));
+        for other in [Resolver::ApplyRemote, Resolver::KeepLocal, Resolver::Manual, Resolver::Error] {
+            assert!(!own_row_goes(other, Some(s(10, 2)), remote, true), "{other:?}");
         }
     }
 

@@ -26,6 +26,9 @@ use crate::error::ApplyError;
 use crate::progress::format_lsn;
 
 mod key_change;
+mod unique_keys;
+
+use unique_keys::UniqueCheck;
 
 /// A local table as apply writes it.
 pub(crate) struct LocalTable {
@@ -54,16 +57,6 @@ const TABLE_LINKS: &str = "SELECT
     EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' AND (conrelid = $1::text::regclass OR confrelid = $1::text::regclass)),
     EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal
             AND tgname NOT IN ('pgferry_tombstone', 'pgferry_key_change') AND tgenabled IN ('R', 'A'))";
-
-/// How a change's secondary unique keys were settled.
-enum UniqueCheck {
-    /// No other local row holds its unique values.
-    Clear,
-    /// The change won over the rows that did; they were deleted.
-    Cleared(Settled),
-    /// A colliding row won: the change is not applied.
-    Skipped(Settled),
-}
 
 /// A row as an event carries it: column name → text value (None = NULL).
 type EventRow = Vec<(String, Option<String>)>;
@@ -397,123 +390,9 @@ impl Writer {
         let cleared = match unique {
             UniqueCheck::Skipped(s) => return Ok(Some(Some(s))),
             UniqueCheck::Cleared(s) => Some(s),
-            UniqueCheck::Clear => None,
+            UniqueCheck::Clear | UniqueCheck::LostAtOwnKey => None,
         };
         Ok(self.apply_row(sql, ev).await?.map(|s| s.or(cleared)))
-    }
-
-    /// Secondary unique keys (DESIGN.md, "Conflicts"): another local row holding one of the
-    /// incoming row's unique values is an `update_exists` conflict (`insert_exists` for an
-    /// insert, as PostgreSQL 18 names them), weighed against the newest colliding row. If the
-    /// change wins, the colliding rows are deleted (their tombstones are dated by the change)
-    /// and it goes on; otherwise it is not applied, and under `last_update_wins` /
-    /// `first_update_wins` the change's own row is deleted too: the losing row ends absent on
-    /// every node, whichever of the two arrived first. Both rows stay in the conflict record.
-    /// One more (pipelined) lookup per change, on tables that have such keys only.
-    async fn settle_unique(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<UniqueCheck, ApplyError> {
-        self.table(sql, ev).await?;
-        let id = (ev.schema.clone(), ev.table.clone());
-        let table = &self.tables[&id];
-        let (Some(after), false) = (ev.after.as_ref(), table.unique_keys.is_empty()) else {
-            return Ok(UniqueCheck::Clear);
-        };
-        let key = key_values(table, after).map_err(|m| write_err(ev, m))?;
-        let mut params: Vec<Option<&str>> = key.iter().map(|k| Some(*k)).collect();
-        let mut collides = Vec::new();
-        for columns in &table.unique_keys {
-            // A NULL never collides; an unchanged TOAST value is not in the event.
-            let values: Option<Vec<&str>> = columns
-                .iter()
-                .map(|c| {
-                    after
-                        .iter()
-                        .find(|(n, _)| n == c && !ev.unchanged_toast.contains(n))
-                        .and_then(|(_, v)| v.as_deref())
-                })
-                .collect();
-            let Some(values) = values else { continue };
-            let mut conds = Vec::new();
-            for (c, v) in columns.iter().zip(values) {
-                params.push(Some(v));
-                conds.push(format!("{} = ${}::text::{}", quote_ident(c), params.len(), cast(table, c).map_err(|m| write_err(ev, m))?));
-            }
-            collides.push(format!("({})", conds.join(" AND ")));
-        }
-        if collides.is_empty() {
-            return Ok(UniqueCheck::Clear);
-        }
-        let name = table.name.clone();
-        let mut filter = format!("({}) AND NOT ({})", collides.join(" OR "), where_key(table, 1));
-        // An update that changes the key: the row's old version is not a collision either.
-        if let Some(old_key) = ev.before.as_ref().and_then(|b| key_values(table, b).ok()).filter(|k| *k != key) {
-            filter += &format!(" AND NOT ({})", where_key(table, params.len() + 1));
-            params.extend(old_key.into_iter().map(Some));
-        }
-        let row_key = format!(
-            "jsonb_build_array({})",
-            table.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect::<Vec<_>>().join(", ")
-        );
-        params.push(Some(name.as_str()));
-        let lock = format!("SELECT 1 FROM {} t WHERE {filter} FOR UPDATE", table.qualified);
-        let lookup = format!(
-            "SELECT {}, {}::text FROM {} t WHERE {filter}",
-            version_columns(params.len(), &row_key),
-            key_json(table, 1),
-            table.qualified
-        );
-        let delete = format!("DELETE FROM {} t WHERE {filter}", table.qualified);
-        let n = params.len();
-        let (lock, lookup) = (
-            self.prepared(sql, &lock, n - 1, ev).await?,
-            self.prepared(sql, &lookup, n, ev).await?,
-        );
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let (_, rows) = futures::try_join!(sql.client.query(&lock, &refs[..n - 1]), sql.client.query(&lookup, &refs))
-            .map_err(sql.err(format!("looking up rows colliding on a unique key of {name}")))?;
-        let mut newest: Option<LocalVersion> = None;
-        for r in &rows {
-            let version = self.local_version(sql, r).await?;
-            if newest.as_ref().is_none_or(|n| version.stamp > n.stamp) {
-                newest = Some(version);
-            }
-        }
-        let (Some(local), Some(first)) = (newest, rows.first()) else {
-            return Ok(UniqueCheck::Clear);
-        };
-        let key_json_text: String = first.get(4);
-        let conflict = if ev.op == Op::Update { ConflictType::UpdateExists } else { ConflictType::InsertExists };
-        let remote = Stamp {
-            ts_us: ev.commit_ts_us,
-            node_id: self.config.node(&ev.origin).map_or(0, |n| n.id),
-        };
-        let resolver = self.tables[&id].resolver;
-        let Some(resolution) = decide(resolver, local.stamp, remote) else {
-            return Err(ApplyError::ConflictStop {
-                origin: ev.origin.clone(),
-                table: name,
-                message: format!(
-                    "{} on key {key_json_text}: another row holds its unique values (resolver error: this origin stops here until an operator resolves it)",
-                    conflict.name()
-                ),
-            });
-        };
-        if resolution == Resolution::ApplyRemote {
-            self.execute(sql, &delete, &params[..n - 1], ev).await?;
-        } else if matches!(resolver, Resolver::LastUpdateWins | Resolver::FirstUpdateWins) {
-            // The change's own row lost: it goes here as it went on the nodes where the winner
-            // arrived second (there it was the colliding row and was deleted), so all converge.
-            let own = ev.before.as_ref().unwrap_or(after);
-            let own_key = key_values(&self.tables[&id], own).map_err(|m| write_err(ev, m))?;
-            let text = format!("DELETE FROM {} WHERE {}", self.tables[&id].qualified, where_key(&self.tables[&id], 1));
-            let own_params: Vec<Option<&str>> = own_key.into_iter().map(Some).collect();
-            self.execute(sql, &text, &own_params, ev).await?;
-        }
-        self.record(sql, ev, &name, &key_json_text, conflict, resolver, resolution, Some(&local)).await?;
-        let settled = Settled { conflict, resolution };
-        Ok(match resolution {
-            Resolution::ApplyRemote => UniqueCheck::Cleared(settled),
-            _ => UniqueCheck::Skipped(settled),
-        })
     }
 
     /// A local row version read with [`version_columns`] (columns 0–3).

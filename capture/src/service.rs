@@ -195,6 +195,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
     let mut capture = Capture {
         relations: Relations::new(&config.cluster.name, &topic, registry),
         operations: std::collections::HashMap::new(),
+        toast_warned: std::collections::HashSet::new(),
         heartbeat_id,
         heartbeat_schema,
         truncate_id,
@@ -348,6 +349,9 @@ struct Capture {
     /// Relation id → the operations of `replication.table.<t>.operations` it replicates
     /// (looked up once per relation; forgotten when PostgreSQL describes the relation again).
     operations: std::collections::HashMap<u32, [bool; 4]>,
+    /// Tables this process has warned about sending updates without an unchanged TOAST value
+    /// (their REPLICA IDENTITY is not FULL; issue 16, scenario 5), so the warning comes once.
+    toast_warned: std::collections::HashSet<String>,
     /// Highest commit LSN known to be in Kafka.
     last_lsn: u64,
     options: CaptureOptions,
@@ -578,6 +582,20 @@ impl Capture {
                 Some(row)
             }
         };
+        if !unchanged_toast.is_empty() && !self.toast_warned.contains(&rel.display) {
+            // Apply keeps the local value for such a column, so when this update meets a
+            // concurrent change of the row from another node the nodes can keep different
+            // values (docs/decisions.md, "Unchanged TOAST values").
+            tracing::warn!(
+                table = %rel.display,
+                columns = ?unchanged_toast,
+                "an update of {} does not carry its unchanged large values (TOAST) because the table's REPLICA IDENTITY is not FULL; \
+                 if other nodes update the same rows concurrently, nodes can end with different values: run ALTER TABLE {} REPLICA IDENTITY FULL",
+                rel.display,
+                rel.display
+            );
+            self.toast_warned.insert(rel.display.clone());
+        }
         let order = txn.per_table.entry(relation_id).or_insert(0);
         *order += 1;
         let route = &txn.route;

@@ -243,7 +243,10 @@ async fn read_tables(config: &Config, node: &NodeConfig, sql: &PgSession) -> Res
                             CASE WHEN NOT has_table_privilege(c.oid, 'INSERT') THEN 'INSERT' END,
                             CASE WHEN NOT has_table_privilege(c.oid, 'UPDATE') THEN 'UPDATE' END,
                             CASE WHEN NOT has_table_privilege(c.oid, 'DELETE') THEN 'DELETE' END,
-                            CASE WHEN NOT has_table_privilege(c.oid, 'TRUNCATE') THEN 'TRUNCATE' END], NULL)
+                            CASE WHEN NOT has_table_privilege(c.oid, 'TRUNCATE') THEN 'TRUNCATE' END], NULL),
+                        coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+                                  WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                    AND a.attlen = -1 AND a.attstorage IN ('x', 'e')), '{}')
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE n.nspname = $1 AND c.relname = $2",
                 &[&schema, &table],
@@ -259,6 +262,7 @@ async fn read_tables(config: &Config, node: &NodeConfig, sql: &PgSession) -> Res
                 has_primary_key: false,
                 replica_identity: String::new(),
                 delta_columns,
+                toast_columns: Vec::new(),
                 owned: false,
                 missing_privileges: Vec::new(),
             },
@@ -271,6 +275,7 @@ async fn read_tables(config: &Config, node: &NodeConfig, sql: &PgSession) -> Res
                 delta_columns,
                 owned: r.get(3),
                 missing_privileges: r.get(4),
+                toast_columns: r.get(5),
             },
         });
     }

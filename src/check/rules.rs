@@ -474,6 +474,9 @@ pub struct TableFacts {
     pub replica_identity: String,
     /// Its `delta_columns` in the config.
     pub delta_columns: Vec<String>,
+    /// Its columns whose values PostgreSQL may store out of line (TOAST: variable length,
+    /// storage `extended` or `external`), in column order.
+    pub toast_columns: Vec<String>,
     /// Whether the session's role owns it (or is a member of its owner).
     pub owned: bool,
     /// Of SELECT, INSERT, UPDATE, DELETE, TRUNCATE: those the role lacks.
@@ -543,8 +546,49 @@ pub fn primary_keys(place: &Place, tables: &[TableFacts]) -> Vec<Finding> {
 }
 
 /// `REPLICA IDENTITY FULL` on every table with delta columns (updates must carry the old
-/// values the deltas are computed from).
+/// values the deltas are computed from): a problem. And on every table with columns that can be
+/// stored out of line (TOAST): a warning — without it an update that leaves such a value
+/// unchanged does not carry it, apply keeps the local value, and concurrent updates of a row
+/// on two nodes can leave nodes with different values (issue 16, scenario 5).
 pub fn replica_identity(place: &Place, tables: &[TableFacts]) -> Vec<Finding> {
+    let mut out = delta_replica_identity(place, tables);
+    for t in tables.iter().filter(|t| t.is_table() && t.delta_columns.is_empty() && !t.toast_columns.is_empty()) {
+        if t.replica_identity == "f" {
+            continue;
+        }
+        let name = t.name();
+        out.push(
+            Finding::warning(
+                place,
+                "replica_identity",
+                name.clone(),
+                format!(
+                    "table {name} has columns that can be stored out of line (TOAST) {:?} and REPLICA IDENTITY {}, so an update that leaves such a value unchanged does not carry it: when two nodes update a row concurrently, nodes can keep different values",
+                    t.toast_columns,
+                    identity_name(&t.replica_identity)
+                ),
+            )
+            .fix(format!(
+                "ALTER TABLE {name} REPLICA IDENTITY FULL (not needed if only one node ever updates a row)"
+            )),
+        );
+    }
+    out
+}
+
+/// `REPLICA IDENTITY` as SQL spells it, from `pg_class.relreplident`.
+fn identity_name(code: &str) -> &str {
+    match code {
+        "d" => "DEFAULT",
+        "n" => "NOTHING",
+        "i" => "USING INDEX",
+        "f" => "FULL",
+        other => other,
+    }
+}
+
+/// The delta-column half of [`replica_identity`].
+fn delta_replica_identity(place: &Place, tables: &[TableFacts]) -> Vec<Finding> {
     let delta: Vec<&TableFacts> = tables
         .iter()
         .filter(|t| !t.delta_columns.is_empty() && t.is_table())
@@ -553,12 +597,7 @@ pub fn replica_identity(place: &Place, tables: &[TableFacts]) -> Vec<Finding> {
     for t in &delta {
         if t.replica_identity != "f" {
             let name = t.name();
-            let ident = match t.replica_identity.as_str() {
-                "d" => "DEFAULT",
-                "n" => "NOTHING",
-                "i" => "USING INDEX",
-                other => other,
-            };
+            let ident = identity_name(&t.replica_identity);
             out.push(
                 Finding::problem(
                     place,
@@ -1334,9 +1373,35 @@ mod tests {
             has_primary_key: true,
             replica_identity: "d".into(),
             delta_columns: vec![],
+            toast_columns: vec![],
             owned: true,
             missing_privileges: vec![],
         }
+    }
+
+    #[test]
+    fn tables_with_toast_columns_are_warned_about_without_replica_identity_full() {
+        let doc = TableFacts {
+            toast_columns: vec!["body".into()],
+            ..table("doc")
+        };
+        let f = replica_identity(&node(), std::slice::from_ref(&doc));
+        assert_eq!(severities(&f), [Severity::Warning]);
+        assert_eq!(
+            f[0].line(),
+            "WARNING   node n1 (db1:5432/app): table public.doc has columns that can be stored out of line (TOAST) [\"body\"] and REPLICA IDENTITY DEFAULT, so an update that leaves such a value unchanged does not carry it: when two nodes update a row concurrently, nodes can keep different values. Fix: ALTER TABLE public.doc REPLICA IDENTITY FULL (not needed if only one node ever updates a row)"
+        );
+        let full = TableFacts {
+            replica_identity: "f".into(),
+            ..doc.clone()
+        };
+        assert!(replica_identity(&node(), &[full]).is_empty());
+        // A delta table without FULL is a problem already; no second finding.
+        let delta = TableFacts {
+            delta_columns: vec!["n".into()],
+            ..doc
+        };
+        assert_eq!(severities(&replica_identity(&node(), &[delta])), [Severity::Problem]);
     }
 
     #[test]
