@@ -135,10 +135,11 @@ impl Writer {
         let names: Vec<(String, String)> = txns
             .iter()
             .flat_map(|t| &t.changes)
-            .filter(|ev| !self.local_elsewhere(&ev.schema, &ev.table))
-            .map(|ev| (ev.schema.clone(), ev.table.clone()))
+            .map(|ev| (ev.schema.as_str(), ev.table.as_str()))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
+            .filter(|(schema, table)| !self.local_elsewhere(schema, table))
+            .map(|(schema, table)| (schema.to_string(), table.to_string()))
             .collect();
         if let Some(missing) = names.iter().find(|n| !self.tables.contains_key(*n)) {
             return Err(self.group_err(origin, missing, "table metadata not loaded".into()));
