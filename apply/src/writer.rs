@@ -735,15 +735,10 @@ impl Writer {
             if let (false, Some(l)) = (text.is_empty(), local.as_ref()) {
                 self.execute(sql, &text, &params, ev).await?;
                 let ts = l.stamp.map(|s| s.ts_us.to_string());
-                self.execute(
-                    sql,
-                    "INSERT INTO pgferry.row_stamps (tbl, key, xid, ts_us, origin)
-                     VALUES ($1, $2::text::jsonb, txid_current(), $3::text::int8, $4)
-                     ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid, ts_us = EXCLUDED.ts_us, origin = EXCLUDED.origin",
-                    &[Some(name.as_str()), Some(key_json_text.as_str()), ts.as_deref(), l.origin.as_deref()],
-                    ev,
-                )
-                .await?;
+                let text = row_stamp_override(&self.tables[&id]);
+                let mut params = vec![Some(name.as_str()), Some(key_json_text.as_str()), ts.as_deref(), l.origin.as_deref()];
+                params.extend(key.iter().map(|k| Some(*k)));
+                self.execute(sql, &text, &params, ev).await?;
             }
         }
         self.record(sql, ev, &name, &key_json_text, conflict, resolver, resolution, local.as_ref())
@@ -945,6 +940,25 @@ fn version_columns(tbl_param: usize, key: &str) -> String {
          (pg_xact_commit_timestamp_origin(t.xmin)).roident::int8, to_jsonb(t)::text, {}",
         stamp("ts_us"),
         stamp("origin")
+    )
+}
+
+/// Records in `pgferry.row_stamps` the stamp (`$3` commit time, `$4` origin) of the version that
+/// won for the row at the key in `$5…` (`$1` table name, `$2` key JSON), whose last write only
+/// merged a losing change's delta columns. The override is keyed by that row version's own
+/// `xmin`, read back from the row: under `on_error = skip_change` the write runs in a savepoint,
+/// so `xmin` is the subtransaction's xid, not `txid_current()` (issue 16, scenario 10). The xid
+/// is listed in `pgferry.stamped_xacts` here too: the statement trigger lists only the top-level
+/// one.
+fn row_stamp_override(table: &LocalTable) -> String {
+    format!(
+        "WITH v AS (SELECT t.xmin::text::int8 AS x FROM {} t WHERE {}),
+              listed AS (INSERT INTO pgferry.stamped_xacts SELECT x FROM v ON CONFLICT DO NOTHING)
+         INSERT INTO pgferry.row_stamps (tbl, key, xid, ts_us, origin)
+         SELECT $1, $2::text::jsonb, v.x, $3::text::int8, $4 FROM v
+         ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid, ts_us = EXCLUDED.ts_us, origin = EXCLUDED.origin",
+        table.qualified,
+        where_key(table, 5)
     )
 }
 
