@@ -25,6 +25,8 @@ use crate::conflict::{decide, ConflictType, LocalVersion, Resolution, Stamp};
 use crate::error::ApplyError;
 use crate::progress::format_lsn;
 
+mod raced_insert;
+
 /// A local table as apply writes it.
 pub(crate) struct LocalTable {
     /// `schema.table`, unquoted (the name in tombstones and conflicts).
@@ -555,6 +557,7 @@ impl Writer {
         let roident_text = remote_roident.map(|r| r.to_string());
         let (text, params) = guarded(table, &name, ev, &key, roident_text.as_deref()).map_err(|m| write_err(ev, m))?;
         if !text.is_empty() {
+            let check_text = raced_insert::tombstone_xid(table);
             let stmt = self.prepared(sql, &text, params.len(), ev).await?;
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
             let what = || format!("{} on {}.{}", ev.op.code(), ev.schema, ev.table);
@@ -562,14 +565,30 @@ impl Writer {
             // whose key another stream's delete is freeing would otherwise wait on that row,
             // then go in without seeing the delete's tombstone (its check ran in the snapshot
             // taken before the wait). An update keeps a row, so the row's lock suffices.
-            let written = if matches!(ev.op, Op::Create | Op::Read | Op::Delete) {
+            // An insert is followed by a read of the key's tombstone in a fresh snapshot: a local
+            // delete that committed while the insert waited for it shows there (`raced_insert`).
+            let inserting = matches!(ev.op, Op::Create | Op::Read);
+            let check = match inserting {
+                true => Some(self.prepared(sql, &check_text, key.len() + 1, ev).await?),
+                false => None,
+            };
+            let read_check = async {
+                match &check {
+                    Some(c) => sql.client.query_one(c, &lock_params).await.map(|r| r.get::<_, Option<i64>>(0)),
+                    None => Ok(None),
+                }
+            };
+            let (written, tombstone_after) = if matches!(ev.op, Op::Create | Op::Read | Op::Delete) {
                 locked = true;
-                futures::try_join!(sql.client.query_one(&key_lock, &lock_params), sql.client.execute(&stmt, &refs))
-                    .map(|(_, n)| n)
+                futures::try_join!(sql.client.query_one(&key_lock, &lock_params), sql.client.execute(&stmt, &refs), read_check)
+                    .map(|(_, n, t)| (n, t))
             } else {
-                sql.client.execute(&stmt, &refs).await
+                sql.client.execute(&stmt, &refs).await.map(|n| (n, None))
             }
             .map_err(sql.err(what()))?;
+            if inserting && written > 0 {
+                return Ok(self.settle_raced(sql, ev, &key, written, None, tombstone_after).await?.then_some(None));
+            }
             if written > 0 {
                 return Ok(Some(None));
             }
@@ -593,7 +612,7 @@ impl Writer {
         let tomb = format!(
             "SELECT k.key::text,
                     coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END, (extract(epoch FROM c.timestamp) * 1000000)::int8),
-                    c.roident::int8
+                    c.roident::int8, tb.xid
              FROM (SELECT {} AS key) k
              LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${} AND tb.key = k.key
              LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) c ON true",
@@ -626,6 +645,7 @@ impl Writer {
             None => None,
             Some(r) => Some(self.local_version(sql, &r).await?),
         };
+        let tombstone_xid: Option<i64> = tomb.get(3);
         let tombstone = match tomb.get::<_, Option<i64>>(2) {
             Some(id) => {
                 let origin = self.origin_of(sql, id).await?;
@@ -646,7 +666,7 @@ impl Writer {
             (Op::Create | Op::Read, None) => match tombstone {
                 // A delete here that is newer than the insert (arrived out of order).
                 Some(t) if t > remote => (ConflictType::UpdateDeleted, Some(t)),
-                _ => return Ok(self.insert(sql, ev).await?.then_some(None)),
+                _ => return Ok(self.insert(sql, ev, &key, tombstone_xid).await?.then_some(None)),
             },
             (Op::Update | Op::Delete, Some(l)) => {
                 if l.stamp.is_none() || l.origin.as_deref() == Some(ev.origin.as_str()) {
@@ -702,7 +722,7 @@ impl Writer {
                 }
                 (ConflictType::UpdateMissing | ConflictType::UpdateDeleted, _) => {
                     if ev.unchanged_toast.is_empty() {
-                        if !self.insert(sql, ev).await? {
+                        if !self.insert(sql, ev, &key, tombstone_xid).await? {
                             return Ok(None);
                         }
                     } else {
@@ -785,11 +805,13 @@ impl Writer {
         }
     }
 
-    /// Inserts the after image unless the key exists by now; whether it inserted.
-    async fn insert(&mut self, sql: &PgSession, ev: &DecodedEvent) -> Result<bool, ApplyError> {
+    /// Inserts the after image unless the key exists by now, decided against the key's
+    /// tombstone `seen` (its xid); whether the row went in and stands (false: settle the change
+    /// again — the key exists, or a delete committed meanwhile: `raced_insert`).
+    async fn insert(&mut self, sql: &PgSession, ev: &DecodedEvent, key: &[&str], seen: Option<i64>) -> Result<bool, ApplyError> {
         let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
         let (text, params) = insert(table, ev).map_err(|m| write_err(ev, m))?;
-        Ok(self.execute(sql, &text, &params, ev).await? > 0)
+        self.insert_unraced(sql, ev, key, (&text, &params), seen).await
     }
 
     #[allow(clippy::too_many_arguments)]
