@@ -408,7 +408,9 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_trigger
                                 WHERE tgrelid = to_regclass($1) AND tgname = 'pgferry_tombstone'
-                                  AND tgenabled = 'A' AND tgargs = $2)",
+                                  AND tgenabled = 'A' AND tgargs = $2)
+                        AND EXISTS (SELECT 1 FROM pg_trigger
+                                    WHERE tgrelid = to_regclass($1) AND tgname = 'pgferry_truncation' AND tgenabled = 'A')",
                 &[&qualified, &args],
             )
             .await

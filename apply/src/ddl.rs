@@ -148,6 +148,9 @@ pub fn trigger_sql(tables: &[(String, String)], whole: &[String]) -> String {
                      EXECUTE format('CREATE TRIGGER pgferry_tombstone AFTER DELETE ON %s FOR EACH ROW
                                      EXECUTE FUNCTION pgferry.record_tombstone(%s)', r.objid::regclass, keys);
                      EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgferry_tombstone', r.objid::regclass);
+                     EXECUTE format('CREATE TRIGGER pgferry_truncation AFTER TRUNCATE ON %s FOR EACH STATEMENT
+                                     EXECUTE FUNCTION pgferry.record_truncation()', r.objid::regclass);
+                     EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgferry_truncation', r.objid::regclass);
                      PERFORM set_config('pgferry.local_ddl', 'off', true);
                  END IF;
              END LOOP;

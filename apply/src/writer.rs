@@ -16,7 +16,6 @@ use std::collections::{HashMap, HashSet};
 use pgferry_connectors::config::{Config, Resolver};
 use pgferry_connectors::postgres::{quote_ident, table_columns, PgSession};
 use pgferry_schemas::naming::replication_origins_read;
-use pgferry_schemas::truncate::Truncate;
 use pgferry_schemas::{DecodedEvent, Op};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
@@ -26,6 +25,7 @@ use crate::error::ApplyError;
 use crate::progress::format_lsn;
 
 mod raced_insert;
+mod truncate;
 
 /// A local table as apply writes it.
 pub(crate) struct LocalTable {
@@ -53,7 +53,7 @@ pub(crate) struct LocalTable {
 const TABLE_LINKS: &str = "SELECT
     EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' AND (conrelid = $1::text::regclass OR confrelid = $1::text::regclass)),
     EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal
-            AND tgname <> 'pgferry_tombstone' AND tgenabled IN ('R', 'A'))";
+            AND tgname NOT IN ('pgferry_tombstone', 'pgferry_truncation') AND tgenabled IN ('R', 'A'))";
 
 /// How a change's secondary unique keys were settled.
 enum UniqueCheck {
@@ -220,33 +220,6 @@ impl Writer {
         self.config
             .node(&self.local.0)
             .is_some_and(|n| self.config.local_elsewhere(n, schema, table))
-    }
-
-    /// Truncates a table inside the caller's open transaction. Tables the origin truncated by
-    /// CASCADE arrive as their own events, so the local statement never cascades: it cannot
-    /// reach tables outside the replication set.
-    pub async fn truncate(&mut self, sql: &PgSession, t: &Truncate) -> Result<(), ApplyError> {
-        if self.local_elsewhere(&t.schema, &t.table) {
-            return Ok(());
-        }
-        if !self.in_sets(&t.schema, &t.table) {
-            return Err(ApplyError::Write {
-                origin: t.origin.clone(),
-                table: format!("{}.{}", t.schema, t.table),
-                message: "not in this node's replication set".into(),
-            });
-        }
-        let restart = if t.restart_identity { " RESTART IDENTITY" } else { "" };
-        let stmt = format!(
-            "TRUNCATE TABLE {}.{}{restart}",
-            quote_ident(&t.schema),
-            quote_ident(&t.table)
-        );
-        sql.client
-            .batch_execute(&stmt)
-            .await
-            .map_err(sql.err(format!("truncating {}.{}", t.schema, t.table)))?;
-        Ok(())
     }
 
     /// A prepared statement for `text` with `n` text parameters.
@@ -555,7 +528,9 @@ impl Writer {
 
         // The guarded statement: done when there is nothing to resolve.
         let roident_text = remote_roident.map(|r| r.to_string());
-        let (text, params) = guarded(table, &name, ev, &key, roident_text.as_deref()).map_err(|m| write_err(ev, m))?;
+        let commit_ts = ev.commit_ts_us.to_string();
+        let (text, params) =
+            guarded(table, &name, ev, &key, roident_text.as_deref(), &commit_ts).map_err(|m| write_err(ev, m))?;
         if !text.is_empty() {
             let check_text = raced_insert::tombstone_xid(table);
             let stmt = self.prepared(sql, &text, params.len(), ev).await?;
@@ -612,12 +587,15 @@ impl Writer {
         let tomb = format!(
             "SELECT k.key::text,
                     coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END, (extract(epoch FROM c.timestamp) * 1000000)::int8),
-                    c.roident::int8, tb.xid
+                    c.roident::int8, tb.xid,
+                    (extract(epoch FROM trc.timestamp) * 1000000)::int8, trc.roident::int8
              FROM (SELECT {} AS key) k
-             LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${} AND tb.key = k.key
-             LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) c ON true",
+             LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${n} AND tb.key = k.key
+             LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) c ON true
+             LEFT JOIN pgferry.truncations tr ON tr.tbl = ${n}
+             LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tr.xid % 4294967296)::text::xid) trc ON tr.xid IS NOT NULL",
             key_json(table, 1),
-            key.len() + 1
+            n = key.len() + 1
         );
         let (lock, lookup, tomb) = (
             self.prepared(sql, &lock, key.len(), ev).await?,
@@ -653,6 +631,15 @@ impl Writer {
             }
             None => None,
         };
+        // The table's last truncate counts as a tombstone of every key (`writer::truncate`).
+        let truncated = match tomb.get::<_, Option<i64>>(5) {
+            Some(id) => {
+                let origin = self.origin_of(sql, id).await?;
+                self.stamp(tomb.get(4), origin.as_deref())
+            }
+            None => None,
+        };
+        let tombstone = tombstone.max(truncated);
         let remote = Stamp {
             ts_us: ev.commit_ts_us,
             node_id: self.config.node(&ev.origin).map_or(0, |n| n.id),
@@ -1124,6 +1111,7 @@ fn guarded<'e>(
     ev: &'e DecodedEvent,
     key: &[&'e str],
     remote_roident: Option<&'e str>,
+    commit_ts: &'e str,
 ) -> Result<Statement_<'e>, String> {
     match ev.op {
         Op::Create | Op::Read => {
@@ -1135,15 +1123,21 @@ fn guarded<'e>(
             let first = params.len() + 1;
             params.push(Some(name));
             params.extend(key.iter().map(|k| Some(*k)));
+            params.push(Some(commit_ts));
+            // Nor a truncate of the table as new as the change (`writer::truncate`).
             Ok((
                 format!(
                     "INSERT INTO {} ({}) SELECT {} WHERE NOT EXISTS
                        (SELECT 1 FROM pgferry.tombstones WHERE tbl = ${first} AND key = {})
+                     AND NOT EXISTS (SELECT 1 FROM pgferry.truncations tr WHERE tr.tbl = ${first}
+                       AND coalesce((extract(epoch FROM pg_xact_commit_timestamp((tr.xid % 4294967296)::text::xid)) * 1000000)::int8, 0)
+                           >= ${}::text::int8)
                      ON CONFLICT DO NOTHING",
                     table.qualified,
                     names.join(", "),
                     vals.join(", "),
-                    key_json(table, first + 1)
+                    key_json(table, first + 1),
+                    params.len()
                 ),
                 params,
             ))

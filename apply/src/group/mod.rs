@@ -344,6 +344,15 @@ impl Writer {
                     }
                     None => None,
                 };
+                // The table's last truncate counts as a tombstone of every key (`writer::truncate`).
+                let truncated = match r.get::<_, Option<i64>>(12) {
+                    Some(id) => {
+                        let o = self.origin_of(sql, id).await?;
+                        self.stamp(r.get(11), o.as_deref())
+                    }
+                    None => None,
+                };
+                let tombstone = tombstone.max(truncated);
                 let xmin = if row.is_some() { r.get::<_, Option<i64>>(5) } else { None };
                 before[i].insert(
                     key.clone(),

@@ -107,7 +107,9 @@ pub fn read_state(table: &LocalTable) -> String {
                          (extract(epoch FROM tc.timestamp) * 1000000)::int8),
                 tc.roident::int8,
                 x.buckets,
-                tb.xid
+                tb.xid,
+                (extract(epoch FROM trc.timestamp) * 1000000)::int8,
+                trc.roident::int8
          FROM {}
          CROSS JOIN LATERAL (SELECT {} AS key) kj
          LEFT JOIN {} t ON {}
@@ -121,6 +123,9 @@ pub fn read_state(table: &LocalTable) -> String {
          LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${tbl} AND tb.key = kj.key
          LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) tc
                 ON tb.xid IS NOT NULL
+         LEFT JOIN pgferry.truncations tr ON tr.tbl = ${tbl}
+         LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tr.xid % 4294967296)::text::xid) trc
+                ON tr.xid IS NOT NULL
          ORDER BY k.i",
         unnest(1, n, &key_aliases(table), true),
         key_json(table),
