@@ -22,13 +22,20 @@ use tokio_postgres::Client;
 const SETUP: &str = "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL);";
 
 async fn has(c: &Client, id: i32) -> anyhow::Result<bool> {
-    Ok(c.query_one("SELECT count(*) FROM t WHERE id = $1", &[&id]).await?.get::<_, i64>(0) > 0)
+    Ok(c.query_one("SELECT count(*) FROM t WHERE id = $1", &[&id])
+        .await?
+        .get::<_, i64>(0)
+        > 0)
 }
 
 async fn wait_has(cluster: &Cluster, i: usize, id: i32, want: bool) -> anyhow::Result<()> {
     let c = cluster.sql(i).await?;
     wait_until(
-        &format!("row {id} {} on {}", if want { "present" } else { "absent" }, cluster.nodes[i].name),
+        &format!(
+            "row {id} {} on {}",
+            if want { "present" } else { "absent" },
+            cluster.nodes[i].name
+        ),
         Duration::from_secs(60),
         || async { Ok(has(&c, id).await? == want) },
     )
@@ -38,18 +45,22 @@ async fn wait_has(cluster: &Cluster, i: usize, id: i32, want: bool) -> anyhow::R
 
 /// Waits until one of n1's apply sessions waits for a lock (the racing local transaction's).
 async fn wait_apply_blocked(cluster: &Cluster, n1: &Client) -> anyhow::Result<()> {
-    wait_until("n1's apply to wait for the local transaction", Duration::from_secs(60), || async {
-        Ok(n1
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
+    wait_until(
+        "n1's apply to wait for the local transaction",
+        Duration::from_secs(60),
+        || async {
+            Ok(n1
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND application_name LIKE 'pgferry-apply-%'
                    AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await?
-            .get::<_, i64>(0)
-            > 0)
-    })
+                    &[],
+                )
+                .await?
+                .get::<_, i64>(0)
+                > 0)
+        },
+    )
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))
 }
@@ -88,7 +99,12 @@ async fn race(apply_toml: &str, test: &str) -> anyhow::Result<()> {
     wait_has(&cluster, 1, 201, true).await?;
 
     let rows = |c: Client| async move {
-        let ids: Vec<i32> = c.query("SELECT id FROM t ORDER BY id", &[]).await?.iter().map(|r| r.get(0)).collect();
+        let ids: Vec<i32> = c
+            .query("SELECT id FROM t ORDER BY id", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         anyhow::Ok(ids)
     };
     let (on_n1, on_n2) = (rows(cluster.sql(0).await?).await?, rows(cluster.sql(1).await?).await?);
@@ -105,7 +121,11 @@ async fn race(apply_toml: &str, test: &str) -> anyhow::Result<()> {
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     let lost = |k: &str| (k.to_string(), "update_deleted".to_string(), "keep_local".to_string());
-    assert_eq!(conflicts, vec![lost("[1]"), lost("[2]")], "n1's conflicts with n2's inserts");
+    assert_eq!(
+        conflicts,
+        vec![lost("[1]"), lost("[2]")],
+        "n1's conflicts with n2's inserts"
+    );
     drop((_captures, _apply1, _apply2));
     cluster.cleanup().await
 }

@@ -30,9 +30,11 @@ async fn row(c: &tokio_postgres::Client) -> anyhow::Result<Option<(i64, String)>
 
 async fn wait_row(cluster: &Cluster, i: usize, want: (i64, &str)) -> anyhow::Result<()> {
     let c = cluster.sql(i).await?;
-    wait_until(&format!("row 1 = {want:?} on {}", cluster.nodes[i].name), Duration::from_secs(60), || async {
-        Ok(row(&c).await? == Some((want.0, want.1.to_string())))
-    })
+    wait_until(
+        &format!("row 1 = {want:?} on {}", cluster.nodes[i].name),
+        Duration::from_secs(60),
+        || async { Ok(row(&c).await? == Some((want.0, want.1.to_string()))) },
+    )
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))
 }
@@ -51,17 +53,33 @@ async fn stamps_under_skip_change_keep_the_winner() -> anyhow::Result<()> {
 
     n1.batch_execute("INSERT INTO acct VALUES (1, 0, 'init')").await?;
     wait_row(&cluster, 1, (0, "init")).await?;
-    n2.batch_execute("UPDATE acct SET balance = balance + 10, note = 'b1' WHERE id = 1").await?;
-    n2.batch_execute("UPDATE acct SET balance = balance + 5, note = 'b2' WHERE id = 1").await?;
+    n2.batch_execute("UPDATE acct SET balance = balance + 10, note = 'b1' WHERE id = 1")
+        .await?;
+    n2.batch_execute("UPDATE acct SET balance = balance + 5, note = 'b2' WHERE id = 1")
+        .await?;
     wait_row(&cluster, 0, (15, "b2")).await?;
-    n1.batch_execute("UPDATE acct SET balance = balance + 1, note = 'a' WHERE id = 1").await?;
+    n1.batch_execute("UPDATE acct SET balance = balance + 1, note = 'a' WHERE id = 1")
+        .await?;
     wait_row(&cluster, 1, (16, "a")).await?;
     cluster.wait_published(0, Duration::from_secs(60)).await?;
     cluster.wait_published(1, Duration::from_secs(60)).await?;
 
     // n3 reads n1's stream first (the insert and u3), then n2's (u1, u2).
-    let out = cluster.pgferry(&["replay", "--node", &names[2], "--origin", &names[0], "--from-offset", "0", "-q"])?;
-    anyhow::ensure!(out.status.success(), "replay failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cluster.pgferry(&[
+        "replay",
+        "--node",
+        &names[2],
+        "--origin",
+        &names[0],
+        "--from-offset",
+        "0",
+        "-q",
+    ])?;
+    anyhow::ensure!(
+        out.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(row(&n3).await?, Some((1, "a".to_string())), "n3 after n1's stream");
     let _apply3 = cluster.spawn("apply", 2)?;
     // Every delta is merged whoever wins: 16 once n2's two updates are applied.
@@ -90,9 +108,16 @@ async fn stamps_under_skip_change_keep_the_winner() -> anyhow::Result<()> {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    let lost = ("update_origin_differs".to_string(), "keep_local".to_string(), Some(names[0].clone()));
+    let lost = (
+        "update_origin_differs".to_string(),
+        "keep_local".to_string(),
+        Some(names[0].clone()),
+    );
     assert_eq!(conflicts, vec![lost.clone(), lost], "n3's conflicts with n2's updates");
-    let exceptions: i64 = n3.query_one("SELECT count(*) FROM pgferry.exceptions", &[]).await?.get(0);
+    let exceptions: i64 = n3
+        .query_one("SELECT count(*) FROM pgferry.exceptions", &[])
+        .await?
+        .get(0);
     assert_eq!(exceptions, 0);
     drop((_captures, _applies, _apply3));
     cluster.cleanup().await

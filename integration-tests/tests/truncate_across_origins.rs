@@ -29,8 +29,15 @@ CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent
 const TABLES: [&str; 3] = ["public.t", "public.parent", "public.child"];
 
 async fn ids(c: &Client, table: &str) -> anyhow::Result<Vec<(i32, String)>> {
-    let text = format!("SELECT id, {} FROM {table} ORDER BY id", if table == "t" { "v" } else { "''" });
-    Ok(c.query(&text, &[]).await?.iter().map(|r| (r.get(0), r.get(1))).collect())
+    let text = format!(
+        "SELECT id, {} FROM {table} ORDER BY id",
+        if table == "t" { "v" } else { "''" }
+    );
+    Ok(c.query(&text, &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }
 
 /// Waits until no apply session of node `i` is left, so a replay can take its origins.
@@ -53,7 +60,11 @@ async fn wait_apply_gone(cluster: &Cluster, i: usize) -> anyhow::Result<()> {
 fn replay(cluster: &Cluster, node: usize, origin: usize) -> anyhow::Result<()> {
     let (n, o) = (&cluster.nodes[node].name, &cluster.nodes[origin].name);
     let out = cluster.pgferry(&["replay", "--node", n, "--origin", o, "--from-offset", "0", "-q"])?;
-    anyhow::ensure!(out.status.success(), "replay of {o} into {n} failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "replay of {o} into {n} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -71,7 +82,8 @@ async fn truncate_of_linked_tables_is_one_statement() -> anyhow::Result<()> {
     let cluster = Cluster::start("trunclinked", &["r1", "r1"], SETUP, &TABLES).await?;
     let _services: Vec<_> = (0..2).map(|i| cluster.spawn("run", i)).collect::<Result<_, _>>()?;
     let n1 = cluster.sql(0).await?;
-    n1.batch_execute("INSERT INTO parent VALUES (1), (2); INSERT INTO child VALUES (1, 1), (2, 2);").await?;
+    n1.batch_execute("INSERT INTO parent VALUES (1), (2); INSERT INTO child VALUES (1, 1), (2, 2);")
+        .await?;
     for table in ["parent", "child"] {
         cluster.wait_converged(table, Duration::from_secs(60)).await?;
     }
@@ -83,7 +95,8 @@ async fn truncate_of_linked_tables_is_one_statement() -> anyhow::Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
     // The stream goes on after it.
-    n1.batch_execute("INSERT INTO parent VALUES (3); INSERT INTO child VALUES (3, 3);").await?;
+    n1.batch_execute("INSERT INTO parent VALUES (3); INSERT INTO child VALUES (3, 3);")
+        .await?;
     for table in ["parent", "child"] {
         let (_, rows) = cluster.wait_converged(table, Duration::from_secs(30)).await?;
         assert_eq!(rows, 1);
@@ -100,7 +113,8 @@ async fn changes_around_a_truncate(apply_toml: &str, test: &str) -> anyhow::Resu
     let _captures: Vec<_> = (0..3).map(|i| cluster.spawn("capture", i)).collect::<Result<_, _>>()?;
     let mut applies: Vec<_> = (0..3).map(|i| cluster.spawn("apply", i)).collect::<Result<_, _>>()?;
     let (n1, n2, n3) = (cluster.sql(0).await?, cluster.sql(1).await?, cluster.sql(2).await?);
-    n1.batch_execute("INSERT INTO t VALUES (1, 'old'), (2, 'old'), (3, 'old')").await?;
+    n1.batch_execute("INSERT INTO t VALUES (1, 'old'), (2, 'old'), (3, 'old')")
+        .await?;
     cluster.wait_converged("t", Duration::from_secs(60)).await?;
 
     // The writes, with every apply stopped.
@@ -110,12 +124,17 @@ async fn changes_around_a_truncate(apply_toml: &str, test: &str) -> anyhow::Resu
     for i in 0..3 {
         wait_apply_gone(&cluster, i).await?;
     }
-    n2.batch_execute("INSERT INTO t VALUES (10, 'n2, before the truncate')").await?;
-    n2.batch_execute("UPDATE t SET v = 'n2, before the truncate' WHERE id = 1").await?;
-    n3.batch_execute("INSERT INTO t VALUES (15, 'n3, before the truncate')").await?;
+    n2.batch_execute("INSERT INTO t VALUES (10, 'n2, before the truncate')")
+        .await?;
+    n2.batch_execute("UPDATE t SET v = 'n2, before the truncate' WHERE id = 1")
+        .await?;
+    n3.batch_execute("INSERT INTO t VALUES (15, 'n3, before the truncate')")
+        .await?;
     n1.batch_execute("TRUNCATE t").await?;
-    n3.batch_execute("INSERT INTO t VALUES (30, 'n3, after the truncate')").await?;
-    n3.batch_execute("UPDATE t SET v = 'n3, after the truncate' WHERE id = 2").await?;
+    n3.batch_execute("INSERT INTO t VALUES (30, 'n3, after the truncate')")
+        .await?;
+    n3.batch_execute("UPDATE t SET v = 'n3, after the truncate' WHERE id = 2")
+        .await?;
     for i in 0..3 {
         cluster.wait_published(i, Duration::from_secs(60)).await?;
     }
@@ -131,7 +150,11 @@ async fn changes_around_a_truncate(apply_toml: &str, test: &str) -> anyhow::Resu
     })
     .await;
     if let Err(e) = settled {
-        panic!("{e}: t on n1, n2, n3 = {:?}, expected {want:?} everywhere\n{}", t_everywhere(&cluster).await?, cluster.logs());
+        panic!(
+            "{e}: t on n1, n2, n3 = {:?}, expected {want:?} everywhere\n{}",
+            t_everywhere(&cluster).await?,
+            cluster.logs()
+        );
     }
     // n1 weighed the others' changes against its truncate: the older ones lost, the newer won.
     let conflicts: Vec<(String, String, String, String)> = n1
@@ -144,13 +167,28 @@ async fn changes_around_a_truncate(apply_toml: &str, test: &str) -> anyhow::Resu
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
-    let c = |k: &str, op: &str, res: &str| (k.to_string(), op.to_string(), "update_deleted".to_string(), res.to_string());
+    let c = |k: &str, op: &str, res: &str| {
+        (
+            k.to_string(),
+            op.to_string(),
+            "update_deleted".to_string(),
+            res.to_string(),
+        )
+    };
     assert_eq!(
         conflicts,
-        vec![c("[1]", "u", "keep_local"), c("[2]", "u", "apply_remote"), c("[10]", "c", "keep_local"), c("[15]", "c", "keep_local")],
+        vec![
+            c("[1]", "u", "keep_local"),
+            c("[2]", "u", "apply_remote"),
+            c("[10]", "c", "keep_local"),
+            c("[15]", "c", "keep_local")
+        ],
         "n1's conflicts with the changes around its truncate"
     );
-    let exceptions: i64 = n1.query_one("SELECT count(*) FROM pgferry.exceptions", &[]).await?.get(0);
+    let exceptions: i64 = n1
+        .query_one("SELECT count(*) FROM pgferry.exceptions", &[])
+        .await?
+        .get(0);
     assert_eq!(exceptions, 0);
     drop(_applies);
     drop(_captures);

@@ -93,6 +93,10 @@ const LOCKED_GROUPS_AFTER_FAILURE: u32 = 16;
 /// A `text[]` parameter.
 type TextArray<'a> = Vec<Option<&'a str>>;
 
+/// A table's keys a group inserts (table index, writes) and the xids of their tombstones as
+/// read (text; None: none).
+type InsertedKeys<'p, 'e> = (usize, Vec<&'p decide::KeyWrite<'e>>, Vec<Option<String>>);
+
 impl Writer {
     /// Whether a change of `ev`'s table can be part of a group: a replicated table with a
     /// primary key and nothing that needs per-change handling (delta columns, secondary unique
@@ -553,12 +557,12 @@ impl Writer {
         writes.retain(|w| w.expected > 0);
         // After the inserts, each table's inserted keys must still have the tombstone read
         // (`statements::inserts_unraced`).
-        let mut inserted: Vec<(usize, Vec<&decide::KeyWrite>, Vec<Option<String>>)> = Vec::new();
-        for ti in 0..names.len() {
+        let mut inserted: Vec<InsertedKeys> = Vec::new();
+        for (ti, read) in before.iter().enumerate() {
             let ws: Vec<&decide::KeyWrite> =
                 plan.writes.iter().filter(|w| w.table == ti && matches!(w.action, Action::Insert(_))).collect();
             if !ws.is_empty() {
-                let xids = ws.iter().map(|w| before[ti].get(&w.key).and_then(|b| b.tombstone_xid).map(|x| x.to_string())).collect();
+                let xids = ws.iter().map(|w| read.get(&w.key).and_then(|b| b.tombstone_xid).map(|x| x.to_string())).collect();
                 inserted.push((ti, ws, xids));
             }
         }

@@ -51,8 +51,11 @@ impl Writer {
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let mut check_params: Vec<&(dyn ToSql + Sync)> = key.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
         check_params.push(&name);
-        let (written, after) = futures::try_join!(sql.client.execute(&stmt, &refs), sql.client.query_one(&check, &check_params))
-            .map_err(sql.err(format!("{} on {}.{}", ev.op.code(), ev.schema, ev.table)))?;
+        let (written, after) = futures::try_join!(
+            sql.client.execute(&stmt, &refs),
+            sql.client.query_one(&check, &check_params)
+        )
+        .map_err(sql.err(format!("{} on {}.{}", ev.op.code(), ev.schema, ev.table)))?;
         self.settle_raced(sql, ev, key, written, seen, after.get(0)).await
     }
 

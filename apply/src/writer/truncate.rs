@@ -99,8 +99,12 @@ impl Writer {
             node_id: self.config.node(&first.origin).map_or(0, |n| n.id),
         };
         self.load_origins(sql).await?;
-        let (node_names, node_ids): (Vec<String>, Vec<i32>) =
-            self.config.nodes.iter().map(|n| (n.name.clone(), i32::from(n.id))).unzip();
+        let (node_names, node_ids): (Vec<String>, Vec<i32>) = self
+            .config
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), i32::from(n.id)))
+            .unzip();
         let (roidents, origin_names): (Vec<i64>, Vec<String>) = self
             .origins
             .iter()
@@ -114,9 +118,17 @@ impl Writer {
             let Some(cols) = table_columns(sql, &t.schema, &t.table).await? else {
                 let message = format!("table does not exist at {}", sql.endpoint);
                 return Err(if self.config.replication.ddl {
-                    ApplyError::NotYet { origin: t.origin.clone(), table: name, message }
+                    ApplyError::NotYet {
+                        origin: t.origin.clone(),
+                        table: name,
+                        message,
+                    }
                 } else {
-                    ApplyError::Write { origin: t.origin.clone(), table: name, message }
+                    ApplyError::Write {
+                        origin: t.origin.clone(),
+                        table: name,
+                        message,
+                    }
                 });
             };
             let key: Vec<String> = cols.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect();
@@ -135,7 +147,10 @@ impl Writer {
         for t in &tables {
             let newer: bool = sql
                 .client
-                .query_one(&format!("SELECT EXISTS (SELECT 1 FROM ({}) r WHERE r.newer)", t.rows), &params(&t.name))
+                .query_one(
+                    &format!("SELECT EXISTS (SELECT 1 FROM ({}) r WHERE r.newer)", t.rows),
+                    &params(&t.name),
+                )
                 .await
                 .map_err(sql.err(format!("reading the rows of {} newer than a truncate", t.name)))?
                 .get(0);
@@ -159,12 +174,19 @@ impl Writer {
             tracing::info!(origin = %first.origin, tables = ?tables.iter().map(|t| &t.name).collect::<Vec<_>>(),
                 "truncate applied as a delete of the rows older than it (newer rows were written here since)");
         } else {
-            let restart = if first.restart_identity { " RESTART IDENTITY" } else { "" };
+            let restart = if first.restart_identity {
+                " RESTART IDENTITY"
+            } else {
+                ""
+            };
             let all: Vec<&str> = tables.iter().map(|t| t.qualified.as_str()).collect();
             sql.client
                 .batch_execute(&format!("TRUNCATE TABLE {}{restart}", all.join(", ")))
                 .await
-                .map_err(sql.err(format!("truncating {}", tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "))))?;
+                .map_err(sql.err(format!(
+                    "truncating {}",
+                    tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+                )))?;
         }
         for t in &tables {
             self.date_truncation(sql, &t.name, remote).await?;
@@ -185,7 +207,10 @@ impl Writer {
             )
             .await
             .map_err(sql.err(format!("reading the truncation of {table}")))?;
-        let recorded = match recorded.as_ref().map(|r| (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1))) {
+        let recorded = match recorded
+            .as_ref()
+            .map(|r| (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1)))
+        {
             Some((ts, Some(roident))) => {
                 let origin = self.origin_of(sql, roident).await?;
                 self.stamp(ts, origin.as_deref())
