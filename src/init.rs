@@ -406,9 +406,11 @@ async fn install(config: &Config, node: &NodeConfig, sql: &PgSession) -> Result<
         let present: bool = sql
             .client
             .query_one(
-                "SELECT count(*) = 2 FROM pg_trigger
-                 WHERE tgrelid = to_regclass($1) AND tgname IN ('pgferry_tombstone', 'pgferry_key_change')
-                   AND tgenabled = 'A' AND tgargs = $2",
+                "SELECT (SELECT count(*) = 2 FROM pg_trigger
+                         WHERE tgrelid = to_regclass($1) AND tgname IN ('pgferry_tombstone', 'pgferry_key_change')
+                           AND tgenabled = 'A' AND tgargs = $2)
+                        AND EXISTS (SELECT 1 FROM pg_trigger
+                                    WHERE tgrelid = to_regclass($1) AND tgname = 'pgferry_truncation' AND tgenabled = 'A')",
                 &[&qualified, &args],
             )
             .await

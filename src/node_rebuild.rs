@@ -198,6 +198,19 @@ async fn rebuild(config: Arc<Config>, a: RebuildArgs) -> Result<()> {
         .execute("DELETE FROM pgferry.tombstones WHERE tbl = ANY($1)", &[&names])
         .await
         .map_err(nsql.err("clearing tombstones"))?;
+    // (absent on a node an earlier version initialized and no apply has upgraded yet)
+    let truncations: bool = nsql
+        .client
+        .query_one("SELECT to_regclass('pgferry.truncations') IS NOT NULL", &[])
+        .await
+        .map_err(nsql.err("looking for pgferry.truncations"))?
+        .get(0);
+    if truncations {
+        nsql.client
+            .execute("DELETE FROM pgferry.truncations WHERE tbl = ANY($1)", &[&names])
+            .await
+            .map_err(nsql.err("clearing truncations"))?;
+    }
     nsql.client
         .execute("DELETE FROM pgferry.row_stamps WHERE tbl = ANY($1)", &[&names])
         .await

@@ -209,7 +209,8 @@ async fn remove_table(config: &Config, path: &Path, table: &str) -> Result<()> {
             .batch_execute(&format!(
                 "SET pgferry.local_ddl = on; SET client_min_messages = warning;
                  DROP TRIGGER IF EXISTS pgferry_tombstone ON {qualified_name};
-                 DROP TRIGGER IF EXISTS pgferry_key_change ON {qualified_name}"
+                 DROP TRIGGER IF EXISTS pgferry_key_change ON {qualified_name};
+                 DROP TRIGGER IF EXISTS pgferry_truncation ON {qualified_name}"
             ))
             .await
             .map_err(sql.err(format!("dropping the tombstone trigger of {table}")))?;

@@ -85,6 +85,31 @@ CREATE OR REPLACE FUNCTION pgferry.group_stamp(tbl text, key jsonb, version xid)
     };
 }
 
+/// The truncations of each replicated table (issue 16, scenario 6; docs/decisions.md
+/// "Truncate across origins"): a TRUNCATE is a delete of every row dated by its commit, so each
+/// table keeps the transaction of its newest truncate (`xid`, whose commit time and origin date
+/// it, as a tombstone's do), and every key of the table counts as deleted then. Local truncates
+/// are recorded by the statement trigger `pgferry_truncation` on each replicated table; apply
+/// records the ones it applies itself (keeping the newest), so the trigger skips sessions with a
+/// replication origin. Also the upgrade of nodes initialized before it existed.
+macro_rules! truncations_sql {
+    () => {
+        "
+CREATE TABLE IF NOT EXISTS pgferry.truncations (
+    tbl text   PRIMARY KEY,
+    xid bigint NOT NULL
+);
+CREATE OR REPLACE FUNCTION pgferry.record_truncation() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_replication_origin_session_is_setup() THEN RETURN NULL; END IF;
+    INSERT INTO pgferry.truncations (tbl, xid) VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, txid_current())
+    ON CONFLICT (tbl) DO UPDATE SET xid = EXCLUDED.xid;
+    RETURN NULL;
+END $$;
+"
+    };
+}
+
 /// The tables and trigger function apply needs on every node (installed by `pgferry init`):
 /// tombstones, conflicts, exceptions.
 pub const SCHEMA_SQL: &str = concat!(
@@ -137,6 +162,7 @@ CREATE TABLE IF NOT EXISTS pgferry.row_stamps (
 ",
     stamped_xacts_sql!(),
     xact_stamps_sql!(),
+    truncations_sql!(),
     "
 -- Messages apply could not use, kept whole (they are also in the dead-letter topic).
 CREATE TABLE IF NOT EXISTS pgferry.exceptions (
@@ -178,6 +204,7 @@ const UPGRADES: &[(&str, &str, &str)] = &[
     ("conflicts_outbox", "published_upto", outbox_sql!()),
     ("stamped_xacts", "xid", stamped_xacts_sql!()),
     ("xact_stamp_groups", "buckets", xact_stamps_sql!()),
+    ("truncations", "xid", truncations_sql!()),
 ];
 
 /// Adds what [`UPGRADES`] lists where it is missing (an ALTER only then: it takes a lock), and
@@ -205,12 +232,52 @@ pub async fn upgrade_schema(sql: &pgferry_connectors::postgres::PgSession) -> Re
     // made some ENABLE only).
     crate::replica_role::enable_own_triggers_always(sql).await?;
     add_key_change_triggers(sql).await?;
+    add_truncation_triggers(sql).await?;
     Ok(())
 }
 
+/// Gives every table with a tombstone trigger its truncation trigger where an earlier version
+/// left it without one (a no-op once they all have it).
+async fn add_truncation_triggers(sql: &pgferry_connectors::postgres::PgSession) -> Result<(), crate::ApplyError> {
+    let tables: Vec<String> = sql
+        .client
+        .query(
+            "SELECT tg.tgrelid::regclass::text FROM pg_trigger tg
+             WHERE tg.tgname = 'pgferry_tombstone' AND NOT EXISTS
+                   (SELECT 1 FROM pg_trigger x WHERE x.tgrelid = tg.tgrelid AND x.tgname = 'pgferry_truncation')",
+            &[],
+        )
+        .await
+        .map_err(sql.err("looking up tables without pgferry's truncation trigger"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for table in tables {
+        // pgferry's own set-up: not replicated as DDL (see `crate::ddl`).
+        sql.client
+            .batch_execute(&format!("BEGIN; SET LOCAL pgferry.local_ddl = on; {} COMMIT", truncation_trigger_sql(&table)))
+            .await
+            .map_err(sql.err(format!("adding pgferry's truncation trigger to {table}")))?;
+        tracing::info!(endpoint = %sql.endpoint, table = %table, "pgferry truncation trigger added");
+    }
+    Ok(())
+}
+
+/// The statements that attach the truncation trigger (see `truncations_sql`) to `qualified`
+/// (quoted `schema.table`). Idempotent.
+fn truncation_trigger_sql(qualified: &str) -> String {
+    format!(
+        "DROP TRIGGER IF EXISTS pgferry_truncation ON {qualified};
+         CREATE TRIGGER pgferry_truncation AFTER TRUNCATE ON {qualified}
+           FOR EACH STATEMENT EXECUTE FUNCTION pgferry.record_truncation();
+         ALTER TABLE {qualified} ENABLE ALWAYS TRIGGER pgferry_truncation;"
+    )
+}
+
 /// The statements that attach the tombstone triggers to `qualified` (quoted `schema.table`)
-/// whose primary key columns are `key` (in key order): `pgferry_tombstone` for deletes and
-/// [`key_change_trigger_sql`]'s for primary-key changes. Idempotent.
+/// whose primary key columns are `key` (in key order): `pgferry_tombstone` for deletes,
+/// [`key_change_trigger_sql`]'s for primary-key changes, and the truncation trigger
+/// ([`truncation_trigger_sql`]). Idempotent.
 pub fn tombstone_trigger_sql(qualified: &str, key: &[String]) -> String {
     let args: Vec<String> = key.iter().map(|k| format!("'{}'", k.replace('\'', "''"))).collect();
     format!(
@@ -218,9 +285,11 @@ pub fn tombstone_trigger_sql(qualified: &str, key: &[String]) -> String {
          CREATE TRIGGER pgferry_tombstone AFTER DELETE ON {qualified}
            FOR EACH ROW EXECUTE FUNCTION pgferry.record_tombstone({});
          ALTER TABLE {qualified} ENABLE ALWAYS TRIGGER pgferry_tombstone;
+         {}
          {}",
         args.join(", "),
-        key_change_trigger_sql(qualified, key)
+        key_change_trigger_sql(qualified, key),
+        truncation_trigger_sql(qualified)
     )
 }
 
@@ -467,5 +536,6 @@ mod tests {
         assert!(sql.contains("record_tombstone('id', 'it''s')"), "{sql}");
         assert!(sql.contains("AFTER UPDATE OF \"id\", \"it's\""), "{sql}");
         assert!(sql.contains("WHEN (OLD.\"id\" IS DISTINCT FROM NEW.\"id\" OR OLD.\"it's\" IS DISTINCT FROM NEW.\"it's\")"), "{sql}");
+        assert!(sql.contains("CREATE TRIGGER pgferry_truncation AFTER TRUNCATE ON \"public\".\"t\""), "{sql}");
     }
 }

@@ -157,6 +157,9 @@ pub fn trigger_sql(tables: &[(String, String)], whole: &[String]) -> String {
                      EXECUTE format('CREATE TRIGGER pgferry_key_change AFTER UPDATE OF %s ON %s FOR EACH ROW WHEN (%s)
                                      EXECUTE FUNCTION pgferry.record_tombstone(%s)', key_columns, r.objid::regclass, key_changed, keys);
                      EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgferry_key_change', r.objid::regclass);
+                     EXECUTE format('CREATE TRIGGER pgferry_truncation AFTER TRUNCATE ON %s FOR EACH STATEMENT
+                                     EXECUTE FUNCTION pgferry.record_truncation()', r.objid::regclass);
+                     EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pgferry_truncation', r.objid::regclass);
                      PERFORM set_config('pgferry.local_ddl', 'off', true);
                  END IF;
              END LOOP;

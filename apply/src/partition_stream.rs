@@ -91,6 +91,10 @@ pub struct PartitionStream {
     pub schema_changed: Arc<tokio::sync::Notify>,
     /// Whether the open transaction ran replicated DDL.
     ran_ddl: bool,
+    /// Truncate events of the open transaction not applied yet: the tables of one TRUNCATE
+    /// arrive as consecutive events and are truncated in one statement
+    /// (`writer::truncate`), before the transaction's next message or its commit.
+    truncating: Vec<Truncate>,
 }
 
 /// Counts of one stream, updated as it goes.
@@ -200,6 +204,7 @@ impl PartitionStream {
             waiting_at: None,
             schema_changed: Arc::new(tokio::sync::Notify::new()),
             ran_ddl: false,
+            truncating: Vec::new(),
             predecoded: Default::default(),
             progress: Arc::new(StreamProgress {
                 offset: AtomicI64::new(-1),
@@ -281,6 +286,7 @@ impl PartitionStream {
         self.skipping = None;
         self.predecoded.clear();
         self.ran_ddl = false;
+        self.truncating.clear();
         self.group_budget = usize::MAX;
         self.writer.forget_tables();
         if !self.session_usable().await {
@@ -853,6 +859,9 @@ impl PartitionStream {
             self.wait_for_clock(origin, commit_lsn, commit_ts_us).await?;
             self.begin(open, origin, offset, commit_lsn, commit_ts_us).await?;
         }
+        if !matches!(item, Item::Truncate(_)) {
+            self.flush_truncate().await?;
+        }
         match &item {
             Item::Change(ev) => {
                 // A table that skips single changes gets a savepoint around each (one more
@@ -884,7 +893,12 @@ impl PartitionStream {
                 }
             }
             Item::Truncate(t) => {
-                self.writer.truncate(&self.sql, t).await?;
+                if self.writer.truncate_applies(t)? {
+                    if self.truncating.first().is_some_and(|p| p.restart_identity != t.restart_identity) {
+                        self.flush_truncate().await?;
+                    }
+                    self.truncating.push(t.clone());
+                }
                 self.origin_metrics(&t.origin).truncate();
             }
             Item::Message(m) => {
@@ -1003,6 +1017,15 @@ impl PartitionStream {
         }
     }
 
+    /// Applies the truncate events held back (one TRUNCATE statement's tables), if any.
+    async fn flush_truncate(&mut self) -> Result<(), ApplyError> {
+        if self.truncating.is_empty() {
+            return Ok(());
+        }
+        let tables = std::mem::take(&mut self.truncating);
+        self.writer.truncate(&self.sql, &tables).await
+    }
+
     /// Runs `statements` on the session; `what` names them in an error.
     async fn exec(&self, statements: &str, what: &str) -> Result<(), ApplyError> {
         self.sql
@@ -1029,6 +1052,7 @@ impl PartitionStream {
         futures::try_join!(self.sql.client.batch_execute("BEGIN"), setup)
             .map_err(self.sql.err("beginning a transaction under the replication origin"))?;
         self.ran_ddl = false;
+        self.truncating.clear();
         *open = Some(OpenTxn {
             origin: origin.to_string(),
             first_offset: offset,
@@ -1047,6 +1071,7 @@ impl PartitionStream {
 
     /// Records progress and commits the open transaction (ended by the message at `offset`).
     async fn commit(&mut self, open: &mut Option<OpenTxn>, offset: i64, commit_lsn: u64, commit_ts_us: i64) -> Result<(), ApplyError> {
+        self.flush_truncate().await?;
         {
             // Progress and COMMIT pipelined: if the progress write fails, the transaction is
             // aborted, COMMIT rolls it back, and the write's error is what try_join returns.

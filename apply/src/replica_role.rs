@@ -42,7 +42,7 @@ pub async fn set(sql: &PgSession) -> Result<(), ApplyError> {
 }
 
 /// pgferry's triggers, which must fire on applied rows too.
-const OWN_TRIGGERS: &str = "ARRAY['pgferry_tombstone', 'pgferry_key_change', 'pgferry_stamped_xact']";
+const OWN_TRIGGERS: &str = "ARRAY['pgferry_tombstone', 'pgferry_key_change', 'pgferry_truncation', 'pgferry_stamped_xact']";
 /// pgferry's DDL event triggers.
 const OWN_EVENT_TRIGGERS: &str = "ARRAY['pgferry_ddl', 'pgferry_ddl_start', 'pgferry_ddl_drop']";
 

@@ -59,6 +59,16 @@ async fn collect(config: &Config, node: &str, dsn: &str, metrics: &ApplyMetrics)
             )
             .await
             .map_err(sql.err("dropping old tombstones"))?;
+        // Tables' truncations (`writer::truncate`) by the same rule.
+        sql.client
+            .execute(
+                "DELETE FROM pgferry.truncations tr
+                 WHERE coalesce((extract(epoch FROM (pg_xact_commit_timestamp_origin((tr.xid % 4294967296)::text::xid)).timestamp)
+                                 * 1000000)::int8, 0) < $1",
+                &[&w],
+            )
+            .await
+            .map_err(sql.err("dropping old truncations"))?;
         if dropped > 0 {
             metrics.tombstones_dropped(dropped);
             tracing::debug!(node = %node, dropped, watermark_us = w, "tombstones dropped");

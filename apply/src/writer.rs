@@ -16,7 +16,6 @@ use std::collections::{HashMap, HashSet};
 use pgferry_connectors::config::{Config, Resolver};
 use pgferry_connectors::postgres::{quote_ident, table_columns, PgSession};
 use pgferry_schemas::naming::replication_origins_read;
-use pgferry_schemas::truncate::Truncate;
 use pgferry_schemas::{DecodedEvent, Op};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
@@ -26,6 +25,8 @@ use crate::error::ApplyError;
 use crate::progress::format_lsn;
 
 mod key_change;
+mod raced_insert;
+mod truncate;
 mod unique_keys;
 
 use unique_keys::UniqueCheck;
@@ -56,7 +57,7 @@ pub(crate) struct LocalTable {
 const TABLE_LINKS: &str = "SELECT
     EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' AND (conrelid = $1::text::regclass OR confrelid = $1::text::regclass)),
     EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal
-            AND tgname NOT IN ('pgferry_tombstone', 'pgferry_key_change') AND tgenabled IN ('R', 'A'))";
+            AND tgname NOT IN ('pgferry_tombstone', 'pgferry_key_change', 'pgferry_truncation') AND tgenabled IN ('R', 'A'))";
 
 /// A row as an event carries it: column name → text value (None = NULL).
 type EventRow = Vec<(String, Option<String>)>;
@@ -95,8 +96,12 @@ pub(crate) struct KeyState {
     pub(crate) key_json: String,
     /// The row at the key, if any.
     pub(crate) local: Option<LocalVersion>,
-    /// The key's tombstone, if any.
+    /// The key's tombstone, if any, or the table's last truncate where that is newer (a
+    /// truncate is a tombstone of every key: `writer::truncate`).
     pub(crate) tombstone: Option<Stamp>,
+    /// The xid of the key's own tombstone (`pgferry.tombstones`; not the truncate's), which an
+    /// insert is decided against (`raced_insert`).
+    pub(crate) tombstone_xid: Option<i64>,
 }
 
 impl Writer {
@@ -223,33 +228,6 @@ impl Writer {
         self.config
             .node(&self.local.0)
             .is_some_and(|n| self.config.local_elsewhere(n, schema, table))
-    }
-
-    /// Truncates a table inside the caller's open transaction. Tables the origin truncated by
-    /// CASCADE arrive as their own events, so the local statement never cascades: it cannot
-    /// reach tables outside the replication set.
-    pub async fn truncate(&mut self, sql: &PgSession, t: &Truncate) -> Result<(), ApplyError> {
-        if self.local_elsewhere(&t.schema, &t.table) {
-            return Ok(());
-        }
-        if !self.in_sets(&t.schema, &t.table) {
-            return Err(ApplyError::Write {
-                origin: t.origin.clone(),
-                table: format!("{}.{}", t.schema, t.table),
-                message: "not in this node's replication set".into(),
-            });
-        }
-        let restart = if t.restart_identity { " RESTART IDENTITY" } else { "" };
-        let stmt = format!(
-            "TRUNCATE TABLE {}.{}{restart}",
-            quote_ident(&t.schema),
-            quote_ident(&t.table)
-        );
-        sql.client
-            .batch_execute(&stmt)
-            .await
-            .map_err(sql.err(format!("truncating {}.{}", t.schema, t.table)))?;
-        Ok(())
     }
 
     /// A prepared statement for `text` with `n` text parameters.
@@ -438,8 +416,11 @@ impl Writer {
 
         // The guarded statement: done when there is nothing to resolve.
         let roident_text = remote_roident.map(|r| r.to_string());
-        let (text, params) = guarded(table, &name, ev, &key, roident_text.as_deref()).map_err(|m| write_err(ev, m))?;
+        let commit_ts = ev.commit_ts_us.to_string();
+        let (text, params) =
+            guarded(table, &name, ev, &key, roident_text.as_deref(), &commit_ts).map_err(|m| write_err(ev, m))?;
         if !text.is_empty() {
+            let check_text = raced_insert::tombstone_xid(table);
             let stmt = self.prepared(sql, &text, params.len(), ev).await?;
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
             let what = || format!("{} on {}.{}", ev.op.code(), ev.schema, ev.table);
@@ -447,14 +428,30 @@ impl Writer {
             // whose key another stream's delete is freeing would otherwise wait on that row,
             // then go in without seeing the delete's tombstone (its check ran in the snapshot
             // taken before the wait). An update keeps a row, so the row's lock suffices.
-            let written = if matches!(ev.op, Op::Create | Op::Read | Op::Delete) {
+            // An insert is followed by a read of the key's tombstone in a fresh snapshot: a local
+            // delete that committed while the insert waited for it shows there (`raced_insert`).
+            let inserting = matches!(ev.op, Op::Create | Op::Read);
+            let check = match inserting {
+                true => Some(self.prepared(sql, &check_text, key.len() + 1, ev).await?),
+                false => None,
+            };
+            let read_check = async {
+                match &check {
+                    Some(c) => sql.client.query_one(c, &lock_params).await.map(|r| r.get::<_, Option<i64>>(0)),
+                    None => Ok(None),
+                }
+            };
+            let (written, tombstone_after) = if matches!(ev.op, Op::Create | Op::Read | Op::Delete) {
                 locked = true;
-                futures::try_join!(sql.client.query_one(&key_lock, &lock_params), sql.client.execute(&stmt, &refs))
-                    .map(|(_, n)| n)
+                futures::try_join!(sql.client.query_one(&key_lock, &lock_params), sql.client.execute(&stmt, &refs), read_check)
+                    .map(|(_, n, t)| (n, t))
             } else {
-                sql.client.execute(&stmt, &refs).await
+                sql.client.execute(&stmt, &refs).await.map(|n| (n, None))
             }
             .map_err(sql.err(what()))?;
+            if inserting && written > 0 {
+                return Ok(self.settle_raced(sql, ev, &key, written, None, tombstone_after).await?.then_some(None));
+            }
             if written > 0 {
                 return Ok(Some(None));
             }
@@ -465,6 +462,7 @@ impl Writer {
             key_json: key_json_text,
             local,
             tombstone,
+            tombstone_xid,
         } = self.read_key(sql, ev, &key, !locked).await?;
         let remote = Stamp {
             ts_us: ev.commit_ts_us,
@@ -491,7 +489,7 @@ impl Writer {
             (Op::Create | Op::Read, None) => match tombstone {
                 // A delete here that is newer than the insert (arrived out of order).
                 Some(t) if t > remote => (ConflictType::UpdateDeleted, Some(t)),
-                _ => return Ok(self.insert(sql, ev, Delta::Insert).await?.then_some(None)),
+                _ => return Ok(self.insert(sql, ev, &key, tombstone_xid, Delta::Insert).await?.then_some(None)),
             },
             (Op::Update | Op::Delete, Some(l)) => {
                 if on_top {
@@ -551,7 +549,7 @@ impl Writer {
                     // insert has not arrived counts only the update's own delta.
                     let delta = if conflict == ConflictType::UpdateMissing { Delta::Recreate } else { Delta::Insert };
                     if ev.unchanged_toast.is_empty() {
-                        if !self.insert(sql, ev, delta).await? {
+                        if !self.insert(sql, ev, &key, tombstone_xid, delta).await? {
                             return Ok(None);
                         }
                     } else {
@@ -577,15 +575,10 @@ impl Writer {
             if let (false, Some(l)) = (text.is_empty(), local.as_ref()) {
                 self.execute(sql, &text, &params, ev).await?;
                 let ts = l.stamp.map(|s| s.ts_us.to_string());
-                self.execute(
-                    sql,
-                    "INSERT INTO pgferry.row_stamps (tbl, key, xid, ts_us, origin)
-                     VALUES ($1, $2::text::jsonb, txid_current(), $3::text::int8, $4)
-                     ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid, ts_us = EXCLUDED.ts_us, origin = EXCLUDED.origin",
-                    &[Some(name.as_str()), Some(key_json_text.as_str()), ts.as_deref(), l.origin.as_deref()],
-                    ev,
-                )
-                .await?;
+                let text = row_stamp_override(&self.tables[&id]);
+                let mut params = vec![Some(name.as_str()), Some(key_json_text.as_str()), ts.as_deref(), l.origin.as_deref()];
+                params.extend(key.iter().map(|k| Some(*k)));
+                self.execute(sql, &text, &params, ev).await?;
             }
         }
         self.record(sql, ev, &name, &key_json_text, conflict, resolver, resolution, local.as_ref())
@@ -609,10 +602,10 @@ impl Writer {
 
     /// Reads the local state of `key` in `ev`'s table for settling a change: takes the key lock
     /// (unless `take_key_lock` is false: already held), locks the row, then — pipelined, in a
-    /// fresh READ COMMITTED snapshot — reads the row, its stamp and the key's tombstone. Reading
-    /// in the locking statement itself is wrong: after waiting for a lock PostgreSQL returns
-    /// the new row version but evaluates joins and subqueries, such as the row's stamp, in the
-    /// older snapshot. A row whose last write only merged a losing change's delta columns keeps
+    /// fresh READ COMMITTED snapshot — reads the row, its stamp, the key's tombstone and the
+    /// table's last truncate. Reading in the locking statement itself is wrong: after waiting for
+    /// a lock PostgreSQL returns the new row version but evaluates joins and subqueries, such as
+    /// the row's stamp, in the older snapshot. A row whose last write only merged a losing change's delta columns keeps
     /// the stamp of the version that won (`pgferry.row_stamps`), not that write's.
     pub(crate) async fn read_key(&mut self, sql: &PgSession, ev: &DecodedEvent, key: &[&str], take_key_lock: bool) -> Result<KeyState, ApplyError> {
         let id = (ev.schema.clone(), ev.table.clone());
@@ -629,12 +622,15 @@ impl Writer {
         let tomb = format!(
             "SELECT k.key::text,
                     coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END, (extract(epoch FROM c.timestamp) * 1000000)::int8),
-                    c.roident::int8
+                    c.roident::int8, tb.xid,
+                    (extract(epoch FROM trc.timestamp) * 1000000)::int8, trc.roident::int8
              FROM (SELECT {} AS key) k
-             LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${} AND tb.key = k.key
-             LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) c ON true",
+             LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${n} AND tb.key = k.key
+             LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) c ON true
+             LEFT JOIN pgferry.truncations tr ON tr.tbl = ${n}
+             LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tr.xid % 4294967296)::text::xid) trc ON tr.xid IS NOT NULL",
             key_json(table, 1),
-            key.len() + 1
+            n = key.len() + 1
         );
         let (lock, lookup, tomb) = (
             self.prepared(sql, &lock, key.len(), ev).await?,
@@ -668,10 +664,19 @@ impl Writer {
             }
             None => None,
         };
+        // The table's last truncate counts as a tombstone of every key (`writer::truncate`).
+        let truncated = match tomb.get::<_, Option<i64>>(5) {
+            Some(id) => {
+                let origin = self.origin_of(sql, id).await?;
+                self.stamp(tomb.get(4), origin.as_deref())
+            }
+            None => None,
+        };
         Ok(KeyState {
             key_json: tomb.get(0),
             local,
-            tombstone,
+            tombstone: tombstone.max(truncated),
+            tombstone_xid: tomb.get(3),
         })
     }
 
@@ -750,12 +755,21 @@ impl Writer {
         Ok(row.get(0))
     }
 
-    /// Inserts the after image (delta columns as `delta` says) unless the key exists by now;
-    /// whether it inserted.
-    pub(crate) async fn insert(&mut self, sql: &PgSession, ev: &DecodedEvent, delta: Delta) -> Result<bool, ApplyError> {
+    /// Inserts the after image (delta columns as `delta` says) unless the key exists by now,
+    /// decided against the key's tombstone `seen` (its xid); whether the row went in and stands
+    /// (false: settle the change again — the key exists, or a delete committed meanwhile:
+    /// `raced_insert`).
+    pub(crate) async fn insert(
+        &mut self,
+        sql: &PgSession,
+        ev: &DecodedEvent,
+        key: &[&str],
+        seen: Option<i64>,
+        delta: Delta,
+    ) -> Result<bool, ApplyError> {
         let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
         let (text, params) = insert(table, ev, delta).map_err(|m| write_err(ev, m))?;
-        Ok(self.execute(sql, &text, &params, ev).await? > 0)
+        self.insert_unraced(sql, ev, key, (&text, &params), seen).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -909,6 +923,25 @@ fn version_columns(tbl_param: usize, key: &str) -> String {
     )
 }
 
+/// Records in `pgferry.row_stamps` the stamp (`$3` commit time, `$4` origin) of the version that
+/// won for the row at the key in `$5…` (`$1` table name, `$2` key JSON), whose last write only
+/// merged a losing change's delta columns. The override is keyed by that row version's own
+/// `xmin`, read back from the row: under `on_error = skip_change` the write runs in a savepoint,
+/// so `xmin` is the subtransaction's xid, not `txid_current()` (issue 16, scenario 10). The xid
+/// is listed in `pgferry.stamped_xacts` here too: the statement trigger lists only the top-level
+/// one.
+fn row_stamp_override(table: &LocalTable) -> String {
+    format!(
+        "WITH v AS (SELECT t.xmin::text::int8 AS x FROM {} t WHERE {}),
+              listed AS (INSERT INTO pgferry.stamped_xacts SELECT x FROM v ON CONFLICT DO NOTHING)
+         INSERT INTO pgferry.row_stamps (tbl, key, xid, ts_us, origin)
+         SELECT $1, $2::text::jsonb, v.x, $3::text::int8, $4 FROM v
+         ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid, ts_us = EXCLUDED.ts_us, origin = EXCLUDED.origin",
+        table.qualified,
+        where_key(table, 5)
+    )
+}
+
 /// How delta columns are assigned.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Delta {
@@ -1055,6 +1088,7 @@ fn guarded<'e>(
     ev: &'e DecodedEvent,
     key: &[&'e str],
     remote_roident: Option<&'e str>,
+    commit_ts: &'e str,
 ) -> Result<Statement_<'e>, String> {
     match ev.op {
         Op::Create | Op::Read => {
@@ -1066,15 +1100,21 @@ fn guarded<'e>(
             let first = params.len() + 1;
             params.push(Some(name));
             params.extend(key.iter().map(|k| Some(*k)));
+            params.push(Some(commit_ts));
+            // Nor a truncate of the table as new as the change (`writer::truncate`).
             Ok((
                 format!(
                     "INSERT INTO {} ({}) SELECT {} WHERE NOT EXISTS
                        (SELECT 1 FROM pgferry.tombstones WHERE tbl = ${first} AND key = {})
+                     AND NOT EXISTS (SELECT 1 FROM pgferry.truncations tr WHERE tr.tbl = ${first}
+                       AND coalesce((extract(epoch FROM pg_xact_commit_timestamp((tr.xid % 4294967296)::text::xid)) * 1000000)::int8, 0)
+                           >= ${}::text::int8)
                      ON CONFLICT DO NOTHING",
                     table.qualified,
                     names.join(", "),
                     vals.join(", "),
-                    key_json(table, first + 1)
+                    key_json(table, first + 1),
+                    params.len()
                 ),
                 params,
             ))

@@ -58,6 +58,9 @@ pub struct Before {
     /// The row version's `xmin` (32-bit, as `int8`): the group's writes touch only that
     /// version, so a row changed since the read fails the group instead of being overwritten.
     pub xmin: Option<i64>,
+    /// The xid of the key's tombstone, if any: an inserted key's tombstone must still be that
+    /// one after the insert (`statements::inserts_unraced`; issue 16, scenario 13).
+    pub tombstone_xid: Option<i64>,
 }
 
 /// What the group does to a key, folded over all its changes.
@@ -479,6 +482,7 @@ mod tests {
             tombstone: None,
             key_json: "[1]".into(),
             xmin: Some(1),
+            tombstone_xid: None,
         }
     }
 

@@ -95,6 +95,10 @@ const LOCKED_GROUPS_AFTER_FAILURE: u32 = 16;
 /// A `text[]` parameter.
 type TextArray<'a> = Vec<Option<&'a str>>;
 
+/// A table's keys a group inserts (table index, writes) and the xids of their tombstones as
+/// read (text; None: none).
+type InsertedKeys<'p, 'e> = (usize, Vec<&'p decide::KeyWrite<'e>>, Vec<Option<String>>);
+
 impl Writer {
     /// Whether a change of `ev`'s table can be part of a group: a replicated table with a
     /// primary key and nothing that needs per-change handling (delta columns, secondary unique
@@ -350,6 +354,15 @@ impl Writer {
                     }
                     None => None,
                 };
+                // The table's last truncate counts as a tombstone of every key (`writer::truncate`).
+                let truncated = match r.get::<_, Option<i64>>(12) {
+                    Some(id) => {
+                        let o = self.origin_of(sql, id).await?;
+                        self.stamp(r.get(11), o.as_deref())
+                    }
+                    None => None,
+                };
+                let tombstone = tombstone.max(truncated);
                 let xmin = if row.is_some() { r.get::<_, Option<i64>>(5) } else { None };
                 before[i].insert(
                     key.clone(),
@@ -358,6 +371,7 @@ impl Writer {
                         tombstone,
                         key_json,
                         xmin,
+                        tombstone_xid: r.get(10),
                     },
                 );
             }
@@ -550,6 +564,39 @@ impl Writer {
             });
         }
         writes.retain(|w| w.expected > 0);
+        // After the inserts, each table's inserted keys must still have the tombstone read
+        // (`statements::inserts_unraced`).
+        let mut inserted: Vec<InsertedKeys> = Vec::new();
+        for (ti, read) in before.iter().enumerate() {
+            let ws: Vec<&decide::KeyWrite> =
+                plan.writes.iter().filter(|w| w.table == ti && matches!(w.action, Action::Insert(_))).collect();
+            if !ws.is_empty() {
+                let xids = ws.iter().map(|w| read.get(&w.key).and_then(|b| b.tombstone_xid).map(|x| x.to_string())).collect();
+                inserted.push((ti, ws, xids));
+            }
+        }
+        let mut checks = Vec::with_capacity(inserted.len());
+        for (ti, ..) in &inserted {
+            let t = &self.tables[&names[*ti]];
+            let mut types = vec![Type::TEXT_ARRAY; t.key.len() + 1];
+            types.push(Type::TEXT);
+            checks.push(self.prepared_typed(sql, &statements::inserts_unraced(t), &types).await?);
+        }
+        let check_arrays: Vec<Vec<TextArray>> = inserted
+            .iter()
+            .map(|(ti, ws, xids)| {
+                let mut arrays: Vec<TextArray> = (0..self.tables[&names[*ti]].key.len())
+                    .map(|c| ws.iter().map(|w| Some(w.key[c])).collect())
+                    .collect();
+                arrays.push(xids.iter().map(|x| x.as_deref()).collect());
+                arrays
+            })
+            .collect();
+        let check_params: Vec<_> = inserted
+            .iter()
+            .zip(&check_arrays)
+            .map(|((ti, ..), arrays)| params(arrays, Some(&table_names[*ti])))
+            .collect();
         let mut stmts = Vec::with_capacity(writes.len());
         for w in &writes {
             let mut types = vec![Type::TEXT_ARRAY; w.arrays.len()];
@@ -577,6 +624,7 @@ impl Writer {
         let progress: [&(dyn ToSql + Sync); 6] =
             [&origin, &commit.topic, &commit.partition, &last_txn.last_offset, &lsn, &last_txn.commit_ts_us];
         let written = futures::future::try_join_all(stmts.iter().zip(&params).map(|(s, p)| sql.client.query_one(s, p)));
+        let unraced = futures::future::try_join_all(checks.iter().zip(&check_params).map(|(s, p)| sql.client.query_one(s, p)));
         // The group's exact stamps, if any version needs one, in buckets.
         let buckets = stamps::buckets_for(group_stamps.len());
         let split: Vec<(i32, std::sync::Arc<stamps::Stamps>)> = stamps::split(group_stamps, buckets)
@@ -602,6 +650,7 @@ impl Writer {
         let all = async {
             futures::try_join!(
                 written,
+                unraced,
                 recorded,
                 sql.client.execute(commit.xact_setup, &setup),
                 sql.client.execute(commit.progress, &progress),
@@ -622,7 +671,7 @@ impl Writer {
             std::task::Poll::Ready(r) => r,
             std::task::Poll::Pending => all.await,
         };
-        let (_, xid, ..) = done.map_err(sql.err("writing and committing a group"))?;
+        let (_, _, xid, ..) = done.map_err(sql.err("writing and committing a group"))?;
         if let Some(xid) = xid {
             for (b, s) in split {
                 self.group_stamps.put(xid, b, s);

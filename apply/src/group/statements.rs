@@ -106,7 +106,10 @@ pub fn read_state(table: &LocalTable) -> String {
                 coalesce(CASE WHEN tb.stamp_xid = tb.xid THEN tb.ts_us END,
                          (extract(epoch FROM tc.timestamp) * 1000000)::int8),
                 tc.roident::int8,
-                x.buckets
+                x.buckets,
+                tb.xid,
+                (extract(epoch FROM trc.timestamp) * 1000000)::int8,
+                trc.roident::int8
          FROM {}
          CROSS JOIN LATERAL (SELECT {} AS key) kj
          LEFT JOIN {} t ON {}
@@ -120,6 +123,9 @@ pub fn read_state(table: &LocalTable) -> String {
          LEFT JOIN pgferry.tombstones tb ON tb.tbl = ${tbl} AND tb.key = kj.key
          LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tb.xid % 4294967296)::text::xid) tc
                 ON tb.xid IS NOT NULL
+         LEFT JOIN pgferry.truncations tr ON tr.tbl = ${tbl}
+         LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tr.xid % 4294967296)::text::xid) trc
+                ON tr.xid IS NOT NULL
          ORDER BY k.i",
         unnest(1, n, &key_aliases(table), true),
         key_json(table),
@@ -222,6 +228,26 @@ pub fn tombstone_stamps(table: &LocalTable) -> String {
     format!(
         "UPDATE pgferry.tombstones tb SET stamp_xid = tb.xid, ts_us = k.ts::int8
          FROM {} WHERE tb.tbl = ${} AND tb.key = {}",
+        unnest(1, n + 1, &names, false),
+        n + 2,
+        key_json(table)
+    )
+}
+
+/// Fails (`division by zero`, aborting the transaction) if a key in `$1..$n` that the group
+/// inserted now has another tombstone than the one read (its xid in `$n+1`, NULL: none), read
+/// in a fresh snapshot after the inserts: a local transaction that held a version of the key
+/// (deleting it, or inserting and deleting it) made the insert wait, then committed a delete
+/// that the group's read could not see (issue 16, scenario 13). The group then goes again with
+/// that tombstone in its read. Parameters: the key columns, the xids, the table name.
+pub fn inserts_unraced(table: &LocalTable) -> String {
+    let n = table.key.len();
+    let mut names = key_aliases(table);
+    names.push("x".into());
+    format!(
+        "SELECT 1 / (count(*) = 0)::int FROM {}
+           JOIN pgferry.tombstones tb ON tb.tbl = ${} AND tb.key = {}
+         WHERE tb.xid IS DISTINCT FROM k.x::int8",
         unnest(1, n + 1, &names, false),
         n + 2,
         key_json(table)

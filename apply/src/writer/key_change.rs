@@ -230,7 +230,7 @@ impl Writer {
                 }
                 match new_part {
                     NewKey::Insert if ev.unchanged_toast.is_empty() => {
-                        if !self.insert(sql, ev, Delta::Insert).await? {
+                        if !self.insert(sql, ev, new_key, new.tombstone_xid, Delta::Insert).await? {
                             return Ok(None);
                         }
                     }
