@@ -120,7 +120,7 @@ mod tests {
 
     #[test]
     fn buckets_round_trip_keys_with_quotes() {
-        let mut s = Stamps::new();
+        let mut s = Stamps::default();
         s.entry("public.t".into()).or_default().insert("[1, \"a\\\"b\"]".into(), 1_700_000_000_123_456);
         s.entry("public.u".into()).or_default().insert("[2]".into(), 5);
         let back = from_json(&to_json(&s)).expect("parses");
@@ -148,11 +148,11 @@ mod tests {
     fn keeps_the_most_recent_buckets() {
         let mut c = StampCache::default();
         for x in 0..(KEPT as i64 + 3) {
-            c.put(x, 0, Arc::new(Stamps::new()));
+            c.put(x, 0, Arc::new(Stamps::default()));
         }
         assert!(c.get(0, 0).is_none() && c.get(2, 0).is_none());
         assert!(c.get(3, 0).is_some() && c.get(KEPT as i64 + 2, 0).is_some());
-        c.put(3, 0, Arc::new(Stamps::new()));
+        c.put(3, 0, Arc::new(Stamps::default()));
         assert_eq!(c.order.len(), KEPT);
     }
 }
