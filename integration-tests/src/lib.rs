@@ -418,6 +418,22 @@ impl Cluster {
         connect(&self.nodes[i].dsn).await
     }
 
+    /// The conflicts node `i` recorded on `table` (`schema.table`): (key, type, resolution,
+    /// remote origin), as a set.
+    pub async fn conflicts_on(&self, i: usize, table: &str) -> Result<std::collections::BTreeSet<(String, String, String, String)>> {
+        Ok(self
+            .sql(i)
+            .await?
+            .query(
+                "SELECT key::text, conflict_type, resolution, remote_origin FROM pgferry.conflicts WHERE tbl = $1",
+                &[&table],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+
     /// A digest of a whole table (every column's text form, ordered by the row text) and its row count.
     pub async fn fingerprint(&self, i: usize, table: &str) -> Result<(String, i64)> {
         let c = self.sql(i).await?;

@@ -34,21 +34,6 @@ async fn rows(cluster: &Cluster, i: usize) -> anyhow::Result<Vec<(i32, String)>>
         .collect())
 }
 
-/// The conflicts node `i` recorded on `t`: (key, type, resolution, remote origin).
-async fn conflicts(cluster: &Cluster, i: usize) -> anyhow::Result<BTreeSet<(String, String, String, String)>> {
-    Ok(cluster
-        .sql(i)
-        .await?
-        .query(
-            "SELECT key::text, conflict_type, resolution, remote_origin FROM pgferry.conflicts WHERE tbl = 'public.t'",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect())
-}
-
 fn set(items: &[(&str, &str, &str, &str)]) -> BTreeSet<(String, String, String, String)> {
     items
         .iter()
@@ -97,7 +82,7 @@ async fn primary_key_change_converges_in_every_arrival_order() -> anyhow::Result
         ("[6]", "insert_exists", "apply_remote", bn),
         ("[8]", "insert_exists", "keep_local", bn),
     ]);
-    assert_eq!(conflicts(&cluster, 2).await?, after_a, "C's conflicts");
+    assert_eq!(cluster.conflicts_on(2, "public.t").await?, after_a, "C's conflicts");
 
     // A and B get each other's changes.
     let _applies: Vec<_> = (0..3).map(|i| cluster.spawn("apply", i)).collect::<Result<_, _>>()?;
@@ -112,10 +97,10 @@ async fn primary_key_change_converges_in_every_arrival_order() -> anyhow::Result
     for i in 0..3 {
         assert_eq!(rows(&cluster, i).await?, want, "node {}", i + 1);
     }
-    assert_eq!(conflicts(&cluster, 0).await?, after_a, "A's conflicts (its own moves first, as on C)");
+    assert_eq!(cluster.conflicts_on(0, "public.t").await?, after_a, "A's conflicts (its own moves first, as on C)");
     // B: A's changes landed on B's own versions.
     assert_eq!(
-        conflicts(&cluster, 1).await?,
+        cluster.conflicts_on(1, "public.t").await?,
         set(&[
             ("[1]", "update_origin_differs", "apply_remote", an),
             ("[3]", "update_origin_differs", "keep_local", an),

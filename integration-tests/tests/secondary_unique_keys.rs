@@ -37,21 +37,6 @@ async fn rows(cluster: &Cluster, i: usize) -> anyhow::Result<Vec<(i32, String, S
         .collect())
 }
 
-/// The conflicts node `i` recorded on `u`: (key, type, resolution, remote origin).
-async fn conflicts(cluster: &Cluster, i: usize) -> anyhow::Result<BTreeSet<(String, String, String, String)>> {
-    Ok(cluster
-        .sql(i)
-        .await?
-        .query(
-            "SELECT key::text, conflict_type, resolution, remote_origin FROM pgferry.conflicts WHERE tbl = 'public.u'",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secondary_unique_keys_converge_in_three_node_orderings() -> anyhow::Result<()> {
     let cluster = Cluster::start("uniqorder", &["r1", "r1", "r1"], SETUP, &["public.u", "public.marker"]).await?;
@@ -84,7 +69,7 @@ async fn secondary_unique_keys_converge_in_three_node_orderings() -> anyhow::Res
     let (an, cn) = (cluster.nodes[0].name.clone(), cluster.nodes[2].name.clone());
     let t = |k: &str, ty: &str, r: &str, o: &str| (k.to_string(), ty.to_string(), r.to_string(), o.to_string());
     assert_eq!(
-        conflicts(&cluster, 1).await?,
+        cluster.conflicts_on(1, "public.u").await?,
         BTreeSet::from([
             // C's updates: row 1 not there yet, row 3 last written by A.
             t("[1]", "update_missing", "apply_remote", &cn),
