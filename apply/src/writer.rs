@@ -704,14 +704,8 @@ impl Writer {
             (Op::Create | Op::Read | Op::Update, true) => {
                 let table = &self.tables[&(ev.schema.clone(), ev.table.clone())];
                 let (text, params) = same_row(table, ev, key).map_err(|m| write_err(ev, m))?;
-                let stmt = self.prepared(sql, &text, params.len(), ev).await?;
-                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-                let row = sql
-                    .client
-                    .query_one(&stmt, &refs)
-                    .await
-                    .map_err(sql.err(format!("comparing the local row of {}.{}", ev.schema, ev.table)))?;
-                Ok(row.get(0))
+                let what = format!("comparing the local row of {}.{}", ev.schema, ev.table);
+                self.query_flag(sql, &text, &params, ev, what).await
             }
             _ => Ok(false),
         }
@@ -745,13 +739,16 @@ impl Writer {
             same += &format!(" AND t.{}::text IS NOT DISTINCT FROM (${}::text::{ty})::text", quote_ident(c), params.len());
         }
         let text = format!("SELECT EXISTS (SELECT 1 FROM {} t WHERE {}{same})", table.qualified, where_key(table, 1));
-        let stmt = self.prepared(sql, &text, params.len(), ev).await?;
+        let what = format!("comparing the local row of {}.{} with a before image", ev.schema, ev.table);
+        self.query_flag(sql, &text, &params, ev, what).await
+    }
+
+    /// Runs the one-row, one-boolean statement `text` (prepared once) with `params`; `what`
+    /// names it in the error.
+    async fn query_flag<T: ToSql + Sync>(&mut self, sql: &PgSession, text: &str, params: &[T], ev: &DecodedEvent, what: String) -> Result<bool, ApplyError> {
+        let stmt = self.prepared(sql, text, params.len(), ev).await?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let row = sql
-            .client
-            .query_one(&stmt, &refs)
-            .await
-            .map_err(sql.err(format!("comparing the local row of {}.{} with a before image", ev.schema, ev.table)))?;
+        let row = sql.client.query_one(&stmt, &refs).await.map_err(sql.err(what))?;
         Ok(row.get(0))
     }
 
