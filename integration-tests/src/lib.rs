@@ -418,6 +418,24 @@ impl Cluster {
         connect(&self.nodes[i].dsn).await
     }
 
+    /// Waits until no apply session of node `i` is left (a stopped or killed process's
+    /// backends end when they notice the closed connection), so a replay can take its
+    /// replication origins.
+    pub async fn wait_apply_gone(&self, i: usize) -> Result<()> {
+        let c = self.sql(i).await?;
+        wait_until("the stopped apply's sessions to end", std::time::Duration::from_secs(30), || async {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'pgferry-apply-%'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok(n == 0)
+        })
+        .await
+    }
+
     /// The conflicts node `i` recorded on `table` (`schema.table`): (key, type, resolution,
     /// remote origin), as a set.
     pub async fn conflicts_on(&self, i: usize, table: &str) -> Result<std::collections::BTreeSet<(String, String, String, String)>> {

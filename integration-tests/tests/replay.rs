@@ -60,23 +60,6 @@ async fn counters(cluster: &Cluster, i: usize) -> anyhow::Result<Vec<(i32, i64)>
         .collect())
 }
 
-/// Waits until no apply session of the node is left (a killed process's backends end when
-/// they notice the closed connection), so a replay can take its replication origins.
-async fn wait_apply_gone(cluster: &Cluster, i: usize) -> anyhow::Result<()> {
-    let c = cluster.sql(i).await?;
-    wait_until("the killed apply's sessions to end", Duration::from_secs(30), || async {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'pgferry-apply-%'",
-                &[],
-            )
-            .await?
-            .get(0);
-        Ok(n == 0)
-    })
-    .await
-}
-
 fn replay(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String> {
     let mut all = vec!["replay"];
     all.extend_from_slice(args);
@@ -117,7 +100,7 @@ async fn replay_of_applied_range_without_force_changes_nothing() -> anyhow::Resu
     assert_eq!(counters(&cluster, 1).await?, vec![(1, 20), (2, 0), (3, 0)]);
 
     services[1].kill();
-    wait_apply_gone(&cluster, 1).await?;
+    cluster.wait_apply_gone(1).await?;
     let n1 = cluster.nodes[0].name.clone();
     let n2 = cluster.nodes[1].name.clone();
     let out = replay(&cluster, &["--node", &n2, "--from-time", &started.to_string()])?;
@@ -253,7 +236,7 @@ async fn node_rebuild_from_a_peer_while_others_write() -> anyhow::Result<()> {
     bump(&cluster, 1, 21, 5).await?;
     cluster.wait_published(1, Duration::from_secs(60)).await?;
     services[1].kill();
-    wait_apply_gone(&cluster, 1).await?;
+    cluster.wait_apply_gone(1).await?;
     cluster
         .write_unpublished(1, "damage", "DELETE FROM log WHERE id % 3 = 0; UPDATE counters SET n = 999 WHERE id = 1")
         .await?;

@@ -40,22 +40,6 @@ async fn ids(c: &Client, table: &str) -> anyhow::Result<Vec<(i32, String)>> {
         .collect())
 }
 
-/// Waits until no apply session of node `i` is left, so a replay can take its origins.
-async fn wait_apply_gone(cluster: &Cluster, i: usize) -> anyhow::Result<()> {
-    let c = cluster.sql(i).await?;
-    wait_until("the stopped apply's sessions to end", Duration::from_secs(30), || async {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'pgferry-apply-%'",
-                &[],
-            )
-            .await?
-            .get(0);
-        Ok(n == 0)
-    })
-    .await
-}
-
 /// Applies `origin`'s whole stream into node `node` (`pgferry replay`), ahead of the others.
 fn replay(cluster: &Cluster, node: usize, origin: usize) -> anyhow::Result<()> {
     let (n, o) = (&cluster.nodes[node].name, &cluster.nodes[origin].name);
@@ -122,7 +106,7 @@ async fn changes_around_a_truncate(apply_toml: &str, test: &str) -> anyhow::Resu
         a.kill();
     }
     for i in 0..3 {
-        wait_apply_gone(&cluster, i).await?;
+        cluster.wait_apply_gone(i).await?;
     }
     n2.batch_execute("INSERT INTO t VALUES (10, 'n2, before the truncate')")
         .await?;
