@@ -25,7 +25,7 @@ while (($#)); do
         exit 0
         ;;
     *)
-        filters+=("$1")
+        filters+=("faults::$1")
         shift
         ;;
     esac
@@ -51,7 +51,9 @@ log "running the fault suite, $rounds rounds per fault kind"
 out="$PGFERRY_LOGS/faults.out"
 t0=$SECONDS
 set +e
-PGFERRY_FAULT_ROUNDS="$rounds" cargo test --locked -p pgferry-integration-tests --test faults -- \
+# The fault tests are the module `faults` of the suite binary; named kinds narrow it.
+((${#filters[@]})) || filters=("faults::")
+PGFERRY_FAULT_ROUNDS="$rounds" cargo test --locked -p pgferry-integration-tests --test suite -- \
     --test-threads=1 --nocapture "${filters[@]}" 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
 set -e

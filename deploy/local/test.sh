@@ -22,7 +22,8 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (rustup) 
 log "building pgferry"
 cargo build --locked --bin pgferry
 log "running tests"
-# Test binaries run one after another; tests inside one binary share the machine's 2 cores.
+# Test binaries run one after another (the end-to-end tests are one binary,
+# integration-tests/tests/suite.rs); two tests at a time share the machine's 2 cores.
 out="$PGFERRY_LOGS/cargo-test.out"
 set +e
 cargo test --locked --no-fail-fast --workspace --lib --bins --tests -- --test-threads=2 "$@" 2>&1 | tee "$out"
