@@ -50,6 +50,7 @@ mod stamps_under_skip_change;
 mod status;
 mod three_nodes;
 mod toast_and_evolution;
+mod tombstone_gc_added_node;
 mod tombstones;
 mod truncate;
 mod truncate_across_origins;
