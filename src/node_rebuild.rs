@@ -11,7 +11,8 @@
 //! 3. On N, in one transaction under the replication origin `pgferry_<cluster>_<N>_rebuild`
 //!    (which capture does not publish): truncate the replicated tables, copy P's rows in,
 //!    record the stamps in `pgferry.row_stamps` (apply reads a row's stamp there while the row
-//!    is the copied version), and set `pgferry.apply_progress`: origin P at the snapshot's LSN
+//!    is the copied version; a row without a commit time on P gets a NULL one, so it stays
+//!    unstamped on N as on P), and set `pgferry.apply_progress`: origin P at the snapshot's LSN
 //!    (resuming from P's partition a minute before the snapshot; dedup skips the overlap),
 //!    every other origin where P stood in the snapshot. N's session writes as a replica, as
 //!    apply does (`pgferry_apply::replica_role`): users' triggers do not fire on the copied
@@ -29,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use futures::{SinkExt, StreamExt};
 use pgferry_apply::replay::{self, ReplayRequest, ReplayStart};
+use pgferry_apply::stamp_override_or;
 use pgferry_connectors::config::Config;
 use pgferry_connectors::postgres::{self, quote_ident, quote_literal, PgSession};
 use pgferry_connectors::replication;
@@ -176,7 +178,9 @@ async fn rebuild(config: Arc<Config>, a: RebuildArgs) -> Result<()> {
         .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
         .await
         .map_err(nsql.err(format!("setting up replication origin {origin}")))?;
-    // Rows without a stamp on P look written at the snapshot's time by no node (id 0).
+    // The transaction is dated by the snapshot, by no node (id 0); no copied row keeps that
+    // date: each gets the stamp it has on P recorded, none for a row that has none there
+    // (`copy_stamps`).
     nsql.client
         .batch_execute(&format!(
             "BEGIN;
@@ -293,8 +297,12 @@ async fn copy_table(psql: &PgSession, nsql: &PgSession, meta: &TableMeta) -> Res
 
 /// Streams each row's stamp on the peer (commit time and origin of its version there, or the
 /// peer's own `pgferry.row_stamps` entry for it, or the exact time its group's
-/// `pgferry.xact_stamps` record keeps) into the node's staging table. The groups' records are
-/// expanded once and joined by hash (looking one key up in SQL reads a whole bucket).
+/// `pgferry.xact_stamps` record keeps) into the node's staging table, one for every row: a row
+/// without a commit time on the peer (too old, or written while `track_commit_timestamp` was
+/// off) gets a NULL stamp, which apply reads as no commit time, exactly as on the peer — not the
+/// copying transaction's (issue 16, scenario 11; `pgferry_apply::stamp_override_or`). The
+/// groups' records are expanded once and joined by hash (looking one key up in SQL reads a
+/// whole bucket).
 async fn copy_stamps(
     psql: &PgSession,
     nsql: &PgSession,
@@ -318,20 +326,26 @@ async fn copy_stamps(
         "COPY (WITH g AS MATERIALIZED (
                    SELECT x.xid, e.key, e.value::text::int8 AS ts_us
                    FROM pgferry.xact_stamps x CROSS JOIN LATERAL jsonb_each(x.stamps -> {tbl}) e)
-               SELECT {tbl}, k.key, coalesce(s.ts_us, g.ts_us, (extract(epoch FROM c.timestamp) * 1000000)::int8),
-                      coalesce(s.origin, CASE WHEN c.roident = 0 THEN {peer}
-                                              ELSE (SELECT m.node FROM pg_replication_origin o
-                                                    JOIN (VALUES {origins}) m (roname, node) ON m.roname = o.roname
-                                                    WHERE o.roident = c.roident LIMIT 1) END)
+               SELECT {tbl}, k.key, {ts}, {origin}
                FROM {table} r
                CROSS JOIN LATERAL (SELECT {key} AS key) k
                CROSS JOIN LATERAL pg_xact_commit_timestamp_origin(r.xmin) c
                LEFT JOIN pgferry.row_stamps s ON s.tbl = {tbl} AND s.key = k.key AND s.xid % 4294967296 = r.xmin::text::int8
-               LEFT JOIN g ON g.xid = r.xmin::text::int8 AND g.key = k.key::text
-               WHERE c.timestamp IS NOT NULL OR s.ts_us IS NOT NULL OR g.ts_us IS NOT NULL) TO STDOUT",
+               LEFT JOIN g ON g.xid = r.xmin::text::int8 AND g.key = k.key::text) TO STDOUT",
+        ts = stamp_override_or("s", "ts_us", "coalesce(g.ts_us, (extract(epoch FROM c.timestamp) * 1000000)::int8)"),
+        origin = stamp_override_or(
+            "s",
+            "origin",
+            &format!(
+                "CASE WHEN c.roident = 0 THEN {}
+                      ELSE (SELECT m.node FROM pg_replication_origin o
+                            JOIN (VALUES {}) m (roname, node) ON m.roname = o.roname
+                            WHERE o.roident = c.roident LIMIT 1) END",
+                quote_literal(peer),
+                origins.join(", ")
+            )
+        ),
         tbl = quote_literal(name),
-        peer = quote_literal(peer),
-        origins = origins.join(", "),
         table = meta.qualified,
     );
     copy(psql, &text, nsql, "COPY pgferry_rebuild_stamps FROM STDIN", &format!("copying the row stamps of {name}"), None).await

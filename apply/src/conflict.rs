@@ -348,6 +348,18 @@ pub async fn add_key_change_triggers(sql: &pgferry_connectors::postgres::PgSessi
     Ok(tables.len())
 }
 
+/// The value of column `column` of a row version's stamp as every reader takes it, given the
+/// version's override in `pgferry.row_stamps` joined as `o` (its `xid` is never NULL where it
+/// exists): the override's value where the version has one — even a NULL, which is what `node
+/// rebuild` records for a row that has no commit time on the peer it copied (too old, or written
+/// while `track_commit_timestamp` was off), so the copy stays unstamped there as on the peer and
+/// every node weighs changes against it alike (issue 16, scenario 11) — else `otherwise` (the
+/// version's own commit time, or its group's record). One rule for the one-by-one path
+/// (`writer`), grouped apply's read (`group::statements`), the truncate's scan and `node rebuild`.
+pub fn stamp_override_or(o: &str, column: &str, otherwise: &str) -> String {
+    format!("CASE WHEN {o}.xid IS NOT NULL THEN {o}.{column} ELSE {otherwise} END")
+}
+
 /// Who wrote a version of a row: origin commit time (µs since the Unix epoch), then node id.
 /// Ordered the way last-update-wins compares them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

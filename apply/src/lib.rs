@@ -34,7 +34,7 @@ mod service;
 pub mod tombstone_gc;
 mod writer;
 
-pub use conflict::{tombstone_trigger_sql, SCHEMA_SQL as CONFLICT_SCHEMA_SQL};
+pub use conflict::{stamp_override_or, tombstone_trigger_sql, SCHEMA_SQL as CONFLICT_SCHEMA_SQL};
 pub use error::ApplyError;
 pub use metrics::ApplyMetrics;
 pub use progress::format_lsn;

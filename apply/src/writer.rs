@@ -20,7 +20,7 @@ use pgferry_schemas::{DecodedEvent, Op};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
-use crate::conflict::{compare_before_image, decide, ConflictType, LocalVersion, Resolution, Stamp};
+use crate::conflict::{compare_before_image, decide, stamp_override_or, ConflictType, LocalVersion, Resolution, Stamp};
 use crate::error::ApplyError;
 use crate::progress::format_lsn;
 
@@ -900,23 +900,28 @@ fn key_json(table: &LocalTable, first: usize) -> String {
     format!("jsonb_build_array({})", parts.join(", "))
 }
 
-/// The select list that reads a local row version `t` for conflict checks: its stamp (commit
-/// time, or the stamp `pgferry.row_stamps` or the writing group's `pgferry.xact_stamps` keeps
-/// for it), the replication origin of its last write, the row as JSON, and the origin
-/// `row_stamps` keeps (a group's stamps keep the origin its commit records). `$tbl_param` is the
-/// table's name, `key` the row's key as the tombstone trigger writes it.
+/// The select list that reads a local row version `t` for conflict checks: its stamp (the
+/// override `pgferry.row_stamps` keeps for it where it has one — a NULL there is a row without
+/// a commit time (`crate::conflict::stamp_override_or`) —, else the writing group's
+/// `pgferry.xact_stamps` record, else its commit time), the replication origin of its last
+/// write, the row as JSON, and the origin `row_stamps` keeps (a group's stamps keep the origin
+/// its commit records). `$tbl_param` is the table's name, `key` the row's key as the tombstone
+/// trigger writes it. The override is read in scalar subqueries, so the caller's unqualified
+/// column names meet no other relation.
 fn version_columns(tbl_param: usize, key: &str) -> String {
-    let stamp = |col: &str| {
-        format!(
-            "(SELECT o.{col} FROM pgferry.row_stamps o WHERE o.tbl = ${tbl_param} AND o.key = {key} AND o.xid % 4294967296 = t.xmin::text::int8)"
-        )
-    };
+    let row_stamp = format!("o.tbl = ${tbl_param} AND o.key = {key} AND o.xid % 4294967296 = t.xmin::text::int8");
+    let ts = stamp_override_or(
+        "o",
+        "ts_us",
+        &format!(
+            "coalesce(pgferry.group_stamp(${tbl_param}, {key}, t.xmin),
+                      (extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).timestamp) * 1000000)::int8)"
+        ),
+    );
     format!(
-        "coalesce({}, pgferry.group_stamp(${tbl_param}, {key}, t.xmin),
-                  (extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).timestamp) * 1000000)::int8),
-         (pg_xact_commit_timestamp_origin(t.xmin)).roident::int8, to_jsonb(t)::text, {}",
-        stamp("ts_us"),
-        stamp("origin")
+        "(SELECT {ts} FROM (SELECT) AS one LEFT JOIN pgferry.row_stamps o ON {row_stamp}),
+         (pg_xact_commit_timestamp_origin(t.xmin)).roident::int8, to_jsonb(t)::text,
+         (SELECT o.origin FROM pgferry.row_stamps o WHERE {row_stamp})"
     )
 }
 

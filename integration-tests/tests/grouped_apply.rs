@@ -6,7 +6,10 @@
 //! whole stream. The target is then cloned twice, and the three copies replay the same topics in
 //! the same order (n1's stream, then n2's) with `[apply] max_group_txns` 1 (one by one), 7 and
 //! 1000. The rows, every row version's stamp (commit time and origin), every tombstone and its
-//! stamp, and every conflict record must be identical in the three.
+//! stamp, and every conflict record must be identical in the three. Before the copies, a third
+//! of the target's rows of `d` are made what `node rebuild` leaves of a row that had no commit
+//! time on its peer (issue 16, scenario 11): a version whose `pgferry.row_stamps` override is
+//! NULL, which both paths must read as unstamped.
 
 use std::time::Duration;
 
@@ -60,12 +63,13 @@ async fn state(dsn: &str, origins: &(Vec<String>, Vec<String>)) -> anyhow::Resul
                      ON m.roname = o.roname WHERE o.roident = x.roident)";
     let mut out = Vec::new();
     for table in ["d", "c", "u"] {
-        // Each row with its stamp: the override tied to this version, else its commit time,
-        // and the node that wrote it.
+        // Each row with its stamp: the override tied to this version (NULL: none), else its
+        // commit time, and the node that wrote it.
         let q = format!(
             "SELECT t::text,
-                    coalesce(s.ts_us, pgferry.group_stamp('public.{table}', jsonb_build_array(t.id), t.xmin),
-                             (extract(epoch FROM x.timestamp) * 1000000)::int8)::text,
+                    coalesce(CASE WHEN s.xid IS NOT NULL THEN s.ts_us
+                                  ELSE coalesce(pgferry.group_stamp('public.{table}', jsonb_build_array(t.id), t.xmin),
+                                                (extract(epoch FROM x.timestamp) * 1000000)::int8) END::text, 'none'),
                     coalesce(s.origin, {writer}, 'local')
              FROM {table} t
              CROSS JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) x
@@ -131,6 +135,19 @@ async fn grouped_apply_equals_one_by_one_in_every_group_size() -> anyhow::Result
     }
     drop(captures);
     drop(sessions);
+    // Rows copied without a commit time, as `node rebuild` records them: the origins' later
+    // changes of these keys must win over them on both paths, and record no conflict.
+    connect(&cluster.nodes[2].dsn)
+        .await?
+        .batch_execute(
+            "BEGIN;
+             UPDATE d SET v = v || ' (copied)' WHERE id % 3 = 0;
+             INSERT INTO pgferry.row_stamps (tbl, key, xid, ts_us, origin)
+             SELECT 'public.d', jsonb_build_array(id), txid_current(), NULL, NULL FROM d WHERE id % 3 = 0
+             ON CONFLICT (tbl, key) DO UPDATE SET xid = EXCLUDED.xid, ts_us = NULL, origin = NULL;
+             COMMIT",
+        )
+        .await?;
 
     // Two more copies of the target as it is now (its slot is not needed: no capture there).
     let target = cluster.nodes[2].clone();

@@ -6,6 +6,7 @@
 
 use pgferry_connectors::postgres::quote_ident;
 
+use crate::conflict::stamp_override_or;
 use crate::writer::{LocalTable, KEY_LOCK_CLASS};
 
 /// `unnest($first::text[], …) AS k(c1, …, cn)` over `n` arrays, with ORDINALITY when asked.
@@ -86,7 +87,8 @@ fn same_version() -> &'static str {
 
 /// Reads the state of every key in `$1..$n` (one row per key, in input order): its position,
 /// its JSON form, whether a row exists, the row's stamp (commit time, or the override in
-/// `pgferry.row_stamps` tied to the version's xmin) and replication origin, the version's xmin,
+/// `pgferry.row_stamps` tied to the version's xmin, NULL included: `stamp_override_or`) and
+/// replication origin, the version's xmin,
 /// the override's origin, the key's tombstone stamp (its override, or its deleting
 /// transaction's commit time) and origin, and in how many buckets the version's writer, if a
 /// group, keeps exact stamps (`pgferry.xact_stamp_groups`; the caller looks them up, see
@@ -99,7 +101,7 @@ pub fn read_state(table: &LocalTable) -> String {
     let n = table.key.len();
     format!(
         "SELECT k.i::int8, kj.key::text, t.ctid IS NOT NULL,
-                coalesce(s.ts_us, (extract(epoch FROM c.timestamp) * 1000000)::int8),
+                {},
                 c.roident::int8,
                 t.xmin::text::int8,
                 s.origin,
@@ -115,7 +117,7 @@ pub fn read_state(table: &LocalTable) -> String {
          LEFT JOIN {} t ON {}
          LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) c ON t.ctid IS NOT NULL
          LEFT JOIN LATERAL (
-              SELECT s.ts_us, s.origin FROM pgferry.row_stamps s
+              SELECT s.xid, s.ts_us, s.origin FROM pgferry.row_stamps s
               WHERE EXISTS (SELECT FROM pgferry.stamped_xacts x WHERE x.xid = t.xmin::text::int8)
                 AND s.tbl = ${tbl} AND s.key = kj.key AND s.xid % 4294967296 = t.xmin::text::int8
               OFFSET 0) s ON true
@@ -127,6 +129,7 @@ pub fn read_state(table: &LocalTable) -> String {
          LEFT JOIN LATERAL pg_xact_commit_timestamp_origin((tr.xid % 4294967296)::text::xid) trc
                 ON tr.xid IS NOT NULL
          ORDER BY k.i",
+        stamp_override_or("s", "ts_us", "(extract(epoch FROM c.timestamp) * 1000000)::int8"),
         unnest(1, n, &key_aliases(table), true),
         key_json(table),
         table.qualified,

@@ -18,7 +18,7 @@ use pgferry_schemas::truncate::Truncate;
 use tokio_postgres::types::ToSql;
 
 use super::Writer;
-use crate::conflict::Stamp;
+use crate::conflict::{stamp_override_or, Stamp};
 use crate::error::ApplyError;
 
 /// A table of a truncate, as it is applied.
@@ -34,26 +34,30 @@ struct Truncated {
 /// Every row of `qualified` (`t`), as `row_id` (its ctid) and `newer`: whether its stamp is newer
 /// than the truncate's (`$2` commit time, `$3` node id; NULL: a row without a commit time, written
 /// by this transaction or too old to have one). The stamp is read as conflict checks read it: the
-/// override in `pgferry.row_stamps` or the writing group's record (`pgferry.group_stamp`) where
-/// the version has one, else its commit time; the node id of its origin from `$4`/`$5` (node
+/// override in `pgferry.row_stamps` (NULL included: `stamp_override_or`) or the writing group's
+/// record (`pgferry.group_stamp`) where the version has one, else its commit time; the node id of its origin from `$4`/`$5` (node
 /// names and ids) and `$6`/`$7` (replication origin ids and node names). `$1` is the table's name,
 /// `key` the row's key in the tombstone trigger's form.
 fn rows_against(qualified: &str, key: &str) -> String {
+    let ts = stamp_override_or(
+        "s",
+        "ts_us",
+        "coalesce(CASE WHEN EXISTS (SELECT FROM pgferry.xact_stamp_groups g WHERE g.xid = t.xmin::text::int8)
+                       THEN pgferry.group_stamp($1::text, k.key, t.xmin) END,
+                  (extract(epoch FROM c.timestamp) * 1000000)::int8)",
+    );
     format!(
         "SELECT t.ctid AS row_id, (v.ts > $2::int8 OR (v.ts = $2::int8 AND v.node > $3::int4)) AS newer
          FROM {qualified} t
          CROSS JOIN LATERAL (SELECT {key} AS key) k
          LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) c ON true
          LEFT JOIN LATERAL (
-              SELECT s.ts_us, s.origin FROM pgferry.row_stamps s
+              SELECT s.xid, s.ts_us, s.origin FROM pgferry.row_stamps s
               WHERE EXISTS (SELECT FROM pgferry.stamped_xacts x WHERE x.xid = t.xmin::text::int8)
                 AND s.tbl = $1::text AND s.key = k.key AND s.xid % 4294967296 = t.xmin::text::int8
               OFFSET 0) s ON true
          CROSS JOIN LATERAL (SELECT
-              coalesce(s.ts_us,
-                       CASE WHEN EXISTS (SELECT FROM pgferry.xact_stamp_groups g WHERE g.xid = t.xmin::text::int8)
-                            THEN pgferry.group_stamp($1::text, k.key, t.xmin) END,
-                       (extract(epoch FROM c.timestamp) * 1000000)::int8) AS ts,
+              {ts} AS ts,
               coalesce((SELECT n.id FROM unnest($4::text[], $5::int4[]) AS n(name, id)
                         WHERE n.name = coalesce(s.origin,
                               (SELECT o.name FROM unnest($6::int8[], $7::text[]) AS o(r, name) WHERE o.r = c.roident::int8))),
