@@ -2,7 +2,8 @@
 //! (pgferry's services; PostgreSQL's walsender and apply worker), sampled from `/proc` every
 //! 100 ms while a backlog drains. PostgreSQL processes are found by a query, since they start
 //! when replication starts; a watch can also cover every session a query lists (pgferry apply's
-//! own backends on the target), whose CPU is summed.
+//! own backends on the target), whose CPU is summed. A long-running process (the Kafka broker)
+//! is counted from the first sample on.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -17,6 +18,8 @@ use crate::{cpu, rss};
 enum Find {
     /// A known pid.
     Pid(u32),
+    /// A known pid, counting only the CPU it uses from the first sample on.
+    PidSince(u32),
     /// The first column of a query's first row on a database (`NULL`/no row: not there yet).
     Query { dsn: String, sql: &'static str },
     /// Every pid in the first column of a query's rows, asked again every
@@ -41,6 +44,15 @@ impl Watch {
         Watch {
             role: role.into(),
             find: Find::Pid(pid),
+        }
+    }
+
+    /// The process `pid`, which ran before the sampling starts: only the CPU it uses while
+    /// sampled counts (its peak RSS is still over its whole life).
+    pub fn process_from_now(role: impl Into<String>, pid: u32) -> Watch {
+        Watch {
+            role: role.into(),
+            find: Find::PidSince(pid),
         }
     }
 
@@ -93,6 +105,8 @@ struct Tracked {
     pids: HashMap<u32, (f64, u64)>,
     /// The single process of a [`Find::Pid`] or [`Find::Query`] watch, once known.
     single: Option<u32>,
+    /// A [`Find::PidSince`] process's CPU seconds at the first sample.
+    baseline: Option<f64>,
 }
 
 impl Tracked {
@@ -100,6 +114,12 @@ impl Tracked {
     async fn sample(&mut self, find: &Find) {
         let listed = match find {
             Find::Pid(p) => vec![*p],
+            Find::PidSince(p) => {
+                if self.baseline.is_none() {
+                    self.baseline = cpu::cpu_seconds(*p);
+                }
+                vec![*p]
+            }
             Find::Query { dsn, sql } => match self.single {
                 Some(p) => vec![p],
                 None => {
@@ -150,7 +170,7 @@ impl Tracked {
         let seen: Vec<(f64, u64)> = self.pids.values().copied().filter(|&(_, hwm)| hwm > 0).collect();
         ProcessCost {
             role: role.to_string(),
-            cpu_seconds: (!seen.is_empty()).then(|| seen.iter().map(|s| s.0).sum()),
+            cpu_seconds: (!seen.is_empty()).then(|| seen.iter().map(|s| s.0).sum::<f64>() - self.baseline.unwrap_or(0.0)),
             peak_rss_kb: seen.iter().map(|s| s.1).max(),
             processes: seen.len(),
         }

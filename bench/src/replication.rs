@@ -57,6 +57,9 @@ impl System {
 /// Role of pgferry apply's own PostgreSQL sessions on the subscriber in the cost figures.
 pub const APPLY_SESSIONS: &str = "apply's sessions (n2)";
 
+/// Role of the Kafka broker in pgferry's cost figures (its CPU during the drain only).
+pub const KAFKA_BROKER: &str = "Kafka broker (during the drain)";
+
 /// How long set-up steps (a subscription replicating, a worker stopping) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -488,6 +491,13 @@ impl Replication {
             &self.cluster.nodes[p].dsn,
             "SELECT active_pid FROM pg_replication_slots WHERE database = current_database() AND active_pid IS NOT NULL LIMIT 1",
         )));
+        // The broker pgferry's events go through (`PGFERRY_BENCH_KAFKA_PID`, set by
+        // deploy/local/bench.sh): it shares the cores with everything else in a drain.
+        if self.system == System::Pgferry {
+            if let Some(pid) = std::env::var("PGFERRY_BENCH_KAFKA_PID").ok().and_then(|p| p.trim().parse().ok()) {
+                w.push(Watch::process_from_now(KAFKA_BROKER, pid));
+            }
+        }
         let subscriber = &self.cluster.nodes[s].dsn;
         match self.system {
             System::Pgferry => w.push(Watch::sessions(

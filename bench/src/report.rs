@@ -269,6 +269,32 @@ fn per_100k(cpu_seconds: f64, d: &Drain) -> f64 {
     cpu_seconds * 100_000.0 / d.transactions as f64
 }
 
+/// Every watched process's CPU in a drain, summed (`None` if one was not seen).
+fn total_cpu(d: &Drain) -> Option<f64> {
+    d.cost.iter().map(|c| c.cpu_seconds).sum()
+}
+
+/// All the processes of the end-to-end drains together, per system: what replication costs the
+/// machine (capture's share included), beside native's walsender and apply worker.
+fn total_cpu_table(r: &Results) -> String {
+    let mut md = "\n#### Every replication process together, end-to-end drains\n\n".to_string();
+    md += "CPU s per 100,000 transactions of all the processes above for one drain, summed (pgferry: \
+           capture, its walsender, the Kafka broker, apply and its sessions), median (min–max).\n\n";
+    md += "| workload | system | CPU s / 100k txn | ÷ native |\n| --- | --- | ---: | ---: |\n";
+    for kind in [DrainKind::EndToEnd(Workload::TpcB), DrainKind::EndToEnd(Workload::Wide)] {
+        let of = |system: System| -> Option<Spread> {
+            spread(&r.drains(system, kind).iter().filter_map(|d| Some(per_100k(total_cpu(d)?, d))).collect::<Vec<_>>())
+        };
+        let native = of(System::Native);
+        for pair in &r.pairs {
+            let Some(cpu) = of(pair.system) else { continue };
+            let ratio = native.as_ref().map(|n| format!("{:.2}×", cpu.median / n.median)).unwrap_or_default();
+            md += &format!("| {} | {} | {} | {ratio} |\n", kind.label(), pair.system.label(), spread_text(&cpu, |x| format!("{x:.1}")));
+        }
+    }
+    md
+}
+
 /// The CPU of `role` in a drain, if that process was seen.
 fn cpu_of(d: &Drain, role: &str) -> Option<f64> {
     d.cost.iter().find(|c| c.role == role)?.cpu_seconds
@@ -618,7 +644,8 @@ fn cost_tables(r: &Results) -> String {
            buffers it touched, so only pgferry's services have a memory goal. \"apply's sessions \
            (n2)\": pgferry apply's own PostgreSQL backends on n2 (`application_name` \
            `pgferry-apply-…`), CPU summed, RSS the largest. In the apply-only drain capture and its \
-           walsender do not run.\n\n";
+           walsender do not run. \"Kafka broker\": the broker's CPU from the drain's start to its \
+           end (the other systems do not use it; its RSS is the JVM's over its whole life).\n\n";
     md += "| workload | system | process | CPU s / 100k txn | peak RSS (MB) | memory goal |\n";
     md += "| --- | --- | --- | ---: | ---: | --- |\n";
     for kind in DrainKind::ALL {
@@ -657,6 +684,8 @@ fn cost_tables(r: &Results) -> String {
             }
         }
     }
+
+    md += &total_cpu_table(r);
 
     md += "\n#### Apply CPU per 100,000 TPC-B transactions\n\n";
     md += "pgferry: the apply process plus its PostgreSQL sessions on n2; native and pglogical: \

@@ -108,6 +108,9 @@ export PGFERRY_BENCH_PYTHON="$PGFERRY_BENCH_VENV/bin/python"
 export PGFERRY_BENCH_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 export PGFERRY_BENCH_COMMAND="$invocation" PGFERRY_BENCH_PROFILE="$profile"
 export PGFERRY_BENCH_RUSTC="$(rustc --version)"
+# The broker's pid, for its CPU in the cost figures (none when it was started elsewhere).
+PGFERRY_BENCH_KAFKA_PID="$(read_live_pid "$PGFERRY_LOCAL/kafka/kafka.pid" kafka.Kafka || true)"
+export PGFERRY_BENCH_KAFKA_PID
 
 if [[ "$mode" == compare ]]; then
     "$bin/pgferry" bench "$@"
