@@ -204,9 +204,10 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         message_schema,
         forward,
         own: (Arc::from(node.name.as_str()), Arc::from(node.region.as_str())),
+        cluster: Arc::from(config.cluster.name.as_str()),
         config,
         node,
-        db,
+        db: Arc::from(db),
         sql,
         topic,
         partition,
@@ -339,7 +340,9 @@ struct Capture {
     own: (Arc<str>, Arc<str>),
     config: Arc<Config>,
     node: NodeConfig,
-    db: String,
+    /// The cluster's name and this node's database, shared by every event's `source`.
+    cluster: Arc<str>,
+    db: Arc<str>,
     sql: PgSession,
     topic: String,
     partition: i32,
@@ -366,7 +369,7 @@ struct Capture {
 impl Capture {
     async fn run(
         &mut self,
-        mut rx: mpsc::Receiver<Result<WalMessage, pgferry_connectors::replication::ReplicationError>>,
+        mut rx: mpsc::Receiver<Result<Box<WalMessage>, pgferry_connectors::replication::ReplicationError>>,
     ) -> Result<(), CaptureError> {
         // Messages are taken from the read-ahead channel up to READ_BATCH at a time. Receiving
         // one by one from a full channel freed one slot per message and woke the parked reader
@@ -411,7 +414,7 @@ impl Capture {
         }
     }
 
-    async fn handle(&mut self, msg: WalMessage) -> Result<(), CaptureError> {
+    async fn handle(&mut self, msg: Box<WalMessage>) -> Result<(), CaptureError> {
         match msg.message {
             LogicalReplicationMessage::Begin {
                 final_lsn,
@@ -604,11 +607,11 @@ impl Capture {
             before,
             after,
             source: SourceInfo {
-                cluster: self.config.cluster.name.clone(),
+                cluster: self.cluster.clone(),
                 db: self.db.clone(),
-                origin: route.origin.to_string(),
+                origin: route.origin.clone(),
                 node_id: route.node_id,
-                region: route.region.to_string(),
+                region: route.region.clone(),
                 commit_ts_us: txn.commit_ts_us,
                 tx_id: txn.xid,
                 lsn,

@@ -214,6 +214,26 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
     put_bytes(buf, s.as_bytes());
 }
 
+/// [`ChangeEvent::transaction_id`] (`<origin>:<commit_lsn>`) as an Avro string, written in
+/// place: a `format!` per event was ~2% of capture's CPU in a TPC-B drain.
+fn put_transaction_id(buf: &mut Vec<u8>, origin: &str, commit_lsn: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = commit_lsn;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    put_long(buf, (origin.len() + 1 + digits.len() - at) as i64);
+    buf.extend_from_slice(origin.as_bytes());
+    buf.push(b':');
+    buf.extend_from_slice(&digits[at..]);
+}
+
 /// A column value in its Avro form (the primitives `Kind::to_avro` yields).
 fn put_value(buf: &mut Vec<u8>, v: &Value) -> Result<(), CodecError> {
     match v {
@@ -322,7 +342,7 @@ fn write_event(schemas: &TableSchemas, ev: &ChangeEvent, key: &mut Vec<u8>, valu
     put_long(value, ev.ts_ms);
     // transaction (event.block)
     put_long(value, 1);
-    put_str(value, &ev.transaction_id());
+    put_transaction_id(value, &ev.source.origin, ev.source.commit_lsn);
     put_long(value, s.txn_seq as i64 + 1);
     put_long(value, s.data_collection_order as i64);
     Ok(())
@@ -633,6 +653,17 @@ mod tests {
             ("transaction".into(), nullable(Some(transaction))),
         ]);
         (key, avro_datum(&schemas.envelope, envelope).unwrap())
+    }
+
+    #[test]
+    fn transaction_id_in_place_is_the_formatted_one() {
+        for lsn in [0u64, 7, 10, 123_456_789, u64::MAX] {
+            let mut buf = Vec::new();
+            put_transaction_id(&mut buf, "n1", lsn);
+            let mut want = Vec::new();
+            put_str(&mut want, &format!("n1:{lsn}"));
+            assert_eq!(buf, want, "lsn {lsn}");
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The change-event model shared by capture and apply.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// The kind of row change, with Debezium's one-letter codes.
@@ -80,19 +82,21 @@ impl TableDef {
 /// (and for unchanged TOAST values, which [`SourceInfo::unchanged_toast`] lists by name).
 pub type Row = Vec<Option<String>>;
 
-/// Where a change comes from: Debezium's `source` block plus pgferry's fields.
+/// Where a change comes from: Debezium's `source` block plus pgferry's fields. The names are
+/// shared (`Arc<str>`): capture makes one per event, and a `String` copy of each was a
+/// measurable share of its allocations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceInfo {
     /// Cluster name (Debezium's `name`).
-    pub cluster: String,
+    pub cluster: Arc<str>,
     /// Database name on the origin.
-    pub db: String,
+    pub db: Arc<str>,
     /// Origin node name.
-    pub origin: String,
+    pub origin: Arc<str>,
     /// Origin node id (1–1023).
     pub node_id: u16,
     /// Origin node region.
-    pub region: String,
+    pub region: Arc<str>,
     /// Origin commit time, microseconds since the Unix epoch.
     pub commit_ts_us: i64,
     /// Origin transaction id.
