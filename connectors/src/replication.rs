@@ -138,7 +138,15 @@ impl WalStream {
         let confirmer = Confirmer(self.stream.shared_lsn_feedback.clone());
         tokio::spawn(async move {
             loop {
-                let item = self.next().await;
+                // Capture may stop while the stream is quiet (an error at a Kafka commit after
+                // the last message was read): end then too, or the walsender would stay attached
+                // to the slot until the next WAL arrives, and the restarted capture would find
+                // the slot active — on an idle database, for good (its heartbeats start only
+                // once it has the stream).
+                let item = tokio::select! {
+                    item = self.next() => item,
+                    () = tx.closed() => break,
+                };
                 // pg_walstream checks for due feedback only every 128 frames; on a quiet stream
                 // (heartbeats only) that would hold confirmed positions back for minutes.
                 self.stream.maybe_send_feedback().await;
