@@ -805,6 +805,9 @@ pub struct KafkaNeeds {
     pub replication_factor: i32,
     /// `kafka.retention_ms`.
     pub retention_ms: Option<i64>,
+    /// The capture producer's `message.max.bytes` (`[kafka.properties]` or pgferry's default):
+    /// the largest event capture sends, which each topic's `max.message.bytes` should allow.
+    pub message_max_bytes: u64,
 }
 
 /// Whether a transactional producer cannot work, judged from the metadata alone (the
@@ -1010,6 +1013,21 @@ pub fn topics(place: &Place, needs: &KafkaNeeds, d: &ClusterDescription) -> Vec<
                     .fix(alter(name, &format!("retention.ms={want}"))),
                 );
             }
+        }
+        let max_message: Option<u64> = t.config.get("max.message.bytes").and_then(|v| v.parse().ok());
+        if let Some(have) = max_message.filter(|have| *have < needs.message_max_bytes) {
+            out.push(
+                Finding::warning(
+                    place,
+                    "topic_message_size",
+                    name,
+                    format!(
+                        "topic {name} accepts messages (batches) up to {have} bytes (max.message.bytes), less than the {} bytes capture's producer sends (message.max.bytes): an event between the two stops capture until the topic's limit is raised",
+                        needs.message_max_bytes
+                    ),
+                )
+                .fix(alter(name, &format!("max.message.bytes={}", needs.message_max_bytes))),
+            );
         }
         let bytes: Option<i64> = t.config.get("retention.bytes").and_then(|v| v.parse().ok());
         if let Some(b) = bytes.filter(|b| *b >= 0) {
@@ -1567,6 +1585,7 @@ mod tests {
             ],
             replication_factor: 1,
             retention_ms: Some(604_800_000),
+            message_max_bytes: 16_777_216,
         }
     }
 
