@@ -403,11 +403,18 @@ mod tests {
         let registry = MetricsRegistry::new();
         let m = CaptureMetrics::new(&registry, "n1");
         let _guard = m.connected();
-        assert!(registry.render().contains("pgferry_capture_events_too_large_total{node=\"n1\"} 0"));
+        assert!(registry
+            .render()
+            .contains("pgferry_capture_events_too_large_total{node=\"n1\"} 0"));
         m.event_too_large(100, "node n1: a change of public.big … over …");
         let why = registry.health().unwrap_err();
-        assert!(why.contains("capture is stuck: node n1: a change of public.big"), "{why}");
-        assert!(registry.render().contains("pgferry_capture_events_too_large_total{node=\"n1\"} 1"));
+        assert!(
+            why.contains("capture is stuck: node n1: a change of public.big"),
+            "{why}"
+        );
+        assert!(registry
+            .render()
+            .contains("pgferry_capture_events_too_large_total{node=\"n1\"} 1"));
         m.produced_up_to(99);
         assert!(registry.health().is_err(), "still before the transaction");
         m.produced_up_to(100);

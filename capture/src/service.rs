@@ -158,13 +158,15 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         let (kcfg, txn_id, topic, me) = (kcfg.clone(), txn_id.clone(), topic.clone(), node.name.clone());
         let produce_latency = options.metrics.produce_latency();
         let group = format!("pgferry-{}-{}-capture", config.cluster.name, node.name);
-        tokio::task::spawn_blocking(move || -> Result<(TxProducer, Option<kafka::ProducedPosition>), CaptureError> {
-            // A refused login or TLS handshake fails here with the brokers' reason.
-            kafka::check_reachable(&kcfg, std::time::Duration::from_secs(10))?;
-            let producer = kafka::transactional_producer(&kcfg, &txn_id, Some(produce_latency))?;
-            let last = kafka::last_produced_position(&kcfg, &group, &topic, partition, &me)?;
-            Ok((producer, last))
-        })
+        tokio::task::spawn_blocking(
+            move || -> Result<(TxProducer, Option<kafka::ProducedPosition>), CaptureError> {
+                // A refused login or TLS handshake fails here with the brokers' reason.
+                kafka::check_reachable(&kcfg, std::time::Duration::from_secs(10))?;
+                let producer = kafka::transactional_producer(&kcfg, &txn_id, Some(produce_latency))?;
+                let last = kafka::last_produced_position(&kcfg, &group, &topic, partition, &me)?;
+                Ok((producer, last))
+            },
+        )
     };
     let registry = Registry::new(&config.registry)?;
     let (
@@ -246,7 +248,10 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         });
     }
     if let Err(e @ CaptureError::EventTooLarge { commit_lsn_value, .. }) = &result {
-        capture.options.metrics.event_too_large(*commit_lsn_value, &e.to_string());
+        capture
+            .options
+            .metrics
+            .event_too_large(*commit_lsn_value, &e.to_string());
     }
     if capture.kafka_txn_open {
         let p = &capture.producer;
@@ -748,7 +753,14 @@ impl Capture {
                 let (table, lsn) = (rel.schemas.clone(), event.source.lsn);
                 self.send(Some(&key), &value, "change", route, last, seq).map_err(|e| {
                     e.naming(
-                        || format!("a change of {}.{} with key {}", table.table.schema, table.table.name, key_text(&table.table, &event)),
+                        || {
+                            format!(
+                                "a change of {}.{} with key {}",
+                                table.table.schema,
+                                table.table.name,
+                                key_text(&table.table, &event)
+                            )
+                        },
                         Some(lsn),
                     )
                 })

@@ -607,7 +607,10 @@ pub fn last_produced_position(
             (None, Some(seq)) => seq.parse::<u64>().ok(),
             _ => None,
         };
-        Some(ProducedPosition { commit_lsn, partial_seq })
+        Some(ProducedPosition {
+            commit_lsn,
+            partial_seq,
+        })
     })
 }
 

@@ -87,7 +87,11 @@ fn reset(s: TcpStream) {
 }
 
 /// Copies `from` to `to`, sleeping after each chunk so that about `bytes_per_second` pass.
-async fn throttled_copy(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, bytes_per_second: u64) {
+async fn throttled_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    bytes_per_second: u64,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 4096];
     loop {

@@ -18,7 +18,8 @@ use rdkafka::config::ClientConfig;
 const TABLE: &str = "CREATE TABLE big (id int PRIMARY KEY, body text)";
 
 /// About 640 KB of hex text: over 200,000 bytes even compressed with lz4, under 1 MiB whole.
-const BIG_ROW: &str = "INSERT INTO big SELECT 2, string_agg(md5(random()::text || g), '') FROM generate_series(1, 20000) g";
+const BIG_ROW: &str =
+    "INSERT INTO big SELECT 2, string_agg(md5(random()::text || g), '') FROM generate_series(1, 20000) g";
 
 /// The slot's confirmed position on node `i`, as a number.
 async fn confirmed(cluster: &Cluster, i: usize) -> Result<u64> {
@@ -51,15 +52,24 @@ async fn write_rows(cluster: &Cluster) -> Result<u64> {
         .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::text", &[])
         .await?
         .get(0);
-    n1.batch_execute("INSERT INTO big VALUES (3, 'small after the big one')").await?;
+    n1.batch_execute("INSERT INTO big VALUES (3, 'small after the big one')")
+        .await?;
     Ok(after.parse()?)
 }
 
 /// What the operator sees while capture is stuck: the log line, `/healthz` and the counter.
-async fn assert_stuck(cluster: &Cluster, log: &std::path::Path, metrics: &str, after_big: u64, needles: &[&str]) -> Result<()> {
-    wait_until("capture to name the event that is too large", Duration::from_secs(90), || async {
-        Ok(std::fs::read_to_string(log)?.contains("cannot be produced to"))
-    })
+async fn assert_stuck(
+    cluster: &Cluster,
+    log: &std::path::Path,
+    metrics: &str,
+    after_big: u64,
+    needles: &[&str],
+) -> Result<()> {
+    wait_until(
+        "capture to name the event that is too large",
+        Duration::from_secs(90),
+        || async { Ok(std::fs::read_to_string(log)?.contains("cannot be produced to")) },
+    )
     .await?;
     let text = std::fs::read_to_string(log)?;
     let line = text
@@ -94,7 +104,10 @@ async fn assert_stuck(cluster: &Cluster, log: &std::path::Path, metrics: &str, a
         .collect();
     assert_eq!(ids, vec![1], "the stream holds at the big row, in order");
     let slot = confirmed(cluster, 0).await?;
-    assert!(slot < after_big, "the slot stays before the big row ({slot} < {after_big})");
+    assert!(
+        slot < after_big,
+        "the slot stays before the big row ({slot} < {after_big})"
+    );
     Ok(())
 }
 
@@ -114,7 +127,15 @@ async fn an_event_over_the_producers_limit_is_named_and_nothing_is_lost() -> Res
         &capture.log,
         &metrics,
         after_big,
-        &[&node, "public.big", "(id)=(2)", "message.max.bytes", "200000", "[kafka.properties]", "LSN"],
+        &[
+            &node,
+            "public.big",
+            "(id)=(2)",
+            "message.max.bytes",
+            "200000",
+            "[kafka.properties]",
+            "LSN",
+        ],
     )
     .await?;
     assert!(capture.try_wait()?.is_none(), "capture keeps running (retrying)");
@@ -127,7 +148,11 @@ async fn an_event_over_the_producers_limit_is_named_and_nothing_is_lost() -> Res
     cluster.write_config()?;
     let topic = cluster.topic_of(0);
     let have = topic_limit(&cluster.endpoints.kafka, &topic).await?;
-    assert_eq!(have.as_deref(), Some("200000"), "init gave the topic the producer's limit");
+    assert_eq!(
+        have.as_deref(),
+        Some("200000"),
+        "init gave the topic the producer's limit"
+    );
     set_topic_limit(&cluster.endpoints.kafka, &topic, 16_777_216).await?;
     let metrics = free_local_addr()?;
     let capture = cluster.spawn_with("capture", 0, &["--metrics-listen", &metrics])?;
@@ -145,7 +170,10 @@ async fn an_event_over_the_producers_limit_is_named_and_nothing_is_lost() -> Res
 async fn topic_limit(bootstrap: &str, topic: &str) -> Result<Option<String>> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
     let results = admin
-        .describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))))
+        .describe_configs(
+            [&ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
         .await?;
     let mut value = None;
     for r in results {
@@ -161,7 +189,10 @@ async fn set_topic_limit(bootstrap: &str, topic: &str, bytes: u64) -> Result<()>
     let value = bytes.to_string();
     let change = AlterConfig::new(ResourceSpecifier::Topic(topic)).set("max.message.bytes", &value);
     let results = admin
-        .alter_configs([&change], &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))))
+        .alter_configs(
+            [&change],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
         .await
         .context("altering the topic's config")?;
     for r in results {
@@ -185,7 +216,14 @@ async fn an_event_the_topic_refuses_is_named_and_goes_through_once_raised() -> R
         &capture.log,
         &metrics,
         after_big,
-        &[&node, "public.big", "max.message.bytes", "100000", &topic, "kafka-configs.sh"],
+        &[
+            &node,
+            "public.big",
+            "max.message.bytes",
+            "100000",
+            &topic,
+            "kafka-configs.sh",
+        ],
     )
     .await?;
     assert!(capture.try_wait()?.is_none(), "capture keeps running (retrying)");

@@ -20,7 +20,8 @@ use pgferry_integration_tests::{free_local_addr, http_get, metric, read_topic, w
 const TABLE: &str = "CREATE TABLE wide (id int PRIMARY KEY, body text)";
 
 /// One source transaction of 1500 rows of about 1 KB of hex text each.
-const BIG_TXN: &str = "INSERT INTO wide SELECT g, (SELECT string_agg(md5(random()::text || g || h), '') FROM generate_series(1, 32) h)
+const BIG_TXN: &str =
+    "INSERT INTO wide SELECT g, (SELECT string_agg(md5(random()::text || g || h), '') FROM generate_series(1, 32) h)
                        FROM generate_series(1, 1500) g";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,16 +64,23 @@ async fn a_source_transaction_longer_than_the_kafka_timeout_goes_through_split()
 
     // The first cut committed part of the big transaction: kill capture there, start it again.
     let node = cluster.nodes[0].name.clone();
-    wait_until("a Kafka transaction committed inside the source transaction", Duration::from_secs(120), || async {
-        let (_, text) = http_get(&metrics, "/metrics").await?;
-        Ok(metric(&text, "pgferry_capture_transaction_splits_total", &[("node", &node)]).unwrap_or(0.0) >= 1.0)
-    })
+    wait_until(
+        "a Kafka transaction committed inside the source transaction",
+        Duration::from_secs(120),
+        || async {
+            let (_, text) = http_get(&metrics, "/metrics").await?;
+            Ok(metric(&text, "pgferry_capture_transaction_splits_total", &[("node", &node)]).unwrap_or(0.0) >= 1.0)
+        },
+    )
     .await?;
     capture.kill();
     assert!(proxy.accepted() > 0, "n1's capture reaches Kafka through the proxy");
     let n2 = cluster.sql(1).await?;
     let partial: i64 = n2.query_one("SELECT count(*) FROM wide", &[]).await?.get(0);
-    assert!(partial <= 1, "n2 sees none of the big transaction before its end ({partial} rows)");
+    assert!(
+        partial <= 1,
+        "n2 sees none of the big transaction before its end ({partial} rows)"
+    );
     let metrics = free_local_addr()?;
     let capture = via_proxy.spawn_with("capture", 0, &["--metrics-listen", &metrics])?;
 
@@ -96,10 +104,16 @@ async fn a_source_transaction_longer_than_the_kafka_timeout_goes_through_split()
         .filter_map(|m| m.header("pgferry-txn-seq")?.parse().ok())
         .collect();
     assert!(!seqs.is_empty(), "the cut transaction's events carry their position");
-    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "positions once each, in order");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "positions once each, in order"
+    );
     assert_eq!(seqs.last().copied(), Some(1499), "up to the transaction's last event");
     let log = std::fs::read_to_string(&capture.log)?;
-    assert!(log.contains("resuming a source transaction"), "the restart resumed the cut transaction:\n{log}");
+    assert!(
+        log.contains("resuming a source transaction"),
+        "the restart resumed the cut transaction:\n{log}"
+    );
     drop((capture, apply));
     cluster.cleanup().await?;
     drop(kafka);

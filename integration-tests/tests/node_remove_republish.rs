@@ -33,7 +33,8 @@ async fn node_remove_with_a_readers_capture_behind_republishes_nothing() -> Resu
     cluster.init()?;
     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
     let n3 = cluster.sql(2).await?;
-    n3.batch_execute(&format!("INSERT INTO counters VALUES ('{}', 0)", names[2])).await?;
+    n3.batch_execute(&format!("INSERT INTO counters VALUES ('{}', 0)", names[2]))
+        .await?;
     // n1: apply only (its capture is down); n2 and n3: both.
     let apply1 = cluster.spawn("apply", 0)?;
     let run2 = cluster.spawn("run", 1)?;
@@ -66,7 +67,10 @@ async fn node_remove_with_a_readers_capture_behind_republishes_nothing() -> Resu
         let ended = removing.try_wait();
         async {
             if let Some(status) = ended? {
-                anyhow::bail!("node remove ended early ({status}): {}", std::fs::read_to_string(&out_path)?);
+                anyhow::bail!(
+                    "node remove ended early ({status}): {}",
+                    std::fs::read_to_string(&out_path)?
+                );
             }
             Ok(!std::fs::read_to_string(&cluster.config_path)?.contains(&format!("\"{}\"", names[2])))
         }
@@ -91,7 +95,10 @@ async fn node_remove_with_a_readers_capture_behind_republishes_nothing() -> Resu
         let left: i64 = cluster
             .sql(i)
             .await?
-            .query_one("SELECT count(*) FROM pg_replication_origin WHERE roname = $1", &[&cluster.origin_on(i, &names[2])])
+            .query_one(
+                "SELECT count(*) FROM pg_replication_origin WHERE roname = $1",
+                &[&cluster.origin_on(i, &names[2])],
+            )
             .await?
             .get(0);
         assert_eq!(left, 0, "n3's origin is dropped on {}", names[i]);
@@ -108,7 +115,8 @@ async fn node_remove_with_a_readers_capture_behind_republishes_nothing() -> Resu
 
     // n1's capture comes back and reads n3's rows with their origin gone.
     let capture1 = cluster.spawn("capture", 0)?;
-    n1.batch_execute("INSERT INTO t VALUES (1000001, 'n1 after the removal')").await?;
+    n1.batch_execute("INSERT INTO t VALUES (1000001, 'n1 after the removal')")
+        .await?;
     let mut rest = cluster.clone();
     rest.nodes.truncate(2);
     let (_, rows) = rest.wait_converged("t", Duration::from_secs(90)).await?;
@@ -119,9 +127,17 @@ async fn node_remove_with_a_readers_capture_behind_republishes_nothing() -> Resu
         .iter()
         .filter(|m| m.header("pgferry-origin") == Some(names[0].as_str()) && m.header("pgferry-kind") == Some("change"))
         .count();
-    let conflicts: i64 = rest.sql(1).await?.query_one("SELECT count(*) FROM pgferry.conflicts", &[]).await?.get(0);
+    let conflicts: i64 = rest
+        .sql(1)
+        .await?
+        .query_one("SELECT count(*) FROM pgferry.conflicts", &[])
+        .await?
+        .get(0);
     eprintln!("n1's change events in its partition: {n1_changes}; conflicts on n2: {conflicts}");
-    assert_eq!(n1_changes, 1, "n1 published its own row only, none of n3's rows as its own");
+    assert_eq!(
+        n1_changes, 1,
+        "n1 published its own row only, none of n3's rows as its own"
+    );
     assert_eq!(conflicts, 0, "n2 met no change of n3's again");
     let (_, counters) = rest.wait_converged("counters", Duration::from_secs(60)).await?;
     assert_eq!(counters, 1);
