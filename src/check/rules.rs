@@ -1673,6 +1673,21 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_should_take_what_capture_sends() {
+        let small = topic(3, &[("max.message.bytes", "1048588")]);
+        let f = topics(
+            &kafka(),
+            &kafka_needs(),
+            &cluster(1, &[("prod.eu.changes", small), ("prod.dlq", topic(1, &[("max.message.bytes", "16777216")]))]),
+        );
+        let sizes: Vec<String> = f.iter().filter(|f| f.check == "topic_message_size").map(|f| f.line()).collect();
+        assert_eq!(
+            sizes,
+            ["WARNING   Kafka at k1:9092: topic prod.eu.changes accepts messages (batches) up to 1048588 bytes (max.message.bytes), less than the 16777216 bytes capture's producer sends (message.max.bytes): an event between the two stops capture until the topic's limit is raised. Fix: kafka-configs.sh --bootstrap-server k1:9092 --alter --entity-type topics --entity-name prod.eu.changes --add-config max.message.bytes=16777216"]
+        );
+    }
+
+    #[test]
     fn transactions_need_their_state_topic() {
         let mut d = cluster(1, &[]);
         d.broker_config
