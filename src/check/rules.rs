@@ -1678,9 +1678,19 @@ mod tests {
         let f = topics(
             &kafka(),
             &kafka_needs(),
-            &cluster(1, &[("prod.eu.changes", small), ("prod.dlq", topic(1, &[("max.message.bytes", "16777216")]))]),
+            &cluster(
+                1,
+                &[
+                    ("prod.eu.changes", small),
+                    ("prod.dlq", topic(1, &[("max.message.bytes", "16777216")])),
+                ],
+            ),
         );
-        let sizes: Vec<String> = f.iter().filter(|f| f.check == "topic_message_size").map(|f| f.line()).collect();
+        let sizes: Vec<String> = f
+            .iter()
+            .filter(|f| f.check == "topic_message_size")
+            .map(|f| f.line())
+            .collect();
         assert_eq!(
             sizes,
             ["WARNING   Kafka at k1:9092: topic prod.eu.changes accepts messages (batches) up to 1048588 bytes (max.message.bytes), less than the 16777216 bytes capture's producer sends (message.max.bytes): an event between the two stops capture until the topic's limit is raised. Fix: kafka-configs.sh --bootstrap-server k1:9092 --alter --entity-type topics --entity-name prod.eu.changes --add-config max.message.bytes=16777216"]
