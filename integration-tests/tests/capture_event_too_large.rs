@@ -67,7 +67,7 @@ async fn assert_stuck(
 ) -> Result<()> {
     wait_until(
         "capture to name the event that is too large",
-        Duration::from_secs(90),
+        Duration::from_secs(180),
         || async { Ok(std::fs::read_to_string(log)?.contains("cannot be produced to")) },
     )
     .await?;
