@@ -191,6 +191,7 @@ async fn kafka_findings(config: &Config) -> Vec<Finding> {
         topics: topic_needs(config),
         replication_factor: config.kafka.replication_factor,
         retention_ms: config.kafka.retention_ms,
+        message_max_bytes: kafka::producer_message_max_bytes(&config.kafka),
     };
     let names: Vec<String> = needs.topics.iter().map(|t| t.name.clone()).collect();
     let described = match kafka::describe(&config.kafka, &names).await {

@@ -54,7 +54,4 @@ pub const UPSERT: &str = "INSERT INTO pgferry.apply_progress AS p
       SET kafka_offset = EXCLUDED.kafka_offset, commit_lsn = EXCLUDED.commit_lsn,
           commit_ts = EXCLUDED.commit_ts, applied_at = EXCLUDED.applied_at";
 
-/// PostgreSQL's `X/Y` text form of an LSN.
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
-}
+pub use pgferry_connectors::postgres::format_lsn;

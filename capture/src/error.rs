@@ -28,7 +28,89 @@ pub enum CaptureError {
     /// A change that cannot be encoded (table, column and value named).
     #[error("encoding a change of {table}: {source}")]
     Encode { table: String, source: CodecError },
+    /// An event over Kafka's size limit: capture cannot get past it until the operator raises
+    /// the limit `fix` names (nothing after it is produced and the slot stays before it).
+    #[error(
+        "node {node}: {event} at LSN {lsn} (source transaction committed at {commit_lsn}) cannot be produced to {topic}: \
+         it is {size} bytes, over {limit}; {fix}. Capture does not get past it until then: nothing after it is published \
+         and the slot keeps it, so nothing is lost"
+    )]
+    EventTooLarge {
+        /// The capturing node.
+        node: String,
+        /// Which event: `a change of <table> with key <key>`, a truncate, a message.
+        event: String,
+        /// LSN of the change (`X/Y`), or `unknown`.
+        lsn: String,
+        /// Commit LSN of its source transaction (`X/Y`).
+        commit_lsn: String,
+        /// Same, as a number (for the health check).
+        commit_lsn_value: u64,
+        /// `topic/partition`.
+        topic: String,
+        /// Bytes of key and value (and headers, when capture measured it).
+        size: u64,
+        /// The limit and the setting that holds it.
+        limit: String,
+        /// What the operator must change.
+        fix: String,
+    },
+    /// A Kafka transaction failed after being open longer than `transaction.timeout.ms`: the
+    /// broker aborts such a transaction. Capture cuts source transactions so that this does
+    /// not happen while the link delivers what librdkafka holds queued in time.
+    #[error(
+        "node {node}: a Kafka transaction to {topic} failed after it had been open {open_ms} ms, longer than the producer's \
+         transaction.timeout.ms ({timeout_ms} ms), so the broker aborted it ({source}). Capture commits every {split_ms} ms \
+         within a source transaction, but delivering what librdkafka had queued took longer: raise transaction.timeout.ms \
+         under [kafka.properties] (at most the brokers' transaction.max.timeout.ms), or lower queue.buffering.max.kbytes / \
+         queue.buffering.max.messages there so less waits for a slow link"
+    )]
+    KafkaTransactionTimedOut {
+        /// The capturing node.
+        node: String,
+        /// `topic/partition`.
+        topic: String,
+        /// How long the Kafka transaction had been open.
+        open_ms: u64,
+        /// The producer's `transaction.timeout.ms`.
+        timeout_ms: u64,
+        /// How often capture cuts a long source transaction.
+        split_ms: u64,
+        /// What the broker or librdkafka said.
+        source: Box<CaptureError>,
+    },
     /// A pgoutput message that makes no sense where it came.
     #[error("protocol: {0}")]
     Protocol(String),
+}
+
+impl CaptureError {
+    /// An [`CaptureError::EventTooLarge`] with the event described by `event` (and its LSN, when
+    /// known); any other error unchanged.
+    pub(crate) fn naming(self, event: impl FnOnce() -> String, lsn: Option<u64>) -> CaptureError {
+        match self {
+            CaptureError::EventTooLarge {
+                node,
+                commit_lsn,
+                commit_lsn_value,
+                topic,
+                size,
+                limit,
+                fix,
+                lsn: old,
+                ..
+            } => CaptureError::EventTooLarge {
+                node,
+                event: event(),
+                lsn: lsn.map_or(old, pgferry_connectors::postgres::format_lsn),
+                commit_lsn,
+                commit_lsn_value,
+                topic,
+                size,
+                limit,
+                fix,
+            },
+            other => other,
+        }
+    }
 }

@@ -33,6 +33,11 @@ struct Shared {
     produce_latency: Histogram,
     commit_latency: Histogram,
     slot_retained: Gauge,
+    too_large: Counter,
+    splits: Counter,
+    /// Set while capture cannot get past an event Kafka refuses as too large: the commit LSN of
+    /// its source transaction and the error. Cleared by a commit past that LSN.
+    stuck: std::sync::Mutex<Option<(u64, String)>>,
     /// Origin time (µs since the epoch) of the last committed transaction or heartbeat; 0: none.
     last_origin_us: AtomicI64,
     connected: AtomicBool,
@@ -121,6 +126,17 @@ impl CaptureMetrics {
                 "WAL the node keeps for capture's slot: pg_current_wal_lsn() - restart_lsn.",
                 &l,
             ),
+            too_large: registry.counter(
+                "pgferry_capture_events_too_large_total",
+                "Times capture stopped on an event over Kafka's size limits (producer message.max.bytes, topic max.message.bytes).",
+                &l,
+            ),
+            splits: registry.counter(
+                "pgferry_capture_transaction_splits_total",
+                "Kafka transactions capture committed in the middle of a source transaction, to stay within transaction.timeout.ms.",
+                &l,
+            ),
+            stuck: Default::default(),
             last_origin_us: AtomicI64::new(0),
             connected: AtomicBool::new(false),
             last_error: Default::default(),
@@ -143,6 +159,9 @@ impl CaptureMetrics {
             "capture",
             node,
             Arc::new(move || {
+                if let Some((_, why)) = s.stuck.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    return Err(format!("capture is stuck: {why}"));
+                }
                 if !s.connected.load(Ordering::Relaxed) {
                     let last = s.last_error.lock().unwrap_or_else(|p| p.into_inner());
                     return Err(match last.as_deref() {
@@ -174,6 +193,27 @@ impl CaptureMetrics {
     /// Records why capture stopped (shown by `/healthz` while it is unhealthy).
     pub fn failed(&self, error: &str) {
         *self.shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+    }
+
+    /// Capture stopped on an event Kafka refuses as too large, in the source transaction
+    /// committed at `commit_lsn`: counted, and `/healthz` says `why` until a Kafka transaction
+    /// commits past that transaction ([`CaptureMetrics::produced_up_to`]).
+    pub fn event_too_large(&self, commit_lsn: u64, why: &str) {
+        self.shared.too_large.inc();
+        *self.shared.stuck.lock().unwrap_or_else(|p| p.into_inner()) = Some((commit_lsn, why.to_string()));
+    }
+
+    /// A Kafka transaction committed with every source transaction up to commit LSN `lsn`.
+    pub fn produced_up_to(&self, lsn: u64) {
+        let mut stuck = self.shared.stuck.lock().unwrap_or_else(|p| p.into_inner());
+        if stuck.as_ref().is_some_and(|(at, _)| *at <= lsn) {
+            *stuck = None;
+        }
+    }
+
+    /// A Kafka transaction was committed in the middle of a source transaction.
+    pub fn transaction_split(&self) {
+        self.shared.splits.inc();
     }
 
     /// The produce-latency histogram, for the producer's delivery reports.
@@ -357,5 +397,27 @@ mod tests {
         assert!(registry.health().is_ok());
         drop(guard);
         assert!(registry.health().is_err());
+    }
+    #[test]
+    fn stuck_on_a_too_large_event_until_produced_past_it() {
+        let registry = MetricsRegistry::new();
+        let m = CaptureMetrics::new(&registry, "n1");
+        let _guard = m.connected();
+        assert!(registry
+            .render()
+            .contains("pgferry_capture_events_too_large_total{node=\"n1\"} 0"));
+        m.event_too_large(100, "node n1: a change of public.big … over …");
+        let why = registry.health().unwrap_err();
+        assert!(
+            why.contains("capture is stuck: node n1: a change of public.big"),
+            "{why}"
+        );
+        assert!(registry
+            .render()
+            .contains("pgferry_capture_events_too_large_total{node=\"n1\"} 1"));
+        m.produced_up_to(99);
+        assert!(registry.health().is_err(), "still before the transaction");
+        m.produced_up_to(100);
+        assert!(registry.health().is_ok());
     }
 }

@@ -58,6 +58,11 @@ impl Relations {
             .ok_or_else(|| CaptureError::Protocol(format!("change for relation {id} before its Relation message")))
     }
 
+    /// The relation whose current Envelope schema has registry id `id`, if any.
+    pub fn by_value_id(&self, id: u32) -> Option<&Relation> {
+        self.by_id.values().find(|r| r.value_id == id)
+    }
+
     /// Records a Relation message: resolves column types, builds and registers the schemas.
     pub async fn update(&mut self, sql: &PgSession, msg: &LogicalReplicationMessage) -> Result<(), CaptureError> {
         let LogicalReplicationMessage::Relation {

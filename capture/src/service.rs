@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use pgferry_connectors::config::{Config, NodeConfig, Operation};
 use pgferry_connectors::kafka::{
-    self, TxProducer, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_LOCAL_LSN, HEADER_ORIGIN, HEADER_TXN_LAST, HEADER_VIA,
+    self, RefusedMessage, TxProducer, HEADER_COMMIT_LSN, HEADER_KIND, HEADER_LOCAL_LSN, HEADER_ORIGIN, HEADER_TXN_LAST,
+    HEADER_TXN_SEQ, HEADER_VIA,
 };
-use pgferry_connectors::postgres::{self, PgSession};
+use pgferry_connectors::postgres::{self, format_lsn, PgSession};
 use pgferry_connectors::registry::Registry;
 use pgferry_connectors::replication::{Confirmer, LogicalReplicationMessage, TupleData, WalMessage, WalStream};
 use pgferry_schemas::codec::{encode_event_framed, encode_frame};
@@ -81,11 +82,17 @@ struct SourceTxn {
     per_table: std::collections::HashMap<u32, u64>,
     /// The last event, held back until we know whether it ends the transaction.
     pending: Option<Pending>,
+    /// Spread over more than one Kafka transaction: its messages carry `pgferry-txn-seq`.
+    split: bool,
+    /// Resumed after a restart that found it in Kafka up to this `txn_seq`: those events are
+    /// read again but not produced.
+    resume_after: Option<u64>,
 }
 
-/// An event of the open transaction, with its route.
+/// An event of the open transaction, with its route and `txn_seq`.
 struct Pending {
     route: Route,
+    seq: u64,
     body: PendingBody,
 }
 
@@ -151,13 +158,15 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         let (kcfg, txn_id, topic, me) = (kcfg.clone(), txn_id.clone(), topic.clone(), node.name.clone());
         let produce_latency = options.metrics.produce_latency();
         let group = format!("pgferry-{}-{}-capture", config.cluster.name, node.name);
-        tokio::task::spawn_blocking(move || -> Result<(TxProducer, Option<u64>), CaptureError> {
-            // A refused login or TLS handshake fails here with the brokers' reason.
-            kafka::check_reachable(&kcfg, std::time::Duration::from_secs(10))?;
-            let producer = kafka::transactional_producer(&kcfg, &txn_id, Some(produce_latency))?;
-            let last = kafka::last_committed_commit_lsn(&kcfg, &group, &topic, partition, &me)?;
-            Ok((producer, last))
-        })
+        tokio::task::spawn_blocking(
+            move || -> Result<(TxProducer, Option<kafka::ProducedPosition>), CaptureError> {
+                // A refused login or TLS handshake fails here with the brokers' reason.
+                kafka::check_reachable(&kcfg, std::time::Duration::from_secs(10))?;
+                let producer = kafka::transactional_producer(&kcfg, &txn_id, Some(produce_latency))?;
+                let last = kafka::last_produced_position(&kcfg, &group, &topic, partition, &me)?;
+                Ok((producer, last))
+            },
+        )
     };
     let registry = Registry::new(&config.registry)?;
     let (
@@ -170,9 +179,15 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         fixed_record(&registry, &topic, MESSAGE_NAME, MESSAGE_SCHEMA),
     )?;
     let registered = began.elapsed();
-    let (producer, last_lsn) = kafka_startup
+    let (producer, last_pos) = kafka_startup
         .await
         .map_err(|e| CaptureError::Protocol(format!("capture start-up task failed: {e}")))??;
+    let last_lsn = last_pos.map(|p| p.complete_up_to());
+    let resume = last_pos.and_then(|p| Some((p.commit_lsn, p.partial_seq?)));
+    if let Some((lsn, seq)) = resume {
+        tracing::info!(node = %node.name, %topic, partition, commit_lsn = %format_lsn(lsn), txn_seq = seq,
+            "resuming a source transaction that was committed to Kafka in part");
+    }
     tracing::info!(node = %node.name, %topic, partition, last_produced_commit_lsn = ?last_lsn,
         registered_ms = registered.as_millis() as u64, kafka_ready_ms = began.elapsed().as_millis() as u64,
         "capture starting");
@@ -214,6 +229,9 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         producer,
         confirmer,
         last_lsn: last_lsn.unwrap_or(0),
+        resume,
+        split_after: kafka::transaction_timeout(&kcfg) / 4,
+        txn_timeout: kafka::transaction_timeout(&kcfg),
         options,
         txn: None,
         kafka_txn_open: false,
@@ -221,7 +239,21 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         batch_started: Instant::now(),
         batch_end_lsn: 0,
     };
-    let result = capture.run(rx).await;
+    let mut result = capture.run(rx).await;
+    if let Err(e) = result {
+        // The broker refuses a message (or its batch) as too large only in its delivery report;
+        // the commit or a later send fails with a less telling error.
+        result = Err(match capture.producer.context().take_too_large() {
+            Some(refused) => capture.refused_by_broker(&refused).await,
+            None => e,
+        });
+    }
+    if let Err(e @ CaptureError::EventTooLarge { commit_lsn_value, .. }) = &result {
+        capture
+            .options
+            .metrics
+            .event_too_large(*commit_lsn_value, &e.to_string());
+    }
     if capture.kafka_txn_open {
         let p = &capture.producer;
         let _ = tokio::task::block_in_place(|| p.abort_transaction(Duration::from_secs(10)));
@@ -357,6 +389,14 @@ struct Capture {
     toast_warned: std::collections::HashSet<String>,
     /// Highest commit LSN known to be in Kafka.
     last_lsn: u64,
+    /// A source transaction found in Kafka in part at start-up: its commit LSN and the last
+    /// `txn_seq` committed.
+    resume: Option<(u64, u64)>,
+    /// A Kafka transaction open this long is committed in the middle of the source transaction
+    /// being produced (a quarter of `transaction.timeout.ms`).
+    split_after: Duration,
+    /// The producer's `transaction.timeout.ms`.
+    txn_timeout: Duration,
     options: CaptureOptions,
     txn: Option<SourceTxn>,
     kafka_txn_open: bool,
@@ -435,7 +475,14 @@ impl Capture {
                     produced: 0,
                     per_table: Default::default(),
                     pending: None,
+                    split: false,
+                    resume_after: None,
                 });
+                if let (Some((lsn, seq)), Some(t)) = (self.resume, self.txn.as_mut()) {
+                    if lsn == final_lsn {
+                        (t.split, t.resume_after) = (true, Some(seq));
+                    }
+                }
             }
             LogicalReplicationMessage::Origin {
                 ref origin_name,
@@ -490,7 +537,10 @@ impl Capture {
                     return Err(CaptureError::Protocol(format!("Commit at {commit_lsn} without Begin")));
                 };
                 if let Some(p) = txn.pending.take() {
-                    self.produce(p, true)?;
+                    self.produce(p, true, txn.split, txn.resume_after)?;
+                }
+                if txn.resume_after.is_some() {
+                    self.resume = None;
                 }
                 if txn.produced > 0 {
                     self.options.metrics.source_txn(txn.commit_ts_us);
@@ -633,13 +683,28 @@ impl Capture {
         let Some(txn) = self.txn.as_mut() else {
             return Err(CaptureError::Protocol("event outside a transaction".into()));
         };
-        txn.produced += 1;
         let next = Pending {
             route: txn.route.clone(),
+            seq: txn.produced,
             body,
         };
+        txn.produced += 1;
+        // A source transaction that has kept a Kafka transaction open for a quarter of the
+        // transaction timeout is cut here: the event before this one ends a Kafka transaction
+        // (the slot is not confirmed past the last whole source transaction) and the rest goes
+        // on in the next (docs/decisions.md, "Capture liveness").
+        let cut = txn.pending.is_some() && self.kafka_txn_open && self.batch_started.elapsed() >= self.split_after;
+        txn.split |= cut;
+        let (split, resume_after) = (txn.split, txn.resume_after);
         if let Some(prev) = txn.pending.replace(next) {
-            self.produce(prev, false)?;
+            let (seq, lsn) = (prev.seq, prev.route.commit_lsn);
+            self.produce(prev, false, split, resume_after)?;
+            if cut && self.kafka_txn_open {
+                self.commit_batch()?;
+                self.options.metrics.transaction_split();
+                tracing::debug!(node = %self.node.name, commit_lsn = %format_lsn(lsn), txn_seq = seq,
+                    "source transaction continues in the next Kafka transaction");
+            }
         }
         Ok(())
     }
@@ -668,8 +733,15 @@ impl Capture {
         self.queue(PendingBody::Message(m))
     }
 
-    fn produce(&mut self, p: Pending, last: bool) -> Result<(), CaptureError> {
+    /// Produces event `p` (`last`: it ends its source transaction; `split`: the transaction
+    /// spans Kafka transactions, so the message carries its `txn_seq`), unless a restart found
+    /// it in Kafka already (`txn_seq` at or below `resume_after`).
+    fn produce(&mut self, p: Pending, last: bool, split: bool, resume_after: Option<u64>) -> Result<(), CaptureError> {
+        if resume_after.is_some_and(|k| p.seq <= k) {
+            return Ok(());
+        }
         let route = &p.route;
+        let seq = split.then_some(p.seq);
         match p.body {
             PendingBody::Change { relation_id, mut event } => {
                 event.source.txn_last = last;
@@ -681,7 +753,20 @@ impl Capture {
                             source,
                         }
                     })?;
-                self.send(Some(&key), &value, "change", route, last)
+                let (table, lsn) = (rel.schemas.clone(), event.source.lsn);
+                self.send(Some(&key), &value, "change", route, last, seq).map_err(|e| {
+                    e.naming(
+                        || {
+                            format!(
+                                "a change of {}.{} with key {}",
+                                table.table.schema,
+                                table.table.name,
+                                key_text(&table.table, &event)
+                            )
+                        },
+                        Some(lsn),
+                    )
+                })
             }
             PendingBody::Truncate(mut t) => {
                 t.txn_last = last;
@@ -690,7 +775,9 @@ impl Capture {
                     source,
                 })?;
                 let value = encode_frame(self.truncate_id, &value);
-                self.send(None, &value, "truncate", route, last)
+                let table = format!("{}.{}", t.schema, t.table);
+                self.send(None, &value, "truncate", route, last, seq)
+                    .map_err(|e| e.naming(|| format!("a truncate of {table}"), None))
             }
             PendingBody::Message(mut m) => {
                 m.txn_last = last;
@@ -699,7 +786,8 @@ impl Capture {
                     source,
                 })?;
                 let value = encode_frame(self.message_id, &value);
-                self.send(None, &value, "message", route, last)
+                self.send(None, &value, "message", route, last, seq)
+                    .map_err(|e| e.naming(|| format!("a logical message with prefix {:?}", m.prefix), Some(m.lsn)))
             }
         }
     }
@@ -790,7 +878,7 @@ impl Capture {
             commit_lsn: produced_up_to,
             forwarded_local_lsn: None,
         };
-        self.send(None, &value, "heartbeat", &route, false)?;
+        self.send(None, &value, "heartbeat", &route, false, None)?;
         self.options.metrics.heartbeat(hb.ts_us);
         self.last_lsn = self.last_lsn.max(produced_up_to);
         self.batch_end_lsn = end_lsn;
@@ -798,8 +886,20 @@ impl Capture {
     }
 
     /// Produces one message to the node's partition inside the open Kafka transaction
-    /// (beginning one if needed).
-    fn send(&mut self, key: Option<&[u8]>, value: &[u8], kind: &str, route: &Route, last: bool) -> Result<(), CaptureError> {
+    /// (beginning one if needed). `seq`: the `pgferry-txn-seq` header, for a source transaction
+    /// spread over Kafka transactions. A message over the producer's `message.max.bytes` fails
+    /// with [`CaptureError::EventTooLarge`], naming the event by `kind` (callers name it better
+    /// with [`CaptureError::naming`]).
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        key: Option<&[u8]>,
+        value: &[u8],
+        kind: &str,
+        route: &Route,
+        last: bool,
+        seq: Option<u64>,
+    ) -> Result<(), CaptureError> {
         if !self.kafka_txn_open {
             let producer = &self.producer;
             tokio::task::block_in_place(|| producer.begin_transaction())
@@ -841,6 +941,13 @@ impl Capture {
                 value: Some("1"),
             });
         }
+        if let Some(seq) = seq {
+            let seq = seq.to_string();
+            headers = headers.insert(Header {
+                key: HEADER_TXN_SEQ,
+                value: Some(seq.as_str()),
+            });
+        }
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic)
             .partition(self.partition)
             .payload(value)
@@ -856,8 +963,69 @@ impl Capture {
                     record = r;
                     tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(2)));
                 }
-                Err((e, _)) => return Err(kafka_err(&self.config, "producing", e)),
+                Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                    let limit = kafka::producer_message_max_bytes(&self.config.kafka);
+                    let size = (key.map_or(0, <[u8]>::len) + value.len()) as u64;
+                    return Err(CaptureError::EventTooLarge {
+                        node: self.node.name.clone(),
+                        event: format!("a {kind} event"),
+                        lsn: "unknown".into(),
+                        commit_lsn: format_lsn(route.forwarded_local_lsn.unwrap_or(route.commit_lsn)),
+                        commit_lsn_value: route.forwarded_local_lsn.unwrap_or(route.commit_lsn),
+                        topic: format!("{}/{}", self.topic, self.partition),
+                        size,
+                        limit: format!(
+                            "the capture producer's message.max.bytes of {limit} bytes (librdkafka counts headers and record overhead too)"
+                        ),
+                        fix: format!(
+                            "raise message.max.bytes under [kafka.properties] in pgferry.toml above {size} and restart capture; \
+                             the topic's max.message.bytes (and the brokers' message.max.bytes, its default) must allow it too"
+                        ),
+                    });
+                }
+                Err((e, _)) => return Err(self.timed_out_or(kafka_err(&self.config, "producing", e))),
             }
+        }
+    }
+
+    /// The error for a message the broker refused as too large (from its delivery report):
+    /// which event it was, as far as the message tells (its table by the value's schema id),
+    /// and the topic's limit as the broker reports it now.
+    async fn refused_by_broker(&self, refused: &RefusedMessage) -> CaptureError {
+        let table = refused
+            .value_schema_id
+            .and_then(|id| self.relations.by_value_id(id))
+            .map(|r| r.display.clone());
+        let event = match (refused.kind.as_deref(), table) {
+            (Some("change"), Some(t)) => format!("a change of {t}"),
+            (Some(kind), _) => format!("a {kind} event"),
+            (None, _) => "an event".to_string(),
+        };
+        let topic_limit = match kafka::describe(&self.config.kafka, std::slice::from_ref(&self.topic)).await {
+            Ok(d) => d
+                .topics
+                .get(&self.topic)
+                .and_then(|t| t.config.get("max.message.bytes").cloned())
+                .unwrap_or_else(|| "unknown".into()),
+            Err(e) => format!("unknown ({e})"),
+        };
+        let commit_lsn = refused.commit_lsn.unwrap_or(0);
+        CaptureError::EventTooLarge {
+            node: self.node.name.clone(),
+            event,
+            lsn: "unknown".into(),
+            commit_lsn: format_lsn(commit_lsn),
+            commit_lsn_value: commit_lsn,
+            topic: format!("{}/{}", self.topic, self.partition),
+            size: refused.size,
+            limit: format!(
+                "what the broker accepts: the broker refused it (or its compressed batch) as too large; the topic's max.message.bytes is {topic_limit}"
+            ),
+            fix: format!(
+                "raise the topic's max.message.bytes above {} (kafka-configs.sh --bootstrap-server <broker> --alter --entity-type topics \
+                 --entity-name {} --add-config max.message.bytes=<bytes>); capture retries by itself and goes on once the broker accepts it",
+                refused.size, self.topic
+            ),
         }
     }
 
@@ -877,13 +1045,33 @@ impl Capture {
                 producer.commit_transaction(Duration::from_secs(60))
             })
         })
-        .map_err(|e| kafka_err(&self.config, "committing a transaction", e))?;
+        .map_err(|e| self.timed_out_or(kafka_err(&self.config, "committing a transaction", e)))?;
         self.kafka_txn_open = false;
         if self.batch_end_lsn > 0 {
             self.confirmer.confirm(self.batch_end_lsn);
         }
+        self.options.metrics.produced_up_to(self.last_lsn);
         tracing::debug!(node = %self.node.name, txns = self.batch_txns, lsn = self.batch_end_lsn, "kafka transaction committed");
         Ok(())
+    }
+}
+
+impl Capture {
+    /// `e`, or [`CaptureError::KafkaTransactionTimedOut`] around it when the open Kafka
+    /// transaction has outlived `transaction.timeout.ms` (the broker has aborted it).
+    fn timed_out_or(&self, e: CaptureError) -> CaptureError {
+        let open = self.batch_started.elapsed();
+        if !self.kafka_txn_open || open < self.txn_timeout {
+            return e;
+        }
+        CaptureError::KafkaTransactionTimedOut {
+            node: self.node.name.clone(),
+            topic: format!("{}/{}", self.topic, self.partition),
+            open_ms: open.as_millis() as u64,
+            timeout_ms: self.txn_timeout.as_millis() as u64,
+            split_ms: self.split_after.as_millis() as u64,
+            source: Box::new(e),
+        }
     }
 }
 
@@ -893,6 +1081,21 @@ fn kafka_err(config: &Config, what: &str, source: rdkafka::error::KafkaError) ->
         what: what.to_string(),
         source,
     })
+}
+
+/// An event's key columns as `(a, b)=(1, x)` for error messages (values cut at 100 characters).
+fn key_text(table: &pgferry_schemas::event::TableDef, event: &ChangeEvent) -> String {
+    let row = event.after.as_ref().or(event.before.as_ref());
+    let (mut names, mut values) = (Vec::new(), Vec::new());
+    for (i, c) in table.key_columns() {
+        names.push(c.name.clone());
+        values.push(match row.and_then(|r| r.get(i)).and_then(|v| v.as_deref()) {
+            Some(v) if v.chars().count() > 100 => format!("{}…", v.chars().take(100).collect::<String>()),
+            Some(v) => v.to_string(),
+            None => "NULL".into(),
+        });
+    }
+    format!("({})=({})", names.join(", "), values.join(", "))
 }
 
 /// Microseconds between the Unix and PostgreSQL (2000-01-01) epochs.

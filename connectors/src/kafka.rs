@@ -31,6 +31,36 @@ pub const HEADER_VIA: &str = "pgferry-via";
 pub const HEADER_LOCAL_LSN: &str = "pgferry-local-commit-lsn";
 /// Header present (`1`) on the last message of a source transaction.
 pub const HEADER_TXN_LAST: &str = "pgferry-txn-last";
+/// Header with the message's position in its source transaction (`txn_seq`, decimal), on the
+/// messages of a source transaction that capture spread over more than one Kafka transaction,
+/// from the last message of the first part on: after a restart, capture resumes such a
+/// transaction after the last message committed (docs/decisions.md, "Capture liveness").
+pub const HEADER_TXN_SEQ: &str = "pgferry-txn-seq";
+
+/// The capture producer's `transaction.timeout.ms` when `[kafka.properties]` does not set it.
+pub const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 600_000;
+/// The capture producer's `message.max.bytes` when `[kafka.properties]` does not set it.
+pub const DEFAULT_MESSAGE_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The capture producer's transaction timeout: `[kafka.properties] transaction.timeout.ms`, or
+/// [`DEFAULT_TRANSACTION_TIMEOUT_MS`]. An unreadable value is left for librdkafka to refuse.
+pub fn transaction_timeout(cfg: &KafkaConfig) -> Duration {
+    let ms = cfg
+        .properties
+        .get("transaction.timeout.ms")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(DEFAULT_TRANSACTION_TIMEOUT_MS);
+    Duration::from_millis(ms)
+}
+
+/// The capture producer's `message.max.bytes`: `[kafka.properties]`, or
+/// [`DEFAULT_MESSAGE_MAX_BYTES`].
+pub fn producer_message_max_bytes(cfg: &KafkaConfig) -> u64 {
+    cfg.properties
+        .get("message.max.bytes")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
+}
 
 /// A Kafka failure, naming the bootstrap servers or the topic.
 #[derive(Debug, Error)]
@@ -135,8 +165,31 @@ pub type TxProducer = ThreadedProducer<DeliveryLatency>;
 
 /// Producer context that records each delivered message's produce latency (from the
 /// message's create time, which librdkafka stamps when it is produced, to its delivery
-/// report) in seconds, at millisecond resolution.
-pub struct DeliveryLatency(Option<Histogram>, LastError);
+/// report) in seconds, at millisecond resolution, and the largest message the broker refused
+/// as too large ([`DeliveryLatency::take_too_large`]).
+pub struct DeliveryLatency(Option<Histogram>, LastError, Arc<Mutex<Option<RefusedMessage>>>);
+
+/// A message whose delivery failed because the broker found it (or its batch) too large:
+/// what capture needs to say which event it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedMessage {
+    /// Bytes of key and value.
+    pub size: u64,
+    /// This node's commit LSN of its source transaction: the `pgferry-local-commit-lsn` header
+    /// of a forwarded message, else `pgferry-commit-lsn`.
+    pub commit_lsn: Option<u64>,
+    /// The `pgferry-kind` header.
+    pub kind: Option<String>,
+    /// The registry id of the value's schema (Confluent framing: bytes 1–4).
+    pub value_schema_id: Option<u32>,
+}
+
+impl DeliveryLatency {
+    /// The largest message the broker refused as too large since the last call, if any.
+    pub fn take_too_large(&self) -> Option<RefusedMessage> {
+        self.2.lock().ok().and_then(|mut r| r.take())
+    }
+}
 
 impl rdkafka::ClientContext for DeliveryLatency {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
@@ -152,11 +205,33 @@ impl ProducerContext for DeliveryLatency {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let (Some(h), Ok(m)) = (&self.0, result) {
-            if let Some(created_ms) = m.timestamp().to_millis() {
-                let now_ms = crate::metrics::now_us() / 1000;
-                h.observe((now_ms - created_ms).max(0) as f64 / 1000.0);
+        match result {
+            Ok(m) => {
+                if let (Some(h), Some(created_ms)) = (&self.0, m.timestamp().to_millis()) {
+                    let now_ms = crate::metrics::now_us() / 1000;
+                    h.observe((now_ms - created_ms).max(0) as f64 / 1000.0);
+                }
             }
+            Err((e, m)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                let refused = RefusedMessage {
+                    size: (m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len)) as u64,
+                    commit_lsn: header(m, HEADER_LOCAL_LSN)
+                        .or_else(|| header(m, HEADER_COMMIT_LSN))
+                        .and_then(|v| v.parse().ok()),
+                    kind: header(m, HEADER_KIND).map(str::to_string),
+                    value_schema_id: m
+                        .payload()
+                        .and_then(|p| p.get(1..5))
+                        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                        .map(u32::from_be_bytes),
+                };
+                if let Ok(mut slot) = self.2.lock() {
+                    if slot.as_ref().is_none_or(|r| r.size < refused.size) {
+                        *slot = Some(refused);
+                    }
+                }
+            }
+            Err(_) => {}
         }
     }
 }
@@ -170,14 +245,18 @@ pub fn transactional_producer(
     produce_latency: Option<Histogram>,
 ) -> Result<TxProducer, KafkaError> {
     let mut c = client_config(cfg);
-    c.set("transactional.id", txn_id)
-        .set("enable.idempotence", "true")
-        .set("transaction.timeout.ms", "600000");
-    // Defaults that `[kafka.properties]` may override (they are tuning, not correctness).
+    c.set("transactional.id", txn_id).set("enable.idempotence", "true");
+    // Defaults that `[kafka.properties]` may override. The transaction timeout is one of them:
+    // capture splits a source transaction that takes longer than a quarter of it to produce
+    // over several Kafka transactions (docs/decisions.md, "Capture liveness"), so a shorter one
+    // costs more commits, never correctness.
+    let timeout_ms = DEFAULT_TRANSACTION_TIMEOUT_MS.to_string();
+    let max_bytes = DEFAULT_MESSAGE_MAX_BYTES.to_string();
     for (k, v) in [
         ("linger.ms", "5"),
         ("compression.type", "lz4"),
-        ("message.max.bytes", "16777216"),
+        ("message.max.bytes", max_bytes.as_str()),
+        ("transaction.timeout.ms", timeout_ms.as_str()),
     ] {
         if !cfg.properties.contains_key(k) {
             c.set(k, v);
@@ -185,7 +264,7 @@ pub fn transactional_producer(
     }
     let last = LastError::default();
     let producer: TxProducer = c
-        .create_with_context(DeliveryLatency(produce_latency, last.clone()))
+        .create_with_context(DeliveryLatency(produce_latency, last.clone(), Default::default()))
         .map_err(client_err(cfg, "creating producer"))?;
     producer
         .init_transactions(Duration::from_secs(30))
@@ -262,15 +341,20 @@ pub fn check_reachable(cfg: &KafkaConfig, timeout: Duration) -> Result<(), Kafka
     })
 }
 
-/// Creates `topic` with `partitions` partitions unless it exists; an existing topic with
-/// fewer partitions is an error. Whether it created the topic (`false`: it was there).
+/// Creates `topic` with `partitions` partitions unless it exists, with `max.message.bytes` equal
+/// to the capture producer's `message.max.bytes`; an existing topic with fewer partitions is an
+/// error (its size limit is left as it is: `pgferry check` warns when it is lower). Whether it created the topic (`false`: it was there).
 pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str, partitions: i32) -> Result<bool, KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(cfg)
         .create()
         .map_err(client_err(cfg, "creating admin client"))?;
     let retention = cfg.retention_ms.map(|ms| ms.to_string());
+    // The topic takes what pgferry's producers send: their message.max.bytes (a broker's own
+    // default, about 1 MiB, would refuse larger events that the producer lets through).
+    let max_message = producer_message_max_bytes(cfg).to_string();
     let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(cfg.replication_factor))
-        .set("cleanup.policy", "delete");
+        .set("cleanup.policy", "delete")
+        .set("max.message.bytes", &max_message);
     if let Some(ms) = &retention {
         new = new.set("retention.ms", ms);
     }
@@ -477,11 +561,61 @@ impl rdkafka::ClientContext for QuietEof {
 
 impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
+/// Where a producer's committed messages in a partition end ([`last_produced_position`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducedPosition {
+    /// The producer's own commit LSN of the last message (see [`last_committed_commit_lsn`]).
+    pub commit_lsn: u64,
+    /// `Some(seq)` when that message is not the last of its source transaction: capture spread
+    /// the transaction over several Kafka transactions and committed it up to `txn_seq` = seq.
+    pub partial_seq: Option<u64>,
+}
+
+impl ProducedPosition {
+    /// The highest commit LSN whose source transaction is wholly in the partition.
+    pub fn complete_up_to(&self) -> u64 {
+        match self.partial_seq {
+            Some(_) => self.commit_lsn.saturating_sub(1),
+            None => self.commit_lsn,
+        }
+    }
+}
+
 /// `producer`'s own commit LSN of the last committed message it wrote to `topic`/`partition`
 /// (the local-commit-LSN header of a message it forwarded, else the commit LSN header of its
-/// own), if any. Used by capture after a restart to learn what it already produced. Messages
-/// of any other producer are passed over: a partition can hold a removed node's messages
-/// (`pgferry node remove`), whose LSNs say nothing about this node's WAL. Blocking.
+/// own), and whether its source transaction is there whole, if any. Used by capture after a
+/// restart to learn what it already produced. Messages of any other producer are passed over:
+/// a partition can hold a removed node's messages (`pgferry node remove`), whose LSNs say
+/// nothing about this node's WAL. Blocking.
+pub fn last_produced_position(
+    cfg: &KafkaConfig,
+    group_id: &str,
+    topic: &str,
+    partition: i32,
+    producer: &str,
+) -> Result<Option<ProducedPosition>, KafkaError> {
+    last_committed_matching(cfg, group_id, topic, partition, |m| {
+        let lsn = match header(m, HEADER_VIA) {
+            Some(via) if via == producer => header(m, HEADER_LOCAL_LSN),
+            None if header(m, HEADER_ORIGIN) == Some(producer) => header(m, HEADER_COMMIT_LSN),
+            _ => None,
+        };
+        let commit_lsn = lsn.and_then(|v| v.parse::<u64>().ok())?;
+        // A transaction spread over Kafka transactions carries its position from the first
+        // cut on; its last message carries `txn-last`. Heartbeats carry neither and are whole.
+        let partial_seq = match (header(m, HEADER_TXN_LAST), header(m, HEADER_TXN_SEQ)) {
+            (None, Some(seq)) => seq.parse::<u64>().ok(),
+            _ => None,
+        };
+        Some(ProducedPosition {
+            commit_lsn,
+            partial_seq,
+        })
+    })
+}
+
+/// The highest of `producer`'s own commit LSNs whose source transaction is wholly in
+/// `topic`/`partition` (see [`last_produced_position`]), if any. Blocking.
 pub fn last_committed_commit_lsn(
     cfg: &KafkaConfig,
     group_id: &str,
@@ -489,14 +623,7 @@ pub fn last_committed_commit_lsn(
     partition: i32,
     producer: &str,
 ) -> Result<Option<u64>, KafkaError> {
-    last_committed_matching(cfg, group_id, topic, partition, |m| {
-        let lsn = match header(m, HEADER_VIA) {
-            Some(via) if via == producer => header(m, HEADER_LOCAL_LSN),
-            None if header(m, HEADER_ORIGIN) == Some(producer) => header(m, HEADER_COMMIT_LSN),
-            _ => None,
-        };
-        lsn.and_then(|v| v.parse::<u64>().ok())
-    })
+    Ok(last_produced_position(cfg, group_id, topic, partition, producer)?.map(|p| p.complete_up_to()))
 }
 
 /// The commit LSN of the last committed transaction of `origin` in `topic`/`partition`
@@ -519,13 +646,13 @@ pub fn last_committed_transaction_lsn(
 /// `pick` of the last committed message of `topic`/`partition` for which it gives a value:
 /// reads the tail in growing windows (256 messages, then ×4) until one matches or the whole
 /// partition was read. Blocking.
-fn last_committed_matching(
+fn last_committed_matching<T>(
     cfg: &KafkaConfig,
     group_id: &str,
     topic: &str,
     partition: i32,
-    pick: impl Fn(&BorrowedMessage<'_>) -> Option<u64>,
-) -> Result<Option<u64>, KafkaError> {
+    pick: impl Fn(&BorrowedMessage<'_>) -> Option<T>,
+) -> Result<Option<T>, KafkaError> {
     let consumer: BaseConsumer<QuietEof> = read_committed_config(cfg, group_id)
         .set("enable.partition.eof", "true")
         .create_with_context(QuietEof)

@@ -285,3 +285,8 @@ pub async fn replicated_tables(
     }
     Ok(tables)
 }
+
+/// PostgreSQL's `X/Y` text form of an LSN.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}

@@ -138,12 +138,20 @@ impl WalStream {
         let confirmer = Confirmer(self.stream.shared_lsn_feedback.clone());
         tokio::spawn(async move {
             loop {
+                // Capture may stop while the stream is quiet (an error at a Kafka commit after
+                // the last message was read): end then too, or the walsender would stay attached
+                // to the slot until the next WAL arrives, and the restarted capture would find
+                // the slot active — on an idle database, for good (its heartbeats start only
+                // once it has the stream).
                 // Boxed: a message is ~1.3 kB (pg_walstream keeps up to 16 columns of each
                 // tuple inline), and moving it by value through the channel and the receiver's
                 // batch copied it four or five times: `perf record` of capture draining a TPC-B
                 // backlog put ~23% of its samples in `memmove`, most under the channel's
                 // `Block::write`/`read`.
-                let item = self.next().await.map(Box::new);
+                let item = tokio::select! {
+                    item = self.next() => item.map(Box::new),
+                    () = tx.closed() => break,
+                };
                 // pg_walstream checks for due feedback only every 128 frames; on a quiet stream
                 // (heartbeats only) that would hold confirmed positions back for minutes.
                 self.stream.maybe_send_feedback().await;

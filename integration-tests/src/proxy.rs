@@ -1,6 +1,7 @@
 //! A TCP proxy that a test can sever and heal: the network cut between one node's services and
 //! PostgreSQL or Kafka. While cut, every connection through it is reset and new ones are reset
-//! as soon as they are accepted (the client sees its connection refused or dropped).
+//! as soon as they are accepted (the client sees its connection refused or dropped). It can
+//! also slow the client's side down ([`Proxy::throttle`]): a slow link to the broker.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,7 @@ pub struct Proxy {
     addr: SocketAddr,
     cut: watch::Sender<bool>,
     accepted: Arc<AtomicU64>,
+    throttle: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -27,11 +29,19 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let (cut, watch) = watch::channel(false);
         let accepted = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(accept_loop(listener, target.to_string(), watch, accepted.clone()));
+        let throttle = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            target.to_string(),
+            watch,
+            accepted.clone(),
+            throttle.clone(),
+        ));
         Ok(Proxy {
             addr,
             cut,
             accepted,
+            throttle,
             task,
         })
     }
@@ -49,6 +59,12 @@ impl Proxy {
     /// Restores the link: new connections are forwarded again.
     pub fn heal(&self) {
         self.cut.send_replace(false);
+    }
+
+    /// Limits what clients send through connections accepted from now on to about
+    /// `bytes_per_second` (0: no limit). Answers come back at full speed.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.throttle.store(bytes_per_second, Ordering::Relaxed);
     }
 
     /// Connections accepted so far (cut or not): shows that clients really go through it.
@@ -70,7 +86,34 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
-async fn accept_loop(listener: TcpListener, target: String, cut: watch::Receiver<bool>, accepted: Arc<AtomicU64>) {
+/// Copies `from` to `to`, sleeping after each chunk so that about `bytes_per_second` pass.
+async fn throttled_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    bytes_per_second: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs_f64(n as f64 / bytes_per_second as f64)).await;
+    }
+    let _ = to.shutdown().await;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    target: String,
+    cut: watch::Receiver<bool>,
+    accepted: Arc<AtomicU64>,
+    throttle: Arc<AtomicU64>,
+) {
     loop {
         let Ok((inbound, _)) = listener.accept().await else {
             continue;
@@ -81,6 +124,8 @@ async fn accept_loop(listener: TcpListener, target: String, cut: watch::Receiver
             continue;
         }
         let (target, mut cut) = (target.clone(), cut.clone());
+        // Read at accept: a connection keeps the limit it started with.
+        let bytes_per_second = throttle.load(Ordering::Relaxed);
         tokio::spawn(async move {
             let Ok(mut outbound) = TcpStream::connect(&target).await else {
                 reset(inbound);
@@ -88,6 +133,27 @@ async fn accept_loop(listener: TcpListener, target: String, cut: watch::Receiver
             };
             let _ = inbound.set_nodelay(true);
             let _ = outbound.set_nodelay(true);
+            if bytes_per_second > 0 {
+                // Halves cannot be reset one by one: close with a reset whatever ends them.
+                let _ = inbound.set_zero_linger();
+                let _ = outbound.set_zero_linger();
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                tokio::select! {
+                    _ = async {
+                        tokio::join!(
+                            throttled_copy(in_read, out_write, bytes_per_second),
+                            async {
+                                let mut out_read = out_read;
+                                let mut in_write = in_write;
+                                let _ = tokio::io::copy(&mut out_read, &mut in_write).await;
+                            }
+                        )
+                    } => {}
+                    _ = cut.wait_for(|c| *c) => {}
+                }
+                return;
+            }
             let mut inbound = inbound;
             tokio::select! {
                 _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}

@@ -107,10 +107,11 @@ async fn cluster_on(servers: &OwnServers, test: &str) -> Result<Cluster> {
     Cluster::create_on(endpoints, test, &["r1", "r1"], SETUP, TABLES).await
 }
 
-/// Creates `topic` on the shared broker with `partitions` and topic `config`.
+/// Creates `topic` on the shared broker with `partitions` and topic `config` (and the
+/// `max.message.bytes` init gives its topics, so only what a test breaks is reported).
 async fn create_topic(bootstrap: &str, topic: &str, partitions: i32, config: &[(&str, &str)]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
-    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1)).set("max.message.bytes", "16777216");
     for (k, v) in config {
         new = new.set(k, v);
     }

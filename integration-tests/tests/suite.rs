@@ -5,6 +5,8 @@
 
 mod bad_input;
 mod bad_input_services;
+mod capture_event_too_large;
+mod capture_txn_timeout;
 mod cascade;
 mod check;
 mod clock_skew;
@@ -32,6 +34,7 @@ mod more_types;
 mod names;
 mod node_add;
 mod node_remove;
+mod node_remove_republish;
 mod on_error;
 mod one_stopped_origin;
 mod primary_key_change;

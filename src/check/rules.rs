@@ -805,6 +805,9 @@ pub struct KafkaNeeds {
     pub replication_factor: i32,
     /// `kafka.retention_ms`.
     pub retention_ms: Option<i64>,
+    /// The capture producer's `message.max.bytes` (`[kafka.properties]` or pgferry's default):
+    /// the largest event capture sends, which each topic's `max.message.bytes` should allow.
+    pub message_max_bytes: u64,
 }
 
 /// Whether a transactional producer cannot work, judged from the metadata alone (the
@@ -1010,6 +1013,21 @@ pub fn topics(place: &Place, needs: &KafkaNeeds, d: &ClusterDescription) -> Vec<
                     .fix(alter(name, &format!("retention.ms={want}"))),
                 );
             }
+        }
+        let max_message: Option<u64> = t.config.get("max.message.bytes").and_then(|v| v.parse().ok());
+        if let Some(have) = max_message.filter(|have| *have < needs.message_max_bytes) {
+            out.push(
+                Finding::warning(
+                    place,
+                    "topic_message_size",
+                    name,
+                    format!(
+                        "topic {name} accepts messages (batches) up to {have} bytes (max.message.bytes), less than the {} bytes capture's producer sends (message.max.bytes): an event between the two stops capture until the topic's limit is raised",
+                        needs.message_max_bytes
+                    ),
+                )
+                .fix(alter(name, &format!("max.message.bytes={}", needs.message_max_bytes))),
+            );
         }
         let bytes: Option<i64> = t.config.get("retention.bytes").and_then(|v| v.parse().ok());
         if let Some(b) = bytes.filter(|b| *b >= 0) {
@@ -1567,6 +1585,7 @@ mod tests {
             ],
             replication_factor: 1,
             retention_ms: Some(604_800_000),
+            message_max_bytes: 16_777_216,
         }
     }
 
@@ -1651,6 +1670,31 @@ mod tests {
         );
         assert_eq!(f[0].check, "topic_retention");
         assert_eq!(f[0].severity, Severity::Problem);
+    }
+
+    #[test]
+    fn a_topic_should_take_what_capture_sends() {
+        let small = topic(3, &[("max.message.bytes", "1048588")]);
+        let f = topics(
+            &kafka(),
+            &kafka_needs(),
+            &cluster(
+                1,
+                &[
+                    ("prod.eu.changes", small),
+                    ("prod.dlq", topic(1, &[("max.message.bytes", "16777216")])),
+                ],
+            ),
+        );
+        let sizes: Vec<String> = f
+            .iter()
+            .filter(|f| f.check == "topic_message_size")
+            .map(|f| f.line())
+            .collect();
+        assert_eq!(
+            sizes,
+            ["WARNING   Kafka at k1:9092: topic prod.eu.changes accepts messages (batches) up to 1048588 bytes (max.message.bytes), less than the 16777216 bytes capture's producer sends (message.max.bytes): an event between the two stops capture until the topic's limit is raised. Fix: kafka-configs.sh --bootstrap-server k1:9092 --alter --entity-type topics --entity-name prod.eu.changes --add-config max.message.bytes=16777216"]
+        );
     }
 
     #[test]
