@@ -335,12 +335,13 @@ async fn origin_holder(sql: &PgSession, message: &str, node: &str, origin: &str)
         ))),
         _ => {
             // The pid could not be read (a translated message): this node's apply of that
-            // origin, connected here, is the only holder init accepts.
+            // origin, connected here, is the only holder init accepts (PostgreSQL keeps the
+            // first 63 bytes of an application name).
             let own: bool = sql
                 .client
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                                    WHERE datname = current_database() AND application_name = $1)",
+                                    WHERE datname = current_database() AND application_name = left($1, 63))",
                     &[&format!("pgferry-apply-{node}-from-{origin}")],
                 )
                 .await

@@ -87,30 +87,13 @@ pub enum CaptureError {
 impl CaptureError {
     /// An [`CaptureError::EventTooLarge`] with the event described by `event` (and its LSN, when
     /// known); any other error unchanged.
-    pub(crate) fn naming(self, event: impl FnOnce() -> String, lsn: Option<u64>) -> CaptureError {
-        match self {
-            CaptureError::EventTooLarge {
-                node,
-                commit_lsn,
-                commit_lsn_value,
-                topic,
-                size,
-                limit,
-                fix,
-                lsn: old,
-                ..
-            } => CaptureError::EventTooLarge {
-                node,
-                event: event(),
-                lsn: lsn.map_or(old, pgferry_connectors::postgres::format_lsn),
-                commit_lsn,
-                commit_lsn_value,
-                topic,
-                size,
-                limit,
-                fix,
-            },
-            other => other,
+    pub(crate) fn naming(mut self, event: impl FnOnce() -> String, lsn: Option<u64>) -> CaptureError {
+        if let CaptureError::EventTooLarge { event: named, lsn: at, .. } = &mut self {
+            *named = event();
+            if let Some(lsn) = lsn {
+                *at = pgferry_connectors::postgres::format_lsn(lsn);
+            }
         }
+        self
     }
 }

@@ -192,10 +192,11 @@ async fn read_server(config: &Config, node: &NodeConfig, sql: &PgSession) -> Res
         Err(e) => return Err(sql.err("reading pg_replication_origin_status")(e)),
     };
     let sessions = pgferry_sessions(config, node);
+    // PostgreSQL keeps the first 63 bytes of an application name.
     let open: i64 = sql
         .client
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = ANY($1)",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = ANY(SELECT left(n, 63) FROM unnest($1::text[]) n)",
             &[&sessions],
         )
         .await
