@@ -21,7 +21,12 @@
 //!   IDENTITY FULL, pgferry's rule for tables with out-of-line values that several nodes update
 //!   (docs/decisions.md, issue 16 scenario 5): every update event then carries the whole row.
 //!
-//! After quiescing every node holds exactly the same rows in every table (whole contents
+//! After quiescing, the node whose clock is ahead writes ten rows of `kv` one after another and
+//! the node behind updates each the moment it has applied it (the rows' last versions): apply
+//! must have waited for its clock to pass the commit time it applied, or the reply would be
+//! dated earlier, kept by the node behind and rejected everywhere else (issue 16, scenario 1).
+//!
+//! At the end every node holds exactly the same rows in every table (whole contents
 //! compared), the sum of balances equals the initial sum plus the initial balance of every
 //! account opened and every committed deposit, `kv_audit` has one row per committed write of
 //! `kv`, the conflicts each node settled are recorded in its `pgferry.conflicts`, and the skewed
@@ -35,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pgferry_integration_tests::own_services::free_port;
-use pgferry_integration_tests::{free_local_addr, http_get, metric, Cluster, Endpoints, OwnServers};
+use pgferry_integration_tests::{free_local_addr, http_get, metric, wait_until_every, Cluster, Endpoints, OwnServers};
 
 const SETUP: &str = "
 CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL, writes int NOT NULL DEFAULT 0, updated_at timestamptz);
@@ -253,6 +258,77 @@ async fn writer(cluster: &Cluster, i: usize, seed: u64, until: Instant) -> anyho
     Ok(tally)
 }
 
+/// Waits until every table is identical on all nodes (whole contents); on a timeout prints every
+/// node's rows of the table that differs (docs' bodies as digests).
+async fn converged(cluster: &Cluster) -> anyhow::Result<()> {
+    for table in TABLES {
+        if let Err(e) = cluster.wait_converged(table, Duration::from_secs(240)).await {
+            let row = if table == "docs" {
+                "(t.id, t.title, md5(t.body))::text"
+            } else {
+                "t::text"
+            };
+            for i in 0..3 {
+                let rows = cluster
+                    .sql(i)
+                    .await?
+                    .query(&format!("SELECT {row} FROM {table} t ORDER BY 1"), &[])
+                    .await?;
+                let rows: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                eprintln!("{table} on node {}: {rows:?}", i + 1);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Rows of `kv` written as replies (the first ones).
+const REPLIES: i32 = 10;
+
+/// After the run, for rows 1..=[`REPLIES`] of `kv`: node `ahead` (its clock ahead of `behind`'s)
+/// writes the row, node `behind` updates it as soon as it has applied it (polling every
+/// millisecond: a reply made on top of an applied change), and nobody writes the row again, so
+/// the reply is its last version. Were the reply dated before the version it replaced — its
+/// clock behind the commit time it applied, apply not having waited — `behind` would keep it
+/// and the other nodes reject it as older: a divergence no later write heals. Returns, per
+/// reply, how much later (µs) its commit time is than that of the version it replaced.
+async fn replies(cluster: &Cluster, ahead: usize, behind: usize) -> anyhow::Result<Vec<i64>> {
+    let (a, b) = (cluster.sql(ahead).await?, cluster.sql(behind).await?);
+    let stamp = "SELECT (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::int8 FROM kv WHERE id = $1";
+    let mut gaps = Vec::new();
+    for k in 1..=REPLIES {
+        let (v, reply) = (
+            format!("n{}-wrote-{k}", ahead + 1),
+            format!("n{}-replied-{k}", behind + 1),
+        );
+        a.execute(
+            "INSERT INTO kv (id, v) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, writes = kv.writes + 1",
+            &[&k, &v],
+        )
+        .await?;
+        let written: i64 = a.query_one(stamp, &[&k]).await?.get(0);
+        wait_until_every(
+            &format!("n{} to reply to row {k}", behind + 1),
+            Duration::from_secs(60),
+            Duration::from_millis(1),
+            || async {
+                let n = b
+                    .execute(
+                        "UPDATE kv SET v = $2, writes = writes + 1 WHERE id = $1 AND v = $3",
+                        &[&k, &reply, &v],
+                    )
+                    .await?;
+                Ok(n == 1)
+            },
+        )
+        .await?;
+        let replied: i64 = b.query_one(stamp, &[&k]).await?.get(0);
+        gaps.push(replied - written);
+    }
+    Ok(gaps)
+}
+
 fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
     let status = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -404,27 +480,28 @@ async fn converge() -> anyhow::Result<()> {
     );
     assert!(all.bodies > 0 && all.titles > 0, "{all:?}");
 
-    for table in TABLES {
-        if let Err(e) = cluster.wait_converged(table, Duration::from_secs(240)).await {
-            // Small tables (docs' bodies as digests): show every node's rows so a divergence
-            // can be read off.
-            let row = if table == "docs" {
-                "(t.id, t.title, md5(t.body))::text"
-            } else {
-                "t::text"
-            };
-            for i in 0..3 {
-                let rows = cluster
-                    .sql(i)
-                    .await?
-                    .query(&format!("SELECT {row} FROM {table} t ORDER BY 1"), &[])
-                    .await?;
-                let rows: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-                eprintln!("{table} on node {}: {rows:?}", i + 1);
-            }
-            return Err(e);
-        }
-    }
+    converged(&cluster).await?;
+
+    // Replies: the node whose clock is ahead writes a row, the node behind updates it the moment
+    // it shows, and nobody writes it again.
+    let (ahead, behind) = if skew_ms > 0 { (1, 0) } else { (0, 1) };
+    let gaps = replies(&cluster, ahead, behind).await?;
+    converged(&cluster).await?;
+    // Each reply wrote kv twice (the write and the reply), each a local write with its audit row.
+    let all = Tally {
+        kv_rows: all.kv_rows + 2 * REPLIES as u64,
+        ..all
+    };
+    let gaps_ms: Vec<String> = gaps.iter().map(|g| format!("{:.1}", *g as f64 / 1000.0)).collect();
+    eprintln!(
+        "replies of n{} to n{}: dated {gaps_ms:?} ms after the version they replaced (by the clocks that dated them)",
+        behind + 1,
+        ahead + 1
+    );
+    assert!(
+        gaps.iter().all(|g| *g > 0),
+        "every reply is dated after the version it replied to (apply waited for its clock): {gaps:?} µs"
+    );
     // Whole tables are identical; now what they must hold.
     let want = money(ACCOUNTS as i64 * 100_000 + all.cents);
     for i in 0..3 {
