@@ -30,7 +30,8 @@
 //! compared), the sum of balances equals the initial sum plus the initial balance of every
 //! account opened and every committed deposit, `kv_audit` has one row per committed write of
 //! `kv`, the conflicts each node settled are recorded in its `pgferry.conflicts`, and the skewed
-//! clock made apply wait (`pgferry_apply_clock_skew_wait_seconds`). Tombstones are collected
+//! clock made apply wait (`pgferry_apply_clock_skew_wait_seconds`; not required under a forced
+//! `PGFERRY_TEST_GROUP_WAIT_MS` of 50 ms or more, where changes arrive after the skew passed). Tombstones are collected
 //! with a 2 s margin throughout, so collection must never drop one a late change still needed.
 //!
 //! Seeds: printed at the start; `PGFERRY_TEST_SEED=<seed>` runs the same writers and skew again
@@ -40,7 +41,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pgferry_integration_tests::own_services::free_port;
-use pgferry_integration_tests::{free_local_addr, http_get, metric, wait_until_every, Cluster, Endpoints, OwnServers};
+use pgferry_integration_tests::{
+    free_local_addr, group_wait_ms_from_env, http_get, metric, wait_until_every, Cluster, Endpoints, OwnServers,
+};
 
 const SETUP: &str = "
 CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL, writes int NOT NULL DEFAULT 0, updated_at timestamptz);
@@ -598,7 +601,14 @@ async fn converge() -> anyhow::Result<()> {
     let exceeded = metric_sum(&cluster, &addrs, "pgferry_apply_clock_skew_exceeded_total").await?;
     eprintln!("clock-skew waits: {waits} ({waited:.2} s in all), beyond the maximum: {exceeded}");
     assert_eq!(exceeded, 0.0, "50 ms is well under max_clock_skew_ms");
-    assert!(waits > 0.0, "the skewed clock made apply wait");
+    match group_wait_ms_from_env()? {
+        // Apply holds every group that long for more transactions (PGFERRY_TEST_GROUP_WAIT_MS):
+        // changes then arrive later than the skew and apply seldom has to wait for its clock.
+        Some(ms) if ms as i64 >= SKEW_MS => {
+            eprintln!("(with group_wait_ms = {ms} changes arrive after the skew has passed)")
+        }
+        _ => assert!(waits > 0.0, "the skewed clock made apply wait"),
+    }
 
     drop(apply3);
     drop(_services);
