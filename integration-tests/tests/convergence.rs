@@ -31,8 +31,9 @@
 //! account opened and every committed deposit, `kv_audit` has one row per committed write of
 //! `kv`, the conflicts each node settled are recorded in its `pgferry.conflicts`, and the skewed
 //! clock made apply wait (`pgferry_apply_clock_skew_wait_seconds`; not required under a forced
-//! `PGFERRY_TEST_GROUP_WAIT_MS` of 50 ms or more, where changes arrive after the skew passed). Tombstones are collected
-//! with a 2 s margin throughout, so collection must never drop one a late change still needed.
+//! `PGFERRY_TEST_GROUP_WAIT_MS` of 50 ms or more, where changes arrive after the skew passed).
+//! Tombstones are collected with a 2 s margin throughout, so collection must never drop one a
+//! late change still needed.
 //!
 //! Seeds: printed at the start; `PGFERRY_TEST_SEED=<seed>` runs the same writers and skew again
 //! (the interleaving with apply is timing, not seeded).
