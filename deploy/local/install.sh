@@ -20,6 +20,7 @@ APT_PACKAGES=(
     libpq-dev libsasl2-dev libssl-dev libzstd-dev cmake pkg-config curl unzip python3 python3-venv
     haproxy # the failover test routes clients by /healthz; the security test's registry front (deploy/haproxy)
     openssl # certs.sh: the security test's CA and server certificates
+    libfaketime # pg.sh's PGFERRY_PG_FAKETIME: the convergence test's node with a skewed clock
     # The deploy files' checks (integration-tests/tests/deploy_files.rs): systemd-analyze verifies
     # deploy/systemd, promtool (in Debian's prometheus package) checks and tests
     # deploy/prometheus and lints pgferry's /metrics.

@@ -15,6 +15,11 @@
 # PGFERRY_PG_SSL_KEY (PEM files) turn on `ssl` with that certificate (copied into each data
 # directory, readable only by the server); PGFERRY_PG_SSL_ONLY=1 then makes pg_hba.conf accept
 # TCP sessions only over TLS (`hostssl`, SCRAM-SHA-256), so a client without TLS is refused.
+#
+# Clock skew (the convergence test starts a server of its own with it): PGFERRY_PG_FAKETIME, a
+# libfaketime offset such as `+0.05` or `-0.05` (seconds), runs the servers under libfaketime
+# (Debian package libfaketime, deploy/local/install.sh): their clock — `now()`, commit times — is
+# shifted by that much from the host's.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PGFERRY_LOG_TAG=pg
@@ -23,6 +28,7 @@ PG_ROOT="$PGFERRY_LOCAL/pg"
 : "${PGFERRY_PG_SSL_CERT:=}"
 : "${PGFERRY_PG_SSL_KEY:=}"
 : "${PGFERRY_PG_SSL_ONLY:=0}"
+: "${PGFERRY_PG_FAKETIME:=}"
 
 [[ -x "$PGFERRY_PG_BIN/pg_ctl" ]] || die "PostgreSQL binaries not found in $PGFERRY_PG_BIN (run deploy/local/install.sh)"
 
@@ -44,6 +50,14 @@ else
 fi
 
 node_dir() { echo "$PG_ROOT/n$1"; }
+
+# The environment the server runs in: libfaketime preloaded with PGFERRY_PG_FAKETIME.
+server_env=()
+if [[ -n "$PGFERRY_PG_FAKETIME" ]]; then
+    faketime_lib="$(ls /usr/lib/*/faketime/libfaketime.so.1 2>/dev/null | head -1 || true)"
+    [[ -n "$faketime_lib" ]] || die "PGFERRY_PG_FAKETIME needs libfaketime (apt-get install libfaketime, or deploy/local/install.sh)"
+    server_env=(env "LD_PRELOAD=$faketime_lib" "FAKETIME=$PGFERRY_PG_FAKETIME" FAKETIME_DONT_FAKE_MONOTONIC=1)
+fi
 node_log() { echo "$PGFERRY_LOGS/pg-n$1.log"; }
 
 # Every directory above $PG_ROOT must be searchable (x) by postgres; add o+x where it is not.
@@ -183,7 +197,7 @@ start_node() {
         fi
         touch "$logf"
         chown "$PG_OWNER" "$logf"
-        if ! as_pg "$PGFERRY_PG_BIN/pg_ctl" -D "$dir" -l "$logf" -w -t "$PGFERRY_PG_TIMEOUT" start >/dev/null 2>&1; then
+        if ! as_pg "${server_env[@]}" "$PGFERRY_PG_BIN/pg_ctl" -D "$dir" -l "$logf" -w -t "$PGFERRY_PG_TIMEOUT" start >/dev/null 2>&1; then
             show_log_tail "$logf"
             die "n$i: pg_ctl start failed (log: $logf)"
         fi
