@@ -279,7 +279,8 @@ fn total_cpu(d: &Drain) -> Option<f64> {
 fn total_cpu_table(r: &Results) -> String {
     let mut md = "\n#### Every replication process together, end-to-end drains\n\n".to_string();
     md += "CPU s per 100,000 transactions of all the processes above for one drain, summed (pgferry: \
-           capture, its walsender, the Kafka broker, apply and its sessions), median (min–max).\n\n";
+           capture, its walsender, the Kafka broker when deploy/local/bench.sh found its pid, apply \
+           and its sessions), median (min–max).\n\n";
     md += "| workload | system | CPU s / 100k txn | ÷ native |\n| --- | --- | ---: | ---: |\n";
     for kind in [DrainKind::EndToEnd(Workload::TpcB), DrainKind::EndToEnd(Workload::Wide)] {
         let of = |system: System| -> Option<Spread> {
