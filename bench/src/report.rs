@@ -817,6 +817,9 @@ pub fn document(r: &Results, tables: &str, name: &str, notes: bool) -> String {
         d += &format!("{wrapper}\n# which runs, against the benchmark's own PostgreSQL servers and the local Kafka and registry:\n");
     }
     d += &format!("{}\n```\n\n", format!("pgferry bench {}", argv.join(" ")).trim_end());
+    if let Ok(props) = std::env::var("PGFERRY_TEST_KAFKA_PROPERTIES") {
+        d += &format!("pgferry's Kafka clients ran with `[kafka.properties]` {props} (`PGFERRY_TEST_KAFKA_PROPERTIES`).\n\n");
+    }
     d += &format!(
         "Machine: {} cores ({}), {:.1} GiB memory, Linux {}. {}; pglogical {}; Apache Kafka {} (one \
          KRaft broker) and Apicurio Registry {}; everything on loopback on the same machine; pgferry \

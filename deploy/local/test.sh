@@ -25,6 +25,9 @@ log "running tests"
 # Test binaries run one after another (the end-to-end tests are one binary,
 # integration-tests/tests/suite.rs); two tests at a time share the machine's 2 cores.
 out="$PGFERRY_LOGS/cargo-test.out"
+# A failing end-to-end test prints its error and its services' last warnings and errors
+# (integration-tests' FailureReport); anyhow's backtraces of test errors would only bury them.
+export RUST_LIB_BACKTRACE=0
 set +e
 cargo test --locked --no-fail-fast --workspace --lib --bins --tests -- --test-threads=2 "$@" 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
@@ -33,4 +36,16 @@ set -e
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$out" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$out" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 echo "tests: $passed passed, $failed failed" | tee "$PGFERRY_LOGS/test-summary.txt"
+# Per failing test, its error and the services' last warnings, in a few lines (CI's log shows
+# only part of cargo's output): appended to the summary, which .ci/run prints last.
+awk '
+  /^---- .* stdout ----$/ { name = $2; print "FAILED " name; n = 0; next }
+  /^failures:$/ || /^test result:/ { name = "" }
+  name == "" || n >= 40 { next }
+  after_panic { print "  " substr($0, 1, 300); n++; after_panic = 0; next }
+  /panicked at/ { after_panic = 1 }
+  /^Error:/ || /panicked at/ || /^--- last warnings/ || /WARN|ERROR/ || /^Caused by:/ || /^    [0-9]+: / {
+    print "  " substr($0, 1, 300); n++
+  }
+' "$out" | tee -a "$PGFERRY_LOGS/test-summary.txt"
 exit "$rc"

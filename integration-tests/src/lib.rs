@@ -15,6 +15,11 @@
 //! `PGFERRY_TEST_GROUP_WAIT_MS=200 deploy/local/test.sh`. A test that sets `group_wait_ms`
 //! itself in [`Cluster::apply_toml`] keeps its own value. Configs a test writes by hand (not
 //! through [`Cluster::write_config`]) are not affected.
+//!
+//! Other Kafka client settings: `PGFERRY_TEST_KAFKA_PROPERTIES="linger.ms=1,batch.size=65536"`
+//! makes every test cluster's config carry those keys under `[kafka.properties]` (how the
+//! benchmark compares client settings without a rebuild), unless the test sets
+//! `[kafka.properties]` itself in [`Cluster::kafka_toml`].
 
 pub mod arrival_order;
 pub mod ledger;
@@ -24,6 +29,7 @@ pub mod proxy;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -89,6 +95,21 @@ pub fn group_wait_ms_from_env() -> Result<Option<u64>> {
             .map_err(|_| anyhow!("PGFERRY_TEST_GROUP_WAIT_MS must be a number of milliseconds, not {v:?}")),
         Err(_) => Ok(None),
     }
+}
+
+/// `PGFERRY_TEST_KAFKA_PROPERTIES` (crate doc) as `[kafka.properties]` lines (empty if unset).
+pub fn kafka_properties_from_env() -> Result<String> {
+    let Ok(v) = std::env::var("PGFERRY_TEST_KAFKA_PROPERTIES") else {
+        return Ok(String::new());
+    };
+    let mut lines = String::new();
+    for pair in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, val) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow!("PGFERRY_TEST_KAFKA_PROPERTIES: {pair:?} is not key=value"))?;
+        lines += &format!("{:?} = {:?}\n", k.trim(), val.trim());
+    }
+    Ok(if lines.is_empty() { lines } else { format!("[kafka.properties]\n{lines}") })
 }
 
 /// The `[apply]` lines of a config: `apply_toml`, with `group_wait_ms = <wait_ms>` first
@@ -247,6 +268,44 @@ pub struct Cluster {
     pub apply_toml: String,
     /// Endpoints.
     pub endpoints: Endpoints,
+    /// Prints the services' last warnings and errors if the cluster goes without
+    /// [`Cluster::cleanup`] (a failing test).
+    report: Arc<FailureReport>,
+}
+
+/// The services' last warnings and errors, printed when the last clone of a cluster is dropped
+/// without [`Cluster::cleanup`]: the test failed. libtest shows a test's output only when it
+/// fails, so these lines reach CI's log, where the cluster's directory is gone.
+struct FailureReport {
+    dir: PathBuf,
+    passed: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for FailureReport {
+    fn drop(&mut self) {
+        if self.passed.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(rd) = std::fs::read_dir(&self.dir) else { return };
+        let mut files: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let notable: Vec<&str> = text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+            if notable.is_empty() {
+                continue;
+            }
+            eprintln!("--- last warnings and errors of {}", f.display());
+            for line in &notable[notable.len().saturating_sub(6)..] {
+                let cut: String = line.chars().take(400).collect();
+                eprintln!("{cut}");
+            }
+        }
+    }
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -312,6 +371,10 @@ impl Cluster {
             kafka_toml: String::new(),
             registry_toml: String::new(),
             apply_toml: String::new(),
+            report: Arc::new(FailureReport {
+                dir: dir.clone(),
+                passed: std::sync::atomic::AtomicBool::new(false),
+            }),
             dir,
             endpoints,
         };
@@ -321,9 +384,13 @@ impl Cluster {
 
     /// Writes the cluster's `pgferry.toml` from its nodes and tables.
     pub fn write_config(&self) -> Result<()> {
+        let mut kafka = self.kafka_toml.clone();
+        if !kafka.contains("[kafka.properties]") {
+            kafka += &format!("\n{}", kafka_properties_from_env()?);
+        }
         let mut toml = format!(
             "[cluster]\nname = \"{}\"\n[kafka]\nbootstrap_servers = \"{}\"\npartitions = 3\n{}\n[registry]\nurl = \"{}\"\n{}\n",
-            self.name, self.endpoints.kafka, self.kafka_toml, self.endpoints.registry, self.registry_toml
+            self.name, self.endpoints.kafka, kafka, self.endpoints.registry, self.registry_toml
         );
         let apply = self.apply_section()?;
         if !apply.is_empty() {
@@ -538,6 +605,7 @@ impl Cluster {
 
     /// Drops the databases and slots (call at the end of a passing test; services must be stopped).
     pub async fn cleanup(self) -> Result<()> {
+        self.report.passed.store(true, Ordering::SeqCst);
         for n in &self.nodes {
             let admin = connect(&n.admin_dsn).await?;
             admin

@@ -1,5 +1,6 @@
 //! SIGKILL in the middle of a transaction stream: apply twice in 20k transactions, capture five
-//! times at random moments in 100k. The target ends equal to the source, every source
+//! times at random moments in a load of at least 100k that lasts until the last kill. The
+//! target ends equal to the source, every source
 //! transaction is applied exactly once (no row met again, every row stamped with its own source
 //! transaction's commit time, grouped or not) and is in the topic exactly once, in commit order.
 
@@ -12,9 +13,9 @@ const SETUP: &str = "
 CREATE TABLE log (id bigint PRIMARY KEY, payload text);
 CREATE TABLE counter (id int PRIMARY KEY, n bigint NOT NULL);
 INSERT INTO counter VALUES (1, 0);
-CREATE PROCEDURE gen(count int) LANGUAGE plpgsql AS $$
+CREATE PROCEDURE gen(first bigint, count int) LANGUAGE plpgsql AS $$
 BEGIN
-  FOR i IN 1..count LOOP
+  FOR i IN first..first + count - 1 LOOP
     INSERT INTO log VALUES (i, md5(i::text));
     UPDATE counter SET n = n + 1 WHERE id = 1;
     COMMIT;
@@ -22,6 +23,7 @@ BEGIN
 END $$;";
 
 const TXNS: i64 = 20_000;
+/// The capture test's load: at least this many transactions, and on until the last kill.
 const CAPTURE_TXNS: i64 = 100_000;
 
 /// Starts a load of `txns` transactions on n1 in the background.
@@ -30,8 +32,27 @@ async fn start_load(cluster: &Cluster, txns: i64) -> anyhow::Result<tokio::task:
     Ok(tokio::spawn(async move {
         // Separate statements: a multi-statement query is one transaction, where COMMIT is not allowed.
         n1.batch_execute("SET synchronous_commit = off").await?;
-        n1.batch_execute(&format!("CALL gen({txns})")).await?;
+        n1.batch_execute(&format!("CALL gen(1, {txns})")).await?;
         Ok(())
+    }))
+}
+
+/// Starts a load on n1 in chunks of 5,000 transactions that goes on until `stop` is set and at
+/// least `min` are committed; the task returns how many it committed.
+async fn start_endless_load(
+    cluster: &Cluster,
+    min: i64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<i64>>> {
+    let n1 = cluster.sql(0).await?;
+    Ok(tokio::spawn(async move {
+        n1.batch_execute("SET synchronous_commit = off").await?;
+        let mut done = 0i64;
+        while done < min || !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            n1.batch_execute(&format!("CALL gen({}, 5000)", done + 1)).await?;
+            done += 5000;
+        }
+        Ok(done)
     }))
 }
 
@@ -126,7 +147,10 @@ async fn capture_killed_at_random_moments_produces_each_transaction_once() -> an
     let mut schedule = pgferry_integration_tests::XorShift(seed);
     let mut capture = cluster.spawn("capture", 0)?;
     let _apply = cluster.spawn("apply", 1)?;
-    let load = start_load(&cluster, CAPTURE_TXNS).await?;
+    // The load lasts until the last kill, so that every kill lands while capture has work left
+    // (a load of a fixed size could end before the kills on a busy machine).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = start_endless_load(&cluster, CAPTURE_TXNS, stop.clone()).await?;
     let mut killed_at = Vec::new();
     for _ in 0..5 {
         // Each kill lands while capture is working: after its restart has confirmed something
@@ -142,14 +166,15 @@ async fn capture_killed_at_random_moments_produces_each_transaction_once() -> an
         killed_at.push(confirmed_lsn(&cluster).await?);
         capture = cluster.spawn("capture", 0)?;
     }
-    load.await??;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let total = load.await??;
     cluster.wait_converged("log", Duration::from_secs(600)).await?;
     cluster.wait_converged("counter", Duration::from_secs(60)).await?;
     let n: i64 = cluster.sql(1).await?.query_one("SELECT n FROM counter", &[]).await?.get(0);
-    assert_eq!(n, CAPTURE_TXNS);
+    assert_eq!(n, total);
     drop(capture);
 
-    // Exactly once in Kafka: 100k transactions of 2 events each, in commit-LSN order.
+    // Exactly once in Kafka: every transaction of the load, 2 events each, in commit-LSN order.
     let messages = read_topic(&cluster.endpoints.kafka, &cluster.topic_of(0))?;
     let mut txns: BTreeMap<u64, (u32, u32)> = BTreeMap::new();
     let mut previous = 0u64;
@@ -166,7 +191,7 @@ async fn capture_killed_at_random_moments_produces_each_transaction_once() -> an
             t.1 += 1;
         }
     }
-    assert_eq!(txns.len() as i64, CAPTURE_TXNS, "source transactions in the topic");
+    assert_eq!(txns.len() as i64, total, "source transactions in the topic");
     for (lsn, (events, lasts)) in &txns {
         assert_eq!((*events, *lasts), (2, 1), "transaction {lsn}");
     }
