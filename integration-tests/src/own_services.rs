@@ -48,10 +48,14 @@ fn deploy_script(script: &str, args: &[&str], env: &[(&str, String)]) -> Result<
     Ok(())
 }
 
-/// The pid in a deploy script's pid file, if that process is alive.
-fn live_pid(file: &Path) -> Option<u32> {
+/// The pid in a deploy script's pid file, if that process is alive and its command line holds
+/// `marker` (as `read_live_pid` in deploy/local/common.sh checks): pids wrap (`pid_max` is 32768
+/// on the test machines and a suite run goes round it), and a stale pid file must not get another
+/// test's process killed.
+fn live_pid(file: &Path, marker: &str) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
-    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline).contains(marker).then_some(pid)
 }
 
 /// True while process `pid` exists and is not a zombie.
@@ -161,7 +165,7 @@ impl OwnKafka {
 
     /// The broker's pid while it runs.
     pub fn pid(&self) -> Option<u32> {
-        live_pid(&self.root.join("kafka/kafka.pid")).filter(|p| process_alive(*p))
+        live_pid(&self.root.join("kafka/kafka.pid"), "kafka.Kafka").filter(|p| process_alive(*p))
     }
 
     /// Starts the broker (again) and waits until it answers.
@@ -265,7 +269,7 @@ impl OwnRegistry {
 
 impl Drop for OwnRegistry {
     fn drop(&mut self) {
-        if let Some(pid) = live_pid(&self.root.join("registry/registry.pid")) {
+        if let Some(pid) = live_pid(&self.root.join("registry/registry.pid"), "-Dpgferry.service=registry") {
             let _ = signal(pid, "-KILL");
         }
         let _ = std::fs::remove_dir_all(&self.root);
