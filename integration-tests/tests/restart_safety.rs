@@ -1,8 +1,8 @@
 //! SIGKILL in the middle of a transaction stream: apply twice in 20k transactions, capture five
 //! times at random moments in a load of at least 100k that lasts until the last kill. The
-//! target ends equal to the source, every source
-//! transaction is applied exactly once (no row met again, every row stamped with its own source
-//! transaction's commit time, grouped or not) and is in the topic exactly once, in commit order.
+//! target ends equal to the source, every source transaction is applied exactly once (no row met
+//! again, every row stamped with its own source transaction's commit time, grouped or not) and is
+//! in the topic exactly once, in commit order.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
