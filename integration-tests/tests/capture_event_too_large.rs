@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use pgferry_integration_tests::{free_local_addr, http_get, metric, naming, wait_until, Cluster};
+use pgferry_integration_tests::{free_local_addr, http_get, metric, naming, wait_until, Cluster, Service};
 use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -57,40 +57,42 @@ async fn write_rows(cluster: &Cluster) -> Result<u64> {
     Ok(after.parse()?)
 }
 
-/// What the operator sees while capture is stuck: the log line, `/healthz` and the counter.
-async fn assert_stuck(
-    cluster: &Cluster,
-    log: &std::path::Path,
-    metrics: &str,
-    after_big: u64,
-    needles: &[&str],
-) -> Result<()> {
+/// Starts capture (with `/metrics`) and apply, writes the rows, and checks what the operator
+/// sees while capture is stuck on row 2: the log line naming the node and `needles`, `/healthz`
+/// and the counter, nothing published after it, and capture still running (retrying). Returns
+/// capture, apply and capture's metrics address.
+async fn run_until_stuck(cluster: &Cluster, needles: &[&str]) -> Result<(Service, Service, String)> {
+    let metrics = free_local_addr()?;
+    let mut capture = cluster.spawn_with("capture", 0, &["--metrics-listen", &metrics])?;
+    let apply = cluster.spawn("apply", 1)?;
+    let after_big = write_rows(cluster).await?;
+    let log = capture.log.clone();
+    let node = cluster.nodes[0].name.as_str();
     wait_until(
         "capture to name the event that is too large",
         Duration::from_secs(180),
-        || async { Ok(std::fs::read_to_string(log)?.contains("cannot be produced to")) },
+        || async { Ok(std::fs::read_to_string(&log)?.contains("cannot be produced to")) },
     )
     .await?;
-    let text = std::fs::read_to_string(log)?;
+    let text = std::fs::read_to_string(&log)?;
     let line = text
         .lines()
         .find(|l| l.contains("cannot be produced to"))
         .unwrap_or_default()
         .to_string();
     eprintln!("capture says: {line}");
-    for needle in needles {
+    for needle in std::iter::once(&node).chain(needles) {
         assert!(line.contains(needle), "the error does not name {needle:?}: {line}");
     }
     assert!(!text.contains("panicked"), "capture panicked:\n{text}");
     wait_until("/healthz to say capture is stuck", Duration::from_secs(30), || async {
-        let (status, body) = http_get(metrics, "/healthz").await?;
+        let (status, body) = http_get(&metrics, "/healthz").await?;
         Ok(status == 503 && body.contains("stuck") && body.contains("over"))
     })
     .await?;
-    let (_, body) = http_get(metrics, "/healthz").await?;
+    let (_, body) = http_get(&metrics, "/healthz").await?;
     eprintln!("/healthz: {body}");
-    let (_, text) = http_get(metrics, "/metrics").await?;
-    let node = cluster.nodes[0].name.as_str();
+    let (_, text) = http_get(&metrics, "/metrics").await?;
     let count = metric(&text, "pgferry_capture_events_too_large_total", &[("node", node)]).unwrap_or(0.0);
     assert!(count >= 1.0, "the counter counts it: {count}");
     // Nothing after it: n2 has row 1 only, and the slot is still before row 2's commit.
@@ -108,7 +110,8 @@ async fn assert_stuck(
         slot < after_big,
         "the slot stays before the big row ({slot} < {after_big})"
     );
-    Ok(())
+    assert!(capture.try_wait()?.is_none(), "capture keeps running (retrying)");
+    Ok((capture, apply, metrics))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,18 +120,9 @@ async fn an_event_over_the_producers_limit_is_named_and_nothing_is_lost() -> Res
     cluster.kafka_toml = "[kafka.properties]\n\"message.max.bytes\" = \"200000\"".into();
     cluster.write_config()?;
     cluster.init()?;
-    let metrics = free_local_addr()?;
-    let mut capture = cluster.spawn_with("capture", 0, &["--metrics-listen", &metrics])?;
-    let apply = cluster.spawn("apply", 1)?;
-    let after_big = write_rows(&cluster).await?;
-    let node = cluster.nodes[0].name.clone();
-    assert_stuck(
+    let (mut capture, apply, _) = run_until_stuck(
         &cluster,
-        &capture.log,
-        &metrics,
-        after_big,
         &[
-            &node,
             "public.big",
             "(id)=(2)",
             "message.max.bytes",
@@ -138,7 +132,6 @@ async fn an_event_over_the_producers_limit_is_named_and_nothing_is_lost() -> Res
         ],
     )
     .await?;
-    assert!(capture.try_wait()?.is_none(), "capture keeps running (retrying)");
 
     // The operator raises the limit (back to pgferry's default) and restarts capture; init made
     // the topic with the producer's limit then, so its max.message.bytes goes up too, as the
@@ -206,18 +199,9 @@ async fn an_event_the_topic_refuses_is_named_and_goes_through_once_raised() -> R
     let cluster = Cluster::start("toolarget", &["r1", "r1"], TABLE, &["public.big"]).await?;
     let topic = cluster.topic_of(0);
     set_topic_limit(&cluster.endpoints.kafka, &topic, 100_000).await?;
-    let metrics = free_local_addr()?;
-    let mut capture = cluster.spawn_with("capture", 0, &["--metrics-listen", &metrics])?;
-    let apply = cluster.spawn("apply", 1)?;
-    let after_big = write_rows(&cluster).await?;
-    let node = cluster.nodes[0].name.clone();
-    assert_stuck(
+    let (mut capture, apply, metrics) = run_until_stuck(
         &cluster,
-        &capture.log,
-        &metrics,
-        after_big,
         &[
-            &node,
             "public.big",
             "max.message.bytes",
             "100000",
@@ -226,7 +210,6 @@ async fn an_event_the_topic_refuses_is_named_and_goes_through_once_raised() -> R
         ],
     )
     .await?;
-    assert!(capture.try_wait()?.is_none(), "capture keeps running (retrying)");
 
     // The operator raises the topic's limit; capture, still running, gets past on its own.
     set_topic_limit(&cluster.endpoints.kafka, &topic, 2_000_000).await?;
