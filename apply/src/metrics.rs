@@ -311,6 +311,19 @@ impl ApplyMetrics {
             .observe(txns as f64);
     }
 
+    /// A group was written with its read made ahead, while the group before it was written
+    /// (`[apply] read_ahead`).
+    pub fn group_read_ahead(&self) {
+        self.0
+            .registry
+            .counter(
+                "pgferry_apply_groups_read_ahead_total",
+                "Groups whose keys were read on the second session while the group before them was written.",
+                &[("node", self.0.node.as_str())],
+            )
+            .inc();
+    }
+
     /// A group failed and its transactions were applied one by one.
     pub fn group_fallback(&self) {
         self.0

@@ -25,7 +25,7 @@ use crate::error::ApplyError;
 use crate::dead_letter::DeadLetters;
 use crate::metrics::{ApplyMetrics, OriginMetrics};
 use crate::progress::{self, format_lsn};
-use crate::group::SourceTxn;
+use crate::group::{Carry, ReadAhead, SourceTxn};
 use crate::writer::Writer;
 
 /// One remote node's partition and everything needed to apply it.
@@ -95,7 +95,31 @@ pub struct PartitionStream {
     /// arrive as consecutive events and are truncated in one statement
     /// (`writer::truncate`), before the transaction's next message or its commit.
     truncating: Vec<Truncate>,
+    /// Opens the stream's second session, on which the next group is read while a group's
+    /// writes travel (set by the apply service; None: groups are not read ahead, as in a replay).
+    pub open_spare: Option<crate::origin_retry::OpenSession>,
+    /// The second session while it is not the current one (opened at the first read ahead).
+    spare: Option<Spare>,
+    /// The next group read ahead on the current session (its transaction open) and what the
+    /// group before it changed ([`crate::group::Carry`]).
+    ahead: Option<(ReadAhead, Carry)>,
 }
+
+/// A stream's second session and what belongs to it; it trades places with the current one
+/// ([`PartitionStream::swap_sessions`]) each time a group read ahead on it is written.
+struct Spare {
+    sql: PgSession,
+    statements: Option<SessionStatements>,
+    prepared: HashMap<String, tokio_postgres::Statement>,
+    origin: Option<String>,
+}
+
+/// How long a group read ahead keeps its key locks while the group before it is still being
+/// written. A stream of another origin could wait for one of them while holding a row that
+/// group writes: a wait that runs through this process, which PostgreSQL's deadlock detection
+/// cannot see. After this long the read is rolled back (its locks released) and the next
+/// group reads again.
+const AHEAD_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Counts of one stream, updated as it goes.
 #[derive(Debug, Default)]
@@ -205,6 +229,9 @@ impl PartitionStream {
             schema_changed: Arc::new(tokio::sync::Notify::new()),
             ran_ddl: false,
             truncating: Vec::new(),
+            open_spare: None,
+            spare: None,
+            ahead: None,
             predecoded: Default::default(),
             progress: Arc::new(StreamProgress {
                 offset: AtomicI64::new(-1),
@@ -249,22 +276,7 @@ impl PartitionStream {
 
     /// Prepares the statements every transaction runs.
     pub async fn prepare(&mut self) -> Result<(), ApplyError> {
-        let xact_setup = self
-            .sql
-            .client
-            .prepare(
-                "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn,
-                        'epoch'::timestamptz + $2::bigint * interval '1 microsecond')",
-            )
-            .await
-            .map_err(self.sql.err("preparing pg_replication_origin_xact_setup"))?;
-        let progress = self
-            .sql
-            .client
-            .prepare(progress::UPSERT)
-            .await
-            .map_err(self.sql.err("preparing the progress update"))?;
-        self.statements = Some(SessionStatements { xact_setup, progress });
+        self.statements = Some(prepare_statements(&self.sql).await?);
         Ok(())
     }
 
@@ -284,6 +296,9 @@ impl PartitionStream {
         Fut: std::future::Future<Output = Result<PgSession, ApplyError>>,
     {
         self.skipping = None;
+        self.ahead = None;
+        // Any read ahead still open there ends with the session.
+        self.spare = None;
         self.predecoded.clear();
         self.ran_ddl = false;
         self.truncating.clear();
@@ -359,6 +374,7 @@ impl PartitionStream {
             let mut failed = None;
             // `group_wait_ms` counts from the batch's first message.
             let mut deadline = tokio::time::Instant::now() + wait;
+            let (collect_start, held_before) = (std::time::Instant::now(), batch.len());
             loop {
                 let must_wait = batch.is_empty() || (in_txn && batch.len() < 2 * window);
                 let next = if must_wait {
@@ -413,6 +429,8 @@ impl PartitionStream {
                 }
                 batch.push((msg, meta));
             }
+            tracing::debug!(held = batch.len(), taken = batch.len() - held_before,
+                collect_us = collect_start.elapsed().as_micros() as u64, "messages taken");
             // A full window applies its first group (or message) and keeps the rest, topped up
             // next round; otherwise everything held is applied.
             let full = batch.len() >= window && !end && failed.is_none();
@@ -431,7 +449,8 @@ impl PartitionStream {
                 return Err(e);
             }
             if end {
-                return Ok(());
+                // A read ahead left over (the messages it covered ended the stream unused).
+                return self.drop_ahead().await;
             }
         }
     }
@@ -475,6 +494,7 @@ impl PartitionStream {
 
     /// Applies one message on the one-by-one path; on an error the open transaction is rolled back.
     async fn handle_one(&mut self, msg: &BorrowedMessage<'_>, open: &mut Option<OpenTxn>) -> Result<(), ApplyError> {
+        self.drop_ahead().await?;
         self.progress.last_received_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         self.progress.busy.store(true, Ordering::Relaxed);
         let handled = self.handle(msg, open).await;
@@ -495,7 +515,26 @@ impl PartitionStream {
     /// goes one by one). A group that fails is rolled back and its transactions applied one by one
     /// here, so `on_error`, the dead-letter topic and `pgferry.exceptions` work as without groups.
     async fn try_group(&mut self, msgs: &[Held<'_>], open: &mut Option<OpenTxn>) -> Result<usize, ApplyError> {
+        // A group read ahead serves the group that starts where it starts; no other.
+        let mut ahead = self.ahead.take();
+        if ahead.as_ref().is_some_and(|(read, _)| read.first_offset != msgs[0].0.offset()) {
+            self.ahead = ahead.take();
+            self.drop_ahead().await?;
+        }
+        let tried = self.try_group_with(msgs, open, &mut ahead).await;
+        if ahead.is_some() {
+            self.ahead = ahead;
+            self.drop_ahead().await?;
+        }
+        tried
+    }
+
+    /// [`PartitionStream::try_group`], given the read ahead for these messages, if any (taken
+    /// when the group is written).
+    async fn try_group_with(&mut self, msgs: &[Held<'_>], open: &mut Option<OpenTxn>, ahead: &mut Option<(ReadAhead, Carry)>) -> Result<usize, ApplyError> {
+        let formed = std::time::Instant::now();
         let limits = self.config.apply.clone();
+        let covered = ahead.as_ref().map_or(usize::MAX, |(read, _)| read.txns);
         let first = &msgs[0].1;
         if !first.from_source || (self.source == self.node && !self.apply_own) {
             return Ok(0);
@@ -525,7 +564,7 @@ impl PartitionStream {
             let Some(lsn) = meta.commit_lsn else { break };
             match &current {
                 Some(t) if t.commit_lsn != lsn => break,
-                None if lsn <= applied || txns.len() >= limits.max_group_txns.min(self.group_budget) => break,
+                None if lsn <= applied || txns.len() >= limits.max_group_txns.min(self.group_budget).min(covered) => break,
                 _ => {}
             }
             rows += 1;
@@ -566,13 +605,14 @@ impl PartitionStream {
         self.progress.last_received_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         self.progress.busy.store(true, Ordering::Relaxed);
         let next = &msgs[ends[ends.len() - 1]..];
+        tracing::debug!(transactions = txns.len(), form_us = formed.elapsed().as_micros() as u64, "group formed");
         let unlocked = !self.writer.locks_rows();
-        let mut written = self.apply_group(&origin, &txns, next).await;
+        let mut written = self.apply_group(&origin, &txns, next, ahead.take()).await;
         if written.is_err() && unlocked {
             // The group read its rows without locking them, and a row may have changed before
             // its write (another origin's stream writing the same rows): once more with row
             // locks, which the writer takes after a failure, before going one by one.
-            written = self.apply_group(&origin, &txns, next).await;
+            written = self.apply_group(&origin, &txns, next, None).await;
         }
         self.progress.busy.store(false, Ordering::Relaxed);
         match written {
@@ -601,11 +641,14 @@ impl PartitionStream {
     /// Writes a group and commits it under its last transaction's commit LSN and time, with the
     /// progress; how many of `txns` it applied (0: none, rolled back). On error the transaction is
     /// rolled back.
-    async fn apply_group(&mut self, origin: &str, txns: &[SourceTxn], next: &[Held<'_>]) -> Result<usize, ApplyError> {
+    async fn apply_group(&mut self, origin: &str, txns: &[SourceTxn], next: &[Held<'_>], ahead: Option<(ReadAhead, Carry)>) -> Result<usize, ApplyError> {
         // One wait for the whole group: its latest commit time.
         if let (Some(last), Some(latest)) = (txns.last(), txns.iter().map(|t| t.commit_ts_us).max()) {
             self.wait_for_clock(origin, last.commit_lsn, latest).await?;
         }
+        // The next group is read ahead on the second session while this one is written, unless
+        // this group locks rows (its write could then wait for a row the read locked).
+        let read_next = self.open_spare.is_some() && !self.writer.locks_rows() && self.ensure_spare().await;
         let stmts = self
             .statements
             .as_ref()
@@ -615,27 +658,77 @@ impl PartitionStream {
             progress: &stmts.progress,
             topic: &self.topic,
             partition: self.partition,
+            carry: read_next,
         };
-        // While the group's writes and COMMIT travel, decode what follows (the next group).
+        // While the group's writes and COMMIT travel: decode what follows (the next group), and
+        // read it ahead.
         let (readers, predecoded, budget) = (&self.readers, &mut self.predecoded, self.config.apply.max_group_rows);
         let mut decode_us = 0;
-        let mut decode_ahead = || {
-            let t = std::time::Instant::now();
-            predecode(readers, predecoded, next, budget);
-            decode_us = t.elapsed().as_micros() as u64;
+        let mut next_read: Option<ReadAhead> = None;
+        let written_signal = tokio::sync::Notify::new();
+        let spare = if read_next { self.spare.as_mut() } else { None };
+        let (config, node, tables) = (&self.config, &self.node, self.writer.tables.clone());
+        let floor = txns.last().map_or(0, |t| t.commit_lsn);
+        let max_txns = self.config.apply.max_group_txns.min(self.group_budget.saturating_mul(2));
+        let written = {
+            let (next_read_slot, signal, decode_slot) = (&mut next_read, &written_signal, &mut decode_us);
+            let mut work = std::pin::pin!(async move {
+                let t = std::time::Instant::now();
+                predecode(readers, predecoded, next, budget);
+                *decode_slot = t.elapsed().as_micros() as u64;
+                let Some(spare) = spare else { return };
+                let group = next_group(config, node, predecoded, next, floor, max_txns, budget);
+                let elsewhere = |schema: &str, table: &str| config.node(node).is_some_and(|n| config.local_elsewhere(n, schema, table));
+                match crate::group::read_ahead(&spare.sql, &mut spare.prepared, &tables, &group, elsewhere).await {
+                    Ok(Some(read)) => {
+                        if tokio::time::timeout(AHEAD_HOLD, signal.notified()).await.is_ok() {
+                            *next_read_slot = Some(read);
+                            return;
+                        }
+                        tracing::debug!(offset = read.first_offset, "the group before a group read ahead took too long; reading it again later");
+                    }
+                    Ok(None) => return,
+                    Err(e) => tracing::debug!(error = %e, "reading the next group ahead failed; it reads for itself"),
+                }
+                if spare.sql.client.batch_execute("ROLLBACK").await.is_err() {
+                    spare.statements = None;
+                }
+            });
+            let while_writing = crate::group::WhileWriting {
+                work: work.as_mut(),
+                written: &written_signal,
+            };
+            let ahead = ahead.as_ref().map(|(read, carry)| crate::group::Ahead { read, carry });
+            self.writer.write_group(&self.sql, origin, txns, commit, ahead, while_writing).await
         };
-        let written = self.writer.write_group(&self.sql, origin, txns, commit, &mut decode_ahead).await;
-        tracing::debug!(origin = %origin, decode_ahead_us = decode_us, "decoded the next group while writing");
+        tracing::debug!(origin = %origin, decode_ahead_us = decode_us, read_ahead = next_read.is_some(), "decoded the next group while writing");
         self.writer.group_ended(written.is_err());
-        let outcome = match written {
+        let mut outcome = match written {
             Ok(o) if o.txns > 0 => o,
             other => {
                 let _ = self.sql.client.batch_execute("ROLLBACK").await;
+                if next_read.is_some() {
+                    self.drop_spare_read().await;
+                }
                 return other.map(|_| 0);
             }
         };
+        // The next group, read ahead, is written on the session that read it, which takes
+        // over the replication origin; unless this group was cut (the next one then starts
+        // elsewhere).
+        match (next_read, outcome.carry.take()) {
+            (Some(read), Some(carry)) if outcome.txns == txns.len() => {
+                self.hand_over(origin).await?;
+                self.ahead = Some((read, carry));
+            }
+            (Some(_), _) => self.drop_spare_read().await,
+            _ => {}
+        }
         let last = &txns[outcome.txns - 1];
         self.metrics.group(outcome.txns);
+        if outcome.read_ahead {
+            self.metrics.group_read_ahead();
+        }
         let m = self.origin_metrics(origin);
         m.rows(outcome.rows);
         for (conflict, resolution) in &outcome.conflicts {
@@ -651,6 +744,82 @@ impl PartitionStream {
         self.progress.applied.fetch_add(outcome.txns as u64, Ordering::Relaxed);
         self.progress.offset.store(last.last_offset, Ordering::Relaxed);
         Ok(outcome.txns)
+    }
+
+    /// Whether the second session is there (opened, with its statements, if it was not): a
+    /// failure to open it is logged and the stream goes on without reading ahead.
+    async fn ensure_spare(&mut self) -> bool {
+        if self.spare.as_ref().is_some_and(|s| !s.sql.client.is_closed() && s.statements.is_some()) {
+            return true;
+        }
+        self.spare = None;
+        let Some(open) = self.open_spare.clone() else { return false };
+        let opened = async {
+            let sql = open().await?;
+            let statements = prepare_statements(&sql).await?;
+            Ok::<_, ApplyError>(Spare {
+                sql,
+                statements: Some(statements),
+                prepared: HashMap::new(),
+                origin: None,
+            })
+        };
+        match opened.await {
+            Ok(spare) => {
+                self.spare = Some(spare);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(node = %self.node, source = %self.source, error = %e,
+                    "cannot open the second session that reads groups ahead; applying without reading ahead");
+                false
+            }
+        }
+    }
+
+    /// Rolls back a read ahead left open on the second session (the group before it failed
+    /// or was cut); a session that does not answer is dropped (opened again when needed).
+    async fn drop_spare_read(&mut self) {
+        if let Some(spare) = &self.spare {
+            if spare.sql.client.batch_execute("ROLLBACK").await.is_err() {
+                self.spare = None;
+            }
+        }
+    }
+
+    /// Rolls back the read ahead open on the current session, unused.
+    async fn drop_ahead(&mut self) -> Result<(), ApplyError> {
+        if self.ahead.take().is_some() {
+            self.exec("ROLLBACK", "rolling back a group read ahead").await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the second session, which read the next group ahead, the current one: the
+    /// replication origin `origin` moves to it (a session's origin can be set up on one session
+    /// at a time).
+    async fn hand_over(&mut self, origin: &str) -> Result<(), ApplyError> {
+        if self.session_origin.take().is_some() {
+            self.exec("SELECT pg_replication_origin_session_reset()", "resetting the session's replication origin").await?;
+        }
+        self.swap_sessions();
+        let name = pgferry_schemas::naming::replication_origin(&self.config.cluster.name, &self.node, origin);
+        self.sql
+            .client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&name])
+            .await
+            .map_err(self.sql.err(format!("setting up replication origin {name}")))?;
+        self.session_origin = Some(origin.to_string());
+        Ok(())
+    }
+
+    /// Trades the current session, with its statements and replication origin, for the second.
+    fn swap_sessions(&mut self) {
+        let Some(spare) = self.spare.as_mut() else { return };
+        std::mem::swap(&mut self.sql, &mut spare.sql);
+        std::mem::swap(&mut self.statements, &mut spare.statements);
+        std::mem::swap(&mut self.session_origin, &mut spare.origin);
+        self.writer.swap_statements(&mut spare.prepared);
     }
 
     /// Waits until this node's clock has passed `commit_ts_us`, the commit time of the source
@@ -992,6 +1161,9 @@ impl PartitionStream {
                 self.exec("RELEASE SAVEPOINT pgferry_ddl", "releasing a savepoint").await?;
                 // Tables may have new columns or types: read them again.
                 self.writer.forget_tables();
+                if let Some(spare) = self.spare.as_mut() {
+                    spare.prepared.clear();
+                }
                 self.ran_ddl = true;
                 tracing::info!(node = %self.node, source = %self.source, offset = msg.offset(), sql = %ddl.sql, "replicated DDL applied");
                 Ok(true)
@@ -1097,6 +1269,65 @@ impl PartitionStream {
         }
         Ok(())
     }
+}
+
+/// Prepares on `sql` the statements every transaction runs.
+async fn prepare_statements(sql: &PgSession) -> Result<SessionStatements, ApplyError> {
+    let xact_setup = sql
+        .client
+        .prepare(
+            "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn,
+                    'epoch'::timestamptz + $2::bigint * interval '1 microsecond')",
+        )
+        .await
+        .map_err(sql.err("preparing pg_replication_origin_xact_setup"))?;
+    let progress = sql
+        .client
+        .prepare(progress::UPSERT)
+        .await
+        .map_err(sql.err("preparing the progress update"))?;
+    Ok(SessionStatements { xact_setup, progress })
+}
+
+/// The complete source transactions at the head of `msgs` that could make the next group (as
+/// [`PartitionStream::try_group`] takes them: changes of the stream's source, already decoded
+/// in `decoded`, committed after `floor`, of tables that may be grouped as far as the config
+/// tells, at most `max_txns` transactions and `max_rows` changes): each with the offset of its
+/// first message and its events.
+fn next_group<'d>(
+    config: &Config,
+    node: &str,
+    decoded: &'d rustc_hash::FxHashMap<i64, pgferry_schemas::DecodedEvent>,
+    msgs: &[Held<'_>],
+    floor: u64,
+    max_txns: usize,
+    max_rows: usize,
+) -> Vec<(i64, Vec<&'d pgferry_schemas::DecodedEvent>)> {
+    let mut txns = Vec::new();
+    let mut current: Option<(u64, i64, Vec<&pgferry_schemas::DecodedEvent>)> = None;
+    let mut rows = 0;
+    for (m, meta) in msgs {
+        let (Some(lsn), true, true) = (meta.commit_lsn, meta.from_source, meta.change) else { break };
+        match &current {
+            Some((l, ..)) if *l != lsn => break,
+            None if lsn <= floor || txns.len() >= max_txns => break,
+            _ => {}
+        }
+        rows += 1;
+        let Some(ev) = decoded.get(&m.offset()) else { break };
+        let skips_changes = config.on_error(&ev.schema, &ev.table) == OnError::SkipChange
+            && !config.node(node).is_some_and(|n| config.local_elsewhere(n, &ev.schema, &ev.table));
+        if rows > max_rows || skips_changes {
+            break;
+        }
+        current.get_or_insert_with(|| (lsn, m.offset(), Vec::new())).2.push(ev);
+        if ev.txn_last {
+            if let Some((_, first, events)) = current.take() {
+                txns.push((first, events));
+            }
+        }
+    }
+    txns
 }
 
 /// Decodes up to `budget` change messages at the head of `msgs` whose writer schema already has

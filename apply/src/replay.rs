@@ -260,6 +260,18 @@ pub async fn run(
     );
     stream.only_origin = Some(plan.origin.clone());
     stream.apply_own = plan.origin == node;
+    if config.apply.read_ahead {
+        // A second session to read groups ahead on, opened as this one.
+        let dsn = dsn.to_string();
+        stream.open_spare = Some(Arc::new(move || {
+            let dsn = dsn.clone();
+            Box::pin(async move {
+                let sql = postgres::connect(&dsn, "pgferry-replay").await?;
+                crate::replica_role::set(&sql).await?;
+                Ok(sql)
+            })
+        }));
+    }
     let counts: Arc<StreamProgress> = stream.progress.clone();
     let status = || ReplayStatus {
         offset: counts.offset.load(Ordering::Relaxed),

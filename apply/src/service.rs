@@ -122,12 +122,16 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
     });
     // Each stream fails, waits and retries alone (`crate::origin_retry`): one origin that cannot
     // be applied does not hold up the others.
-    for (o, queue) in streams.into_iter().zip(queues) {
+    for (mut o, queue) in streams.into_iter().zip(queues) {
         let (dsn, me, remote) = (node.dsn.clone(), node.name.clone(), o.source.clone());
         let reopen: crate::origin_retry::OpenSession = Arc::new(move || {
             let (dsn, me, remote) = (dsn.clone(), me.clone(), remote.clone());
             Box::pin(async move { open_session(&dsn, &me, &remote).await })
         });
+        if config.apply.read_ahead {
+            // The stream's second session, on which it reads the next group while one commits.
+            o.open_spare = Some(reopen.clone());
+        }
         tasks.spawn(crate::origin_retry::run(o, queue, consumer.clone(), reopen));
     }
     // The main queue must be polled for the client to make progress; it carries no messages

@@ -59,6 +59,26 @@ const TABLE_LINKS: &str = "SELECT
     EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal
             AND tgname NOT IN ('pgferry_tombstone', 'pgferry_key_change', 'pgferry_truncation') AND tgenabled IN ('R', 'A'))";
 
+/// `text` prepared on `sql` with parameter `types`, from `cache` (the session's prepared
+/// statements) or prepared now and kept there.
+pub(crate) async fn prepare_cached(
+    cache: &mut HashMap<String, Statement>,
+    sql: &PgSession,
+    text: &str,
+    types: &[Type],
+) -> Result<Statement, ApplyError> {
+    if let Some(s) = cache.get(text) {
+        return Ok(s.clone());
+    }
+    let s = sql
+        .client
+        .prepare_typed(text, types)
+        .await
+        .map_err(sql.err("preparing a statement for a group"))?;
+    cache.insert(text.to_string(), s.clone());
+    Ok(s)
+}
+
 /// A row as an event carries it: column name → text value (None = NULL).
 type EventRow = Vec<(String, Option<String>)>;
 
@@ -67,8 +87,10 @@ pub struct Writer {
     pub(crate) config: std::sync::Arc<Config>,
     /// This node's name and id.
     local: (String, u16),
-    pub(crate) tables: HashMap<(String, String), LocalTable>,
-    statements: HashMap<String, Statement>,
+    /// Shared so that a read ahead of the next group (`crate::group::ReadAhead`) can use them
+    /// while this writer is busy with the current one.
+    pub(crate) tables: HashMap<(String, String), std::sync::Arc<LocalTable>>,
+    pub(crate) statements: HashMap<String, Statement>,
     /// `pg_replication_origin.roident` → node name (current and legacy origin names).
     origins: HashMap<i64, String>,
     /// Node name → `roident` of the origin this node's apply writes its changes under now.
@@ -165,7 +187,7 @@ impl Writer {
             let groupable = delta.is_empty() && cols.unique_keys.is_empty() && !linked.get::<_, bool>(0) && !linked.get::<_, bool>(1);
             self.tables.insert(
                 id.clone(),
-                LocalTable {
+                std::sync::Arc::new(LocalTable {
                     name: format!("{}.{}", ev.schema, ev.table),
                     qualified,
                     types: cols.columns.into_iter().collect(),
@@ -174,7 +196,7 @@ impl Writer {
                     resolver: self.config.resolver(&ev.schema, &ev.table),
                     delta,
                     groupable,
-                },
+                }),
             );
         }
         Ok(&self.tables[&id])
@@ -223,6 +245,13 @@ impl Writer {
         self.statements.clear();
     }
 
+    /// Exchanges the statements prepared on the current session with `other`, those of the
+    /// session that becomes current (a stream alternates between two sessions when it reads
+    /// groups ahead, `partition_stream.rs`).
+    pub(crate) fn swap_statements(&mut self, other: &mut HashMap<String, Statement>) {
+        std::mem::swap(&mut self.statements, other);
+    }
+
     /// Whether `schema.table` is local to a region other than this node's.
     pub(crate) fn local_elsewhere(&self, schema: &str, table: &str) -> bool {
         self.config
@@ -246,16 +275,7 @@ impl Writer {
 
     /// A prepared statement for `text` with parameters of `types`.
     pub(crate) async fn prepared_typed(&mut self, sql: &PgSession, text: &str, types: &[Type]) -> Result<Statement, ApplyError> {
-        if let Some(s) = self.statements.get(text) {
-            return Ok(s.clone());
-        }
-        let s = sql
-            .client
-            .prepare_typed(text, types)
-            .await
-            .map_err(sql.err("preparing a statement for a group"))?;
-        self.statements.insert(text.to_string(), s.clone());
-        Ok(s)
+        prepare_cached(&mut self.statements, sql, text, types).await
     }
 
     /// Runs `text` with `params`; the number of rows it touched.

@@ -89,6 +89,11 @@ pub struct ApplyConfig {
     /// dated further ahead than this is applied at once, with a warning (0: never wait).
     #[serde(default = "default_max_clock_skew_ms")]
     pub max_clock_skew_ms: u64,
+    /// Read the next group's keys on a second session while a group is written and committed
+    /// (default true; each apply stream then holds two sessions). Off: one session per
+    /// stream, each group read after the one before it committed.
+    #[serde(default = "default_read_ahead")]
+    pub read_ahead: bool,
 }
 
 impl Default for ApplyConfig {
@@ -98,6 +103,7 @@ impl Default for ApplyConfig {
             max_group_rows: default_max_group_rows(),
             group_wait_ms: 0,
             max_clock_skew_ms: default_max_clock_skew_ms(),
+            read_ahead: default_read_ahead(),
         }
     }
 }
@@ -109,6 +115,10 @@ fn default_max_clock_skew_ms() -> u64 {
 /// Largest `[apply] max_clock_skew_ms`: a stream waiting longer than this for a clock is
 /// stalled, not protected.
 pub const MAX_CLOCK_SKEW_LIMIT_MS: u64 = 60_000;
+
+fn default_read_ahead() -> bool {
+    true
+}
 
 fn default_max_group_txns() -> usize {
     1000

@@ -40,6 +40,7 @@ mod on_error;
 mod one_stopped_origin;
 mod primary_key_change;
 mod python_consumer;
+mod read_ahead;
 mod rebuild_unstamped_rows;
 mod replay;
 mod replication_sets;

@@ -45,7 +45,7 @@ use tokio_postgres::types::{ToSql, Type};
 use crate::conflict::{ConflictType, LocalVersion, Resolution};
 use crate::error::ApplyError;
 use crate::progress::format_lsn;
-use crate::writer::{row_json, LocalTable, Writer};
+use crate::writer::{prepare_cached, row_json, LocalTable, Writer};
 use decide::{Action, Before, Change, KeyMap};
 
 /// One source transaction of a group.
@@ -73,6 +73,86 @@ pub struct GroupOutcome {
     pub conflicts: Vec<(ConflictType, Resolution)>,
     /// Why the group was cut, if it was.
     pub cut: Option<decide::CutReason>,
+    /// What a read of the next group made before this one committed must take from it
+    /// ([`Commit::carry`]).
+    pub carry: Option<Carry>,
+    /// Whether the group was written with the read made ahead for it.
+    pub read_ahead: bool,
+}
+
+/// The next group's first round trip made ahead, on another session, while the group before
+/// it was written and committed (`partition_stream.rs`): `BEGIN`, the key locks and the key
+/// states, its transaction left open for that group to write in. It covers the source
+/// transactions at Kafka offsets from `first_offset`, `txns` of them; a group of the same
+/// first offset and no more transactions uses it.
+pub struct ReadAhead {
+    /// Offset of the first message of its first transaction.
+    pub first_offset: i64,
+    /// How many source transactions it covers.
+    pub txns: usize,
+    /// Its tables, in lock order.
+    pub names: Vec<(String, String)>,
+    /// Per table, the keys read (each key's text values, in key order).
+    pub keys: Vec<Vec<Vec<String>>>,
+    /// Per table, the state rows as [`statements::read_state`] returns them.
+    pub rows: Vec<Vec<tokio_postgres::Row>>,
+}
+
+/// What a committed group changed that a read made before its commit could not see: the
+/// keys it updated (the row exists before and after, its tombstone untouched), whose version
+/// is now this group's, and the keys it wrote otherwise (inserted, deleted, tombstoned), which
+/// a read ahead must not be used for.
+#[derive(Debug, Default)]
+pub struct Carry {
+    /// The group's xid as `xmin` shows it (32 bits).
+    xmin: i64,
+    /// The group's origin.
+    origin: String,
+    /// Table name → key (JSON text) → commit time (µs) of the source transaction whose
+    /// version the group wrote.
+    updated: FxHashMap<String, FxHashMap<String, i64>>,
+    /// Table name → keys (JSON text) the group inserted, deleted or tombstoned.
+    other: FxHashMap<String, FxHashSet<String>>,
+}
+
+impl Carry {
+    fn of(plan: &decide::Plan<'_>, before: &[KeyMap<'_, Before>], table_names: &[String], txns: &[SourceTxn], origin: &str, xmin: i64) -> Carry {
+        let mut carry = Carry {
+            xmin,
+            origin: origin.to_string(),
+            ..Carry::default()
+        };
+        for w in &plan.writes {
+            let Some(b) = before[w.table].get(&w.key) else { continue };
+            let name = &table_names[w.table];
+            match w.action {
+                Action::Update(_) => {
+                    carry.updated.entry(name.clone()).or_default().insert(b.key_json.clone(), txns[w.txn].commit_ts_us);
+                }
+                _ => {
+                    carry.other.entry(name.clone()).or_default().insert(b.key_json.clone());
+                }
+            }
+        }
+        carry
+    }
+}
+
+/// A read ahead for a group, and what the group before it left ([`Carry`]).
+pub struct Ahead<'a> {
+    /// The read.
+    pub read: &'a ReadAhead,
+    /// The previous group's changes.
+    pub carry: &'a Carry,
+}
+
+/// Work run while a group's writes and COMMIT travel (after they were all sent), and the
+/// signal it gets once they have been answered.
+pub struct WhileWriting<'a> {
+    /// The work.
+    pub work: std::pin::Pin<&'a mut (dyn std::future::Future<Output = ()> + Send + 'a)>,
+    /// Told when the group's round trip has been answered.
+    pub written: &'a tokio::sync::Notify,
 }
 
 /// How a group's local transaction ends, sent with its writes (one round trip): the session's
@@ -87,6 +167,8 @@ pub struct Commit<'a> {
     pub topic: &'a str,
     /// The partition.
     pub partition: i32,
+    /// Whether to return the group's [`Carry`] (the next group was read ahead).
+    pub carry: bool,
 }
 
 /// How many groups take row locks after a group failed (see the module doc).
@@ -132,52 +214,21 @@ impl Writer {
         origin: &str,
         txns: &[SourceTxn],
         commit: Commit<'_>,
-        while_writing: &mut (dyn FnMut() + Send),
+        ahead: Option<Ahead<'_>>,
+        while_writing: WhileWriting<'_>,
     ) -> Result<GroupOutcome, ApplyError> {
         let origin_id = self.config.node(origin).map_or(0, |n| n.id);
         // The group's tables in a fixed order (the lock order), and its changes.
-        let names: Vec<(String, String)> = txns
-            .iter()
-            .flat_map(|t| &t.changes)
-            .map(|ev| (ev.schema.as_str(), ev.table.as_str()))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .filter(|(schema, table)| !self.local_elsewhere(schema, table))
-            .map(|(schema, table)| (schema.to_string(), table.to_string()))
-            .collect();
+        let names = group_tables(txn_events(txns), |schema, table| self.local_elsewhere(schema, table));
         if let Some(missing) = names.iter().find(|n| !self.tables.contains_key(*n)) {
             return Err(self.group_err(origin, missing, "table metadata not loaded".into()));
         }
-        let mut changes = Vec::new();
-        for (ti, t) in txns.iter().enumerate() {
-            for ev in &t.changes {
-                let Ok(table) = names.binary_search_by(|n| (n.0.as_str(), n.1.as_str()).cmp(&(&ev.schema, &ev.table))) else {
-                    continue; // held only in another region: dropped, as one by one
-                };
-                let key_columns = &self.tables[&names[table]].key;
-                let key_row = match ev.op {
-                    Op::Create | Op::Read => ev.after.as_ref(),
-                    _ => ev.before.as_ref().or(ev.after.as_ref()),
-                };
-                let Some(key) = key_row.and_then(|r| key_of(key_columns, r)) else {
-                    return Err(self.group_err(origin, &names[table], format!("{} without its key", ev.op.code())));
-                };
-                let key_changed = ev.op == Op::Update
-                    && ev.before.is_some()
-                    && ev.after.as_ref().and_then(|a| key_of(key_columns, a)).as_ref() != Some(&key);
-                changes.push(Change {
-                    txn: ti,
-                    table,
-                    key,
-                    key_changed,
-                    ev,
-                });
-            }
-        }
+        let changes = group_changes(txn_events(txns), &names, |i| &self.tables[&names[i]].key)
+            .map_err(|(table, message)| self.group_err(origin, &names[table], message))?;
 
         let t0 = std::time::Instant::now();
         let table_names: Vec<String> = names.iter().map(|n| self.tables[n].name.clone()).collect();
-        let before = self.read_before(sql, &names, &table_names, &changes).await?;
+        let (before, read_ahead) = self.read_before(sql, &names, &table_names, &changes, ahead).await?;
         let t_read = t0.elapsed();
 
         // 2. Decide.
@@ -188,6 +239,8 @@ impl Writer {
             rows: changes.iter().filter(|c| c.txn < plan.txns).count() as u64,
             conflicts: plan.conflicts.iter().map(|c| (c.conflict, c.resolution)).collect(),
             cut,
+            carry: None,
+            read_ahead,
         };
         if plan.txns == 0 {
             return Ok(outcome);
@@ -205,7 +258,11 @@ impl Writer {
 
         // 3. Write.
         let t_plan = t0.elapsed();
-        self.write_plan(sql, origin, &names, &table_names, &before, txns, &plan, last, commit, while_writing).await?;
+        let want_carry = commit.carry;
+        let xid = self.write_plan(sql, origin, &names, &table_names, &before, txns, &plan, last, commit, while_writing).await?;
+        if let (true, Some(xmin)) = (want_carry, xid) {
+            outcome.carry = Some(Carry::of(&plan, &before, &table_names, txns, origin, xmin));
+        }
         tracing::debug!(origin = %origin, txns = plan.txns, rows = outcome.rows, conflicts = plan.conflicts.len(),
             read_us = t_read.as_micros() as u64, decide_us = (t_plan - t_read).as_micros() as u64,
             write_us = (t0.elapsed() - t_plan).as_micros() as u64, "group applied");
@@ -230,65 +287,91 @@ impl Writer {
 
     /// First round trip of a group: `BEGIN`, the key locks of every key an insert or delete
     /// touches, the row locks of every touched key, then every key's local state (per table, key
-    /// → state), pipelined.
+    /// → state), pipelined — or, given a read made ahead for this group on this session, that
+    /// read with the previous group's versions carried in (a new read when it does not cover the
+    /// group, or the previous group inserted, deleted or tombstoned one of its keys).
     async fn read_before<'e>(
         &mut self,
         sql: &PgSession,
         names: &[(String, String)],
         table_names: &[String],
         changes: &[Change<'e>],
-    ) -> Result<Vec<KeyMap<'e, Before>>, ApplyError> {
-        let mut keys: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
-        let mut lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
-        let mut row_lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); names.len()];
-        let mut seen: Vec<FxHashSet<(u8, &Vec<&str>)>> = vec![Default::default(); names.len()];
-        for c in changes {
-            if seen[c.table].insert((0, &c.key)) {
-                keys[c.table].push(c.key.clone());
+        ahead: Option<Ahead<'_>>,
+    ) -> Result<(Vec<KeyMap<'e, Before>>, bool), ApplyError> {
+        let (keys, lock, row_lock) = key_sets(changes, names.len(), self.locked_groups > 0);
+        if let Some(ahead) = ahead {
+            if let Some(before) = self.before_from_ahead(sql, names, table_names, &keys, &ahead).await? {
+                return Ok((before, true));
             }
-            if matches!(c.ev.op, Op::Create | Op::Read | Op::Delete) && seen[c.table].insert((1, &c.key)) {
-                lock[c.table].push(c.key.clone());
-            }
-            if self.locked_groups > 0 && matches!(c.ev.op, Op::Update | Op::Delete) && seen[c.table].insert((2, &c.key)) {
-                row_lock[c.table].push(c.key.clone());
-            }
+            sql.client.batch_execute("ROLLBACK").await.map_err(sql.err("rolling back a read made ahead"))?;
         }
         let t_start = std::time::Instant::now();
-        let mut prepared = Vec::new();
-        for name in names {
-            let t = &self.tables[name];
-            let (lk, lr, rs) = (statements::lock_keys(t), statements::lock_rows(t), statements::read_state(t));
-            let arrays = vec![Type::TEXT_ARRAY; t.key.len()];
-            let mut with_name = arrays.clone();
-            with_name.push(Type::TEXT);
-            prepared.push((
-                self.prepared_typed(sql, &lk, &with_name).await?,
-                self.prepared_typed(sql, &lr, &arrays).await?,
-                self.prepared_typed(sql, &rs, &with_name).await?,
-            ));
-        }
-        let n = |i: usize| self.tables[&names[i]].key.len();
-        let key_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&keys[i], n(i))).collect();
-        let lock_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&lock[i], n(i))).collect();
-        let row_lock_params: Vec<Vec<TextArray>> = (0..names.len()).map(|i| columns(&row_lock[i], n(i))).collect();
-        let lock_p: Vec<_> = (0..names.len()).map(|i| params(&lock_params[i], Some(&table_names[i]))).collect();
-        let row_p: Vec<_> = (0..names.len()).map(|i| params(&row_lock_params[i], None)).collect();
-        let read_p: Vec<_> = (0..names.len()).map(|i| params(&key_params[i], Some(&table_names[i]))).collect();
-        let locks = (0..names.len())
-            .filter(|&i| !lock[i].is_empty())
-            .map(|i| sql.client.query_one(&prepared[i].0, &lock_p[i]));
-        let row_locks = (0..names.len())
-            .filter(|&i| !row_lock[i].is_empty())
-            .map(|i| sql.client.query_one(&prepared[i].1, &row_p[i]));
-        let reads = (0..names.len()).map(|i| sql.client.query(&prepared[i].2, &read_p[i]));
-        let (_, _, _, state_rows) = futures::try_join!(
-            sql.client.batch_execute("BEGIN"),
-            futures::future::try_join_all(locks),
-            futures::future::try_join_all(row_locks),
-            futures::future::try_join_all(reads)
-        )
-        .map_err(sql.err("locking and reading the local rows of a group"))?;
+        let tables: Vec<&LocalTable> = names.iter().map(|n| &*self.tables[n]).collect();
+        let state_rows = issue_read(sql, &mut self.statements, &tables, &keys, &lock, &row_lock).await?;
         let t_server = t_start.elapsed();
+        let rows: Vec<&[tokio_postgres::Row]> = state_rows.iter().map(Vec::as_slice).collect();
+        let before = self.interpret(sql, table_names, &rows, |i, pos| keys[i].get(pos)).await?;
+        tracing::debug!(keys = keys.iter().map(Vec::len).sum::<usize>(), until_read_us = t_server.as_micros() as u64,
+            rows_us = (t_start.elapsed() - t_server).as_micros() as u64, "group read");
+        Ok((before, false))
+    }
+
+    /// The group's key states from a read made ahead (None: it does not serve this group).
+    async fn before_from_ahead<'e>(
+        &mut self,
+        sql: &PgSession,
+        names: &[(String, String)],
+        table_names: &[String],
+        keys: &[Vec<Vec<&'e str>>],
+        ahead: &Ahead<'_>,
+    ) -> Result<Option<Vec<KeyMap<'e, Before>>>, ApplyError> {
+        let read = ahead.read;
+        // Per table of the group: the read's table, and for each key it read, the group's key.
+        let mut rows: Vec<&[tokio_postgres::Row]> = Vec::with_capacity(names.len());
+        let mut at: Vec<Vec<Option<&Vec<&'e str>>>> = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            let Some(j) = read.names.iter().position(|n| n == name) else { return Ok(None) };
+            let position: FxHashMap<Vec<&str>, usize> =
+                read.keys[j].iter().enumerate().map(|(p, k)| (k.iter().map(String::as_str).collect(), p)).collect();
+            let mut of = vec![None; read.keys[j].len()];
+            for k in &keys[i] {
+                let Some(&p) = position.get(k.as_slice()) else { return Ok(None) };
+                of[p] = Some(k);
+            }
+            rows.push(&read.rows[j]);
+            at.push(of);
+        }
+        let mut before = self.interpret(sql, table_names, &rows, |i, pos| at[i].get(pos).copied().flatten()).await?;
+        let carry = ahead.carry;
+        for (i, states) in before.iter_mut().enumerate() {
+            let name = &table_names[i];
+            let (updated, other) = (carry.updated.get(name), carry.other.get(name));
+            for b in states.values_mut() {
+                if other.is_some_and(|o| o.contains(&b.key_json)) {
+                    return Ok(None);
+                }
+                if let Some(&ts) = updated.and_then(|u| u.get(&b.key_json)) {
+                    b.row = Some(LocalVersion {
+                        stamp: self.stamp(Some(ts), Some(&carry.origin)),
+                        origin: Some(carry.origin.clone()),
+                        row_json: String::new(),
+                    });
+                    b.xmin = Some(carry.xmin);
+                }
+            }
+        }
+        Ok(Some(before))
+    }
+
+    /// The key states of a group's read: `rows[i]` the state rows of table `i`, `key_at(i, p)`
+    /// the group's key at position `p` of that table's read (None: not the group's).
+    async fn interpret<'k, 'e: 'k>(
+        &mut self,
+        sql: &PgSession,
+        table_names: &[String],
+        state_rows: &[&[tokio_postgres::Row]],
+        key_at: impl Fn(usize, usize) -> Option<&'k Vec<&'e str>>,
+    ) -> Result<Vec<KeyMap<'e, Before>>, ApplyError> {
         // The stamp buckets of the versions read that groups wrote, where not cached.
         let bucket = |i: usize, r: &tokio_postgres::Row| -> Option<(i64, i32)> {
             let buckets: Option<i32> = r.get(9);
@@ -316,12 +399,11 @@ impl Writer {
                 self.group_stamps.put(xid, b, std::sync::Arc::new(stamps));
             }
         }
-        let t_fetched = t_start.elapsed();
-        let mut before: Vec<KeyMap<Before>> = vec![KeyMap::default(); names.len()];
+        let mut before: Vec<KeyMap<Before>> = vec![KeyMap::default(); state_rows.len()];
         for (i, rows) in state_rows.iter().enumerate() {
-            for r in rows {
+            for r in rows.iter() {
                 let pos: i64 = r.get(0);
-                let Some(key) = usize::try_from(pos - 1).ok().and_then(|p| keys[i].get(p)) else { continue };
+                let Some(key) = usize::try_from(pos - 1).ok().and_then(|p| key_at(i, p)) else { continue };
                 let key_json: String = r.get(1);
                 let row = if r.get::<_, bool>(2) {
                     let stamped: Option<String> = r.get(6);
@@ -376,9 +458,6 @@ impl Writer {
                 );
             }
         }
-        tracing::debug!(keys = keys.iter().map(Vec::len).sum::<usize>(), until_read_us = t_server.as_micros() as u64,
-            stamps_us = (t_fetched - t_server).as_micros() as u64, rows_us = (t_start.elapsed() - t_fetched).as_micros() as u64,
-            "group read");
         Ok(before)
     }
 
@@ -462,8 +541,8 @@ impl Writer {
         plan: &decide::Plan<'_>,
         last: usize,
         commit: Commit<'_>,
-        while_writing: &mut (dyn FnMut() + Send),
-    ) -> Result<(), ApplyError> {
+        while_writing: WhileWriting<'_>,
+    ) -> Result<Option<i64>, ApplyError> {
         let ts_text: Vec<String> = txns.iter().map(|t| t.commit_ts_us.to_string()).collect();
         // The conflict records' columns (owned: most are made here).
         let mut records: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(plan.conflicts.len()); 13];
@@ -637,14 +716,21 @@ impl Writer {
             false => Some(self.prepared_typed(sql, stamps::INSERT, &[Type::INT4, Type::INT8, Type::INT4_ARRAY, Type::TEXT_ARRAY]).await?),
             true => None,
         };
+        // The group's xid (as `xmin` shows it) comes with its stamps, or alone when the next
+        // group's read ahead needs it (`Carry`).
+        let xid_alone = match (&insert_stamps, commit.carry) {
+            (None, true) => Some(self.prepared_typed(sql, "SELECT (txid_current() % 4294967296)::int8", &[]).await?),
+            _ => None,
+        };
         let recorded = async {
-            match &insert_stamps {
-                Some(st) => sql
+            match (&insert_stamps, &xid_alone) {
+                (Some(st), _) => sql
                     .client
                     .query_one(st, &[&buckets, &last_txn.commit_ts_us, &numbers, &texts])
                     .await
                     .map(|r| Some(r.get::<_, i64>(0))),
-                None => Ok(None),
+                (None, Some(st)) => sql.client.query_one(st, &[]).await.map(|r| Some(r.get::<_, i64>(0))),
+                (None, None) => Ok(None),
             }
         };
         let all = async {
@@ -659,23 +745,34 @@ impl Writer {
         };
         let mut all = std::pin::pin!(all);
         // The first poll hands every request to the connection task, which sends them while
-        // `while_writing` runs here (decoding the next group overlaps the server's work). A
-        // `yield_now` between the two, to let the connection task send first, was tried and
-        // removed: steady-state latency at 1000 tps went from ~60 to ~400 ms p50 (A/B runs,
-        // comparison-notes.md).
+        // `while_writing` runs here (decoding the next group and reading it ahead overlap the
+        // server's work). A `yield_now` between the two, to let the connection task send
+        // first, was tried and removed: steady-state latency at 1000 tps went from ~60 to ~400
+        // ms p50 (A/B runs, comparison-notes.md).
         let first = futures::poll!(all.as_mut());
-        while_writing();
+        let WhileWriting { work, written } = while_writing;
         let done = match first {
-            std::task::Poll::Ready(r) => r,
-            std::task::Poll::Pending => all.await,
+            std::task::Poll::Ready(r) => {
+                written.notify_one();
+                work.await;
+                r
+            }
+            std::task::Poll::Pending => {
+                let answered = async {
+                    let r = all.await;
+                    written.notify_one();
+                    r
+                };
+                futures::join!(answered, work).0
+            }
         };
         let (_, _, xid, ..) = done.map_err(sql.err("writing and committing a group"))?;
-        if let Some(xid) = xid {
+        if let (Some(xid), false) = (xid, split.is_empty()) {
             for (b, s) in split {
                 self.group_stamps.put(xid, b, s);
             }
         }
-        Ok(())
+        Ok(xid)
     }
 
     fn group_err(&self, origin: &str, name: &(String, String), message: String) -> ApplyError {
@@ -709,6 +806,161 @@ impl<'a> GroupWrite<'a> {
             expected: ws.len() as u64,
         }
     }
+}
+
+/// A group's events with the index of their source transaction.
+fn txn_events(txns: &[SourceTxn]) -> impl Iterator<Item = (usize, &DecodedEvent)> + Clone {
+    txns.iter().enumerate().flat_map(|(i, t)| t.changes.iter().map(move |ev| (i, ev)))
+}
+
+/// The tables of `events` in lock order (sorted), without those held only in another region
+/// (`elsewhere`).
+pub(crate) fn group_tables<'e>(
+    events: impl Iterator<Item = (usize, &'e DecodedEvent)>,
+    elsewhere: impl Fn(&str, &str) -> bool,
+) -> Vec<(String, String)> {
+    events
+        .map(|(_, ev)| (ev.schema.as_str(), ev.table.as_str()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter(|(schema, table)| !elsewhere(schema, table))
+        .map(|(schema, table)| (schema.to_string(), table.to_string()))
+        .collect()
+}
+
+/// The changes of `events` on the tables `names` (`key_columns(i)`: table `i`'s key), in
+/// order; changes of other tables are left out (held only in another region, dropped as one
+/// by one). `Err`: (table, why) a change cannot be grouped.
+pub(crate) fn group_changes<'e, 'k>(
+    events: impl Iterator<Item = (usize, &'e DecodedEvent)>,
+    names: &[(String, String)],
+    key_columns: impl Fn(usize) -> &'k [String],
+) -> Result<Vec<Change<'e>>, (usize, String)> {
+    let mut changes = Vec::new();
+    for (txn, ev) in events {
+        let Ok(table) = names.binary_search_by(|n| (n.0.as_str(), n.1.as_str()).cmp(&(&ev.schema, &ev.table))) else {
+            continue;
+        };
+        let key_columns = key_columns(table);
+        let key_row = match ev.op {
+            Op::Create | Op::Read => ev.after.as_ref(),
+            _ => ev.before.as_ref().or(ev.after.as_ref()),
+        };
+        let Some(key) = key_row.and_then(|r| key_of(key_columns, r)) else {
+            return Err((table, format!("{} without its key", ev.op.code())));
+        };
+        let key_changed =
+            ev.op == Op::Update && ev.before.is_some() && ev.after.as_ref().and_then(|a| key_of(key_columns, a)).as_ref() != Some(&key);
+        changes.push(Change {
+            txn,
+            table,
+            key,
+            key_changed,
+            ev,
+        });
+    }
+    Ok(changes)
+}
+
+/// Per table: the keys a group reads, those it takes key locks for (inserted or deleted), and
+/// — with `lock_rows` — those whose rows it locks (updated or deleted); each once, in order of
+/// first appearance.
+type KeySets<'e> = (Vec<Vec<Vec<&'e str>>>, Vec<Vec<Vec<&'e str>>>, Vec<Vec<Vec<&'e str>>>);
+
+fn key_sets<'e>(changes: &[Change<'e>], tables: usize, lock_rows: bool) -> KeySets<'e> {
+    let mut keys: Vec<Vec<Vec<&str>>> = vec![Vec::new(); tables];
+    let mut lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); tables];
+    let mut row_lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); tables];
+    let mut seen: Vec<FxHashSet<(u8, &Vec<&str>)>> = vec![Default::default(); tables];
+    for c in changes {
+        if seen[c.table].insert((0, &c.key)) {
+            keys[c.table].push(c.key.clone());
+        }
+        if matches!(c.ev.op, Op::Create | Op::Read | Op::Delete) && seen[c.table].insert((1, &c.key)) {
+            lock[c.table].push(c.key.clone());
+        }
+        if lock_rows && matches!(c.ev.op, Op::Update | Op::Delete) && seen[c.table].insert((2, &c.key)) {
+            row_lock[c.table].push(c.key.clone());
+        }
+    }
+    (keys, lock, row_lock)
+}
+
+/// A group's first round trip on `sql` (statements prepared through `cache`, that session's):
+/// `BEGIN`, the key locks of `lock`, the row locks of `row_lock`, then the state rows of
+/// every key in `keys` (per table, [`statements::read_state`]), pipelined.
+async fn issue_read(
+    sql: &PgSession,
+    cache: &mut std::collections::HashMap<String, tokio_postgres::Statement>,
+    tables: &[&LocalTable],
+    keys: &[Vec<Vec<&str>>],
+    lock: &[Vec<Vec<&str>>],
+    row_lock: &[Vec<Vec<&str>>],
+) -> Result<Vec<Vec<tokio_postgres::Row>>, ApplyError> {
+    let mut prepared = Vec::new();
+    for t in tables {
+        let (lk, lr, rs) = (statements::lock_keys(t), statements::lock_rows(t), statements::read_state(t));
+        let arrays = vec![Type::TEXT_ARRAY; t.key.len()];
+        let mut with_name = arrays.clone();
+        with_name.push(Type::TEXT);
+        prepared.push((
+            prepare_cached(cache, sql, &lk, &with_name).await?,
+            prepare_cached(cache, sql, &lr, &arrays).await?,
+            prepare_cached(cache, sql, &rs, &with_name).await?,
+        ));
+    }
+    let n = tables.len();
+    let key_params: Vec<Vec<TextArray>> = (0..n).map(|i| columns(&keys[i], tables[i].key.len())).collect();
+    let lock_params: Vec<Vec<TextArray>> = (0..n).map(|i| columns(&lock[i], tables[i].key.len())).collect();
+    let row_lock_params: Vec<Vec<TextArray>> = (0..n).map(|i| columns(&row_lock[i], tables[i].key.len())).collect();
+    let lock_p: Vec<_> = (0..n).map(|i| params(&lock_params[i], Some(&tables[i].name))).collect();
+    let row_p: Vec<_> = (0..n).map(|i| params(&row_lock_params[i], None)).collect();
+    let read_p: Vec<_> = (0..n).map(|i| params(&key_params[i], Some(&tables[i].name))).collect();
+    let locks = (0..n)
+        .filter(|&i| !lock[i].is_empty())
+        .map(|i| sql.client.query_one(&prepared[i].0, &lock_p[i]));
+    let row_locks = (0..n)
+        .filter(|&i| !row_lock[i].is_empty())
+        .map(|i| sql.client.query_one(&prepared[i].1, &row_p[i]));
+    let reads = (0..n).map(|i| sql.client.query(&prepared[i].2, &read_p[i]));
+    let (_, _, _, state_rows) = futures::try_join!(
+        sql.client.batch_execute("BEGIN"),
+        futures::future::try_join_all(locks),
+        futures::future::try_join_all(row_locks),
+        futures::future::try_join_all(reads)
+    )
+    .map_err(sql.err("locking and reading the local rows of a group"))?;
+    Ok(state_rows)
+}
+
+/// The next group's first round trip made ahead ([`ReadAhead`]) on `sql` (statements through
+/// `cache`): the source transactions `txns` (each: the offset of its first message, its
+/// events) as one group, on the tables of `tables` (None if a change's table is not among
+/// them, or not groupable: the group then reads for itself). Without row locks: a read ahead
+/// is only made when the group before it took none.
+pub(crate) async fn read_ahead(
+    sql: &PgSession,
+    cache: &mut std::collections::HashMap<String, tokio_postgres::Statement>,
+    tables: &std::collections::HashMap<(String, String), std::sync::Arc<LocalTable>>,
+    txns: &[(i64, Vec<&DecodedEvent>)],
+    elsewhere: impl Fn(&str, &str) -> bool,
+) -> Result<Option<ReadAhead>, ApplyError> {
+    let Some(first_offset) = txns.first().map(|t| t.0) else { return Ok(None) };
+    let events = || txns.iter().enumerate().flat_map(|(i, t)| t.1.iter().map(move |ev| (i, *ev)));
+    let names = group_tables(events(), &elsewhere);
+    let Some(local): Option<Vec<&LocalTable>> = names.iter().map(|n| tables.get(n).map(|t| &**t).filter(|t| t.groupable)).collect() else {
+        return Ok(None);
+    };
+    let Ok(changes) = group_changes(events(), &names, |i| &local[i].key) else { return Ok(None) };
+    let (keys, lock, row_lock) = key_sets(&changes, names.len(), false);
+    let rows = issue_read(sql, cache, &local, &keys, &lock, &row_lock).await?;
+    Ok(Some(ReadAhead {
+        first_offset,
+        txns: txns.len(),
+        names,
+        keys: keys.iter().map(|t| t.iter().map(|k| k.iter().map(|v| v.to_string()).collect()).collect()).collect(),
+        rows,
+    }))
 }
 
 /// The xmin read for each of `ws` (NULL for none: the guarded write then fails the group).
