@@ -103,6 +103,8 @@ pub struct PartitionStream {
     /// The next group read ahead on the current session (its transaction open) and what the
     /// group before it changed ([`crate::group::Carry`]).
     ahead: Option<(ReadAhead, Carry)>,
+    /// The last group's transactions, freed while the next group is written.
+    retired: Vec<SourceTxn>,
 }
 
 /// A stream's second session and what belongs to it; it trades places with the current one
@@ -232,6 +234,7 @@ impl PartitionStream {
             open_spare: None,
             spare: None,
             ahead: None,
+            retired: Vec::new(),
             predecoded: Default::default(),
             progress: Arc::new(StreamProgress {
                 offset: AtomicI64::new(-1),
@@ -622,6 +625,8 @@ impl PartitionStream {
             }
             Ok(n) => {
                 self.group_budget = self.group_budget.saturating_mul(2);
+                // Freed while the next group is written (`apply_group`), not on the way to it.
+                self.retired = txns;
                 Ok(ends[n - 1])
             }
             Err(e) => {
@@ -668,6 +673,7 @@ impl PartitionStream {
         let written_signal = tokio::sync::Notify::new();
         let spare = if read_next { self.spare.as_mut() } else { None };
         let (config, node, tables) = (&self.config, &self.node, self.writer.tables.clone());
+        let retired = std::mem::take(&mut self.retired);
         let floor = txns.last().map_or(0, |t| t.commit_lsn);
         let max_txns = self.config.apply.max_group_txns.min(self.group_budget.saturating_mul(2));
         let written = {
@@ -676,6 +682,7 @@ impl PartitionStream {
                 let t = std::time::Instant::now();
                 predecode(readers, predecoded, next, budget);
                 *decode_slot = t.elapsed().as_micros() as u64;
+                drop(retired);
                 let Some(spare) = spare else { return };
                 let group = next_group(config, node, predecoded, next, floor, max_txns, budget);
                 let elsewhere = |schema: &str, table: &str| config.node(node).is_some_and(|n| config.local_elsewhere(n, schema, table));

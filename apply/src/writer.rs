@@ -91,6 +91,9 @@ pub struct Writer {
     /// while this writer is busy with the current one.
     pub(crate) tables: HashMap<(String, String), std::sync::Arc<LocalTable>>,
     pub(crate) statements: HashMap<String, Statement>,
+    /// Tables whose changes [`Writer::groupable`] answered for, with the answer (emptied when
+    /// table metadata or the config changes).
+    pub(crate) groupable_seen: Vec<(String, String, bool)>,
     /// `pg_replication_origin.roident` → node name (current and legacy origin names).
     origins: HashMap<i64, String>,
     /// Node name → `roident` of the origin this node's apply writes its changes under now.
@@ -135,6 +138,7 @@ impl Writer {
             local: (local.to_string(), local_id),
             tables: HashMap::new(),
             statements: HashMap::new(),
+            groupable_seen: Vec::new(),
             origins: HashMap::new(),
             current_origins: HashMap::new(),
             reloaded: None,
@@ -161,6 +165,7 @@ impl Writer {
             return false;
         }
         self.config = std::sync::Arc::new(fresh);
+        self.groupable_seen.clear();
         tracing::info!(node = %self.local.0, table = %format!("{schema}.{table}"), "replication sets re-read from the config file");
         self.config.replicates_table(schema, table)
     }
@@ -243,6 +248,7 @@ impl Writer {
     pub fn forget_tables(&mut self) {
         self.tables.clear();
         self.statements.clear();
+        self.groupable_seen.clear();
     }
 
     /// Exchanges the statements prepared on the current session with `other`, those of the

@@ -171,6 +171,10 @@ pub struct Commit<'a> {
     pub carry: bool,
 }
 
+/// How many tables' answers [`Writer::groupable`] keeps (looked up one by one: a few tables
+/// are the common case).
+const GROUPABLE_SEEN: usize = 16;
+
 /// How many groups take row locks after a group failed (see the module doc).
 const LOCKED_GROUPS_AFTER_FAILURE: u32 = 16;
 
@@ -191,16 +195,25 @@ impl Writer {
         if matches!(ev.op, Op::Truncate) {
             return false;
         }
-        if self.local_elsewhere(&ev.schema, &ev.table) {
-            return true;
+        // Asked for every change of a group: the answer per table is kept (`groupable_seen`),
+        // which spares the config's table rules and the metadata lookup's key copies.
+        if let Some((.., groupable)) = self.groupable_seen.iter().find(|(s, t, _)| *s == ev.schema && *t == ev.table) {
+            return *groupable;
         }
-        if self.config.on_error(&ev.schema, &ev.table) == pgferry_connectors::config::OnError::SkipChange {
-            return false;
+        let groupable = if self.local_elsewhere(&ev.schema, &ev.table) {
+            true
+        } else if self.config.on_error(&ev.schema, &ev.table) == pgferry_connectors::config::OnError::SkipChange {
+            false
+        } else {
+            match self.table(sql, ev).await {
+                Ok(t) => t.groupable,
+                Err(_) => return false,
+            }
+        };
+        if self.groupable_seen.len() < GROUPABLE_SEEN {
+            self.groupable_seen.push((ev.schema.clone(), ev.table.clone(), groupable));
         }
-        match self.table(sql, ev).await {
-            Ok(t) => t.groupable,
-            Err(_) => false,
-        }
+        groupable
     }
 
     /// Applies a prefix of `txns` — consecutive source transactions of `origin`, all of whose
