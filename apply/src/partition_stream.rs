@@ -105,6 +105,9 @@ pub struct PartitionStream {
     ahead: Option<(ReadAhead, Carry)>,
     /// The last group's transactions, freed while the next group is written.
     retired: Vec<SourceTxn>,
+    /// Whether the batch being applied filled the window (a backlog): only then are groups
+    /// read ahead.
+    backlog: bool,
 }
 
 /// A stream's second session and what belongs to it; it trades places with the current one
@@ -235,6 +238,7 @@ impl PartitionStream {
             spare: None,
             ahead: None,
             retired: Vec::new(),
+            backlog: false,
             predecoded: Default::default(),
             progress: Arc::new(StreamProgress {
                 offset: AtomicI64::new(-1),
@@ -475,6 +479,7 @@ impl PartitionStream {
     /// they can be, everything else one message at a time; all of them, or with `first_only`
     /// only the first group (or message). Returns how many messages it applied.
     async fn apply_batch(&mut self, batch: &[Held<'_>], first_only: bool, open: &mut Option<OpenTxn>) -> Result<usize, ApplyError> {
+        self.backlog = first_only;
         let mut i = 0;
         while i < batch.len() && !(first_only && i > 0) {
             if open.is_none() && self.skipping.is_none() {
@@ -651,9 +656,11 @@ impl PartitionStream {
         if let (Some(last), Some(latest)) = (txns.last(), txns.iter().map(|t| t.commit_ts_us).max()) {
             self.wait_for_clock(origin, last.commit_lsn, latest).await?;
         }
-        // The next group is read ahead on the second session while this one is written, unless
-        // this group locks rows (its write could then wait for a row the read locked).
-        let read_next = self.open_spare.is_some() && !self.writer.locks_rows() && self.ensure_spare().await;
+        // Under a backlog the next group is read ahead on the second session while this one is
+        // written, unless this group locks rows (its write could then wait for a row the read
+        // locked). Not otherwise: the read would cover only what has arrived so far, and cap
+        // the next group at that (smaller groups, more latency at medium rates, measured).
+        let read_next = self.backlog && self.open_spare.is_some() && !self.writer.locks_rows() && self.ensure_spare().await;
         let stmts = self
             .statements
             .as_ref()

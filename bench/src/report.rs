@@ -820,6 +820,9 @@ pub fn document(r: &Results, tables: &str, name: &str, notes: bool) -> String {
     if let Ok(props) = std::env::var("PGFERRY_TEST_KAFKA_PROPERTIES") {
         d += &format!("pgferry's Kafka clients ran with `[kafka.properties]` {props} (`PGFERRY_TEST_KAFKA_PROPERTIES`).\n\n");
     }
+    if let Ok(on) = std::env::var("PGFERRY_TEST_READ_AHEAD") {
+        d += &format!("pgferry's apply ran with `[apply] read_ahead = {on}` (`PGFERRY_TEST_READ_AHEAD`).\n\n");
+    }
     d += &format!(
         "Machine: {} cores ({}), {:.1} GiB memory, Linux {}. {}; pglogical {}; Apache Kafka {} (one \
          KRaft broker) and Apicurio Registry {}; everything on loopback on the same machine; pgferry \

@@ -20,6 +20,10 @@
 //! makes every test cluster's config carry those keys under `[kafka.properties]` (how the
 //! benchmark compares client settings without a rebuild), unless the test sets
 //! `[kafka.properties]` itself in [`Cluster::kafka_toml`].
+//!
+//! `PGFERRY_TEST_READ_AHEAD=true|false` sets `[apply] read_ahead` in every test cluster's config
+//! (how the benchmark compares apply with and without reading groups ahead), unless the test
+//! sets it itself in [`Cluster::apply_toml`].
 
 pub mod arrival_order;
 pub mod ledger;
@@ -93,6 +97,19 @@ pub fn group_wait_ms_from_env() -> Result<Option<u64>> {
             .parse()
             .map(Some)
             .map_err(|_| anyhow!("PGFERRY_TEST_GROUP_WAIT_MS must be a number of milliseconds, not {v:?}")),
+        Err(_) => Ok(None),
+    }
+}
+
+/// `PGFERRY_TEST_READ_AHEAD` (crate doc): `[apply] read_ahead` for every cluster, if set.
+pub fn read_ahead_from_env() -> Result<Option<bool>> {
+    match std::env::var("PGFERRY_TEST_READ_AHEAD") {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| anyhow!("PGFERRY_TEST_READ_AHEAD must be true or false, not {v:?}")),
         Err(_) => Ok(None),
     }
 }
@@ -411,7 +428,13 @@ impl Cluster {
     /// The lines of the `[apply]` section: [`Cluster::apply_toml`], and `group_wait_ms` from
     /// `PGFERRY_TEST_GROUP_WAIT_MS` (crate doc) unless `apply_toml` sets it.
     fn apply_section(&self) -> Result<String> {
-        Ok(apply_lines(&self.apply_toml, group_wait_ms_from_env()?))
+        let mut lines = apply_lines(&self.apply_toml, group_wait_ms_from_env()?);
+        if let Some(on) = read_ahead_from_env()? {
+            if !lines.lines().any(|l| l.trim_start().starts_with("read_ahead")) {
+                lines = format!("read_ahead = {on}\n{lines}").trim().to_string();
+            }
+        }
+        Ok(lines)
     }
 
     /// Runs `pgferry init`.

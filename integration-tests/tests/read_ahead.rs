@@ -39,7 +39,9 @@ END $$;";
 async fn groups_read_ahead_decide_as_one_by_one() -> anyhow::Result<()> {
     const TXNS: i32 = 2_000;
     let mut cluster = Cluster::create("readahead", &["r1", "r1"], SETUP, &["public.t", "public.w"]).await?;
-    cluster.apply_toml = "max_group_txns = 40\nread_ahead = true\n".into();
+    // Groups of 40 transactions, and a window of 2 × 200 messages that the backlog fills (groups
+    // are read ahead only under a backlog).
+    cluster.apply_toml = "max_group_txns = 40\nmax_group_rows = 200\nread_ahead = true\n".into();
     cluster.write_config()?;
     cluster.init()?;
     let (n1, n2) = (cluster.sql(0).await?, cluster.sql(1).await?);
