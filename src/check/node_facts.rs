@@ -131,12 +131,13 @@ pub fn pgferry_sessions(config: &Config, node: &NodeConfig) -> Vec<String> {
         format!("pgferry-apply-{n}-conflicts"),
         format!("pgferry-apply-{n}-tombstones"),
     ];
-    names.extend(
-        config
-            .sources(node)
-            .iter()
-            .map(|r| format!("pgferry-apply-{n}-from-{}", r.name)),
-    );
+    // One session per origin stream, two when it reads groups ahead (`[apply] read_ahead`).
+    let per_stream = if config.apply.read_ahead { 2 } else { 1 };
+    for r in config.sources(node) {
+        for _ in 0..per_stream {
+            names.push(format!("pgferry-apply-{n}-from-{}", r.name));
+        }
+    }
     names
 }
 

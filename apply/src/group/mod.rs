@@ -27,6 +27,10 @@
 //! same time queue on them instead of failing again and again; the stream tries the failed
 //! group once more that way before it goes one by one (`partition_stream.rs`).
 //!
+//! Under a backlog the read of step 1 is made ahead, on the stream's second session, while
+//! the group before is written ([`read_ahead`], [`ReadAhead`]); that group then hands over the
+//! versions it updated ([`Carry`]), which the read could not see yet.
+//!
 //! Any error leaves the transaction to be rolled back, and the caller applies the same
 //! transactions one by one.
 
