@@ -254,16 +254,9 @@ impl PartitionStream {
             return Ok(());
         }
         let name = pgferry_schemas::naming::replication_origin(&self.config.cluster.name, &self.node, origin);
-        if self.session_origin.take().is_some() {
-            self.exec("SELECT pg_replication_origin_session_reset()", "resetting the session's replication origin").await?;
-        }
+        self.release_origin().await?;
         pgferry_connectors::postgres::create_replication_origin(&self.sql, &name).await?;
-        self.sql
-            .client
-            .execute("SELECT pg_replication_origin_session_setup($1)", &[&name])
-            .await
-            .map_err(self.sql.err(format!("setting up replication origin {name}")))?;
-        self.session_origin = Some(origin.to_string());
+        self.take_origin(origin).await?;
         let lsn: Option<String> = self
             .sql
             .client
@@ -813,10 +806,21 @@ impl PartitionStream {
     /// replication origin `origin` moves to it (a session's origin can be set up on one session
     /// at a time).
     async fn hand_over(&mut self, origin: &str) -> Result<(), ApplyError> {
+        self.release_origin().await?;
+        self.swap_sessions();
+        self.take_origin(origin).await
+    }
+
+    /// Resets the session's replication origin, if one is set up.
+    async fn release_origin(&mut self) -> Result<(), ApplyError> {
         if self.session_origin.take().is_some() {
             self.exec("SELECT pg_replication_origin_session_reset()", "resetting the session's replication origin").await?;
         }
-        self.swap_sessions();
+        Ok(())
+    }
+
+    /// Sets up `origin`'s replication origin (which exists) on the session.
+    async fn take_origin(&mut self, origin: &str) -> Result<(), ApplyError> {
         let name = pgferry_schemas::naming::replication_origin(&self.config.cluster.name, &self.node, origin);
         self.sql
             .client

@@ -90,26 +90,20 @@ pub fn pgferry_bin() -> PathBuf {
 /// `PGFERRY_TEST_GROUP_WAIT_MS` (crate doc), if set: the `[apply] group_wait_ms` every test
 /// cluster's config carries.
 pub fn group_wait_ms_from_env() -> Result<Option<u64>> {
-    match std::env::var("PGFERRY_TEST_GROUP_WAIT_MS") {
-        Ok(v) if v.trim().is_empty() => Ok(None),
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| anyhow!("PGFERRY_TEST_GROUP_WAIT_MS must be a number of milliseconds, not {v:?}")),
-        Err(_) => Ok(None),
-    }
+    setting_from_env("PGFERRY_TEST_GROUP_WAIT_MS", "a number of milliseconds")
 }
 
 /// `PGFERRY_TEST_READ_AHEAD` (crate doc): `[apply] read_ahead` for every cluster, if set.
 pub fn read_ahead_from_env() -> Result<Option<bool>> {
-    match std::env::var("PGFERRY_TEST_READ_AHEAD") {
+    setting_from_env("PGFERRY_TEST_READ_AHEAD", "true or false")
+}
+
+/// The value of environment variable `name`, if set and not empty; an error saying it must be
+/// `what` if it does not parse.
+fn setting_from_env<T: std::str::FromStr>(name: &str, what: &str) -> Result<Option<T>> {
+    match std::env::var(name) {
         Ok(v) if v.trim().is_empty() => Ok(None),
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| anyhow!("PGFERRY_TEST_READ_AHEAD must be true or false, not {v:?}")),
+        Ok(v) => v.trim().parse().map(Some).map_err(|_| anyhow!("{name} must be {what}, not {v:?}")),
         Err(_) => Ok(None),
     }
 }
