@@ -698,6 +698,8 @@ impl PartitionStream {
                     Err(e) => tracing::debug!(error = %e, "reading the next group ahead failed; it reads for itself"),
                 }
                 if spare.sql.client.batch_execute("ROLLBACK").await.is_err() {
+                    // A session that cannot roll back is not used again: `ensure_spare` opens
+                    // a new one when it finds no statements.
                     spare.statements = None;
                 }
             });
@@ -720,17 +722,6 @@ impl PartitionStream {
                 return other.map(|_| 0);
             }
         };
-        // The next group, read ahead, is written on the session that read it, which takes
-        // over the replication origin; unless this group was cut (the next one then starts
-        // elsewhere).
-        match (next_read, outcome.carry.take()) {
-            (Some(read), Some(carry)) if outcome.txns == txns.len() => {
-                self.hand_over(origin).await?;
-                self.ahead = Some((read, carry));
-            }
-            (Some(_), _) => self.drop_spare_read().await,
-            _ => {}
-        }
         let last = &txns[outcome.txns - 1];
         self.metrics.group(outcome.txns);
         if outcome.read_ahead {
@@ -750,6 +741,18 @@ impl PartitionStream {
         self.applied.insert(origin.to_string(), last.commit_lsn);
         self.progress.applied.fetch_add(outcome.txns as u64, Ordering::Relaxed);
         self.progress.offset.store(last.last_offset, Ordering::Relaxed);
+        // The next group, read ahead, is written on the session that read it, which takes
+        // over the replication origin; unless this group was cut (the next one then starts
+        // elsewhere). Only now, with this group booked as applied: should the hand-over fail,
+        // the caller's one-by-one fallback skips these committed transactions as duplicates.
+        match (next_read, outcome.carry.take()) {
+            (Some(read), Some(carry)) if outcome.txns == txns.len() => {
+                self.hand_over(origin).await?;
+                self.ahead = Some((read, carry));
+            }
+            (Some(_), _) => self.drop_spare_read().await,
+            _ => {}
+        }
         Ok(outcome.txns)
     }
 
