@@ -1,6 +1,9 @@
 //! Steady-state latency: pgbench writes on node 1 at a fixed rate while a probe inserts a row
 //! into `bench_probe` every 50 ms (its own session, synchronous commit) and a reader on node 2
-//! looks for new probe rows every 2 ms. A probe's latency runs from its COMMIT returning on
+//! looks for new probe rows every 2 ms. The probe starts after [`WARMUP`] of load: a system's
+//! replication has just been started (or resumed) before its runs, and what its first second
+//! costs (pgferry: registering and fetching schemas, preparing statements; a native apply
+//! worker: filling its caches) is start-up, not the steady state measured here. A probe's latency runs from its COMMIT returning on
 //! node 1 to the reader seeing the row on node 2, both on this process's monotonic clock (so
 //! a figure is at most ~2 ms plus one query late).
 
@@ -20,6 +23,8 @@ const CLIENTS: u64 = 8;
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 /// The reader looks for new probes every this long.
 const READ_EVERY: Duration = Duration::from_millis(2);
+/// Load before the first probe (not measured).
+pub const WARMUP: Duration = Duration::from_secs(2);
 /// How long after the workload ends the last probes may take to arrive.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -90,11 +95,12 @@ async fn measure(
     let pace = Pace::Rate {
         clients: CLIENTS,
         tps: rate,
-        seconds,
+        seconds: seconds + WARMUP.as_secs(),
     };
     let load = pgbench.run(&dsn, workload, pace);
     let probe = async {
-        let mut committed: Vec<Instant> = Vec::new();
+        let mut committed: Vec<(Instant, std::time::SystemTime)> = Vec::new();
+        tokio::time::sleep(WARMUP).await;
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = Instant::now() + Duration::from_secs(seconds);
@@ -106,7 +112,7 @@ async fn measure(
                     .execute("INSERT INTO bench_probe (id) VALUES ($1)", &[&id])
                     .await
                     .context("writing a probe")?;
-                committed.push(Instant::now());
+                committed.push((Instant::now(), std::time::SystemTime::now()));
             }
             anyhow::Ok(())
         }
@@ -158,11 +164,12 @@ async fn measure(
     let mut ms: Vec<f64> = committed
         .iter()
         .zip(&seen)
-        .map(|(c, s)| s.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+        .map(|((c, _), s)| s.saturating_duration_since(*c).as_secs_f64() * 1000.0)
         .collect();
     if ms.is_empty() {
         bail!("no probe was written in {seconds} s");
     }
+    log_slowest(&committed, &ms);
     ms.sort_by(f64::total_cmp);
     Ok(Latency {
         pgbench: ran,
@@ -171,6 +178,33 @@ async fn measure(
         p99_ms: percentile(&ms, 99.0),
         max_ms: ms[ms.len() - 1],
     })
+}
+
+/// How many of the slowest probes [`log_slowest`] names.
+const SLOWEST: usize = 5;
+
+/// Names the slowest probes on stderr with the wall-clock time (UTC) of their commit on node
+/// 1, to find what the services logged at that moment.
+fn log_slowest(committed: &[(Instant, std::time::SystemTime)], ms: &[f64]) {
+    let mut order: Vec<usize> = (0..ms.len()).collect();
+    order.sort_by(|a, b| ms[*b].total_cmp(&ms[*a]));
+    let slowest: Vec<String> = order
+        .iter()
+        .take(SLOWEST)
+        .map(|&i| {
+            let at = committed[i].1.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let day_ms = at.as_millis() % 86_400_000;
+            format!(
+                "{:.1} ms at {:02}:{:02}:{:02}.{:03}",
+                ms[i],
+                day_ms / 3_600_000,
+                day_ms / 60_000 % 60,
+                day_ms / 1000 % 60,
+                day_ms % 1000
+            )
+        })
+        .collect();
+    eprintln!("[bench] slowest probes (committed on n1, UTC): {}", slowest.join(", "));
 }
 
 /// The nearest-rank percentile `p` of sorted, non-empty `sorted`.

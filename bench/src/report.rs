@@ -325,8 +325,10 @@ pub fn tables(r: &Results) -> String {
     md += &format!(
         "pgbench at a fixed rate on n1 ({} s per run, 8 connections) while a probe commits a row \
          every 50 ms on n1 and a reader on n2 looks for it every 2 ms. Each system catches up \
-         (untimed) before its runs.\n\n",
-        p.seconds
+         (untimed) before its runs; in each run the probe starts after {} s of load (the system's \
+         start-up, not measured), and the run's slowest probes are named on stderr with their time.\n\n",
+        p.seconds,
+        crate::latency::WARMUP.as_secs()
     );
     md += "| workload | rate asked (tps) | system | pgbench tps | probes | p50 ms | p99 ms | max ms | p99 goal |\n";
     md += "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |\n";

@@ -1033,15 +1033,10 @@ impl Capture {
         let (producer, metrics) = (&self.producer, &mut self.options.metrics);
         tokio::task::block_in_place(|| {
             metrics.commit(|| {
-                // rdkafka's commit_transaction first flushes, and its flush polls in 100 ms steps; on a
-                // ThreadedProducer the producer's own thread takes the delivery events, so each step
-                // runs its full 100 ms and every Kafka transaction cost ≥ 100 ms (measured with
-                // `deploy/local/bench.sh`). Wait for the deliveries here in 1 ms steps, so that flush
-                // finds nothing left to wait for.
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while producer.in_flight_count() > 0 && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+                // Send what lingers and wait for the deliveries first (`flush_now`), so that
+                // commit_transaction's own flush (rdkafka's, which waits in 100 ms steps on this
+                // producer) finds nothing left to wait for.
+                pgferry_connectors::kafka::flush_now(producer, Duration::from_secs(60));
                 producer.commit_transaction(Duration::from_secs(60))
             })
         })

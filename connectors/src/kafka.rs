@@ -163,6 +163,24 @@ fn client_err(cfg: &KafkaConfig, what: &str) -> impl FnOnce(RdError) -> KafkaErr
 /// The producer type capture uses.
 pub type TxProducer = ThreadedProducer<DeliveryLatency>;
 
+/// Sends what `producer` holds at once (`linger.ms` does not apply while this waits) and waits
+/// until every message produced so far is delivered or failed, or `timeout` passed; returns
+/// whether none is left in flight.
+///
+/// Why not rdkafka's `flush`: it calls librdkafka's flush without waiting and then polls the
+/// main queue in steps of up to 100 ms, and on a [`ThreadedProducer`] the producer's own thread
+/// takes every delivery event, so each step ran its full 100 ms. librdkafka's own flush, asked
+/// to wait, waits on a condition variable for the count of undelivered messages (rdkafka takes
+/// delivery reports as events, so librdkafka does not poll here) and, for as long as it waits,
+/// tells the brokers' threads that their batches' linger has expired.
+pub fn flush_now(producer: &TxProducer, timeout: Duration) -> bool {
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `native_ptr` is the producer's live librdkafka handle for as long as `producer`
+    // is borrowed, and librdkafka's flush may be called from any thread.
+    let err = unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms) };
+    err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+}
+
 /// Producer context that records each delivered message's produce latency (from the
 /// message's create time, which librdkafka stamps when it is produced, to its delivery
 /// report) in seconds, at millisecond resolution, and the largest message the broker refused
@@ -252,14 +270,13 @@ pub fn transactional_producer(
     // costs more commits, never correctness.
     let timeout_ms = DEFAULT_TRANSACTION_TIMEOUT_MS.to_string();
     let max_bytes = DEFAULT_MESSAGE_MAX_BYTES.to_string();
-    // `linger.ms` 0: capture commits a Kafka transaction as soon as nothing more is waiting, and
-    // it first waits for the transaction's deliveries, so every linger was added to each
-    // transaction's latency. A/B on the benchmark (pgferry only, 1000 tps, two rounds alternating,
-    // `PGFERRY_TEST_KAFKA_PROPERTIES`): p50 17.5–22.2 ms with 0 against 23.7–26.1 ms with
-    // librdkafka's default of 5. Under a backlog, batches still form while earlier requests are
-    // in flight.
+    // `linger.ms` 10: a Kafka transaction is invisible to consumers until it commits, and capture
+    // sends what is lingering at once before each commit ([`flush_now`]), so batching inside a
+    // transaction adds no latency. With 0 (before), the brokers' threads woke and sent a request
+    // per message or two at medium rates: half of capture's CPU samples at 2000 tps TPC-B were in
+    // librdkafka's broker thread (`poll`, wake-ups), and the broker's request handling grew alike.
     for (k, v) in [
-        ("linger.ms", "0"),
+        ("linger.ms", "10"),
         ("compression.type", "lz4"),
         ("message.max.bytes", max_bytes.as_str()),
         ("transaction.timeout.ms", timeout_ms.as_str()),
