@@ -7,6 +7,7 @@ mod bad_input;
 mod bad_input_services;
 mod capture_event_too_large;
 mod capture_large_rows;
+mod capture_linger;
 mod capture_txn_timeout;
 mod cascade;
 mod check;
