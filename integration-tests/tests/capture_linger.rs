@@ -1,8 +1,8 @@
 //! Capture's producer lingers (`linger.ms`, 10 ms by default) so that a Kafka transaction's
 //! messages travel in few requests, and before committing a Kafka transaction it sends what
 //! lingers at once (docs/decisions.md, "Capture", the producer's `linger.ms`): a linger must
-//! never delay a commit. With `linger.ms` at 10 s, each of several source transactions
-//! committed one after another must be applied on n2 well within that (5 s each).
+//! never delay a commit. With `linger.ms` at 30 s, each of several source transactions
+//! committed one after another must be applied on n2 well within that (10 s each).
 
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ async fn a_long_linger_does_not_delay_kafka_commits() -> Result<()> {
         &["public.t"],
     )
     .await?;
-    cluster.kafka_toml = "[kafka.properties]\n\"linger.ms\" = \"10000\"".into();
+    cluster.kafka_toml = "[kafka.properties]\n\"linger.ms\" = \"30000\"".into();
     cluster.write_config()?;
     cluster.init()?;
     let capture = cluster.spawn("capture", 0)?;
@@ -35,8 +35,8 @@ async fn a_long_linger_does_not_delay_kafka_commits() -> Result<()> {
     for id in 1..=5 {
         n1.execute("INSERT INTO t VALUES ($1, 'x')", &[&id]).await?;
         wait_until(
-            &format!("row {id} on n2 within 5 s of its commit on n1 (linger.ms is 10 s)"),
-            Duration::from_secs(5),
+            &format!("row {id} on n2 within 10 s of its commit on n1 (linger.ms is 30 s)"),
+            Duration::from_secs(10),
             || on_n2(id),
         )
         .await?;
