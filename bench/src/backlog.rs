@@ -3,9 +3,9 @@
 //! drain time. The processes doing the replication are sampled meanwhile for the cost figures.
 //!
 //! pgferry's apply-only drain ([`DrainKind::ApplyOnly`]) times apply alone: once the backlog
-//! and the marker are written, capture runs by itself until its slot has confirmed the WAL
-//! position read after the marker (everything is in Kafka), capture stops, apply starts, and
-//! the time until node 2 has the marker is the drain time.
+//! and the marker are written, capture runs by itself until its partition holds the marker's
+//! transaction (everything is in Kafka), capture stops, apply starts, and the time until node 2
+//! has the marker is the drain time.
 //!
 //! Before each drain the system catches up untimed (see [`Replication::catch_up`]) and after
 //! it replication is stopped again, so a system decodes only its own backlog while timed and
@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::cost::{CostSampler, ProcessCost};
 use crate::group_sizes::{self, GroupSizes};
@@ -132,8 +132,13 @@ async fn drain(
     );
     let dsn = replication.cluster.nodes[0].dsn.clone();
     let ran = pgbench.run(&dsn, workload, Pace::Count { clients, per_client }).await?;
+    // The marker's transaction also reads its own WAL position before it commits: a change
+    // committed at or after that position is the marker's (or later), which is how the
+    // apply-only drain knows capture has published the whole backlog.
+    n1.batch_execute("BEGIN").await.context("opening the marker's transaction")?;
     let marker = workload::insert_marker(&n1, workload).await?;
-    let wal = measure::lsn(&n1, "pg_current_wal_lsn()").await?;
+    let marker_lsn = measure::lsn(&n1, "pg_current_wal_insert_lsn()").await?;
+    n1.batch_execute("COMMIT").await.context("committing the marker")?;
     let transactions = ran.transactions + 1;
     let rows = ran.transactions * workload.rows_per_txn() + 1;
 
@@ -143,7 +148,7 @@ async fn drain(
         DrainKind::ApplyOnly => {
             let capture_started = Instant::now();
             replication.start_capture()?;
-            replication.wait_confirmed(0, wal, timeout).await?;
+            replication.wait_published(marker_lsn, timeout).await?;
             let seconds = capture_started.elapsed().as_secs_f64();
             eprintln!(
                 "[bench] {system}: capture alone published the backlog in {seconds:.2} s ({:.0} txn/s); \

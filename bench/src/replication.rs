@@ -328,6 +328,24 @@ impl Replication {
         Ok(())
     }
 
+    /// pgferry's pair only: waits until the provider's partition holds a committed change at or
+    /// after `marker` (an LSN read inside the last transaction before it committed): capture
+    /// has published everything up to that transaction ([`measure::wait_captured`]). Unlike the
+    /// slot's confirmed position, which passes the WAL written after the last transaction only
+    /// at capture's next heartbeat (every 5 s), this is seen as soon as capture commits it.
+    pub async fn wait_published(&mut self, marker: u64, timeout: Duration) -> Result<()> {
+        let (_, p) = self.pgferry_pair()?;
+        // A pair's two nodes share a region, so the provider's index is its partition.
+        let probe = tokio::task::block_in_place(|| {
+            crate::partition::PartitionProbe::new(&self.cluster.endpoints.kafka, &self.cluster.topic_of(p), p as i32)
+        })?;
+        let Some((_, capture)) = self.services.iter_mut().find(|(name, _)| *name == "capture") else {
+            anyhow::bail!("waiting for capture to publish, but capture is not running");
+        };
+        crate::measure::wait_captured(&self.cluster, capture, &probe, marker, timeout).await?;
+        Ok(())
+    }
+
     /// pgferry's pair only: starts apply on the subscriber, with its `/metrics` on a free
     /// loopback port (see [`Replication::apply_metrics`]).
     pub fn start_apply(&mut self) -> Result<()> {

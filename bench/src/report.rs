@@ -576,7 +576,7 @@ fn drain_tables(r: &Results) -> String {
          before each drain a system catches up untimed, so it decodes only its own backlog, and \
          between its drains it is stopped); txn/s is the median (min–max); ÷ native divides \
          medians. TPC-B (apply only): pgferry's capture first publishes the whole backlog alone \
-         (its slot confirms the WAL position read after the marker row), then apply alone drains \
+         (until its partition holds the marker row's transaction), then apply alone drains \
          it from Kafka; divided by native's end-to-end TPC-B drain.\n\n",
         thousands(p.transactions),
         thousands(p.wide_transactions),
@@ -629,7 +629,8 @@ fn drain_tables(r: &Results) -> String {
     if let Some(c) = spread(&captured) {
         md += &format!(
             "\nBefore each apply-only drain, pgferry capture alone published the backlog at {} txn/s \
-             ({}; untimed preparation, not in the table).\n",
+             ({}; from the process's start until the marker row's transaction was in Kafka; \
+             untimed preparation, not in the table).\n",
             spread_text(&c, n),
             if c.n == 1 { "one drain".to_string() } else { format!("median (min–max) of {} drains", c.n) }
         );
