@@ -3,9 +3,9 @@
 //! looks for new probe rows every 2 ms. The probe starts after [`WARMUP`] of load: a system's
 //! replication has just been started (or resumed) before its runs, and what its first second
 //! costs (pgferry: registering and fetching schemas, preparing statements; a native apply
-//! worker: filling its caches) is start-up, not the steady state measured here. A probe's latency runs from its COMMIT returning on
-//! node 1 to the reader seeing the row on node 2, both on this process's monotonic clock (so
-//! a figure is at most ~2 ms plus one query late).
+//! worker: filling its caches) is start-up, not the steady state measured here. A probe's
+//! latency runs from its COMMIT returning on node 1 to the reader seeing the row on node 2,
+//! both on this process's monotonic clock (so a figure is at most ~2 ms plus one query late).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
