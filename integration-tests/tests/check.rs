@@ -356,7 +356,7 @@ async fn connections_for_every_session_are_needed() -> Result<()> {
     let line = line_starting(
         &out,
         &format!(
-            "PROBLEM   {}: not enough connections for pgferry: `pgferry run` of the node opens 7 (capture 3, apply 2 plus per node it applies one, or two with [apply] read_ahead), max_connections is 4, ",
+            "PROBLEM   {}: not enough connections for pgferry: `pgferry run` of the node opens 7 (capture 3; apply 2, plus 1 per node it applies, 2 with [apply] read_ahead), max_connections is 4, ",
             node_place(&c, 0)
         ),
     )?;

@@ -440,7 +440,7 @@ pub fn connections(place: &Place, s: &ServerFacts, n: &NodeNeeds) -> Finding {
             "connections",
             "max_connections",
             format!(
-                "not enough connections for pgferry: `pgferry run` of the node opens {} (capture 3, apply 2 plus per node it applies one, or two with [apply] read_ahead){}, {usage}",
+                "not enough connections for pgferry: `pgferry run` of the node opens {} (capture 3; apply 2, plus 1 per node it applies, 2 with [apply] read_ahead){}, {usage}",
                 n.sessions,
                 if n.sessions_open > 0 {
                     format!(", {} of them open now", n.sessions_open)
@@ -1362,7 +1362,7 @@ mod tests {
         assert_eq!(f.severity, Severity::Problem);
         assert_eq!(
             f.message,
-            "not enough connections for pgferry: `pgferry run` of the node opens 7 (capture 3, apply 2 plus per node it applies one, or two with [apply] read_ahead), max_connections is 10, 3 reserved for superusers, 1 session connected"
+            "not enough connections for pgferry: `pgferry run` of the node opens 7 (capture 3; apply 2, plus 1 per node it applies, 2 with [apply] read_ahead), max_connections is 10, 3 reserved for superusers, 1 session connected"
         );
         // pgferry runs already: its own sessions are among those connected.
         let running = NodeNeeds {
