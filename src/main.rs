@@ -121,6 +121,15 @@ struct ServiceArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
+/// jemalloc instead of glibc's malloc. Apply and capture allocate and free many small strings
+/// per change (decoded columns, group state freed a group later); in `perf` of an apply-only
+/// drain glibc's malloc, free and chunk consolidation were a third of apply's samples. Same
+/// benchmark, back to back (docs/benchmarks/comparison-notes.md): apply's CPU per 100k TPC-B
+/// transactions −22 to −28%, capture's −13%, the drains 15–20% faster. mimalloc was tried
+/// before and was not faster (it returned pages to the kernel and faulted them in again).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
