@@ -15,8 +15,9 @@
 #       memory and time): writes docs/benchmarks/capture.md.
 #
 # --debug uses debug binaries (faster to build, much slower to run: for checking the command,
-# as CI does with --quick). PGFERRY_BENCH_BIN=<path> runs that pgferry binary instead of the one
-# just built (an A/B of two builds, back to back; stderr names the binary run). Figures are reported, never judged: a missed target does not fail it.
+# as CI does with --quick). PGFERRY_BENCH_PGFERRY=<path> runs that pgferry binary instead of
+# the one just built (an A/B of two builds, back to back; stderr names the binary run).
+# Figures are reported, never judged: a missed target does not fail it.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PGFERRY_LOG_TAG=bench
@@ -104,7 +105,7 @@ build=(cargo build --locked -p pgferry -p pgferry-bench)
 "${build[@]}" >&2
 # Cargo puts the binaries under CARGO_TARGET_DIR when it is set.
 bin="${CARGO_TARGET_DIR:-$PGFERRY_REPO/target}/$profile"
-export PGFERRY_BIN="${PGFERRY_BENCH_BIN:-$bin/pgferry}" PGFERRY_PG_BIN PGFERRY_KAFKA_VERSION PGFERRY_APICURIO_VERSION
+export PGFERRY_BIN="${PGFERRY_BENCH_PGFERRY:-$bin/pgferry}" PGFERRY_PG_BIN PGFERRY_KAFKA_VERSION PGFERRY_APICURIO_VERSION
 export PGFERRY_BENCH_PYTHON="$PGFERRY_BENCH_VENV/bin/python"
 export PGFERRY_BENCH_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 export PGFERRY_BENCH_COMMAND="$invocation" PGFERRY_BENCH_PROFILE="$profile"
