@@ -126,8 +126,8 @@ struct ServiceArgs {
 /// drain glibc's malloc, free and chunk consolidation were a third of apply's samples. Same
 /// benchmark, back to back (docs/benchmarks/comparison-notes.md): apply's CPU per 100k TPC-B
 /// transactions −15 to −30%, capture's −13%, the end-to-end drain ~15% and the apply-only
-/// drain 20–40% faster. mimalloc was tried
-/// before and was not faster (it returned pages to the kernel and faulted them in again).
+/// drain 20–40% faster. mimalloc was tried before and was not faster (it returned pages to the
+/// kernel and faulted them in again).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
