@@ -665,63 +665,130 @@ impl PartitionStream {
             partition: self.partition,
             carry: read_next,
         };
-        // While the group's writes and COMMIT travel: decode what follows (the next group), and
-        // read it ahead.
-        let (readers, predecoded, budget) = (&self.readers, &mut self.predecoded, self.config.apply.max_group_rows);
-        let mut decode_us = 0;
+        // Under a backlog the next group is decoded, and its read ahead built, before this group
+        // is decided. When this group was itself read ahead (its key locks held since), that
+        // read is sent at once — one poll sends every statement of it (`group::read_ahead`) —
+        // so that the second session reads while apply decides this group and builds its
+        // writes; if this group then has to read again, the read is dropped first
+        // (`WhileWriting::begun`). Otherwise it is sent once this group's writes are. Not under
+        // a backlog what follows is decoded while the writes travel, adding nothing before them.
+        let (readers, budget) = (&self.readers, self.config.apply.max_group_rows);
+        let started = std::time::Instant::now();
+        let (mut decode_us, mut read_ahead_us) = (0, 0);
         let mut next_read: Option<ReadAhead> = None;
         let written_signal = tokio::sync::Notify::new();
-        let spare = if read_next { self.spare.as_mut() } else { None };
+        let reread = std::sync::atomic::AtomicBool::new(false);
         let (config, node, tables) = (&self.config, &self.node, self.writer.tables.clone());
         let retired = std::mem::take(&mut self.retired);
         let floor = txns.last().map_or(0, |t| t.commit_lsn);
         let max_txns = self.config.apply.max_group_txns.min(self.group_budget.saturating_mul(2));
+        let predecoded = &mut self.predecoded;
+        let (decode_later, group) = if read_next {
+            predecode(readers, predecoded, next, budget);
+            decode_us = started.elapsed().as_micros() as u64;
+            let decoded: &rustc_hash::FxHashMap<i64, pgferry_schemas::DecodedEvent> = predecoded;
+            (None, next_group(config, node, decoded, next, floor, max_txns, budget))
+        } else {
+            (Some(predecoded), Vec::new())
+        };
+        let (spare_sql, spare_prepared, spare_statements) = match self.spare.as_mut().filter(|_| read_next) {
+            Some(s) => (Some(&s.sql), Some(&mut s.prepared), Some(&mut s.statements)),
+            None => (None, None, None),
+        };
+        let elsewhere = |schema: &str, table: &str| config.node(node).is_some_and(|n| config.local_elsewhere(n, schema, table));
+        let read = async {
+            match (spare_sql, spare_prepared) {
+                (Some(sql), Some(prepared)) => crate::group::read_ahead(sql, prepared, &tables, &group, elsewhere).await,
+                _ => Ok(None),
+            }
+        };
+        let early = read_next && ahead.is_some();
+        // Whether the work began (a read ahead may then be open) and whether it ended.
+        let (mut work_began, mut work_done) = (false, false);
         let written = {
-            let (next_read_slot, signal, decode_slot) = (&mut next_read, &written_signal, &mut decode_us);
+            let mut read = std::pin::pin!(futures::future::maybe_done(read));
+            if early {
+                let _ = futures::poll!(read.as_mut());
+            }
+            let (next_read_slot, signal, reread, decode_slot, read_slot, began, done) = (
+                &mut next_read,
+                &written_signal,
+                &reread,
+                &mut decode_us,
+                &mut read_ahead_us,
+                &mut work_began,
+                &mut work_done,
+            );
             let mut work = std::pin::pin!(async move {
-                let t = std::time::Instant::now();
-                predecode(readers, predecoded, next, budget);
-                *decode_slot = t.elapsed().as_micros() as u64;
+                *began = true;
+                if let Some(predecoded) = decode_later {
+                    let t = std::time::Instant::now();
+                    predecode(readers, predecoded, next, budget);
+                    *decode_slot = t.elapsed().as_micros() as u64;
+                }
                 drop(retired);
-                let Some(spare) = spare else { return };
-                let group = next_group(config, node, predecoded, next, floor, max_txns, budget);
-                let elsewhere = |schema: &str, table: &str| config.node(node).is_some_and(|n| config.local_elsewhere(n, schema, table));
-                match crate::group::read_ahead(&spare.sql, &mut spare.prepared, &tables, &group, elsewhere).await {
+                read.as_mut().await;
+                let outcome = read.as_mut().take_output().unwrap_or(Ok(None));
+                // From the start of the decode to the read's answer (`read_ahead_us` in the log
+                // below; with `answered_us` of `group`, where a group's write phase goes).
+                *read_slot = started.elapsed().as_micros() as u64;
+                match outcome {
+                    Ok(None) => {
+                        *done = true;
+                        return;
+                    }
                     Ok(Some(read)) => {
-                        if tokio::time::timeout(AHEAD_HOLD, signal.notified()).await.is_ok() {
+                        let answered = tokio::time::timeout(AHEAD_HOLD, signal.notified()).await.is_ok();
+                        if answered && !reread.load(Ordering::Relaxed) {
                             *next_read_slot = Some(read);
+                            *done = true;
                             return;
                         }
-                        tracing::debug!(offset = read.first_offset, "the group before a group read ahead took too long; reading it again later");
+                        if answered {
+                            tracing::debug!(offset = read.first_offset, "the group before a group read ahead read again; reading it again later");
+                        } else {
+                            tracing::debug!(offset = read.first_offset, "the group before a group read ahead took too long; reading it again later");
+                        }
                     }
-                    Ok(None) => return,
                     Err(e) => tracing::debug!(error = %e, "reading the next group ahead failed; it reads for itself"),
                 }
-                if spare.sql.client.batch_execute("ROLLBACK").await.is_err() {
-                    // A session that cannot roll back is not used again: `ensure_spare` opens
-                    // a new one when it finds no statements.
-                    spare.statements = None;
+                if let (Some(sql), Some(statements)) = (spare_sql, spare_statements) {
+                    if sql.client.batch_execute("ROLLBACK").await.is_err() {
+                        // A session that cannot roll back is not used again: `ensure_spare`
+                        // opens a new one when it finds no statements.
+                        *statements = None;
+                    }
                 }
+                *done = true;
             });
             let while_writing = crate::group::WhileWriting {
                 work: work.as_mut(),
                 written: &written_signal,
+                begun: early,
+                reread: &reread,
             };
             let ahead = ahead.as_ref().map(|(read, carry)| crate::group::Ahead { read, carry });
             self.writer.write_group(&self.sql, origin, txns, commit, ahead, while_writing).await
         };
-        tracing::debug!(origin = %origin, decode_ahead_us = decode_us, read_ahead = next_read.is_some(), "decoded the next group while writing");
+        tracing::debug!(origin = %origin, decode_ahead_us = decode_us, read_ahead_us, read_ahead = next_read.is_some(), "the next group decoded and read ahead");
+        // A read sent ahead whose work did not end (the group ended before its writes: failed
+        // or cut at its first transaction) is still open on the second session; it may wait for
+        // a key lock of this group's transaction, so that one ends first.
+        let unended_read = (early || work_began) && !work_done;
         self.writer.group_ended(written.is_err());
         let mut outcome = match written {
             Ok(o) if o.txns > 0 => o,
             other => {
                 let _ = self.sql.client.batch_execute("ROLLBACK").await;
-                if next_read.is_some() {
+                if next_read.is_some() || unended_read {
                     self.drop_spare_read().await;
                 }
                 return other.map(|_| 0);
             }
         };
+        if unended_read {
+            self.drop_spare_read().await;
+        }
         let last = &txns[outcome.txns - 1];
         self.metrics.group(outcome.txns);
         if outcome.read_ahead {

@@ -17,6 +17,8 @@
 # --debug uses debug binaries (faster to build, much slower to run: for checking the command,
 # as CI does with --quick). PGFERRY_BENCH_PGFERRY=<path> runs that pgferry binary instead of
 # the one just built (an A/B of two builds, back to back; stderr names the binary run).
+# PGFERRY_PG_SHARED_BUFFERS sets the servers' shared_buffers (deploy/local/pg.sh; default
+# 128MB, PostgreSQL's own, which the published runs use; comparison-notes.md has 1GB runs).
 # Figures are reported, never judged: a missed target does not fail it.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -3,6 +3,7 @@
 # listening on 127.0.0.1:$((PGFERRY_PG_BASE_PORT + i)), superuser postgres / pgferry.
 # PGFERRY_PG_PRELOAD sets shared_preload_libraries (bench.sh: pglogical on its own instances,
 # which it starts with PGFERRY_LOCAL and PGFERRY_PG_BASE_PORT of their own).
+# PGFERRY_PG_SHARED_BUFFERS sets shared_buffers (default 128MB, PostgreSQL's own default).
 #
 #   pg.sh start [N]        create (once) and start nodes 1..N (default 3); waits until each answers
 #   pg.sh stop [N]         stop every node found under $PGFERRY_LOCAL/pg (N is ignored)
@@ -124,7 +125,7 @@ max_replication_slots = 256
 max_wal_senders = 64
 max_worker_processes = 32
 max_connections = 300
-shared_buffers = 128MB
+shared_buffers = ${PGFERRY_PG_SHARED_BUFFERS:-128MB}
 fsync = on
 password_encryption = 'scram-sha-256'
 cluster_name = 'pgferry-n$i'

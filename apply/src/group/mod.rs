@@ -28,8 +28,9 @@
 //! group once more that way before it goes one by one (`partition_stream.rs`).
 //!
 //! Under a backlog the read of step 1 is made ahead, on the stream's second session, while
-//! the group before is written ([`read_ahead`], [`ReadAhead`]); that group then hands over the
-//! versions it updated ([`Carry`]), which the read could not see yet.
+//! the group before is decided and written ([`read_ahead`], [`ReadAhead`];
+//! [`WhileWriting::begun`]); that group then hands over the versions it updated ([`Carry`]),
+//! which the read could not see yet.
 //!
 //! Any error leaves the transaction to be rolled back, and the caller applies the same
 //! transactions one by one.
@@ -85,8 +86,8 @@ pub struct GroupOutcome {
 }
 
 /// The next group's first round trip made ahead, on another session, while the group before
-/// it was written and committed (`partition_stream.rs`): `BEGIN`, the key locks and the key
-/// states, its transaction left open for that group to write in. It covers the source
+/// it was decided, written and committed (`partition_stream.rs`): `BEGIN`, the key locks and
+/// the key states, its transaction left open for that group to write in. It covers the source
 /// transactions at Kafka offsets from `first_offset`, `txns` of them; a group of the same
 /// first offset and no more transactions uses it.
 pub struct ReadAhead {
@@ -157,6 +158,14 @@ pub struct WhileWriting<'a> {
     pub work: std::pin::Pin<&'a mut (dyn std::future::Future<Output = ()> + Send + 'a)>,
     /// Told when the group's round trip has been answered.
     pub written: &'a tokio::sync::Notify,
+    /// Whether the work was begun before the group (it sent the next group's read ahead,
+    /// `partition_stream.rs`). If the group then has to read again (its own read made ahead
+    /// cannot be used), that read could wait for a key lock the next group's read holds while
+    /// that read waits for the group: so the group first sets [`WhileWriting::reread`], tells
+    /// [`WhileWriting::written`], and drives the work to its end (which drops what it read).
+    pub begun: bool,
+    /// Set when the group read again before its writes (see [`WhileWriting::begun`]).
+    pub reread: &'a std::sync::atomic::AtomicBool,
 }
 
 /// How a group's local transaction ends, sent with its writes (one round trip): the session's
@@ -245,8 +254,21 @@ impl Writer {
 
         let t0 = std::time::Instant::now();
         let table_names: Vec<String> = names.iter().map(|n| self.tables[n].name.clone()).collect();
-        let (before, read_ahead) = self.read_before(sql, &names, &table_names, &changes, ahead).await?;
+        // Polled to its end while the writes travel, or before this group reads again
+        // (`WhileWriting::begun`); `MaybeDone` keeps its end for the second time.
+        let WhileWriting { work, written, begun, reread } = while_writing;
+        let mut work = futures::future::maybe_done(work);
+        let drop_next_read = async {
+            if begun {
+                reread.store(true, std::sync::atomic::Ordering::Relaxed);
+                written.notify_one();
+                (&mut work).await;
+            }
+        };
+        let (before, read_ahead) = self.read_before(sql, &names, &table_names, &changes, ahead, drop_next_read).await?;
         let t_read = t0.elapsed();
+        let work = std::pin::Pin::new(&mut work);
+        let while_writing = WhileWriting { work, written, begun, reread };
 
         // 2. Decide.
         let resolvers: Vec<_> = names.iter().map(|n| self.tables[n].resolver).collect();
@@ -314,6 +336,7 @@ impl Writer {
         table_names: &[String],
         changes: &[Change<'e>],
         ahead: Option<Ahead<'_>>,
+        before_reading_again: impl std::future::Future<Output = ()>,
     ) -> Result<(Vec<KeyMap<'e, Before>>, bool), ApplyError> {
         let (keys, lock, row_lock) = key_sets(changes, names.len(), self.locked_groups > 0);
         if let Some(ahead) = ahead {
@@ -321,6 +344,7 @@ impl Writer {
                 return Ok((before, true));
             }
             sql.client.batch_execute("ROLLBACK").await.map_err(sql.err("rolling back a read made ahead"))?;
+            before_reading_again.await;
         }
         let t_start = std::time::Instant::now();
         let tables: Vec<&LocalTable> = names.iter().map(|n| &*self.tables[n]).collect();
@@ -762,12 +786,12 @@ impl Writer {
         };
         let mut all = std::pin::pin!(all);
         // The first poll hands every request to the connection task, which sends them while
-        // `while_writing` runs here (decoding the next group and reading it ahead overlap the
-        // server's work). A `yield_now` between the two, to let the connection task send
-        // first, was tried and removed: steady-state latency at 1000 tps went from ~60 to ~400
-        // ms p50 (A/B runs, comparison-notes.md).
+        // `while_writing` runs here (what follows is decoded and read ahead, or its read sent
+        // before is awaited, while the server works). A `yield_now` between the two, to let
+        // the connection task send first, was tried and removed: steady-state latency at 1000
+        // tps went from ~60 to ~400 ms p50 (A/B runs, comparison-notes.md).
         let first = futures::poll!(all.as_mut());
-        let WhileWriting { work, written } = while_writing;
+        let WhileWriting { work, written, .. } = while_writing;
         let done = match first {
             std::task::Poll::Ready(r) => {
                 written.notify_one();
@@ -775,9 +799,11 @@ impl Writer {
                 r
             }
             std::task::Poll::Pending => {
+                let sent = std::time::Instant::now();
                 let answered = async {
                     let r = all.await;
                     written.notify_one();
+                    tracing::debug!(answered_us = sent.elapsed().as_micros() as u64, "group writes answered");
                     r
                 };
                 futures::join!(answered, work).0
