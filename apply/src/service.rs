@@ -33,7 +33,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
     })?;
     let registry = Registry::new(&config.registry)?;
     let group = format!("pgferry-{}-{}-apply", config.cluster.name, node.name);
-    let consumer: StreamConsumer = kafka::read_committed_config(&config.kafka, &group)
+    let consumer: StreamConsumer = kafka::following_config(&config.kafka, &group)
         .create()
         .map_err(|source| KafkaError::Client {
             bootstrap: config.kafka.bootstrap_servers.clone(),

@@ -1011,6 +1011,11 @@ impl Config {
                 ));
             }
         }
+        for (property, why) in crate::kafka::OWNED_PROPERTIES {
+            if k.properties.contains_key(property) {
+                return Err((format!("kafka.properties.{property:?}"), format!("is set by pgferry itself ({why}); remove it")));
+            }
+        }
         Ok(())
     }
 
@@ -1326,6 +1331,7 @@ tables = ["public.accounts", "items"]
             ("security_protocol = \"SSL\"\nssl_cert_file = \"/x\"", "kafka.ssl_key_file", "together"),
             ("security_protocol = \"TLS\"", "TLS", "SASL_SSL"),
             ("[kafka.properties]\n\"security.protocol\" = \"SSL\"", "kafka.properties.\"security.protocol\"", "security_protocol"),
+            ("[kafka.properties]\n\"isolation.level\" = \"read_uncommitted\"", "kafka.properties.\"isolation.level\"", "committed"),
         ];
         for (extra, key, words) in cases {
             let e = Config::parse(&with(extra), "t.toml").unwrap_err().to_string();

@@ -275,16 +275,16 @@ pub fn transactional_producer(
     // transaction adds no latency. With 0 (before), the brokers' threads woke and sent a request
     // per message or two at medium rates: half of capture's CPU samples at 2000 tps TPC-B were in
     // librdkafka's broker thread (`poll`, wake-ups), and the broker's request handling grew alike.
-    for (k, v) in [
-        ("linger.ms", "10"),
-        ("compression.type", "lz4"),
-        ("message.max.bytes", max_bytes.as_str()),
-        ("transaction.timeout.ms", timeout_ms.as_str()),
-    ] {
-        if !cfg.properties.contains_key(k) {
-            c.set(k, v);
-        }
-    }
+    set_defaults(
+        &mut c,
+        cfg,
+        &[
+            ("linger.ms", "10"),
+            ("compression.type", "lz4"),
+            ("message.max.bytes", max_bytes.as_str()),
+            ("transaction.timeout.ms", timeout_ms.as_str()),
+        ],
+    );
     let last = LastError::default();
     let producer: TxProducer = c
         .create_with_context(DeliveryLatency(produce_latency, last.clone(), Default::default()))
@@ -338,11 +338,52 @@ pub fn read_committed_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig 
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
-        .set("fetch.max.bytes", "16777216")
-        .set("max.partition.fetch.bytes", "4194304");
+        // These consumers read up to the end of a partition, which librdkafka sees only when a
+        // fetch comes back empty, after the broker held it this long: not `[kafka.properties]`'
+        // (which sets the streams' own, `following_config`).
+        .set("fetch.wait.max.ms", "10");
+    // Defaults `[kafka.properties]` may override.
+    set_defaults(&mut c, cfg, &[("fetch.max.bytes", "16777216"), ("max.partition.fetch.bytes", "4194304")]);
     c
 }
+
+/// [`read_committed_config`] for a consumer that follows partitions as they grow (apply's
+/// streams): the broker holds a fetch that finds nothing for up to `fetch.wait.max.ms`
+/// [`FOLLOWING_FETCH_WAIT_MAX_MS`] unless `[kafka.properties]` sets it. A read-committed fetch
+/// is answered as soon as a commit moves a partition's stable offset past it, so the longer
+/// hold adds no latency (same p50 and p99 at 100 and 1000 tps TPC-B against 10 ms, measured),
+/// while with 10 ms every idle consumer made the broker answer ~100 empty fetches a second
+/// (~2% of a core each; comparison-notes.md).
+pub fn following_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
+    let mut c = read_committed_config(cfg, group_id);
+    let wait = cfg.properties.get("fetch.wait.max.ms").map_or(FOLLOWING_FETCH_WAIT_MAX_MS, String::as_str);
+    c.set("fetch.wait.max.ms", wait);
+    c
+}
+
+/// `fetch.wait.max.ms` of [`following_config`] (librdkafka's own default).
+pub const FOLLOWING_FETCH_WAIT_MAX_MS: &str = "500";
+
+/// Sets each of `defaults` on `c` unless `[kafka.properties]` sets it.
+fn set_defaults(c: &mut ClientConfig, cfg: &KafkaConfig, defaults: &[(&str, &str)]) {
+    for (k, v) in defaults {
+        if !cfg.properties.contains_key(*k) {
+            c.set(*k, *v);
+        }
+    }
+}
+
+/// librdkafka properties that pgferry sets itself because exactly-once depends on them, and
+/// `[kafka.properties]` therefore may not set: with why, for the error that names one.
+pub const OWNED_PROPERTIES: [(&str, &str); 7] = [
+    ("isolation.level", "apply reads committed Kafka transactions only"),
+    ("enable.auto.commit", "positions live in PostgreSQL, not in Kafka"),
+    ("enable.auto.offset.store", "positions live in PostgreSQL, not in Kafka"),
+    ("auto.offset.reset", "a stream with no position starts at the topic's beginning"),
+    ("group.id", "each client names its own group"),
+    ("transactional.id", "capture's id is derived from the cluster and node names"),
+    ("enable.idempotence", "capture's transactions and the other producers need it"),
+];
 
 /// Fails with [`KafkaError::Unreachable`] unless the cluster answers a metadata request in
 /// `timeout`. Blocking.
@@ -750,4 +791,26 @@ pub fn offset_for_time(cfg: &KafkaConfig, topic: &str, partition: i32, time_ms: 
         Offset::Offset(o) => Some(o),
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_override_the_streams_fetch_wait_but_not_what_tail_reads_need() {
+        let cfg: KafkaConfig = toml::from_str(
+            "bootstrap_servers = \"127.0.0.1:9092\"\n[properties]\n\"fetch.wait.max.ms\" = \"250\"\n",
+        )
+        .expect("a valid [kafka] table");
+        let (tail, following) = (read_committed_config(&cfg, "g"), following_config(&cfg, "g"));
+        assert_eq!(following.get("fetch.wait.max.ms"), Some("250"));
+        assert_eq!(tail.get("fetch.wait.max.ms"), Some("10"), "reads to a partition's end keep their short wait");
+        for c in [tail, following] {
+            assert_eq!(c.get("max.partition.fetch.bytes"), Some("4194304"));
+            assert_eq!(c.get("isolation.level"), Some("read_committed"));
+        }
+        let defaults: KafkaConfig = toml::from_str("bootstrap_servers = \"127.0.0.1:9092\"\n").expect("a valid [kafka] table");
+        assert_eq!(following_config(&defaults, "g").get("fetch.wait.max.ms"), Some(FOLLOWING_FETCH_WAIT_MAX_MS));
+    }
 }
