@@ -330,24 +330,17 @@ pub const HEADER_DLQ_SOURCE: &str = "pgferry-dlq-source";
 pub const HEADER_DLQ_NODE: &str = "pgferry-dlq-node";
 
 /// A consumer that reads only committed transactions and never commits offsets to Kafka
-/// (positions live in PostgreSQL, in `pgferry.apply_progress`).
+/// (positions live in PostgreSQL, in `pgferry.apply_progress`), and reads up to the end of a
+/// partition: librdkafka sees the end only when a fetch comes back empty, after the broker held
+/// it `fetch.wait.max.ms`, so that is 10 ms here whatever `[kafka.properties]` says (it sets the
+/// streams' own, [`following_config`]).
 pub fn read_committed_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
-    let mut c = client_config(cfg);
-    c.set("group.id", group_id)
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        // These consumers read up to the end of a partition, which librdkafka sees only when a
-        // fetch comes back empty, after the broker held it this long: not `[kafka.properties]`'
-        // (which sets the streams' own, `following_config`).
-        .set("fetch.wait.max.ms", "10");
-    // Defaults `[kafka.properties]` may override.
-    set_defaults(&mut c, cfg, &[("fetch.max.bytes", "16777216"), ("max.partition.fetch.bytes", "4194304")]);
+    let mut c = committed_reader(cfg, group_id);
+    c.set("fetch.wait.max.ms", "10");
     c
 }
 
-/// [`read_committed_config`] for a consumer that follows partitions as they grow (apply's
+/// Like [`read_committed_config`], for a consumer that follows partitions as they grow (apply's
 /// streams): the broker holds a fetch that finds nothing for up to `fetch.wait.max.ms`
 /// [`FOLLOWING_FETCH_WAIT_MAX_MS`] unless `[kafka.properties]` sets it. A read-committed fetch
 /// is answered as soon as a commit moves a partition's stable offset past it, so the longer
@@ -355,9 +348,21 @@ pub fn read_committed_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig 
 /// while with 10 ms every idle consumer made the broker answer ~100 empty fetches a second
 /// (~2% of a core each; comparison-notes.md).
 pub fn following_config(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
-    let mut c = read_committed_config(cfg, group_id);
-    let wait = cfg.properties.get("fetch.wait.max.ms").map_or(FOLLOWING_FETCH_WAIT_MAX_MS, String::as_str);
-    c.set("fetch.wait.max.ms", wait);
+    let mut c = committed_reader(cfg, group_id);
+    set_defaults(&mut c, cfg, &[("fetch.wait.max.ms", FOLLOWING_FETCH_WAIT_MAX_MS)]);
+    c
+}
+
+/// What both kinds of reader share: read committed, positions never stored in Kafka, and the
+/// fetch sizes as defaults `[kafka.properties]` may override.
+fn committed_reader(cfg: &KafkaConfig, group_id: &str) -> ClientConfig {
+    let mut c = client_config(cfg);
+    c.set("group.id", group_id)
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    set_defaults(&mut c, cfg, &[("fetch.max.bytes", "16777216"), ("max.partition.fetch.bytes", "4194304")]);
     c
 }
 
