@@ -121,15 +121,27 @@ struct ServiceArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
-/// jemalloc instead of glibc's malloc. Apply and capture allocate and free many small strings
-/// per change (decoded columns, group state freed a group later); in `perf` of an apply-only
-/// drain glibc's malloc, free and chunk consolidation were a third of apply's samples. Same
-/// benchmark, back to back (docs/benchmarks/comparison-notes.md): apply's CPU per 100k TPC-B
-/// transactions −15 to −30%, capture's −13%, the end-to-end drain ~15% and the apply-only
-/// drain 20–40% faster. mimalloc was tried before and was not faster (it returned pages to the
-/// kernel and faulted them in again).
+/// jemalloc instead of glibc's malloc, for Rust and C code alike. Apply and capture allocate and
+/// free many small strings per change (decoded columns, group state freed a group later); in
+/// `perf` of an apply-only drain glibc's malloc, free and chunk consolidation were a third of
+/// apply's samples. Same benchmark, back to back (docs/benchmarks/comparison-notes.md): apply's
+/// CPU per 100k TPC-B transactions −15 to −30%, capture's −13%, the end-to-end drain ~15% and
+/// the apply-only drain 20–40% faster. mimalloc was tried before and was not faster (it returned
+/// pages to the kernel and faulted them in again).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+// jemalloc also replaces `malloc`/`free` for the C libraries in the process (tikv-jemalloc-sys'
+// `override_allocator_on_supported_platforms`: unprefixed symbols, exported, so that libc's own
+// calls bind to them too and one heap serves every caller). librdkafka allocates per message
+// (each produced message, its header list and each header; each consumed message's op and
+// headers): with glibc's malloc that was ~16% of capture's samples and ~11% of apply's. Same
+// benchmark, back to back (comparison-notes.md, 2026-12-07 eighth session): capture's CPU per
+// 100k TPC-B transactions 2.9–3.0 → 2.0–3.3 s (median 2.3), apply's 2.7–2.9 → 2.2–2.5, the
+// end-to-end drain 13.5–13.8k → 14.4–17.0k txn/s; capture's peak RSS 68–73 → 106–137 MB (freed
+// pages kept for `dirty_decay_ms`, 10 s; 1 s brought it back to 65 MB but cost capture the CPU
+// it had saved, in page faults).
+use tikv_jemalloc_sys as _;
 
 fn main() {
     tracing_subscriber::fmt()

@@ -127,18 +127,23 @@ impl Carry {
             origin: origin.to_string(),
             ..Carry::default()
         };
+        // Per table index first (no table name cloned per write), then by name.
+        let mut updated: Vec<FxHashMap<String, i64>> = vec![FxHashMap::default(); table_names.len()];
+        let mut other: Vec<FxHashSet<String>> = vec![FxHashSet::default(); table_names.len()];
         for w in &plan.writes {
             let Some(b) = before[w.table].get(&w.key) else { continue };
-            let name = &table_names[w.table];
             match w.action {
                 Action::Update(_) => {
-                    carry.updated.entry(name.clone()).or_default().insert(b.key_json.clone(), txns[w.txn].commit_ts_us);
+                    updated[w.table].insert(b.key_json.clone(), txns[w.txn].commit_ts_us);
                 }
                 _ => {
-                    carry.other.entry(name.clone()).or_default().insert(b.key_json.clone());
+                    other[w.table].insert(b.key_json.clone());
                 }
             }
         }
+        let named = table_names.iter().cloned();
+        carry.updated = named.clone().zip(updated).filter(|(_, m)| !m.is_empty()).collect();
+        carry.other = named.zip(other).filter(|(_, m)| !m.is_empty()).collect();
         carry
     }
 }
@@ -351,7 +356,7 @@ impl Writer {
         let state_rows = issue_read(sql, &mut self.statements, &tables, &keys, &lock, &row_lock).await?;
         let t_server = t_start.elapsed();
         let rows: Vec<&[tokio_postgres::Row]> = state_rows.iter().map(Vec::as_slice).collect();
-        let before = self.interpret(sql, table_names, &rows, |i, pos| keys[i].get(pos)).await?;
+        let before = self.interpret(sql, table_names, &rows, |i, pos| keys[i].get(pos).copied()).await?;
         tracing::debug!(keys = keys.iter().map(Vec::len).sum::<usize>(), until_read_us = t_server.as_micros() as u64,
             rows_us = (t_start.elapsed() - t_server).as_micros() as u64, "group read");
         Ok((before, false))
@@ -363,26 +368,24 @@ impl Writer {
         sql: &PgSession,
         names: &[(String, String)],
         table_names: &[String],
-        keys: &[Vec<Vec<&'e str>>],
+        keys: &[Vec<&Vec<&'e str>>],
         ahead: &Ahead<'_>,
     ) -> Result<Option<Vec<KeyMap<'e, Before>>>, ApplyError> {
         let read = ahead.read;
-        // Per table of the group: the read's table, and for each key it read, the group's key.
+        // Per table of the group: the read's table, whose keys begin with the group's (the read
+        // lists the keys of the same transactions, or of more, in order of first appearance, as
+        // the group does: checked, and if not so the group reads for itself).
         let mut rows: Vec<&[tokio_postgres::Row]> = Vec::with_capacity(names.len());
-        let mut at: Vec<Vec<Option<&Vec<&'e str>>>> = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
             let Some(j) = read.names.iter().position(|n| n == name) else { return Ok(None) };
-            let position: FxHashMap<Vec<&str>, usize> =
-                read.keys[j].iter().enumerate().map(|(p, k)| (k.iter().map(String::as_str).collect(), p)).collect();
-            let mut of = vec![None; read.keys[j].len()];
-            for k in &keys[i] {
-                let Some(&p) = position.get(k.as_slice()) else { return Ok(None) };
-                of[p] = Some(k);
+            let read_keys = &read.keys[j];
+            let same = |k: &Vec<&str>, r: &Vec<String>| k.len() == r.len() && k.iter().zip(r).all(|(a, b)| *a == b);
+            if keys[i].len() > read_keys.len() || !keys[i].iter().zip(read_keys).all(|(k, r)| same(k, r)) {
+                return Ok(None);
             }
             rows.push(&read.rows[j]);
-            at.push(of);
         }
-        let mut before = self.interpret(sql, table_names, &rows, |i, pos| at[i].get(pos).copied().flatten()).await?;
+        let mut before = self.interpret(sql, table_names, &rows, |i, pos| keys[i].get(pos).copied()).await?;
         let carry = ahead.carry;
         for (i, states) in before.iter_mut().enumerate() {
             let name = &table_names[i];
@@ -542,7 +545,7 @@ impl Writer {
             .iter()
             .zip(&xmins)
             .map(|(&t, x)| {
-                let keys: Vec<Vec<&str>> = wanted[t].iter().map(|&ci| conflicts[ci].key.clone()).collect();
+                let keys: Vec<&Vec<&str>> = wanted[t].iter().map(|&ci| &conflicts[ci].key).collect();
                 let mut arrays = columns(&keys, self.tables[&names[t]].key.len());
                 arrays.push(x.iter().map(|v| v.as_deref()).collect());
                 arrays
@@ -907,23 +910,31 @@ pub(crate) fn group_changes<'e, 'k>(
 
 /// Per table: the keys a group reads, those it takes key locks for (inserted or deleted), and
 /// — with `lock_rows` — those whose rows it locks (updated or deleted); each once, in order of
-/// first appearance.
-type KeySets<'e> = (Vec<Vec<Vec<&'e str>>>, Vec<Vec<Vec<&'e str>>>, Vec<Vec<Vec<&'e str>>>);
+/// first appearance, borrowed from the changes.
+type KeySets<'c, 'e> = (Vec<Vec<&'c Vec<&'e str>>>, Vec<Vec<&'c Vec<&'e str>>>, Vec<Vec<&'c Vec<&'e str>>>);
 
-fn key_sets<'e>(changes: &[Change<'e>], tables: usize, lock_rows: bool) -> KeySets<'e> {
-    let mut keys: Vec<Vec<Vec<&str>>> = vec![Vec::new(); tables];
-    let mut lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); tables];
-    let mut row_lock: Vec<Vec<Vec<&str>>> = vec![Vec::new(); tables];
-    let mut seen: Vec<FxHashSet<(u8, &Vec<&str>)>> = vec![Default::default(); tables];
+fn key_sets<'c, 'e>(changes: &'c [Change<'e>], tables: usize, lock_rows: bool) -> KeySets<'c, 'e> {
+    const READ: u8 = 1;
+    const LOCK: u8 = 2;
+    const ROW_LOCK: u8 = 4;
+    let mut keys: Vec<Vec<&Vec<&str>>> = vec![Vec::new(); tables];
+    let mut lock: Vec<Vec<&Vec<&str>>> = vec![Vec::new(); tables];
+    let mut row_lock: Vec<Vec<&Vec<&str>>> = vec![Vec::new(); tables];
+    // Per table, key → which of the three lists it is in (one hash per change).
+    let mut seen: Vec<FxHashMap<&Vec<&str>, u8>> = vec![Default::default(); tables];
     for c in changes {
-        if seen[c.table].insert((0, &c.key)) {
-            keys[c.table].push(c.key.clone());
+        let flags = seen[c.table].entry(&c.key).or_insert(0);
+        if *flags & READ == 0 {
+            *flags |= READ;
+            keys[c.table].push(&c.key);
         }
-        if matches!(c.ev.op, Op::Create | Op::Read | Op::Delete) && seen[c.table].insert((1, &c.key)) {
-            lock[c.table].push(c.key.clone());
+        if matches!(c.ev.op, Op::Create | Op::Read | Op::Delete) && *flags & LOCK == 0 {
+            *flags |= LOCK;
+            lock[c.table].push(&c.key);
         }
-        if lock_rows && matches!(c.ev.op, Op::Update | Op::Delete) && seen[c.table].insert((2, &c.key)) {
-            row_lock[c.table].push(c.key.clone());
+        if lock_rows && matches!(c.ev.op, Op::Update | Op::Delete) && *flags & ROW_LOCK == 0 {
+            *flags |= ROW_LOCK;
+            row_lock[c.table].push(&c.key);
         }
     }
     (keys, lock, row_lock)
@@ -936,9 +947,9 @@ async fn issue_read(
     sql: &PgSession,
     cache: &mut std::collections::HashMap<String, tokio_postgres::Statement>,
     tables: &[&LocalTable],
-    keys: &[Vec<Vec<&str>>],
-    lock: &[Vec<Vec<&str>>],
-    row_lock: &[Vec<Vec<&str>>],
+    keys: &[Vec<&Vec<&str>>],
+    lock: &[Vec<&Vec<&str>>],
+    row_lock: &[Vec<&Vec<&str>>],
 ) -> Result<Vec<Vec<tokio_postgres::Row>>, ApplyError> {
     let mut prepared = Vec::new();
     for t in tables {
@@ -1012,7 +1023,7 @@ fn xmin_array<'x, 'k, 'e>(xmins: &'x [FxHashMap<&'k Vec<&'e str>, String>], ws: 
 }
 
 /// Key columns `0..n` of `keys` as one `text[]` each.
-fn columns<'a>(keys: &[Vec<&'a str>], n: usize) -> Vec<TextArray<'a>> {
+fn columns<'a>(keys: &[&Vec<&'a str>], n: usize) -> Vec<TextArray<'a>> {
     (0..n).map(|c| keys.iter().map(|k| Some(k[c])).collect()).collect()
 }
 
