@@ -352,7 +352,9 @@ impl PartitionStream {
     where
         S: Stream<Item = KafkaResult<BorrowedMessage<'m>>>,
     {
+        let t = std::time::Instant::now();
         self.prepare().await?;
+        tracing::debug!(node = %self.node, source = %self.source, prepared_ms = t.elapsed().as_millis() as u64, "partition prepared");
         let _running = self.metrics.origin(&self.source).running();
         tracing::info!(node = %self.node, source = %self.source, topic = %self.topic, partition = self.partition,
             "applying partition");

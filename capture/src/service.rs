@@ -161,9 +161,14 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: CaptureOptions) 
         tokio::task::spawn_blocking(
             move || -> Result<(TxProducer, Option<kafka::ProducedPosition>), CaptureError> {
                 // A refused login or TLS handshake fails here with the brokers' reason.
+                let t = Instant::now();
                 kafka::check_reachable(&kcfg, std::time::Duration::from_secs(10))?;
+                let reachable_ms = t.elapsed().as_millis() as u64;
                 let producer = kafka::transactional_producer(&kcfg, &txn_id, Some(produce_latency))?;
+                let fenced_ms = t.elapsed().as_millis() as u64;
                 let last = kafka::last_produced_position(&kcfg, &group, &topic, partition, &me)?;
+                tracing::debug!(node = %me, reachable_ms, fenced_ms, tail_read_ms = t.elapsed().as_millis() as u64,
+                    "capture's Kafka start-up");
                 Ok((producer, last))
             },
         )
