@@ -42,9 +42,10 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
             source,
         })?;
     // A refused login or TLS handshake fails here with the brokers' reason (the consumer
-    // itself would only wait). Checked while the PostgreSQL sessions are set up (it took
-    // 150–240 ms of apply's ~300-ms start-up, inside every timed benchmark drain), and awaited
-    // before the partitions are assigned.
+    // itself would only wait). Checked while the PostgreSQL sessions are set up, and awaited
+    // before the partitions are assigned: start-up is inside every timed benchmark drain
+    // (partitions assigned 168–275 ms after start, 220–310 ms with the check first;
+    // docs/benchmarks/comparison-notes.md).
     let kcfg = config.kafka.clone();
     let kafka_check =
         tokio::task::spawn_blocking(move || kafka::check_reachable(&kcfg, std::time::Duration::from_secs(10)));
