@@ -100,7 +100,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
         node: node.name.clone(),
         message: format!("Kafka check task failed: {e}"),
     })??;
-    let kafka_ms = began.elapsed().as_millis() as u64;
+    let ready_ms = began.elapsed().as_millis() as u64;
     // Each partition gets its own queue before the assignment starts fetching: a queue split
     // off afterwards can miss the first messages, which librdkafka has by then put on the
     // consumer's main queue (seen as a stream waiting forever after a restart of apply).
@@ -117,7 +117,7 @@ pub async fn run(config: Arc<Config>, node_name: &str, options: ApplyOptions) ->
         source,
     })?;
     options.metrics.set_pending_probe(pending_probe(&config, &node, &streams));
-    tracing::debug!(node = %node.name, dead_letters_ms, sessions_and_kafka_ms = kafka_ms,
+    tracing::debug!(node = %node.name, dead_letters_ms, sessions_and_kafka_ms = ready_ms,
         assigned_ms = began.elapsed().as_millis() as u64, "apply's partitions assigned");
 
     let mut tasks = tokio::task::JoinSet::new();

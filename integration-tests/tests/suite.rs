@@ -3,6 +3,7 @@
 //! suite -- faults::` runs one file's tests). One binary instead of one per file: each links
 //! rdkafka and libpq, and ~50 of them took minutes to link and more disk than a CI machine had.
 
+mod allocator;
 mod bad_input;
 mod bad_input_services;
 mod capture_event_too_large;
